@@ -6,7 +6,7 @@ resolution for every angle under ~3e-4 rad. This module never forms the cosine. 
 accumulates, in float64, three sums over the elements of the unit::
 
     prev_sq   = |w_t|^2
-    delta_sq  = |w_{t+1} - w_t|^2          (the difference is exact: float32 values upcast to float64)
+    delta_sq  = |w_{t+1} - w_t|^2     (exact difference: float32 values upcast to float64)
     delta_dot = <w_{t+1} - w_t, w_t>
 
 and takes the angle from the component of ``w_{t+1}`` along ``w_t`` and the component orthogonal
@@ -17,12 +17,12 @@ to it::
     angle      = atan2(orthogonal, along)
 
 ``delta_sq`` and ``delta_dot`` are small numbers computed directly from the (exact) difference, so
-the subtraction that remains loses nothing that matters, and ``atan2`` is well conditioned over the
-whole range ``[0, pi]``. All three statistics are plain sums over elements: for a sharded tensor each
-rank sums its own shard and one all-reduce of the ``[units, 4]`` statistics gives the exact global
-angle. The fourth column, ``coverage``, is the fraction of the unit's elements held locally; summed
-over ranks it counts how many times each element was seen (1 for a sharded tensor, the world size
-for a replicated one), which turns the summed statistics back into norms.
+the subtraction that remains loses nothing that matters, and ``atan2`` is well conditioned over
+the whole range ``[0, pi]``. All three statistics are plain sums over elements: for a sharded tensor
+each rank sums its own shard and one all-reduce of the ``[units, 4]`` statistics gives the exact
+global angle. The fourth column, ``coverage``, is the fraction of the unit's elements held
+locally; summed over ranks it counts how many times each element was seen (1 for a sharded
+tensor, the world size for a replicated one), which turns the summed statistics back into norms.
 
 Conventions:
     ``dim=None`` makes the whole tensor one unit. ``dim=k`` gives one unit per index along dimension
@@ -154,7 +154,8 @@ def angular_update_statistics(
     if not layouts:
         return torch.zeros(0, NUM_STATISTICS, dtype=torch.float64)
     device = layouts[0].prev.device
-    stats = torch.zeros(total_units, NUM_STATISTICS, dtype=_accumulation_dtype(device), device=device)
+    dtype = _accumulation_dtype(device)
+    stats = torch.zeros(total_units, NUM_STATISTICS, dtype=dtype, device=device)
     unit_offset = 0
     for chunk in _chunks(layouts, chunk_numel):
         _accumulate_chunk(chunk, stats, unit_offset)
@@ -354,7 +355,9 @@ def _accumulate_chunk(chunk: list[_Layout], stats: Tensor, unit_offset: int) -> 
     stats.index_copy_(0, rows, local)
 
 
-def _local_rows(chunk: list[_Layout], unit_offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _local_rows(
+    chunk: list[_Layout], unit_offset: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     rows: list[int] = []
     coverage: list[float] = []
     start = unit_offset
