@@ -1,0 +1,160 @@
+"""A torchmetrics ``Metric`` for angular updates, exact across replicated and sharded ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_sdm.functional import (
+    NUM_STATISTICS,
+    angles_from_statistics,
+    angular_update_statistics,
+    norms_from_statistics,
+)
+
+__all__ = ["AngularUpdate"]
+
+TensorOrCollection = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+
+class AngularUpdate(Metric):
+    r"""Root-mean-square angular update per unit over the steps accumulated since the last reset.
+
+    Each call to ``update(prev, curr)`` is one optimizer step of the monitored tensors. The angle of
+    a step is not linear in the elements, so what the metric stores per step are the
+    float64 sufficient statistics of :func:`lightning_sdm.functional.angular_update_statistics`
+    (``|w_t|^2``, ``|w_{t+1}-w_t|^2``, ``<w_{t+1}-w_t, w_t>`` and the fraction of each unit held
+    locally). They are summed over processes (``dist_reduce_fx="sum"``) before any angle is
+    taken, which makes the result exact in both distributed settings:
+
+    * replicated parameters (DDP): every rank contributes the same statistics; a common factor
+      cancels in the angle and the norms are divided by the summed coverage;
+    * sharded parameters (FSDP2 / ``DTensor``): each rank passes its shard (a ``DTensor`` is
+      unwrapped to its local tensor automatically) and the sum over ranks is the statistic of the
+      full tensor.
+
+    Because every rank reduces the same gathered statistics, all ranks compute identical values.
+
+    ``compute()`` returns a dict of float64 tensors with one entry per unit:
+
+    * ``"rms"``: ``sqrt(mean_t angle_t^2)``, the quantity theory predicts (Wan et al. 2020);
+    * ``"mean"``: mean angle (lower than the RMS by Jensen's inequality when angles fluctuate);
+    * ``"last"``: the angle of the most recent step;
+    * ``"weight_norm"``: ``|w|`` after the most recent step;
+    * ``"steps"``: number of steps accumulated (a scalar).
+
+    Scalars replace the unit axis when ``update`` received a single tensor with ``dim=None``.
+    NaN marks a unit whose weight was zero, NaN or Inf in some step of the window.
+
+    Args:
+        dim: ``None`` for one unit per tensor, or the dimension indexing units inside each tensor
+            (``0``: per output channel); see :mod:`lightning_sdm.functional`.
+        kwargs: forwarded to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``,
+            ``dist_sync_fn`` ...).
+
+    Raises:
+        ValueError: if ``dim`` is not ``None`` or an int.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_sdm import AngularUpdate
+        >>> metric = AngularUpdate()
+        >>> w = torch.tensor([1.0, 0.0])
+        >>> metric.update(w, torch.tensor([0.6, 0.8]))   # 0.9273 rad
+        >>> metric.update(w, torch.tensor([0.8, 0.6]))   # 0.6435 rad
+        >>> result = metric.compute()
+        >>> round(result["rms"].item(), 4), round(result["last"].item(), 4), int(result["steps"])
+        (0.7981, 0.6435, 2)
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    # Steps are kept apart (the angle is non-linear in the statistics), so merging a batch state
+    # into the global one is a concatenation, not a sum: torchmetrics must run the full update.
+    full_state_update = True
+    plot_lower_bound = 0.0
+
+    step_statistics: Tensor
+
+    def __init__(self, dim: int | None = None, **kwargs: Any) -> None:
+        if dim is not None and not isinstance(dim, int):
+            raise ValueError(f"`dim` must be None or an int, got {dim!r}.")
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.unit_names: list[str] | None = None
+        self._scalar_result = False
+        self.add_state(
+            "step_statistics",
+            default=torch.zeros(0, 0, NUM_STATISTICS, dtype=torch.float64),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, prev: TensorOrCollection, curr: TensorOrCollection) -> None:
+        """Add one step: ``prev`` and ``curr`` are the tensors before and after it.
+
+        Args:
+            prev: one tensor, a sequence of tensors, or a mapping name -> tensor.
+            curr: the same structure as ``prev`` (same names, same shapes).
+        """
+        names, prev_list = _as_named_list(prev, "prev")
+        curr_names, curr_list = _as_named_list(curr, "curr")
+        if names != curr_names:
+            raise ValueError(
+                f"`prev` and `curr` must name the same tensors, got {names} and {curr_names}."
+            )
+        self._scalar_result = isinstance(prev, Tensor) and self.dim is None
+        if self.unit_names is None:
+            self.unit_names = names
+        stats = angular_update_statistics(prev_list, curr_list, dim=self.dim)
+        self._append(stats.to(self.step_statistics.device))
+
+    def compute(self) -> dict[str, Tensor]:
+        """RMS, mean and last angle, weight norm, and step count; see the class docstring."""
+        stats = self.step_statistics
+        steps = torch.tensor(stats.shape[0], dtype=torch.long, device=stats.device)
+        if stats.shape[0] == 0:
+            empty = torch.full((stats.shape[1],), float("nan"), dtype=torch.float64)
+            result = {"rms": empty, "mean": empty, "last": empty, "weight_norm": empty}
+        else:
+            angles = angles_from_statistics(stats)  # [steps, units]
+            _, curr_norm = norms_from_statistics(stats[-1])
+            result = {
+                "rms": angles.square().mean(dim=0).sqrt(),
+                "mean": angles.mean(dim=0),
+                "last": angles[-1],
+                "weight_norm": curr_norm,
+            }
+        if self._scalar_result:
+            result = {key: value.reshape(()) for key, value in result.items()}
+        result["steps"] = steps
+        return result
+
+    def _append(self, stats: Tensor) -> None:
+        if self.step_statistics.shape[0] == 0:
+            self.step_statistics = stats.unsqueeze(0)
+            return
+        if self.step_statistics.shape[1:] != stats.shape:
+            raise ValueError(
+                "The monitored units changed between updates: "
+                f"{self.step_statistics.shape[1]} units before, {stats.shape[0]} now. "
+                "Call `reset()` when the set of tensors changes."
+            )
+        self.step_statistics = torch.cat([self.step_statistics, stats.unsqueeze(0)])
+
+
+def _as_named_list(tensors: TensorOrCollection, argument: str) -> tuple[list[str], list[Tensor]]:
+    if isinstance(tensors, Tensor):
+        return ["0"], [tensors]
+    if isinstance(tensors, Mapping):
+        return [str(key) for key in tensors], list(tensors.values())
+    if isinstance(tensors, Sequence) and all(isinstance(t, Tensor) for t in tensors):
+        return [str(i) for i in range(len(tensors))], list(tensors)
+    raise TypeError(
+        f"`{argument}` must be a tensor, a sequence of tensors or a mapping name -> tensor, "
+        f"got {type(tensors).__name__}."
+    )
