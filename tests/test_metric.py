@@ -1,0 +1,111 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from lightning_sdm import AngularUpdate
+from lightning_sdm.functional import angular_update
+from tests.reference import reference_angle
+
+
+def _steps(generator, shapes, steps):
+    weights = [torch.randn(s, generator=generator) for s in shapes]
+    history = [[w.clone() for w in weights]]
+    for _ in range(steps):
+        weights = [w + 0.01 * torch.randn(w.shape, generator=generator) for w in weights]
+        history.append([w.clone() for w in weights])
+    return history
+
+
+def test_rms_mean_last_and_norm_over_steps():
+    generator = torch.Generator().manual_seed(0)
+    history = _steps(generator, [(8, 4), (5,)], steps=6)
+    metric = AngularUpdate()
+    for prev, curr in itertools.pairwise(history):
+        metric.update({"a": prev[0], "b": prev[1]}, {"a": curr[0], "b": curr[1]})
+    result = metric.compute()
+    assert metric.unit_names == ["a", "b"]
+    for unit in range(2):
+        angles = [
+            reference_angle(prev[unit], curr[unit]) for prev, curr in itertools.pairwise(history)
+        ]
+        rms = math.sqrt(sum(a * a for a in angles) / len(angles))
+        assert result["rms"][unit].item() == pytest.approx(rms, rel=1e-9)
+        assert result["mean"][unit].item() == pytest.approx(sum(angles) / len(angles), rel=1e-9)
+        assert result["last"][unit].item() == pytest.approx(angles[-1], rel=1e-9)
+        norm = history[-1][unit].double().norm().item()
+        assert result["weight_norm"][unit].item() == pytest.approx(norm, rel=1e-12)
+    assert result["steps"].item() == 6
+    assert (result["mean"] <= result["rms"]).all()
+
+
+def test_per_channel_metric():
+    generator = torch.Generator().manual_seed(1)
+    history = _steps(generator, [(6, 3)], steps=3)
+    metric = AngularUpdate(dim=0)
+    for prev, curr in itertools.pairwise(history):
+        metric.update(prev, curr)
+    result = metric.compute()
+    assert result["rms"].shape == (6,)
+    last = angular_update(history[-2][0], history[-1][0], dim=0)
+    torch.testing.assert_close(result["last"], last)
+
+
+def test_single_tensor_gives_scalars_and_forward_gives_the_step():
+    metric = AngularUpdate()
+    w = torch.tensor([1.0, 0.0])
+    step = metric(w, torch.tensor([math.cos(0.1), math.sin(0.1)]))
+    assert step["rms"].shape == ()
+    assert step["rms"].item() == pytest.approx(0.1, rel=1e-7)
+    metric(w, torch.tensor([math.cos(0.3), math.sin(0.3)]))
+    result = metric.compute()
+    assert result["steps"].item() == 2
+    assert result["rms"].item() == pytest.approx(math.sqrt((0.01 + 0.09) / 2), rel=1e-7)
+
+
+def test_reset_starts_a_new_window_and_empty_compute_is_nan():
+    metric = AngularUpdate()
+    w = torch.randn(10)
+    metric.update([w], [w + 0.1])
+    metric.reset()
+    metric.update([w], [w * 2])
+    result = metric.compute()
+    assert result["steps"].item() == 1
+    assert result["rms"].item() == pytest.approx(0.0, abs=1e-7)
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        empty = metric.compute()
+    assert empty["steps"].item() == 0
+    assert torch.isnan(empty["rms"]).all()
+
+
+def test_nan_weight_gives_nan_for_that_unit_only():
+    metric = AngularUpdate()
+    good = torch.ones(3)
+    bad = torch.tensor([1.0, float("nan"), 1.0])
+    metric.update({"good": good, "bad": good}, {"good": good + 0.1, "bad": bad})
+    result = metric.compute()
+    assert torch.isfinite(result["rms"][0])
+    assert torch.isnan(result["rms"][1])
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="`dim`"):
+        AngularUpdate(dim="0")
+    metric = AngularUpdate()
+    with pytest.raises(ValueError, match="same tensors"):
+        metric.update({"a": torch.ones(2)}, {"b": torch.ones(2)})
+    with pytest.raises(TypeError, match="`prev` must be a tensor"):
+        metric.update(3.0, torch.ones(2))
+    metric.update([torch.ones(2)], [torch.ones(2)])
+    with pytest.raises(ValueError, match="units changed"):
+        metric.update([torch.ones(2), torch.ones(2)], [torch.ones(2), torch.ones(2)])
+
+
+def test_class_flags():
+    assert AngularUpdate.is_differentiable is False
+    assert AngularUpdate.higher_is_better is None
+    assert AngularUpdate.full_state_update is True
+    metric = AngularUpdate(sync_on_compute=False)
+    assert metric.sync_on_compute is False
