@@ -105,6 +105,7 @@ def angular_update_statistics(
     *,
     dim: Dims = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    curr_is_delta: bool = False,
 ) -> Tensor:
     """Sufficient statistics of the angular updates of many tensors, in one batched pass.
 
@@ -118,6 +119,8 @@ def angular_update_statistics(
         dim: one value for all tensors, or one per tensor: ``None`` (tensor = one unit) or the
             dimension that indexes units (see the module docstring).
         chunk_numel: upper bound on the elements upcast to float64 at once.
+        curr_is_delta: ``curr`` holds the step ``w_{t+1} - w_t`` itself (e.g. a gradient, to test
+            ``<w, grad> = 0`` with :func:`cosine_from_statistics`) rather than ``w_{t+1}``.
 
     Returns:
         float64 tensor of shape ``[U, 4]`` with columns ``PREV_SQ``, ``DELTA_SQ``, ``DELTA_DOT``,
@@ -158,7 +161,7 @@ def angular_update_statistics(
     stats = torch.zeros(total_units, NUM_STATISTICS, dtype=dtype, device=device)
     unit_offset = 0
     for chunk in _chunks(layouts, chunk_numel):
-        _accumulate_chunk(chunk, stats, unit_offset)
+        _accumulate_chunk(chunk, stats, unit_offset, curr_is_delta)
         unit_offset += sum(layout.global_units for layout in chunk)
     return stats
 
@@ -337,12 +340,15 @@ def _chunks(layouts: list[_Layout], chunk_numel: int) -> list[list[_Layout]]:
     return chunks
 
 
-def _accumulate_chunk(chunk: list[_Layout], stats: Tensor, unit_offset: int) -> None:
+def _accumulate_chunk(
+    chunk: list[_Layout], stats: Tensor, unit_offset: int, curr_is_delta: bool
+) -> None:
     """Fill the rows of ``stats`` for the tensors of one chunk (rows start at ``unit_offset``)."""
     dtype = stats.dtype
     prev = torch.cat([layout.prev for layout in chunk]).to(dtype)
     delta = torch.cat([layout.curr for layout in chunk]).to(dtype)
-    delta.sub_(prev)  # exact: a float32 difference is representable in float64
+    if not curr_is_delta:
+        delta.sub_(prev)  # exact: a float32 difference is representable in float64
 
     lengths = [layout.row_length for layout in chunk for _ in range(layout.local_units)]
     prev_sq = _segment_sum(prev * prev, lengths)

@@ -94,13 +94,34 @@ class AngularUpdate(Metric):
             dist_reduce_fx="sum",
         )
 
-    def update(self, prev: TensorOrCollection, curr: TensorOrCollection) -> None:
+    def update(
+        self,
+        prev: TensorOrCollection | None = None,
+        curr: TensorOrCollection | None = None,
+        *,
+        statistics: Tensor | None = None,
+    ) -> None:
         """Add one step: ``prev`` and ``curr`` are the tensors before and after it.
 
         Args:
             prev: one tensor, a sequence of tensors, or a mapping name -> tensor.
             curr: the same structure as ``prev`` (same names, same shapes).
+            statistics: instead of ``prev``/``curr``, the ``[units, 4]`` statistics of the step,
+                as :func:`~lightning_sdm.functional.angular_update_statistics` returns them (rows
+                may be sums of several tensors' rows, e.g. a weight and the bias before its norm).
         """
+        if statistics is not None:
+            if prev is not None or curr is not None:
+                raise ValueError("Pass either `prev` and `curr`, or `statistics`, not both.")
+            if statistics.dim() != 2 or statistics.shape[1] != NUM_STATISTICS:
+                raise ValueError(
+                    f"`statistics` must have shape [units, {NUM_STATISTICS}], "
+                    f"got {tuple(statistics.shape)}."
+                )
+            self._append(statistics.to(self.step_statistics))
+            return
+        if prev is None or curr is None:
+            raise ValueError("`prev` and `curr` are both required (or pass `statistics`).")
         names, prev_list = _as_named_list(prev, "prev")
         curr_names, curr_list = _as_named_list(curr, "curr")
         if names != curr_names:
