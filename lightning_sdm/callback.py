@@ -1,0 +1,466 @@
+"""Spherical Motion Dynamics of a LightningModule, live, with one callback."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.invariance import (
+    InvarianceReport,
+    ScaleInvarianceTracer,
+    structural_candidates,
+)
+from lightning_sdm.monitor import (
+    SphericalMonitor,
+    UnitSpec,
+    UnitWindow,
+    check_monitor_arguments,
+)
+
+__all__ = ["SphericalDynamicsCallback"]
+
+ParamsSpec = str | Sequence[str] | Sequence[nn.Module]
+
+
+class SphericalDynamicsCallback(Callback):
+    r"""Log per-layer angular updates, their predicted equilibrium and equilibrium status.
+
+    With the defaults, the callback finds the scale-invariant units of the LightningModule by
+    following the first training step's forward pass (weights whose output reaches a
+    BatchNorm/GroupNorm/LayerNorm/InstanceNorm only through positively homogeneous operations,
+    with the bias that precedes the norm), cross-checks them on the first measured steps by
+    gradient orthogonality (``|cos(w, grad)|`` ~ 0), and then measures their angular updates at
+    the optimizers' real steps. Every ``every_n_steps`` optimizer steps it logs, to every logger
+    of the Trainer:
+
+    ========================================  ================================================
+    key                                       value
+    ========================================  ================================================
+    ``sdm/angular_update/<name>``             RMS angular update (rad/step) over the window
+    ``sdm/angular_update_theory/<name>``      predicted equilibrium for the unit's param group
+    ``sdm/angular_update_ratio/<name>``       measured / predicted
+    ``sdm/weight_norm/<name>``                norm of the unit
+    ``sdm/angular_update_ratio``              median ratio over the units
+    ``sdm/equilibrium_fraction``              fraction of units in equilibrium
+    ========================================  ================================================
+
+    ``<name>`` is the weight's qualified name in the LightningModule (``net.0.weight``). With
+    ``granularity="channel"`` the per-unit keys get ``/mean``, ``/std``, ``/min``, ``/p10``,
+    ``/median``, ``/p90``, ``/max`` suffixes (statistics over the unit's output channels). The
+    progress bar shows ``sdm_ratio`` (the median ratio). The same numbers are kept in
+    :attr:`history` (one dict per unit and window) for notebooks.
+
+    Args:
+        params: ``"auto"`` (detect scale-invariant units), or an explicit selection: parameter
+            names, glob patterns (``"net.*.weight"``) or regular expressions prefixed with
+            ``"re:"``, or modules (their ``weight`` and ``bias``). A selected weight that fails
+            the gradient-orthogonality check is still logged, with a warning.
+        granularity: ``"layer"`` (whole unit, Wan et al. 2020) or ``"channel"`` (per output
+            channel/neuron, Kosson et al. 2024).
+        every_n_steps: optimizer steps between two logged windows; defaults to the Trainer's
+            ``log_every_n_steps``.
+        window: measured optimizer steps per logged value (the last ``window`` steps of each
+            interval), at most ``every_n_steps``.
+        tolerance: relative tolerance of the equilibrium test.
+        patience: consecutive windows within tolerance (and without trend) to declare
+            equilibrium.
+        verify_steps: measured steps on which the gradient-orthogonality check runs.
+        orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant.
+        prog_bar: show the median ratio in the progress bar.
+
+    Raises:
+        ValueError: for an invalid argument (the message names it).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_sdm import SphericalDynamicsCallback
+        >>> trainer = Trainer(callbacks=[SphericalDynamicsCallback()])  # doctest: +SKIP
+        >>> SphericalDynamicsCallback(granularity="channel", every_n_steps=20, window=5).window
+        5
+    """
+
+    def __init__(
+        self,
+        params: ParamsSpec = "auto",
+        granularity: str = "layer",
+        every_n_steps: int | None = None,
+        window: int = 8,
+        tolerance: float = 0.1,
+        patience: int = 3,
+        verify_steps: int = 3,
+        orthogonality_tolerance: float = 1e-2,
+        prog_bar: bool = True,
+    ) -> None:
+        _check_params_spec(params)
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(
+                f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}."
+            )
+        check_monitor_arguments(
+            granularity, every_n_steps or 1, window, verify_steps, orthogonality_tolerance
+        )
+        self.params = params
+        self.granularity = granularity
+        self.every_n_steps = every_n_steps
+        self.window = window if every_n_steps is None else min(window, every_n_steps)
+        self.verify_steps = verify_steps
+        self.orthogonality_tolerance = orthogonality_tolerance
+        self.prog_bar = prog_bar
+        self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
+        self.history: list[dict[str, Any]] = []
+        self.report: InvarianceReport | None = None
+        self.monitor: SphericalMonitor | None = None
+        self._tracer: ScaleInvarianceTracer | None = None
+        self._pending_windows: list[UnitWindow] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._warned: set[str] = set()
+        self._disabled = False
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve ``every_n_steps`` from the Trainer."""
+        if stage != "fit":
+            return
+        if self.every_n_steps is None:
+            # `Trainer.log_every_n_steps` is set dynamically (0 in barebones mode: use 50).
+            self.every_n_steps = int(getattr(trainer, "log_every_n_steps", 0)) or 50
+            self.window = min(self.window, self.every_n_steps)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """On the first batch, follow the forward pass to find the invariant units."""
+        if self.monitor is not None or self._disabled or self._tracer is not None:
+            return
+        if self.params == "auto":
+            self._tracer = ScaleInvarianceTracer(pl_module)
+            self._tracer.__enter__()
+        else:
+            self._start_monitor(trainer, pl_module, self._explicit_units(pl_module))
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
+    ) -> None:
+        """The first forward is over: read the tracer and start measuring."""
+        if self._tracer is None:
+            return
+        tracer, self._tracer = self._tracer, None
+        tracer.__exit__(None, None, None)
+        report = tracer.report()
+        if not report.units:
+            fallback = structural_candidates(pl_module)
+            if fallback.units:
+                report = fallback
+        self.report = report
+        rank_zero_info(f"[lightning_sdm] {report.summary()}")
+        units = [
+            UnitSpec(
+                name=unit.name,
+                params=tuple(unit.params),
+                channel_dim=unit.channel_dim,
+                channel_invariant=unit.channel_invariant,
+                source=report.method,
+            )
+            for unit in report.units
+        ]
+        self._start_monitor(trainer, pl_module, units)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Log the windows the optimizer steps of this batch closed."""
+        if self.monitor is None:
+            return
+        windows = self.monitor.pop_windows()
+        if windows:
+            self._report_verification(self.monitor)
+            self._log_windows(trainer, pl_module, windows)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Never leave the tracer or the hooks behind."""
+        self._shutdown()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the optimizer hooks."""
+        if stage == "fit":
+            self._shutdown()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters, equilibrium state and history, for exact resumption."""
+        monitor_state = self.monitor.state_dict() if self.monitor is not None else None
+        return {
+            "monitor": monitor_state or (self._pending_state or {}).get("monitor"),
+            "detector": self.detector.state_dict(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the monitor state applies once it starts)."""
+        self.detector.load_state_dict(state_dict.get("detector", {}))
+        self.history = list(state_dict.get("history", []))
+        self._pending_state = dict(state_dict)
+
+    # ------------------------------------------------------------------ internals
+
+    def _start_monitor(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[UnitSpec]
+    ) -> None:
+        if not units:
+            self._warn_once(
+                "no_units",
+                "SphericalDynamicsCallback found no scale-invariant weights in "
+                f"{type(pl_module).__name__} (no weight reaches a BatchNorm/GroupNorm/LayerNorm/"
+                "InstanceNorm through positively homogeneous operations only). Nothing will be "
+                "measured; pass `params=[...]` to monitor weights explicitly.",
+            )
+            self._disabled = True
+            return
+        assert self.every_n_steps is not None
+        self.monitor = SphericalMonitor(
+            pl_module,
+            trainer.optimizers,
+            units,
+            granularity=self.granularity,
+            every_n_steps=self.every_n_steps,
+            window=self.window,
+            verify_steps=self.verify_steps,
+            orthogonality_tolerance=self.orthogonality_tolerance,
+        )
+        if self._pending_state and self._pending_state.get("monitor"):
+            self.monitor.load_state_dict(self._pending_state["monitor"])
+        else:
+            # Steps taken before the monitor started still count. Lightning's global step
+            # counts the steps of all optimizers together.
+            per_optimizer = trainer.global_step // max(len(trainer.optimizers), 1)
+            self.monitor.load_state_dict({"steps_done": [per_optimizer] * len(trainer.optimizers)})
+        self.monitor.attach()
+        if self.monitor.skipped:
+            skipped = ", ".join(f"{name} ({why})" for name, why in self.monitor.skipped.items())
+            self._warn_once("skipped", f"SphericalDynamicsCallback does not monitor: {skipped}.")
+        if not self.monitor.units:
+            self._disabled = True
+            self.monitor.detach()
+            self.monitor = None
+            return
+        self._warn_missing_predictions(self.monitor)
+
+    def _warn_missing_predictions(self, monitor: SphericalMonitor) -> None:
+        reasons: dict[str, list[str]] = {}
+        for name, prediction in monitor.predictions().items():
+            if prediction.angular_update is None:
+                reasons.setdefault(prediction.reason, []).append(name)
+        for reason, names in reasons.items():
+            self._warn_once(
+                f"no_prediction:{reason}",
+                f"SphericalDynamicsCallback has no predicted equilibrium for {', '.join(names)}: "
+                f"{reason}. Measured angular updates are still logged; equilibrium is then "
+                "judged by stationarity alone.",
+            )
+
+    def _report_verification(self, monitor: SphericalMonitor) -> None:
+        for name, (status, cosine) in monitor.invariance.items():
+            if status != "violated":
+                continue
+            self._warn_once(
+                f"violated:{name}",
+                f"SphericalDynamicsCallback: {name} is monitored but its gradient is not "
+                f"orthogonal to it (|cos(w, grad)| = {cosine:.2e} > "
+                f"{self.orthogonality_tolerance:g}), so it is probably not scale-invariant and the "
+                "theory does not apply to it. Its figures are still logged, marked "
+                "`invariance='violated'` in `history`.",
+            )
+
+    def _log_windows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
+    ) -> None:
+        entered = self.detector.update(windows)
+        assert self.monitor is not None
+        invariance = self.monitor.invariance
+        metrics: dict[str, float] = {}
+        for window in windows:
+            metrics.update(_window_metrics(window))
+            unit = self.detector.state[window.unit]
+            self.history.append(
+                {
+                    "step": trainer.global_step,
+                    "unit": window.unit,
+                    "angular_update": window.angular_update,
+                    "theory": window.theory,
+                    "ratio": window.ratio,
+                    "weight_norm": window.weight_norm,
+                    "lr": window.lr,
+                    "in_equilibrium": unit.in_equilibrium,
+                    "equilibrium_criterion": unit.criterion,
+                    "invariance": invariance[window.unit][0],
+                    "frozen": window.frozen,
+                    "channels": window.channels,
+                }
+            )
+        ratios = [w.ratio for w in windows if w.ratio is not None and math.isfinite(w.ratio)]
+        median_ratio = statistics.median(ratios) if ratios else math.nan
+        metrics["sdm/angular_update_ratio"] = median_ratio
+        metrics["sdm/equilibrium_fraction"] = self.detector.fraction()
+        self._warn_non_finite(windows)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.prog_bar and math.isfinite(median_ratio):
+            pl_module.log("sdm_ratio", median_ratio, prog_bar=True, logger=False)
+        for name in entered:
+            unit = self.detector.state[name]
+            rank_zero_info(
+                f"[lightning_sdm] {name} reached equilibrium at step {unit.reached_step} "
+                f"(criterion: {unit.criterion})."
+            )
+
+    def _warn_non_finite(self, windows: list[UnitWindow]) -> None:
+        bad = [w.unit for w in windows if not math.isfinite(w.angular_update)]
+        if bad:
+            self._warn_once(
+                "nan",
+                "SphericalDynamicsCallback: the weights of "
+                f"{', '.join(bad)} contain NaN/Inf or are zero; their angular updates are "
+                "logged as NaN. Training continues; check the learning rate and the loss.",
+            )
+
+    def _explicit_units(self, pl_module: pl.LightningModule) -> list[UnitSpec]:
+        named = dict(pl_module.named_parameters())
+        if isinstance(self.params, str) or (
+            isinstance(self.params, Sequence) and all(isinstance(p, str) for p in self.params)
+        ):
+            patterns = [self.params] if isinstance(self.params, str) else list(self.params)
+            selected = _match_names(list(named), patterns)  # type: ignore[arg-type]
+            if not selected:
+                raise MisconfigurationException(
+                    f"`params={self.params!r}` matches no parameter of "
+                    f"{type(pl_module).__name__}. Available names include: "
+                    f"{list(named)[:8]}."
+                )
+            return _units_from_names(pl_module, selected)
+        return _units_from_modules(pl_module, list(self.params))  # type: ignore[arg-type]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _shutdown(self) -> None:
+        if self._tracer is not None:
+            self._tracer.__exit__(None, None, None)
+            self._tracer = None
+        if self.monitor is not None:
+            self.monitor.detach()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_params_spec(params: Any) -> None:
+    if isinstance(params, str):
+        if params != "auto" and not params:
+            raise ValueError("`params` must be 'auto', names/patterns, or modules; got ''.")
+        return
+    if isinstance(params, nn.Module):
+        return
+    if isinstance(params, Sequence) and params:
+        kinds = {isinstance(p, str) for p in params} | {isinstance(p, nn.Module) for p in params}
+        if all(isinstance(p, (str, nn.Module)) for p in params) and len(kinds) <= 2:
+            return
+    raise ValueError(
+        "`params` must be 'auto', a parameter name / glob / 're:' regex (or a non-empty list of "
+        f"them), or a non-empty list of modules; got {params!r}."
+    )
+
+
+def _match_names(names: list[str], patterns: list[str]) -> list[str]:
+    matched = []
+    for name in names:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                hit = re.fullmatch(pattern[3:], name) is not None
+            else:
+                hit = fnmatch.fnmatchcase(name, pattern)
+            if hit:
+                matched.append(name)
+                break
+    return matched
+
+
+def _units_from_names(pl_module: nn.Module, names: list[str]) -> list[UnitSpec]:
+    """One unit per selected weight; a selected bias of the same module joins its weight."""
+    modules = dict(pl_module.named_modules())
+    chosen = set(names)
+    units = []
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        if attr == "bias" and f"{owner}.weight" in chosen:
+            continue  # joined to its weight below
+        params = [name]
+        if attr == "weight" and f"{owner}.bias" in chosen:
+            params.append(f"{owner}.bias")
+        module = modules.get(owner)
+        channel_dim = 1 if isinstance(module, _ConvTransposeNd) else 0
+        units.append(UnitSpec(name, tuple(params), channel_dim=channel_dim, source="explicit"))
+    return units
+
+
+def _units_from_modules(pl_module: nn.Module, selected: list[nn.Module]) -> list[UnitSpec]:
+    names = {id(module): name for name, module in pl_module.named_modules()}
+    units = []
+    for module in selected:
+        if id(module) not in names:
+            raise MisconfigurationException(
+                f"`params` holds a {type(module).__name__} that is not a submodule of the "
+                "LightningModule."
+            )
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise MisconfigurationException(
+                f"`params` holds module {names[id(module)]!r} ({type(module).__name__}), which "
+                "has no `weight` parameter."
+            )
+        prefix = f"{names[id(module)]}." if names[id(module)] else ""
+        params = [f"{prefix}weight"]
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            params.append(f"{prefix}bias")
+        channel_dim = 1 if isinstance(module, _ConvTransposeNd) else 0
+        units.append(UnitSpec(params[0], tuple(params), channel_dim=channel_dim))
+    return units
+
+
+def _window_metrics(window: UnitWindow) -> dict[str, float]:
+    name = window.unit
+    nan = math.nan
+    theory = window.theory if window.theory is not None else nan
+    ratio = window.ratio if window.ratio is not None else nan
+    metrics = {f"sdm/weight_norm/{name}": window.weight_norm}
+    if window.channels is None:
+        metrics[f"sdm/angular_update/{name}"] = window.angular_update
+        metrics[f"sdm/angular_update_ratio/{name}"] = ratio
+    else:
+        for key, value in window.channels.items():
+            metrics[f"sdm/angular_update/{name}/{key}"] = value
+        for key, value in (window.channel_ratios or {}).items():
+            metrics[f"sdm/angular_update_ratio/{name}/{key}"] = value
+    metrics[f"sdm/angular_update_theory/{name}"] = theory
+    return metrics
