@@ -23,7 +23,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
+from lightning_sdm.functional import (
+    COVERAGE,
+    angular_update_statistics,
+    cosine_from_statistics,
+)
 from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.theory import Prediction, explain_equilibrium
 
@@ -283,8 +287,13 @@ class SphericalMonitor:
             self._close_window(watch)
 
     def _to_unit_rows(self, watch: _OptimizerWatch, rows: Tensor) -> Tensor:
-        unit_rows = rows.new_zeros(watch.num_rows, rows.shape[1])
-        return unit_rows.index_add_(0, watch.row_to_unit_row.to(rows.device), rows)
+        """Sum member tensors' rows into unit rows (a weight and its bias are one unit)."""
+        index = watch.row_to_unit_row.to(rows.device)
+        unit_rows = rows.new_zeros(watch.num_rows, rows.shape[1]).index_add_(0, index, rows)
+        # Coverage is a fraction per tensor, not a sum over elements: average it over members.
+        members = torch.bincount(index, minlength=watch.num_rows).to(rows.dtype)
+        unit_rows[:, COVERAGE] /= members
+        return unit_rows
 
     def _verify_orthogonality(self, watch: _OptimizerWatch) -> None:
         """Gradient-orthogonality check: ``<w, grad> = 0`` for a scale-invariant unit."""

@@ -1,0 +1,337 @@
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.functional import angles_from_statistics, angular_update_statistics
+from tests.helpers import (
+    BNNet,
+    loader,
+    noisy_classification_data,
+    read_csv_metrics,
+    sgdm_prediction,
+    trainer,
+)
+
+UNITS = ["net.0.weight", "net.3.weight"]
+
+
+class WeightRecorder(pl.Callback):
+    """Independent record of the monitored weights after every optimizer step."""
+
+    def __init__(self, names: dict[str, tuple[str, ...]]) -> None:
+        self.names = names
+        self.snapshots: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        self.snapshots[trainer.global_step] = {
+            unit: [params[p].detach().clone() for p in members]
+            for unit, members in self.names.items()
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any):
+        self._record(trainer, pl_module)
+
+
+def _fit(tmp_path, callback, module=None, data=None, **trainer_kwargs):
+    module = module or BNNet()
+    run = trainer(tmp_path, callbacks=[callback], **trainer_kwargs)
+    run.fit(module, loader(data or noisy_classification_data()))
+    return run, module
+
+
+def test_auto_detection_logs_exact_keys_and_values(tmp_path):
+    torch.manual_seed(0)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run, _ = _fit(tmp_path, callback, max_epochs=2)
+    assert callback.report is not None and callback.report.method == "trace"
+    assert callback.monitor is not None
+    assert callback.monitor.units == UNITS
+    rows = read_csv_metrics(run)
+    logged = [row for row in rows if "sdm/angular_update_ratio" in row]
+    assert len(logged) == run.global_step // 4 == 8
+    expected_keys = {"sdm/angular_update_ratio", "sdm/equilibrium_fraction", "step"}
+    for unit in UNITS:
+        for prefix in ["angular_update", "angular_update_theory", "angular_update_ratio"]:
+            expected_keys.add(f"sdm/{prefix}/{unit}")
+        expected_keys.add(f"sdm/weight_norm/{unit}")
+    assert set(logged[-1]) == expected_keys
+    theory = sgdm_prediction(0.1, 5e-3, 0.9)
+    for row in logged:
+        for unit in UNITS:
+            assert row[f"sdm/angular_update_theory/{unit}"] == pytest.approx(theory, rel=1e-12)
+            ratio = row[f"sdm/angular_update/{unit}"] / theory
+            assert row[f"sdm/angular_update_ratio/{unit}"] == pytest.approx(ratio, rel=1e-9)
+        ratios = [row[f"sdm/angular_update_ratio/{u}"] for u in UNITS]
+        assert row["sdm/angular_update_ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-9)
+    assert [row["step"] for row in logged] == [4 * (i + 1) - 1 for i in range(8)] or [
+        row["step"] for row in logged
+    ] == [4 * (i + 1) for i in range(8)]
+    assert "sdm_ratio" in run.progress_bar_metrics
+    assert len(callback.history) == 2 * 8
+    assert {"step", "unit", "angular_update", "theory", "ratio", "weight_norm"} <= set(
+        callback.history[0]
+    )
+    assert all(entry["invariance"] == "verified" for entry in callback.history)
+
+
+def test_values_equal_an_independent_computation(tmp_path):
+    torch.manual_seed(1)
+    members = {
+        "net.0.weight": ("net.0.weight", "net.0.bias"),
+        "net.3.weight": ("net.3.weight", "net.3.bias"),
+    }
+    recorder = WeightRecorder(members)
+    callback = SphericalDynamicsCallback(every_n_steps=3, window=2)
+    module = BNNet()
+    run = trainer(tmp_path, callbacks=[callback, recorder], max_epochs=1)
+    run.fit(module, loader(noisy_classification_data(samples=320)))
+    snaps = recorder.snapshots
+    for entry in callback.history:
+        step, unit = entry["step"], entry["unit"]
+        angles = []
+        for s in (step - 1, step):  # the window: the last 2 steps of the interval
+            stats = angular_update_statistics(snaps[s - 1][unit], snaps[s][unit])
+            angles.append(angles_from_statistics(stats.sum(dim=0)).item())
+        rms = math.sqrt(sum(a * a for a in angles) / 2)
+        assert entry["angular_update"] == pytest.approx(rms, rel=1e-9)
+        params = snaps[step][unit]
+        norm = math.sqrt(sum(p.double().square().sum().item() for p in params))
+        assert entry["weight_norm"] == pytest.approx(norm, rel=1e-9)
+
+
+def test_channel_granularity_logs_summaries(tmp_path):
+    torch.manual_seed(2)
+    callback = SphericalDynamicsCallback(granularity="channel", every_n_steps=4, window=4)
+    run, _ = _fit(tmp_path, callback)
+    last = [row for row in read_csv_metrics(run) if "sdm/equilibrium_fraction" in row][-1]
+    for unit in UNITS:
+        values = [last[f"sdm/angular_update/{unit}/{k}"] for k in ("min", "median", "max")]
+        assert values[0] <= values[1] <= values[2]
+        assert last[f"sdm/angular_update/{unit}/std"] >= 0
+        assert f"sdm/angular_update_ratio/{unit}/mean" in last
+        assert f"sdm/angular_update/{unit}" not in last
+
+
+def test_gradient_accumulation_measures_real_optimizer_steps(tmp_path):
+    torch.manual_seed(3)
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=2)
+    run, _ = _fit(tmp_path, callback, accumulate_grad_batches=4)
+    assert run.global_step == 4  # 16 batches / 4
+    steps = sorted({entry["step"] for entry in callback.history})
+    assert steps == [2, 4]
+    windows = callback.monitor._watches[0]
+    assert windows.steps_done == 4
+
+
+class ManualSkippingModule(BNNet):
+    """Manual optimization that skips ``optimizer.step()`` on odd batches (like a scaler skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.real_steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if batch_idx % 2 == 0:
+            opt.step()
+            self.real_steps += 1
+
+
+def test_manual_optimization_and_skipped_steps(tmp_path):
+    torch.manual_seed(4)
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=1)
+    module = ManualSkippingModule()
+    _fit(tmp_path, callback, module=module)
+    assert module.real_steps == 8
+    assert callback.monitor._watches[0].steps_done == 8
+    assert sorted({e["step"] for e in callback.history}) == [2, 4, 6, 8]
+
+
+class TwoOptimizers(BNNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, second = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        net = self.net
+        body = [*net[0].parameters(), *net[1].parameters()]
+        rest = [p for p in self.parameters() if all(p is not q for q in body)]
+        return (
+            torch.optim.SGD(body, lr=0.1, momentum=0.9, weight_decay=1e-3),
+            torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99)),
+        )
+
+
+def test_several_optimizers_each_with_its_own_theory(tmp_path):
+    torch.manual_seed(5)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    _fit(tmp_path, callback, module=TwoOptimizers())
+    theory = {e["unit"]: e["theory"] for e in callback.history}
+    assert theory["net.0.weight"] == pytest.approx(sgdm_prediction(0.1, 1e-3, 0.9))
+    adamw = math.sqrt(2 * 1e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))
+    assert theory["net.3.weight"] == pytest.approx(adamw)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        ["net.0.weight", "net.0.bias", "net.3.weight"],
+        "net.[03].weight",
+        ["re:net\\.(0|3)\\.weight"],
+    ],
+)
+def test_explicit_selection_by_names_globs_regex(tmp_path, params):
+    callback = SphericalDynamicsCallback(params=params, every_n_steps=4, window=2)
+    _fit(tmp_path, callback)
+    assert callback.monitor.units == UNITS
+    assert callback.report is None
+
+
+def test_explicit_modules_and_non_invariant_selection_warns(tmp_path):
+    module = BNNet()
+    callback = SphericalDynamicsCallback(
+        params=[module.net[0], module.net[6]], every_n_steps=4, window=2
+    )
+    with pytest.warns(UserWarning, match=r"net\.6\.weight is monitored but its gradient is not"):
+        _fit(tmp_path, callback, module=module)
+    status = {e["unit"]: e["invariance"] for e in callback.history}
+    assert status == {"net.0.weight": "verified", "net.6.weight": "violated"}
+    assert any(e["unit"] == "net.6.weight" and e["angular_update"] > 0 for e in callback.history)
+
+
+class PlainMLP(BNNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_no_invariant_weights_warns_once_and_training_runs(tmp_path):
+    callback = SphericalDynamicsCallback(every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, _ = _fit(tmp_path, callback, module=PlainMLP())
+    messages = [str(w.message) for w in caught if "found no scale-invariant" in str(w.message)]
+    assert len(messages) == 1
+    assert run.global_step == 16
+    assert callback.history == []
+
+
+def test_no_weight_decay_warns_and_still_logs_measurements(tmp_path):
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    with pytest.warns(UserWarning, match="no predicted equilibrium for net.0.weight, net.3.weight"):
+        run, _ = _fit(tmp_path, callback, module=BNNet(weight_decay=0.0))
+    row = [r for r in read_csv_metrics(run) if "sdm/equilibrium_fraction" in r][-1]
+    assert row["sdm/angular_update/net.0.weight"] > 0
+    assert math.isnan(row["sdm/angular_update_theory/net.0.weight"])
+    assert all(e["equilibrium_criterion"] == "stationary" for e in callback.history)
+
+
+class FreezeMidway(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        frozen = 4 <= trainer.global_step < 10
+        for p in pl_module.net[0].parameters():
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
+
+
+def test_freezing_and_unfreezing_mid_training(tmp_path):
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=1)
+    run = trainer(tmp_path, callbacks=[callback, FreezeMidway()])
+    run.fit(BNNet(momentum=0.0), loader(noisy_classification_data()))
+    by_step = {e["step"]: e for e in callback.history if e["unit"] == "net.0.weight"}
+    assert by_step[6]["frozen"] and by_step[6]["angular_update"] == 0.0
+    assert by_step[6]["theory"] is None
+    assert not by_step[12]["frozen"] and by_step[12]["angular_update"] > 0
+
+
+class NaNInjector(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 6:
+            with torch.no_grad():
+                pl_module.net[3].weight[0, 0] = float("nan")
+
+
+def test_nan_weights_are_logged_as_nan_with_one_warning(tmp_path):
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = trainer(tmp_path, callbacks=[callback, NaNInjector()])
+        run.fit(BNNet(), loader(noisy_classification_data()))
+    assert run.global_step == 16
+    nan_warnings = [w for w in caught if "contain NaN/Inf" in str(w.message)]
+    assert len(nan_warnings) == 1
+    late = [e for e in callback.history if e["unit"] == "net.3.weight" and e["step"] >= 8]
+    assert late and all(math.isnan(e["angular_update"]) for e in late)
+
+
+class PartialOptimizer(BNNet):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[3:].parameters(), lr=0.1, weight_decay=1e-3)
+
+
+def test_parameters_outside_the_optimizer_are_skipped_with_a_message(tmp_path):
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    with pytest.warns(UserWarning, match=r"does not monitor: net\.0\.weight \(not updated"):
+        _fit(tmp_path, callback, module=PartialOptimizer())
+    assert callback.monitor.units == ["net.3.weight"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"granularity": "neuron"}, "`granularity`"),
+        ({"every_n_steps": 0}, "`every_n_steps`"),
+        ({"window": 0}, "`window`"),
+        ({"tolerance": 1.5}, "`tolerance`"),
+        ({"patience": 0}, "`patience`"),
+        ({"verify_steps": -1}, "`verify_steps`"),
+        ({"orthogonality_tolerance": 0}, "`orthogonality_tolerance`"),
+        ({"params": []}, "`params`"),
+        ({"params": [3]}, "`params`"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SphericalDynamicsCallback(**kwargs)
+
+
+def test_selection_that_matches_nothing(tmp_path):
+    callback = SphericalDynamicsCallback(params="encoder.*")
+    with pytest.raises(MisconfigurationException, match="matches no parameter"):
+        _fit(tmp_path, callback)
+
+
+def test_state_dict_round_trip():
+    callback = SphericalDynamicsCallback()
+    callback.history.append({"step": 3, "unit": "w"})
+    state = callback.state_dict()
+    restored = SphericalDynamicsCallback()
+    restored.load_state_dict(state)
+    assert restored.history == callback.history
