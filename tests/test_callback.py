@@ -74,9 +74,8 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
             assert row[f"sdm/angular_update_ratio/{unit}"] == pytest.approx(ratio, rel=1e-9)
         ratios = [row[f"sdm/angular_update_ratio/{u}"] for u in UNITS]
         assert row["sdm/angular_update_ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-9)
-    assert [row["step"] for row in logged] == [4 * (i + 1) - 1 for i in range(8)] or [
-        row["step"] for row in logged
-    ] == [4 * (i + 1) for i in range(8)]
+    # Windows close after optimizer steps 4, 8, ...: logged at that global step.
+    assert [row["step"] for row in logged] == [4 * (i + 1) for i in range(8)]
     assert "sdm_ratio" in run.progress_bar_metrics
     assert len(callback.history) == 2 * 8
     assert {"step", "unit", "angular_update", "theory", "ratio", "weight_norm"} <= set(
