@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from lightning_sdm import integrations
 from lightning_sdm.equilibrium import EquilibriumDetector
 from lightning_sdm.invariance import (
     InvarianceReport,
@@ -201,6 +202,11 @@ class SphericalDynamicsCallback(Callback):
         """Never leave the tracer or the hooks behind."""
         self._shutdown()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give logger integrations the final per-unit results."""
+        if self.monitor is not None:
+            integrations.on_monitoring_finished(trainer, self)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the optimizer hooks."""
         if stage == "fit":
@@ -264,6 +270,7 @@ class SphericalDynamicsCallback(Callback):
             self.monitor = None
             return
         self._warn_missing_predictions(self.monitor)
+        integrations.on_monitoring_started(trainer, self)
 
     def _warn_missing_predictions(self, monitor: SphericalMonitor) -> None:
         reasons: dict[str, list[str]] = {}
