@@ -35,6 +35,20 @@ on its own, so each output channel of the weight (``w[i]`` with ``b[i]``) is inv
 Everything here is conservative: an operation the tracer does not know breaks invariance, so a
 unit can be missed, but a unit that is reported was checked along every recorded path.
 :func:`structural_candidates` is a forward-free fallback that only looks at registration order.
+
+Limitations:
+    * One pass is seen: a branch not taken (data-dependent control flow) is not analysed, and its
+      parameters are reported as unused. Control flow that depends on a scaled value (other than
+      its sign) rejects the unit.
+    * Scale invariance ignores the ``eps`` of the norms (the usual convention).
+    * A norm's own affine parameters and embedding tables are rejected by role, not analysed.
+    * A unit is rejected at the first operation that is not positively homogeneous, even if its
+      result were later discarded. A constant added right before a mean-subtracting norm is
+      removed by it, but is rejected here.
+    * In-place changes are followed through views (``Tensor._base``), not through ``detach()``
+      or ``.data`` aliases, nor through ops run in other threads or compiled graphs.
+    * Granularity is decided per output channel of the weight (``channel_dim``); a channel set
+      split across dimensions (``[N, C] -> [N, G, C/G]``) is only followed as a whole unit.
 """
 
 from __future__ import annotations
@@ -318,6 +332,7 @@ class ScaleInvarianceTracer:
         self._names: dict[int, str] = {}
         self._kinds: dict[int, str] = {}
         self._param_names: dict[int, str] = {}
+        self._all_names: set[str] = set()
         self._missed_params: set[int] = set()
         self._current: dict[int, tuple[weakref.ref[Tensor], int]] = {}
         self._alive: list[tuple[int, weakref.ref[Tensor]]] = []
@@ -335,6 +350,7 @@ class ScaleInvarianceTracer:
         self._active = True
         try:
             self._names = {id(sub): qual for qual, sub in self.module.named_modules()}
+            self._all_names = {name for name, _ in self.module.named_parameters()}
             for sub in dict.fromkeys(self.module.modules()):
                 kind = _module_kind(sub)
                 if kind is not None:
@@ -435,7 +451,10 @@ class ScaleInvarianceTracer:
             module=_module_info(module, kind, qual),
         )
         for local, param in _own(module):
-            node.params[local] = self._param_value(param, _join(qual, local))
+            name = _join(qual, local)  # by module name: FSDP2 swaps the tensors during forward
+            if name not in self._all_names:  # a tied parameter listed under another name
+                name = self._param_name(param) or name
+            node.params[local] = self._param_value(param, name)
         node.inputs_objects = list(_tensors((args, kwargs)))
         return node
 
@@ -454,6 +473,9 @@ class ScaleInvarianceTracer:
         return node
 
     def _finish_node(self, node: _Node, output: Any) -> None:
+        if node.op in _VALUE_INDEPENDENT and next(_tensors(output), None) is None:
+            node.inputs_objects = []
+            return  # ``x.shape``, ``x.dim()``...: nothing to follow, nothing to keep
         graph = self._graph
         index = len(graph.nodes)
         graph.nodes.append(node)
@@ -602,7 +624,6 @@ class ScaleInvarianceTracer:
         analysis = _Analysis(graph)
         units: list[InvariantUnit] = []
         rejected: list[RejectedParameter] = []
-        unit_reasons: dict[str, str] = {}
         for name, param in self.module.named_parameters():
             if name in roles.bias_of and name not in roles.norm_affine:
                 continue  # classified with its weight below
@@ -617,12 +638,14 @@ class ScaleInvarianceTracer:
                 if unit is not None:
                     units.append(unit)
                 else:
-                    unit_reasons[name] = reason
                     rejected.append(RejectedParameter(name, reason))
-        for bias, weight in roles.bias_of.items():
-            if weight in unit_reasons and bias not in roles.norm_affine:
-                reason = f"bias of '{weight}', which is not scale-invariant"
-                rejected.append(RejectedParameter(bias, reason))
+        reported = {*(p for unit in units for p in unit.params), *(r.name for r in rejected)}
+        for name, _ in self.module.named_parameters():
+            if name in reported:
+                continue
+            weight = roles.bias_of.get(name)
+            reason = f"bias of '{weight}', which is not scale-invariant" if weight else "unknown"
+            rejected.append(RejectedParameter(name, reason))
         order = {name: i for i, (name, _) in enumerate(self.module.named_parameters())}
         rejected.sort(key=lambda item: order.get(item.name, len(order)))
         notes = () if graph.nodes else ("nothing was recorded: did the forward run inside?",)
@@ -968,30 +991,37 @@ class _Analysis:
 
     def propagate(self, seeds: dict[int, _Scaled]) -> tuple[str | None, list[str]]:
         """Follow the scaling of the seeds; return (reason it is not invariant, absorbers)."""
+        absorbed: list[str] = []
+        try:
+            self._follow(seeds, absorbed)
+        except _Break as broken:
+            return broken.reason, absorbed
+        if not absorbed:
+            return "scaling it does not reach a normalization in the traced forward", absorbed
+        return None, absorbed
+
+    def _follow(self, seeds: dict[int, _Scaled], absorbed: list[str]) -> None:
+        """Visit, in recording order, every node reached by the scaled values (raises _Break)."""
         values, nodes = self.graph.values, self.graph.nodes
         state: dict[int, _Scaled] = {}
         pending: list[int] = []
-        absorbed: list[str] = []
 
-        def assign(vid: int, new: _State) -> str | None:
+        def assign(vid: int, new: _State) -> None:
             new = self._normalize(vid, new)
             if new is None:
                 state.pop(vid, None)
-                return None
+                return
             state[vid] = new
             value = values[vid]
             if value.root_output and not value.consumers:
-                return "output does not reach a normalization: it is returned by the model"
+                raise _Break("output does not reach a normalization: it is returned by the model")
             if not value.consumers and not value.superseded and value.alive:
-                return "output leaves the traced code un-normalized (still referenced after it)"
+                raise _Break("output leaves the traced code un-normalized (still referenced)")
             for consumer in value.consumers:
                 heapq.heappush(pending, consumer)
-            return None
 
         for vid, seed in seeds.items():
-            reason = assign(vid, seed)
-            if reason is not None:
-                return reason, absorbed
+            assign(vid, seed)
         done: set[int] = set()
         while pending:
             index = heapq.heappop(pending)
@@ -1005,18 +1035,13 @@ class _Analysis:
                 aliases = [
                     (new, self._alias_state(node, state, old, after)) for old, new in node.aliases
                 ]
-            except _Break as broken:
-                return broken.reason, absorbed
+            except _Break:
+                raise
             except Exception as error:  # a rule met arguments it does not understand
-                return f"could not follow {node.label} ({type(error).__name__})", absorbed
+                raise _Break(f"could not follow {node.label} ({type(error).__name__})") from None
             absorbed.extend(step.absorbed)
             for vid, new in [*zip(node.outputs, step.outputs, strict=True), *aliases]:
-                reason = assign(vid, new)
-                if reason is not None:
-                    return reason, absorbed
-        if not absorbed:
-            return "scaling it does not reach a normalization in the traced forward", absorbed
-        return None, absorbed
+                assign(vid, new)
 
     def _normalize(self, vid: int, new: _State) -> _State:
         if new is None or new.degree == 0:
@@ -1047,7 +1072,7 @@ class _Analysis:
             return self._module_rule(node, state)
         rule = _RULES.get(node.op)
         if rule is None:
-            if node.op in _VALUE_INDEPENDENT or node.op.startswith("get:"):
+            if node.op in _VALUE_INDEPENDENT:
                 return _Step([None] * len(node.outputs))
             if node.op in _PYTHON_READS:
                 raise _Break(f"its value is read into Python by {node.label} before normalization")
@@ -1155,7 +1180,7 @@ class _Analysis:
         out_ndim = self._out_ndim(node)
         if sx is not None:
             if has_bias:
-                raise _Break(_added(node, "its bias"))
+                raise _Break(f"output gets a bias that does not scale with it in {node.label}")
             if sw is not None:
                 if sx.axis is None and sw.axis is None:
                     return self._fill(node, _Scaled(sx.degree + sw.degree))
@@ -1171,7 +1196,7 @@ class _Analysis:
         if sw is None:
             raise _Break(f"is added as a bias in {node.label} whose weight does not scale")
         if has_bias and (sb is None or sb.degree != sw.degree):
-            raise _Break(_added(node, "a bias that does not scale with it"))
+            raise _Break(f"a bias that does not scale with it is added in {node.label}")
         if sw.axis is None and (sb is None or sb.axis is None):
             return self._fill(node, sw)
         channel_dim = 1 if kind == "conv_transpose" else 0
@@ -1774,6 +1799,13 @@ _VALUE_INDEPENDENT = set(
         "retain_grad __hash__ normal_ uniform_"
     )
 )
+_VALUE_INDEPENDENT |= {
+    "get:" + name
+    for name in _names(
+        "shape dtype device ndim requires_grad is_leaf grad grad_fn layout names is_cuda is_cpu "
+        "is_sparse is_quantized is_meta is_nested itemsize nbytes output_nr _version"
+    )
+}
 _PYTHON_READS = set(
     _names(
         "item tolist __bool__ __float__ __int__ __index__ __complex__ numpy __array__ equal "

@@ -29,7 +29,7 @@ from lightning_sdm.functional import (
     cosine_from_statistics,
 )
 from lightning_sdm.metric import AngularUpdate
-from lightning_sdm.theory import Prediction, explain_equilibrium
+from lightning_sdm.theory import Prediction, explain_equilibrium, relaxation_steps
 
 __all__ = ["SphericalMonitor", "UnitSpec", "UnitWindow"]
 
@@ -77,6 +77,8 @@ class UnitWindow:
         channels: with ``granularity="channel"``, summary statistics over the unit's channels of
             the per-channel RMS angular update (keys in ``CHANNEL_SUMMARIES``), else ``None``.
         channel_ratios: same summaries of per-channel ``angular_update / theory``.
+        time_scale: e-folding time (steps) of the relaxation towards equilibrium under the
+            current hyper-parameters, ``None`` where theory gives none.
     """
 
     unit: str
@@ -91,6 +93,7 @@ class UnitWindow:
     frozen: bool = False
     channels: dict[str, float] | None = None
     channel_ratios: dict[str, float] | None = None
+    time_scale: float | None = None
 
 
 @dataclass
@@ -216,6 +219,18 @@ class SphericalMonitor:
                 result[unit.spec.name] = groups[unit.group_index]
         return result
 
+    def parameter_groups(self) -> dict[str, tuple[Optimizer, int]]:
+        """Per unit: the optimizer and the index of the param group that update it."""
+        return {
+            unit.spec.name: (watch.optimizer, unit.group_index)
+            for watch in self._watches
+            for unit in watch.units
+        }
+
+    def unit_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Per unit: its parameters (the weight, and the bias before the norm if any)."""
+        return {unit.spec.name: unit.tensors for watch in self._watches for unit in watch.units}
+
     def attach(self) -> SphericalMonitor:
         """Register the optimizer step hooks; returns ``self``."""
         for watch in self._watches:
@@ -245,15 +260,52 @@ class SphericalMonitor:
         return windows
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counters, so that a resumed run measures the same steps."""
-        return {"steps_done": [watch.steps_done for watch in self._watches]}
+        """Step counters and the open window, so that a resumed run measures the same values.
+
+        Plain Python and tensor types only (checkpoints load with ``weights_only=True``).
+        """
+        return {
+            "steps_done": [watch.steps_done for watch in self._watches],
+            "window_statistics": [watch.metric.step_statistics.cpu() for watch in self._watches],
+            "window_predictions": [
+                [
+                    [(p.angular_update, dict(p.hyperparameters)) for p in step]
+                    for step in w.predictions
+                ]
+                for w in self._watches
+            ],
+            "verified_steps": self._measured_steps,
+            "invariance": {
+                unit.spec.name: (unit.invariance, unit.max_abs_cosine)
+                for watch in self._watches
+                for unit in watch.units
+            },
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        for watch, steps in zip(self._watches, state.get("steps_done", []), strict=False):
-            watch.steps_done = int(steps)
+        """Restore what :meth:`state_dict` returned (missing entries are left at their start)."""
+        for index, watch in enumerate(self._watches):
             watch.metric.reset()
             watch.snapshot = None
+            watch.predictions = []
+            if index < len(state.get("steps_done", [])):
+                watch.steps_done = int(state["steps_done"][index])
+            statistics = state.get("window_statistics", [])
+            if index < len(statistics) and statistics[index].numel():
+                for step in statistics[index]:
+                    watch.metric.update(statistics=step)
+            predictions = state.get("window_predictions", [])
+            if index < len(predictions):
+                watch.predictions = [
+                    [_restored_prediction(value, hyper) for value, hyper in step]
+                    for step in predictions[index]
+                ]
+        self._measured_steps = int(state.get("verified_steps", self._measured_steps))
+        for watch in self._watches:
+            for unit in watch.units:
+                if unit.spec.name in state.get("invariance", {}):
+                    status, cosine = state["invariance"][unit.spec.name]
+                    unit.invariance, unit.max_abs_cosine = str(status), float(cosine)
 
     # ---------------------------------------------------------------- hooks
 
@@ -362,6 +414,7 @@ class SphericalMonitor:
             frozen=frozen,
             channels=channels,
             channel_ratios=channel_ratios,
+            time_scale=relaxation_time(predictions[-1][unit.group_index]),
         )
 
 
@@ -515,3 +568,33 @@ def _last_angle(last: Tensor, granularity: str) -> float:
     if granularity == "layer":
         return last.item()
     return last.square().mean().sqrt().item()
+
+
+def _restored_prediction(value: float | None, hyperparameters: Mapping[str, float]) -> Prediction:
+    return Prediction(
+        angular_update=value,
+        optimizer="restored",
+        rule="restored",
+        reason="restored from a checkpoint",
+        source="",
+        hyperparameters=dict(hyperparameters),
+    )
+
+
+def relaxation_time(prediction: Prediction) -> float | None:
+    """E-folding time (steps) of the approach to equilibrium for a param group, if known.
+
+    SGD: :func:`lightning_sdm.theory.relaxation_steps` (``(1 - alpha) / (4 eta lam)``, with
+    ``eta (1 - tau)`` under dampening ``tau``). Decoupled weight decay (AdamW, Lion): ``1 / (2 eta
+    lam)``, the time scale of ``|w|^2`` under a gradient-scale-free update (Kosson et al. 2024).
+    """
+    hyper = prediction.hyperparameters
+    lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
+    if prediction.angular_update is None or lr <= 0 or weight_decay <= 0:
+        return None
+    if "momentum" in hyper:
+        effective_lr = lr * (1.0 - hyper.get("dampening", 0.0))
+        if effective_lr <= 0 or not 0 <= hyper["momentum"] < 1:
+            return None
+        return relaxation_steps(effective_lr, weight_decay, hyper["momentum"])
+    return 1.0 / (2.0 * lr * weight_decay)
