@@ -6,7 +6,8 @@ import fnmatch
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,11 +18,17 @@ from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_sdm import integrations
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.equilibrium import EquilibriumDetector, EquilibriumEvent
 from lightning_sdm.invariance import (
     InvarianceReport,
     ScaleInvarianceTracer,
     structural_candidates,
+)
+from lightning_sdm.lr_control import (
+    check_rescale_supported,
+    check_schedulers_supported,
+    decay_param_groups,
+    rescale_for_lr_decay,
 )
 from lightning_sdm.monitor import (
     SphericalMonitor,
@@ -29,10 +36,13 @@ from lightning_sdm.monitor import (
     UnitWindow,
     check_monitor_arguments,
 )
+from lightning_sdm.theory import lr_decay_relaxation_steps
 
 __all__ = ["SphericalDynamicsCallback"]
 
 ParamsSpec = str | Sequence[str] | Sequence[nn.Module]
+EquilibriumAction = Callable[[pl.Trainer, pl.LightningModule, EquilibriumEvent], None]
+ACTIONS = ("warn", "decay_lr", "stop")
 
 
 class SphericalDynamicsCallback(Callback):
@@ -104,8 +114,19 @@ class SphericalDynamicsCallback(Callback):
         verify_steps: int = 3,
         orthogonality_tolerance: float = 1e-2,
         prog_bar: bool = True,
+        quorum: float = 1.0,
+        on_equilibrium: str | EquilibriumAction = "warn",
+        decay_factor: float = 0.1,
+        min_lr: float = 0.0,
+        max_decays: int | None = None,
+        cooldown: int | None = None,
+        rescale_weights: bool = False,
+        stop_at_min_lr: bool = False,
     ) -> None:
         _check_params_spec(params)
+        _check_action_arguments(
+            on_equilibrium, decay_factor, min_lr, max_decays, cooldown, rescale_weights
+        )
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}."
@@ -120,8 +141,21 @@ class SphericalDynamicsCallback(Callback):
         self.verify_steps = verify_steps
         self.orthogonality_tolerance = orthogonality_tolerance
         self.prog_bar = prog_bar
-        self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
+        self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
+        self.on_equilibrium = on_equilibrium
+        self.decay_factor = decay_factor
+        self.min_lr = min_lr
+        self.max_decays = max_decays
+        self.cooldown = cooldown
+        self.rescale_weights = rescale_weights
+        self.stop_at_min_lr = stop_at_min_lr
         self.history: list[dict[str, Any]] = []
+        self.events: list[EquilibriumEvent] = []
+        self._decays = 0
+        self._cooldown_until = 0
+        self._quorum_reached = False
+        self._estimate_announced = False
+        self._units: list[UnitSpec] | None = None
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
         self._tracer: ScaleInvarianceTracer | None = None
@@ -141,13 +175,24 @@ class SphericalDynamicsCallback(Callback):
             self.every_n_steps = int(getattr(trainer, "log_every_n_steps", 0)) or 50
             self.window = min(self.window, self.every_n_steps)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check that the requested action can be carried out with these optimizers/schedulers."""
+        if self.on_equilibrium != "decay_lr":
+            return
+        check_schedulers_supported(config.scheduler for config in trainer.lr_scheduler_configs)
+        if self.rescale_weights:
+            for optimizer in trainer.optimizers:
+                check_rescale_supported(optimizer)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """On the first batch, follow the forward pass to find the invariant units."""
         if self.monitor is not None or self._disabled or self._tracer is not None:
             return
-        if self.params == "auto":
+        if self._units is not None:  # resumed: the units were found before the checkpoint
+            self._start_monitor(trainer, pl_module, self._units)
+        elif self.params == "auto":
             self._tracer = ScaleInvarianceTracer(pl_module)
             self._tracer.__enter__()
         else:
@@ -217,14 +262,28 @@ class SphericalDynamicsCallback(Callback):
         monitor_state = self.monitor.state_dict() if self.monitor is not None else None
         return {
             "monitor": monitor_state or (self._pending_state or {}).get("monitor"),
+            "units": [asdict(unit) for unit in self._units] if self._units is not None else None,
             "detector": self.detector.state_dict(),
             "history": list(self.history),
+            "events": [event.as_dict() for event in self.events],
+            "decays": self._decays,
+            "cooldown_until": self._cooldown_until,
+            "quorum_reached": self._quorum_reached,
+            "estimate_announced": self._estimate_announced,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the monitor state applies once it starts)."""
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.history = list(state_dict.get("history", []))
+        self.events = [_event_from_dict(event) for event in state_dict.get("events", [])]
+        self._decays = int(state_dict.get("decays", 0))
+        self._cooldown_until = int(state_dict.get("cooldown_until", 0))
+        self._quorum_reached = bool(state_dict.get("quorum_reached", False))
+        self._estimate_announced = bool(state_dict.get("estimate_announced", False))
+        units = state_dict.get("units")
+        if units is not None:
+            self._units = [_unit_spec_from_dict(unit) for unit in units]
         self._pending_state = dict(state_dict)
 
     # ------------------------------------------------------------------ internals
@@ -243,6 +302,7 @@ class SphericalDynamicsCallback(Callback):
             self._disabled = True
             return
         assert self.every_n_steps is not None
+        self._units = list(units)
         self.monitor = SphericalMonitor(
             pl_module,
             trainer.optimizers,
@@ -329,6 +389,9 @@ class SphericalDynamicsCallback(Callback):
         metrics["sdm/angular_update_ratio"] = median_ratio
         metrics["sdm/equilibrium_fraction"] = self.detector.fraction()
         self._warn_non_finite(windows)
+        metrics["sdm/steps_to_equilibrium"] = self.detector.steps_to_equilibrium()
+        self._announce_estimate(trainer)
+        metrics.update(self._maybe_act(trainer, pl_module, windows))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.prog_bar and math.isfinite(median_ratio):
@@ -339,6 +402,145 @@ class SphericalDynamicsCallback(Callback):
                 f"[lightning_sdm] {name} reached equilibrium at step {unit.reached_step} "
                 f"(criterion: {unit.criterion})."
             )
+
+    def _announce_estimate(self, trainer: pl.Trainer) -> None:
+        estimate = self.detector.steps_to_equilibrium()
+        if self._estimate_announced or not math.isfinite(estimate) or estimate <= 0:
+            return
+        self._estimate_announced = True
+        rank_zero_info(
+            f"[lightning_sdm] step {trainer.global_step}: about {estimate:.0f} more steps until "
+            f"{self.detector.quorum:.0%} of the units reach equilibrium (theory's relaxation "
+            "time, refined by the measured trend)."
+        )
+
+    def _maybe_act(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
+    ) -> dict[str, float]:
+        """Fire one event when the quorum enters equilibrium (outside a cooldown)."""
+        due = self.detector.reached() and trainer.global_step >= self._cooldown_until
+        # Values are identical on all ranks already (statistics are reduced before any angle);
+        # agreeing explicitly keeps the decision collective even if that ever changed.
+        due = bool(trainer.strategy.reduce_boolean_decision(due, all=True))
+        fire = due and not self._quorum_reached
+        self._quorum_reached = due
+        if not fire:
+            return {}
+        event = self._make_event(trainer, windows)
+        event = self._carry_out(trainer, pl_module, event)
+        self.events.append(event)
+        self._message(event)
+        metrics = {"sdm/lr_decays": float(self._decays), "sdm/equilibrium_event_step": event.step}
+        if event.new_lrs:
+            metrics["sdm/lr_after_event"] = event.new_lrs[0]
+        return metrics
+
+    def _make_event(self, trainer: pl.Trainer, windows: list[UnitWindow]) -> EquilibriumEvent:
+        units = tuple(name for name, u in self.detector.state.items() if u.in_equilibrium)
+        by_unit = {w.unit: w for w in windows}
+        criteria = {self.detector.state[name].criterion for name in units}
+        return EquilibriumEvent(
+            step=trainer.global_step,
+            units=units,
+            fraction=self.detector.fraction(),
+            measured={n: by_unit[n].angular_update for n in units if n in by_unit},
+            predicted={n: by_unit[n].theory for n in units if n in by_unit},
+            criterion="stationary" if "stationary" in criteria else "theory",
+            action=self.on_equilibrium if isinstance(self.on_equilibrium, str) else "callable",
+        )
+
+    def _carry_out(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: EquilibriumEvent
+    ) -> EquilibriumEvent:
+        if callable(self.on_equilibrium):
+            self.on_equilibrium(trainer, pl_module, event)
+            return event
+        if self.on_equilibrium == "stop":
+            trainer.should_stop = True
+            return event
+        if self.on_equilibrium != "decay_lr":
+            return event
+        exhausted = self.max_decays is not None and self._decays >= self.max_decays
+        changes = [] if exhausted else self._decay(trainer)
+        if not any(new < old for old, new in changes):
+            if self.stop_at_min_lr:
+                trainer.should_stop = True
+            return replace(event, action="stop" if self.stop_at_min_lr else "none")
+        self._decays += 1
+        return replace(
+            event,
+            old_lrs=tuple(old for old, _ in changes),
+            new_lrs=tuple(new for _, new in changes),
+        )
+
+    def _decay(self, trainer: pl.Trainer) -> list[tuple[float, float]]:
+        """Decay every param group that holds monitored units; rescale and set the cooldown."""
+        assert self.monitor is not None
+        groups: dict[int, tuple[Any, set[int]]] = {}
+        for optimizer, index in self.monitor.parameter_groups().values():
+            groups.setdefault(id(optimizer), (optimizer, set()))[1].add(index)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        changes: list[tuple[float, float]] = []
+        for optimizer, indices in groups.values():
+            changes.extend(
+                decay_param_groups(
+                    optimizer, sorted(indices), self.decay_factor, self.min_lr, schedulers
+                )
+            )
+        if not any(new < old for old, new in changes):
+            return changes
+        decay = max(old / new for old, new in changes if new > 0)
+        if self.rescale_weights:
+            self._rescale(decay)
+        cooldown = self.cooldown if self.cooldown is not None else self._relaxation_after(decay)
+        self._cooldown_until = trainer.global_step + cooldown
+        self.detector.restart(trainer.global_step, cooldown)
+        return changes
+
+    def _rescale(self, decay: float) -> None:
+        assert self.monitor is not None
+        params = self.monitor.unit_parameters()
+        by_optimizer: dict[int, tuple[Any, list[Any]]] = {}
+        for name, (optimizer, _) in self.monitor.parameter_groups().items():
+            by_optimizer.setdefault(id(optimizer), (optimizer, []))[1].append(params[name])
+        for optimizer, units in by_optimizer.values():
+            rescale_for_lr_decay(optimizer, units, decay)
+
+    def _relaxation_after(self, decay: float) -> int:
+        """SMD Cor. 3.1 with the new LR: ``ceil(log(k) (1 - alpha) / (2 lam eta))``, worst unit."""
+        assert self.monitor is not None
+        longest = 0
+        for prediction in self.monitor.predictions().values():
+            hyper = prediction.hyperparameters
+            lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
+            if lr <= 0 or weight_decay <= 0 or decay <= 1:
+                continue
+            momentum = hyper.get("momentum", 0.0)
+            longest = max(longest, lr_decay_relaxation_steps(decay, lr, weight_decay, momentum))
+        return longest
+
+    def _message(self, event: EquilibriumEvent) -> None:
+        figures = ", ".join(
+            f"{name}: {event.measured.get(name, math.nan):.3g} rad/step vs "
+            f"{_format_prediction(event.predicted.get(name))}"
+            for name in event.units
+        )
+        text = (
+            f"[lightning_sdm] step {event.step}: {event.fraction:.0%} of the units are in "
+            f"equilibrium (criterion: {event.criterion}): {figures}."
+        )
+        if event.new_lrs:
+            pairs = zip(event.old_lrs, event.new_lrs, strict=True)
+            lrs = ", ".join(f"{old:.3g} -> {new:.3g}" for old, new in pairs)
+            text += f" Learning rate decayed ({lrs}), decay #{self._decays}."
+        elif event.action == "none":
+            text += " No decay: min_lr or max_decays reached."
+        elif event.action == "stop":
+            text += " Asking the Trainer to stop."
+        if event.action == "warn":
+            rank_zero_warn(text)
+        else:
+            rank_zero_info(text)
 
     def _warn_non_finite(self, windows: list[UnitWindow]) -> None:
         bad = [w.unit for w in windows if not math.isfinite(w.angular_update)]
@@ -471,3 +673,45 @@ def _window_metrics(window: UnitWindow) -> dict[str, float]:
             metrics[f"sdm/angular_update_ratio/{name}/{key}"] = value
     metrics[f"sdm/angular_update_theory/{name}"] = theory
     return metrics
+
+
+def _check_action_arguments(
+    on_equilibrium: Any,
+    decay_factor: float,
+    min_lr: float,
+    max_decays: int | None,
+    cooldown: int | None,
+    rescale_weights: bool,
+) -> None:
+    if not callable(on_equilibrium) and on_equilibrium not in ACTIONS:
+        raise ValueError(
+            f"`on_equilibrium` must be one of {ACTIONS} or a callable "
+            f"(trainer, pl_module, event), got {on_equilibrium!r}."
+        )
+    if not 0 < decay_factor < 1:
+        raise ValueError(f"`decay_factor` must be in (0, 1), got {decay_factor!r}.")
+    if not (isinstance(min_lr, (int, float)) and min_lr >= 0):
+        raise ValueError(f"`min_lr` must be a number >= 0, got {min_lr!r}.")
+    if max_decays is not None and (not isinstance(max_decays, int) or max_decays < 0):
+        raise ValueError(f"`max_decays` must be None or an integer >= 0, got {max_decays!r}.")
+    if cooldown is not None and (not isinstance(cooldown, int) or cooldown < 0):
+        raise ValueError(f"`cooldown` must be None or an integer >= 0, got {cooldown!r}.")
+    if rescale_weights and on_equilibrium != "decay_lr":
+        raise ValueError("`rescale_weights=True` needs `on_equilibrium='decay_lr'`.")
+
+
+def _event_from_dict(values: dict[str, Any]) -> EquilibriumEvent:
+    values = dict(values)
+    for key in ("units", "old_lrs", "new_lrs"):
+        values[key] = tuple(values.get(key, ()))
+    return EquilibriumEvent(**values)
+
+
+def _unit_spec_from_dict(values: dict[str, Any]) -> UnitSpec:
+    values = dict(values)
+    values["params"] = tuple(values["params"])
+    return UnitSpec(**values)
+
+
+def _format_prediction(value: float | None) -> str:
+    return "no prediction" if value is None else f"{value:.3g} predicted"

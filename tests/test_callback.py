@@ -60,7 +60,12 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
     rows = read_csv_metrics(run)
     logged = [row for row in rows if "sdm/angular_update_ratio" in row]
     assert len(logged) == run.global_step // 4 == 8
-    expected_keys = {"sdm/angular_update_ratio", "sdm/equilibrium_fraction", "step"}
+    expected_keys = {
+        "sdm/angular_update_ratio",
+        "sdm/equilibrium_fraction",
+        "sdm/steps_to_equilibrium",
+        "step",
+    }
     for unit in UNITS:
         for prefix in ["angular_update", "angular_update_theory", "angular_update_ratio"]:
             expected_keys.add(f"sdm/{prefix}/{unit}")

@@ -1,0 +1,212 @@
+"""Learning-rate decays that cooperate with LR schedulers, and SMD's weight-rescaling trick.
+
+A decay by ``factor`` multiplies the *whole remaining schedule* of the affected param groups:
+the group's ``lr`` and every quantity a scheduler recomputes it from (``base_lrs``, OneCycleLR's
+``initial_lr``/``max_lr``/``min_lr``, CyclicLR's ``max_lrs``, CosineAnnealing's ``eta_min``), so the
+LR at every later step is ``factor`` times what the user's schedule alone would give. Schedulers
+whose state cannot be scaled that way are refused with a clear error (see
+:func:`check_schedulers_supported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as schedulers
+
+__all__ = [
+    "check_rescale_supported",
+    "check_schedulers_supported",
+    "decay_param_groups",
+    "rescale_for_lr_decay",
+]
+
+# Schedulers whose next LR is computed from the group's current ``lr`` (chainable) or from
+# ``base_lrs``: scaling both keeps the schedule consistent.
+_SCALE_LR_AND_BASE = (
+    schedulers.StepLR,
+    schedulers.MultiStepLR,
+    schedulers.ExponentialLR,
+    schedulers.MultiplicativeLR,
+    schedulers.LambdaLR,
+    schedulers.ConstantLR,
+    schedulers.LinearLR,
+    schedulers.PolynomialLR,
+    schedulers.CosineAnnealingLR,
+    schedulers.CosineAnnealingWarmRestarts,
+    schedulers.CyclicLR,
+    schedulers.OneCycleLR,
+)
+_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
+
+
+def check_schedulers_supported(scheduler_list: Iterable[Any]) -> None:
+    """Raise ``ValueError`` for a scheduler an automatic decay cannot scale consistently."""
+    for scheduler in _flatten(scheduler_list):
+        if isinstance(scheduler, (*_SCALE_LR_AND_BASE, schedulers.ReduceLROnPlateau)):
+            continue
+        raise ValueError(
+            f"on_equilibrium='decay_lr' cannot scale the state of {type(scheduler).__name__} "
+            "consistently. Supported: StepLR, MultiStepLR, ExponentialLR, MultiplicativeLR, "
+            "LambdaLR, ConstantLR, LinearLR, PolynomialLR, CosineAnnealingLR, "
+            "CosineAnnealingWarmRestarts, CyclicLR, OneCycleLR, ReduceLROnPlateau, and "
+            "SequentialLR/ChainedScheduler of them. Use on_equilibrium='warn' or a callable."
+        )
+
+
+def decay_param_groups(
+    optimizer: Optimizer,
+    group_indices: Sequence[int],
+    factor: float,
+    min_lr: float,
+    scheduler_list: Iterable[Any] = (),
+) -> list[tuple[float, float]]:
+    """Multiply the LR schedule of some param groups by ``factor``, never below ``min_lr``.
+
+    Returns:
+        ``(old_lr, new_lr)`` per group index, in order. A group already at or below ``min_lr``
+        is left unchanged.
+    """
+    changes = []
+    related = [s for s in _flatten(scheduler_list) if getattr(s, "optimizer", None) is optimizer]
+    for index in group_indices:
+        group = optimizer.param_groups[index]
+        old = float(group["lr"])
+        new = max(old * factor, min_lr)
+        if new >= old:
+            changes.append((old, old))
+            continue
+        scale = new / old
+        for key in _GROUP_KEYS:
+            if key in group and isinstance(group[key], (int, float, torch.Tensor)):
+                _scale_in_place(group, key, scale)
+        for scheduler in related:
+            _scale_scheduler(scheduler, index, scale, len(optimizer.param_groups))
+        changes.append((old, float(group["lr"])))
+    return changes
+
+
+def check_rescale_supported(optimizer: Optimizer) -> None:
+    """Raise ``ValueError`` unless SMD's rescaling is defined for ``optimizer``."""
+    _rescale_exponent(optimizer)
+
+
+def rescale_for_lr_decay(
+    optimizer: Optimizer, units: Iterable[Sequence[nn.Parameter]], decay: float
+) -> float:
+    """Move scale-invariant units to their new equilibrium norm at an LR decay by ``decay``.
+
+    SMD's trick (Wan et al. 2020, Sec. 4, Fig. 3): after the LR is divided by ``k`` the equilibrium
+    norm of SGD is ``k^(-1/4)`` times the old one (SMD Thm 2: ``|w*|^4`` is proportional to the
+    LR); dividing the invariant weights by ``k^(1/4)`` at the moment of the decay leaves the loss
+    unchanged and lands on it at once. For decoupled weight decay (AdamW) the equilibrium norm is
+    ``sqrt(eta C / (2 lam))`` (Kosson et al. 2024), so the factor is ``k^(-1/2)``.
+
+    The optimizer state is moved along so that the next steps are those of a run that had been at
+    the rescaled point all along (derived from the scale invariance: gradients scale as ``1/c``
+    when weights scale as ``c``): SGD momentum buffers keep their radial part (weight decay,
+    scales like ``w``) times ``c`` and their tangential part (gradients) times ``1/c``; Adam's
+    first moment is multiplied by ``1/c`` and its second moments by ``1/c^2``.
+
+    Args:
+        optimizer: the optimizer updating the units.
+        units: each unit's parameters (a weight, and the bias before its norm).
+        decay: ``k > 1``, the factor the LR was divided by.
+
+    Returns:
+        The factor ``c`` the weights were multiplied by.
+    """
+    exponent = _rescale_exponent(optimizer)
+    scale = decay**-exponent
+    with torch.no_grad():
+        for params in units:
+            _rescale_unit(optimizer, list(params), scale)
+    return scale
+
+
+# ---------------------------------------------------------------------- internals
+
+
+def _flatten(scheduler_list: Iterable[Any]) -> list[Any]:
+    flat = []
+    for scheduler in scheduler_list:
+        inner = getattr(scheduler, "_schedulers", None)
+        if isinstance(scheduler, (schedulers.SequentialLR, schedulers.ChainedScheduler)) and inner:
+            flat.extend(_flatten(inner))
+        else:
+            flat.append(scheduler)
+    return flat
+
+
+def _scale_in_place(container: Any, key: Any, scale: float) -> None:
+    value = container[key]
+    if isinstance(value, torch.Tensor):
+        value.mul_(scale)
+    else:
+        container[key] = value * scale
+
+
+def _scale_scheduler(scheduler: Any, index: int, scale: float, groups: int) -> None:
+    for attribute in ("base_lrs", "_last_lr", "max_lrs", "min_lrs_cyclic"):
+        values = getattr(scheduler, attribute, None)
+        if isinstance(values, list) and len(values) == groups:
+            _scale_in_place(values, index, scale)
+    eta_min = getattr(scheduler, "eta_min", None)
+    if isinstance(eta_min, (int, float)) and eta_min != 0:
+        if groups != 1:
+            raise ValueError(
+                f"{type(scheduler).__name__}(eta_min={eta_min}) is shared by {groups} param "
+                "groups and cannot be scaled for one of them: use eta_min=0 or one param group."
+            )
+        scheduler.eta_min = eta_min * scale
+
+
+def _rescale_exponent(optimizer: Optimizer) -> float:
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.SGD):
+        return 0.25
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or all(
+        g.get("decoupled_weight_decay", False) for g in optimizer.param_groups
+    )
+    if isinstance(optimizer, torch.optim.Adam) and decoupled:
+        return 0.5
+    raise ValueError(
+        f"rescale_weights=True is defined for torch.optim.SGD and AdamW only, got {name}: the "
+        "equilibrium norm after a decay is not known for it. Use rescale_weights=False."
+    )
+
+
+def _rescale_unit(optimizer: Optimizer, params: list[nn.Parameter], scale: float) -> None:
+    # Radial coefficient of the momentum buffer along the whole unit (weight and bias together),
+    # computed once, before any buffer is changed.
+    pairs = _unit_buffers(optimizer, params)
+    norm_sq = float(sum(p.detach().double().square().sum() for p in params))
+    radial = float(sum((b.double() * w.double()).sum() for b, w in pairs)) if pairs else 0.0
+    coefficient = radial / norm_sq if norm_sq > 0 else 0.0
+    for p in params:
+        state = optimizer.state.get(p, {})
+        buffer = state.get("momentum_buffer")
+        if isinstance(buffer, torch.Tensor):
+            # The radial part behaves like the weight (weight decay), the rest like a gradient.
+            along = coefficient * p.detach()
+            buffer.sub_(along).div_(scale).add_(along, alpha=scale)
+        for key, power in (("exp_avg", -1), ("exp_avg_sq", -2), ("max_exp_avg_sq", -2)):
+            if isinstance(state.get(key), torch.Tensor):
+                state[key].mul_(scale**power)
+    for p in params:
+        p.mul_(scale)
+
+
+def _unit_buffers(
+    optimizer: Optimizer, params: list[nn.Parameter]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pairs = []
+    for p in params:
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        if isinstance(buffer, torch.Tensor):
+            pairs.append((buffer, p.detach()))
+    return pairs
