@@ -248,6 +248,15 @@ def _layout(prev: Tensor, curr: Tensor, dim: int | None) -> _Layout:
             "`prev` and `curr` must have the same shape, got "
             f"{tuple(prev.shape)} and {tuple(curr.shape)}."
         )
+    if _is_dtensor(prev) != _is_dtensor(curr) or (
+        _is_dtensor(prev)
+        and (prev.placements != curr.placements or prev.device_mesh != curr.device_mesh)  # type: ignore[attr-defined]
+    ):
+        raise ValueError(
+            "`prev` and `curr` must be laid out alike: both plain tensors, or DTensors with the "
+            f"same mesh and placements; got {getattr(prev, 'placements', None)} and "
+            f"{getattr(curr, 'placements', None)}."
+        )
     global_shape = tuple(prev.shape)
     prev_local, curr_local, offset = _local_shard(prev), _local_shard(curr), _global_offset(prev)
     if dim is None:
