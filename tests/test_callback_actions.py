@@ -1,0 +1,247 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.equilibrium import EquilibriumEvent
+from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
+
+# Loose detector settings so that short CPU runs see events: the point here is what the
+# callback does when equilibrium is reached, not the detection itself (tests/test_equilibrium.py).
+# Strong weight decay: equilibrium within ~10 steps ((1 - 0.9) / (4 * 0.1 * 0.05) = 5 steps).
+WEIGHT_DECAY = 0.05
+FAST = {"every_n_steps": 4, "window": 4, "tolerance": 0.6, "patience": 1}
+
+
+def _fit(tmp_path, callback, module=None, epochs=2, shuffle=False, **kwargs):
+    torch.manual_seed(0)
+    module = module or BNNet(weight_decay=WEIGHT_DECAY)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=epochs, **kwargs)
+    run.fit(module, loader(noisy_classification_data(), shuffle=shuffle))
+    return run, module
+
+
+def test_warn_emits_one_message_per_event(tmp_path):
+    callback = SphericalDynamicsCallback(**FAST)
+    with pytest.warns(UserWarning, match=r"of the units are in equilibrium .*rad/step vs"):
+        _fit(tmp_path, callback)
+    assert len(callback.events) >= 1
+    event = callback.events[0]
+    assert event.action == "warn" and event.criterion == "theory"
+    assert set(event.units) <= {"net.0.weight", "net.3.weight"}
+    assert all(v is not None for v in event.predicted.values())
+
+
+def test_decay_lr_decays_waits_for_cooldown_and_logs(tmp_path):
+    callback = SphericalDynamicsCallback(
+        on_equilibrium="decay_lr", decay_factor=0.5, cooldown=8, **FAST
+    )
+    run, _module = _fit(tmp_path, callback)
+    decays = [e for e in callback.events if e.new_lrs]
+    assert len(decays) >= 2
+    lr = 0.1
+    for event in decays:
+        assert event.old_lrs == pytest.approx((lr,))
+        lr *= 0.5
+        assert event.new_lrs == pytest.approx((lr,))
+    steps = [e.step for e in decays]
+    assert all(b - a >= 8 for a, b in itertools.pairwise(steps))
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
+    rows = [r for r in read_csv_metrics(run) if "sdm/lr_decays" in r]
+    assert [r["sdm/lr_decays"] for r in rows] == list(range(1, len(decays) + 1))
+    assert [r["step"] for r in rows] == steps
+    assert [r["sdm/lr_after_event"] for r in rows] == pytest.approx([e.new_lrs[0] for e in decays])
+
+
+def test_decay_bounded_by_max_decays_and_min_lr(tmp_path):
+    bounded = SphericalDynamicsCallback(
+        on_equilibrium="decay_lr", decay_factor=0.5, cooldown=0, max_decays=1, **FAST
+    )
+    run, _ = _fit(tmp_path, bounded)
+    assert sum(1 for e in bounded.events if e.new_lrs) == 1
+    assert any(e.action == "none" for e in bounded.events[1:]) or len(bounded.events) == 1
+    floor = SphericalDynamicsCallback(
+        on_equilibrium="decay_lr", decay_factor=0.1, cooldown=0, min_lr=0.05, **FAST
+    )
+    run, _ = _fit(tmp_path / "floor", floor)
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+    assert [e.new_lrs for e in floor.events if e.new_lrs] == [pytest.approx((0.05,))]
+
+
+def test_default_cooldown_is_smd_relaxation_time(tmp_path):
+    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", decay_factor=0.5, **FAST)
+    _fit(tmp_path, callback, epochs=1)
+    first = next(e for e in callback.events if e.new_lrs)
+    # SMD Cor. 3.1 with the new LR: ceil(log(2) * (1 - 0.9) / (2 * 0.05 * 0.05)) = 14 steps.
+    expected = math.ceil(math.log(2) * 0.1 / (2 * WEIGHT_DECAY * 0.05))
+    assert callback._cooldown_until == first.step + expected
+    decays = [e.step for e in callback.events if e.new_lrs]
+    assert all(b - a >= expected for a, b in itertools.pairwise(decays))
+
+
+def test_stop_asks_the_trainer_to_stop(tmp_path):
+    callback = SphericalDynamicsCallback(on_equilibrium="stop", **FAST)
+    run, _ = _fit(tmp_path, callback, epochs=5)
+    assert callback.events[0].action == "stop"
+    assert run.global_step == callback.events[0].step < 5 * 16
+
+
+def test_stop_at_min_lr_after_the_decays(tmp_path):
+    callback = SphericalDynamicsCallback(
+        on_equilibrium="decay_lr",
+        decay_factor=0.5,
+        cooldown=0,
+        max_decays=1,
+        stop_at_min_lr=True,
+        **FAST,
+    )
+    run, _ = _fit(tmp_path, callback, epochs=5)
+    assert [e.action for e in callback.events][-1] == "stop"
+    assert run.global_step < 5 * 16
+
+
+def test_callable_receives_trainer_module_and_event(tmp_path):
+    seen = []
+
+    def action(trainer, pl_module, event):
+        seen.append((trainer.global_step, type(pl_module).__name__, event))
+
+    callback = SphericalDynamicsCallback(on_equilibrium=action, **FAST)
+    _fit(tmp_path, callback)
+    assert seen and isinstance(seen[0][2], EquilibriumEvent)
+    assert seen[0][0] == seen[0][2].step and seen[0][1] == "BNNet"
+    assert callback.events[0].action == "callable"
+
+
+class WithStepLR(BNNet):
+    def __init__(self):
+        super().__init__(weight_decay=WEIGHT_DECAY)
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_decay_cooperates_with_a_lightning_lr_scheduler(tmp_path):
+    callback = SphericalDynamicsCallback(
+        on_equilibrium="decay_lr", decay_factor=0.1, cooldown=1000, **FAST
+    )
+    run, _ = _fit(tmp_path, callback, module=WithStepLR())
+    event = next(e for e in callback.events if e.new_lrs)
+    final = run.optimizers[0].param_groups[0]["lr"]
+    schedule_alone = 0.1 * 0.5 ** (run.global_step // 10)
+    assert final == pytest.approx(0.1 * schedule_alone)
+    assert event.new_lrs[0] == pytest.approx(0.1 * event.old_lrs[0])
+
+
+class WithCustomScheduler(BNNet):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+
+        class Halving(torch.optim.lr_scheduler.LRScheduler):
+            def get_lr(self):
+                return [0.1 / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
+
+        return {"optimizer": optimizer, "lr_scheduler": Halving(optimizer)}
+
+
+def test_unsupported_scheduler_fails_before_training(tmp_path):
+    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", **FAST)
+    with pytest.raises(ValueError, match="cannot scale the state of Halving"):
+        _fit(tmp_path, callback, module=WithCustomScheduler())
+
+
+def test_rescale_with_an_optimizer_without_known_norm_fails_before_training(tmp_path):
+    class RMSpropNet(BNNet):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=1e-3, weight_decay=1e-3)
+
+    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", rescale_weights=True, **FAST)
+    with pytest.raises(ValueError, match="rescale_weights=True is defined for"):
+        _fit(tmp_path, callback, module=RMSpropNet())
+
+
+def test_rescale_divides_the_invariant_weights_by_the_fourth_root(tmp_path):
+    norms = []
+
+    class Recording(SphericalDynamicsCallback):
+        def _rescale(self, decay):
+            net = self.monitor.unit_parameters()  # noqa: F841 (the units the rescale acts on)
+            module = trainer_ref[0].lightning_module.net
+            before = (module[0].weight.norm().item(), module[6].weight.norm().item())
+            super()._rescale(decay)
+            after = (module[0].weight.norm().item(), module[6].weight.norm().item())
+            norms.append((decay, before, after))
+
+    trainer_ref = []
+
+    class KeepTrainer(Recording):
+        def setup(self, trainer, pl_module, stage):
+            trainer_ref.append(trainer)
+            super().setup(trainer, pl_module, stage)
+
+    callback = KeepTrainer(on_equilibrium="decay_lr", rescale_weights=True, cooldown=1000, **FAST)
+    _fit(tmp_path, callback)
+    assert len(norms) == 1
+    decay, before, after = norms[0]
+    assert decay == pytest.approx(10.0)
+    assert after[0] / before[0] == pytest.approx(10**-0.25, rel=1e-6)
+    assert after[1] == before[1]  # the classifier is not scale-invariant: untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"on_equilibrium": "explode"}, "`on_equilibrium`"),
+        ({"decay_factor": 1.0}, "`decay_factor`"),
+        ({"min_lr": -1.0}, "`min_lr`"),
+        ({"max_decays": -1}, "`max_decays`"),
+        ({"cooldown": -5}, "`cooldown`"),
+        ({"rescale_weights": True}, "`rescale_weights=True` needs"),
+        ({"quorum": 0.0}, "`quorum`"),
+    ],
+)
+def test_invalid_action_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SphericalDynamicsCallback(**kwargs)
+
+
+def _decisions(callback):
+    return [(e.step, e.action, e.old_lrs, e.new_lrs, e.units) for e in callback.events]
+
+
+def test_resumed_run_makes_the_same_decisions(tmp_path):
+    settings = dict(on_equilibrium="decay_lr", decay_factor=0.5, cooldown=6, **FAST)
+    settings["every_n_steps"], settings["window"] = 5, 3  # windows straddle the epoch boundary
+    data = noisy_classification_data()
+
+    def run(callback, epochs, ckpt_path=None, save=None):
+        torch.manual_seed(0)
+        module = BNNet(weight_decay=WEIGHT_DECAY)
+        fit = trainer(
+            tmp_path / f"run{epochs}{save is not None}", callbacks=[callback], max_epochs=epochs
+        )
+        fit.fit(module, loader(data, shuffle=False), ckpt_path=ckpt_path)
+        if save:
+            fit.save_checkpoint(save)
+        return fit
+
+    full = SphericalDynamicsCallback(**settings)
+    run(full, epochs=4)
+    first = SphericalDynamicsCallback(**settings)
+    run(first, epochs=2, save=tmp_path / "mid.ckpt")
+    resumed = SphericalDynamicsCallback(**settings)
+    run(resumed, epochs=4, ckpt_path=tmp_path / "mid.ckpt")
+    assert len(_decisions(full)) >= 2
+    assert _decisions(resumed) == _decisions(full)
+    keys = [(h["step"], h["unit"]) for h in full.history]
+    assert [(h["step"], h["unit"]) for h in resumed.history] == keys
+    for mine, theirs in zip(resumed.history, full.history, strict=True):
+        assert mine["angular_update"] == pytest.approx(theirs["angular_update"], rel=1e-6)
+        assert mine["in_equilibrium"] == theirs["in_equilibrium"]
