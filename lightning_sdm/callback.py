@@ -90,6 +90,24 @@ class SphericalDynamicsCallback(Callback):
         verify_steps: measured steps on which the gradient-orthogonality check runs.
         orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant.
         prog_bar: show the median ratio in the progress bar.
+        quorum: fraction of units that must be in equilibrium for an equilibrium event.
+        on_equilibrium: what to do when the quorum reaches equilibrium: ``"warn"`` (one
+            message per event), ``"decay_lr"`` (multiply the LR schedule of the param groups
+            holding monitored units by ``decay_factor``), ``"stop"`` (ask the Trainer to stop),
+            or a callable ``(trainer, pl_module, event)``. Every event is in :attr:`events` and
+            logged as ``sdm/lr_decays``, ``sdm/equilibrium_event_step``, ``sdm/lr_after_event``.
+        decay_factor: LR multiplier of a decay, in (0, 1).
+        min_lr: no decay goes below this learning rate.
+        max_decays: at most this many decays (``None``: no limit).
+        cooldown: steps after a decay before the next decision; ``None`` uses SMD Cor. 3.1
+            (``ceil(log(k) (1 - momentum) / (2 wd lr_new))``), the theory's relaxation time.
+        rescale_weights: at each decay by ``k``, divide the invariant weights by ``k^(1/4)``
+            (SGD; ``k^(1/2)`` for AdamW) and adjust the optimizer state, so that the run lands on
+            the new equilibrium at once (SMD Sec. 4).
+        stop_at_min_lr: with ``"decay_lr"``, stop training at an equilibrium event when no
+            further decay is allowed (``min_lr`` or ``max_decays`` reached).
+        horizon: also log ``sdm/angular_update_horizon/<name>``, the RMS angle between ``w_t``
+            and ``w_{t+horizon}`` (consecutive blocks inside each window), at most ``window``.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -122,6 +140,7 @@ class SphericalDynamicsCallback(Callback):
         cooldown: int | None = None,
         rescale_weights: bool = False,
         stop_at_min_lr: bool = False,
+        horizon: int = 1,
     ) -> None:
         _check_params_spec(params)
         _check_action_arguments(
@@ -149,6 +168,9 @@ class SphericalDynamicsCallback(Callback):
         self.cooldown = cooldown
         self.rescale_weights = rescale_weights
         self.stop_at_min_lr = stop_at_min_lr
+        if not isinstance(horizon, int) or not 1 <= horizon <= self.window:
+            raise ValueError(f"`horizon` must be an integer in [1, window], got {horizon!r}.")
+        self.horizon = horizon
         self.history: list[dict[str, Any]] = []
         self.events: list[EquilibriumEvent] = []
         self._decays = 0
@@ -312,6 +334,7 @@ class SphericalDynamicsCallback(Callback):
             window=self.window,
             verify_steps=self.verify_steps,
             orthogonality_tolerance=self.orthogonality_tolerance,
+            horizon=self.horizon,
         )
         if self._pending_state and self._pending_state.get("monitor"):
             self.monitor.load_state_dict(self._pending_state["monitor"])
@@ -382,6 +405,7 @@ class SphericalDynamicsCallback(Callback):
                     "invariance": invariance[window.unit][0],
                     "frozen": window.frozen,
                     "channels": window.channels,
+                    "horizon_angular_update": window.horizon_angular_update,
                 }
             )
         ratios = [w.ratio for w in windows if w.ratio is not None and math.isfinite(w.ratio)]
@@ -672,6 +696,8 @@ def _window_metrics(window: UnitWindow) -> dict[str, float]:
         for key, value in (window.channel_ratios or {}).items():
             metrics[f"sdm/angular_update_ratio/{name}/{key}"] = value
     metrics[f"sdm/angular_update_theory/{name}"] = theory
+    if window.horizon_angular_update is not None:
+        metrics[f"sdm/angular_update_horizon/{name}"] = window.horizon_angular_update
     return metrics
 
 

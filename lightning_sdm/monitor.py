@@ -79,6 +79,9 @@ class UnitWindow:
         channel_ratios: same summaries of per-channel ``angular_update / theory``.
         time_scale: e-folding time (steps) of the relaxation towards equilibrium under the
             current hyper-parameters, ``None`` where theory gives none.
+        horizon_angular_update: with ``horizon=h > 1``, the RMS over the window of the angle
+            between ``w_t`` and ``w_{t+h}`` (not the sum of the ``h`` one-step angles: angles on
+            a sphere do not add, and a random walk covers only about ``sqrt(h)`` of them).
     """
 
     unit: str
@@ -94,6 +97,7 @@ class UnitWindow:
     channels: dict[str, float] | None = None
     channel_ratios: dict[str, float] | None = None
     time_scale: float | None = None
+    horizon_angular_update: float | None = None
 
 
 @dataclass
@@ -119,6 +123,8 @@ class _OptimizerWatch:
     metric: AngularUpdate
     steps_done: int = 0
     snapshot: list[Tensor] | None = None
+    anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
+    horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)
     predictions: list[list[Prediction]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     measuring: bool = False
@@ -146,6 +152,10 @@ class SphericalMonitor:
             invariant (classifiers) typically show 0.1 or more.
         sync_on_compute: reduce statistics over processes when a window closes (needed for
             sharded parameters; harmless for replicated ones).
+        horizon: also measure the angle between ``w_t`` and ``w_{t+horizon}`` over consecutive
+            blocks of ``horizon`` steps inside each window (:attr:`UnitWindow.
+            horizon_angular_update`). Costs a second copy of the monitored weights while a
+            window is open.
 
     Example::
 
@@ -177,7 +187,13 @@ class SphericalMonitor:
         verify_steps: int = 3,
         orthogonality_tolerance: float = 1e-2,
         sync_on_compute: bool = True,
+        horizon: int = 1,
     ) -> None:
+        if not isinstance(horizon, int) or horizon < 1 or horizon > min(window, every_n_steps):
+            raise ValueError(
+                f"`horizon` must be an integer in [1, window], got {horizon!r} "
+                f"(window={window}, every_n_steps={every_n_steps})."
+            )
         check_monitor_arguments(
             granularity, every_n_steps, window, verify_steps, orthogonality_tolerance
         )
@@ -187,6 +203,7 @@ class SphericalMonitor:
         self.verify_steps = verify_steps
         self.orthogonality_tolerance = orthogonality_tolerance
         self.sync_on_compute = sync_on_compute
+        self.horizon = horizon
         self.skipped: dict[str, str] = {}
         self._windows: list[UnitWindow] = []
         self._measured_steps = 0
@@ -286,7 +303,8 @@ class SphericalMonitor:
         """Restore what :meth:`state_dict` returned (missing entries are left at their start)."""
         for index, watch in enumerate(self._watches):
             watch.metric.reset()
-            watch.snapshot = None
+            watch.horizon_metric.reset()
+            watch.snapshot = watch.anchor = None
             watch.predictions = []
             if index < len(state.get("steps_done", [])):
                 watch.steps_done = int(state["steps_done"][index])
@@ -313,16 +331,18 @@ class SphericalMonitor:
         """Step ``step_index`` (0-based) is among the last ``window`` of its interval."""
         return step_index % self.every_n_steps >= self.every_n_steps - self.window
 
+    def _position_in_window(self, step_index: int) -> int:
+        return step_index % self.every_n_steps - (self.every_n_steps - self.window)
+
     @torch.no_grad()
     def _before_step(self, watch: _OptimizerWatch) -> None:
         watch.measuring = self._is_measured(watch.steps_done)
         if not watch.measuring:
             return
         sources = [p.detach() for p in watch.tensors]
-        if watch.snapshot is None:
-            watch.snapshot = [s.clone() for s in sources]
-        else:
-            torch._foreach_copy_(watch.snapshot, sources)
+        watch.snapshot = _copy_into(watch.snapshot, sources)
+        if self.horizon > 1 and self._position_in_window(watch.steps_done) % self.horizon == 0:
+            watch.anchor = _copy_into(watch.anchor, sources)
         watch.predictions.append(explain_equilibrium(watch.optimizer))
 
     @torch.no_grad()
@@ -331,6 +351,10 @@ class SphericalMonitor:
             currents = [p.detach() for p in watch.tensors]
             rows = angular_update_statistics(watch.snapshot, currents, dim=watch.dims)
             watch.metric.update(statistics=self._to_unit_rows(watch, rows))
+            position = self._position_in_window(watch.steps_done)
+            if watch.anchor is not None and position % self.horizon == self.horizon - 1:
+                rows = angular_update_statistics(watch.anchor, currents, dim=watch.dims)
+                watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
             if self._measured_steps < self.verify_steps:
                 self._verify_orthogonality(watch)
         watch.measuring = False
@@ -370,9 +394,13 @@ class SphericalMonitor:
         # torchmetrics squeezes one-element results to scalars: restore the unit axis.
         result = {key: value.reshape(-1) for key, value in watch.metric.compute().items()}
         watch.metric.reset()
+        if watch.horizon_metric.step_statistics.shape[0] > 0:
+            watch.horizon_metric.sync_on_compute = self.sync_on_compute
+            result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1)
+            watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
         if self.every_n_steps > self.window:
-            watch.snapshot = None  # no extra memory between windows
+            watch.snapshot = watch.anchor = None  # no extra memory between windows
         windows = [self._unit_window(watch, unit, result, predictions) for unit in watch.units]
         self._windows.extend(windows)
         for listener in self._listeners:
@@ -401,6 +429,10 @@ class SphericalMonitor:
             channels = _summarize(rms)
             channel_ratios = _summarize(rms / theory) if theory else None
         ratio = angle / theory if theory else None
+        horizon_angle = None
+        if "horizon_rms" in result:
+            horizon_rms = result["horizon_rms"][unit.rows].cpu()
+            horizon_angle = horizon_rms.square().mean().sqrt().item()
         return UnitWindow(
             unit=unit.spec.name,
             step=watch.steps_done,
@@ -415,6 +447,7 @@ class SphericalMonitor:
             channels=channels,
             channel_ratios=channel_ratios,
             time_scale=relaxation_time(predictions[-1][unit.group_index]),
+            horizon_angular_update=horizon_angle,
         )
 
 
@@ -598,3 +631,11 @@ def relaxation_time(prediction: Prediction) -> float | None:
             return None
         return relaxation_steps(effective_lr, weight_decay, hyper["momentum"])
     return 1.0 / (2.0 * lr * weight_decay)
+
+
+def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tensor]:
+    """Copy ``sources`` into reusable ``buffers`` (allocated on first use)."""
+    if buffers is None:
+        return [source.clone() for source in sources]
+    torch._foreach_copy_(buffers, sources)
+    return buffers

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sdm import SphericalMonitor, UnitSpec
+
+
+class Rotor(nn.Module):
+    def __init__(self, dim=64):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+        self.weight.data[0] = 1.0
+
+
+def _drive(monitor_kwargs, step_direction, steps=24):
+    """Plain SGD(lr=1) whose 'gradient' is minus the step we want: exact, known rotations."""
+    model = Rotor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    monitor = SphericalMonitor(
+        model, optimizer, [UnitSpec("weight", ("weight",))], **monitor_kwargs
+    )
+    monitor.attach()
+    for t in range(steps):
+        model.weight.grad = -step_direction(model.weight.detach(), t)
+        optimizer.step()
+    monitor.detach()
+    return monitor.pop_windows()
+
+
+def test_horizon_of_a_coherent_rotation_adds_angles():
+    theta = 1e-3
+
+    def rotate(w, t):  # rotation by theta in the (e0, e1) plane
+        c, s = math.cos(theta), math.sin(theta)
+        new = w.clone()
+        new[0], new[1] = c * w[0] - s * w[1], s * w[0] + c * w[1]
+        return new - w
+
+    windows = _drive({"every_n_steps": 8, "window": 8, "horizon": 4}, rotate)
+    assert len(windows) == 3
+    for window in windows:
+        assert window.angular_update == pytest.approx(theta, rel=1e-9)
+        assert window.horizon_angular_update == pytest.approx(4 * theta, rel=1e-9)
+
+
+def test_horizon_of_a_random_walk_grows_like_sqrt_h():
+    generator = torch.Generator().manual_seed(0)
+    theta = 1e-3
+
+    def random_step(w, t):
+        noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+        noise -= (noise @ w) / (w @ w) * w
+        return theta * w.norm() * noise / noise.norm()
+
+    windows = _drive({"every_n_steps": 400, "window": 400, "horizon": 16}, random_step, steps=400)
+    (window,) = windows
+    assert window.angular_update == pytest.approx(theta, rel=1e-3)
+    ratio = window.horizon_angular_update / window.angular_update
+    assert ratio == pytest.approx(4.0, rel=0.15)  # sqrt(16): the k-step angles do not add
+
+
+def test_measured_steps_and_memory_between_windows():
+    windows = _drive({"every_n_steps": 10, "window": 3}, lambda w, t: 1e-3 * torch.ones_like(w))
+    assert [(w.step, w.steps) for w in windows] == [(10, 3), (20, 3)]
+
+
+def test_invalid_horizon():
+    model = Rotor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="`horizon`"):
+        SphericalMonitor(model, optimizer, [UnitSpec("weight", ("weight",))], window=4, horizon=5)
