@@ -7,6 +7,8 @@ lr=0.1, and differs only in how the learning rate moves:
 * ``auto``: constant LR; ``SphericalDynamicsCallback(on_equilibrium="decay_lr")`` divides it by 5
   each time the scale-invariant layers reach their predicted equilibrium (then waits SMD's
   relaxation time, Cor. 3.1, before the next decision);
+* ``auto_rescale``: the same, with SMD's rescaling trick at each decay (``rescale_weights=True``:
+  invariant weights divided by ``5**(1/4)``, momentum buffers adjusted);
 * ``step``: the hand-tuned schedule, LR divided by 5 at 50% and 75% of the budget;
 * ``cosine``: cosine annealing to 0 over the budget.
 
@@ -31,7 +33,7 @@ from digits_demo import DigitsConvNet, digits_datasets
 
 from lightning_sdm import SphericalDynamicsCallback
 
-SCHEDULES = ("auto", "step", "cosine")
+SCHEDULES = ("auto", "auto_rescale", "step", "cosine")
 
 
 class ScheduledDigitsNet(DigitsConvNet):
@@ -44,7 +46,7 @@ class ScheduledDigitsNet(DigitsConvNet):
 
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
-        if self.schedule == "auto":
+        if self.schedule.startswith("auto"):
             return optimizer
         if self.schedule == "step":
             milestones = [self.total_steps // 2, (3 * self.total_steps) // 4]
@@ -69,8 +71,9 @@ def run(schedule: str, seed: int, epochs: int, args: argparse.Namespace) -> dict
         window=10,
         tolerance=0.15,
         patience=3,
-        on_equilibrium="decay_lr" if schedule == "auto" else "warn",
+        on_equilibrium="decay_lr" if schedule.startswith("auto") else "warn",
         decay_factor=0.2,
+        rescale_weights=schedule == "auto_rescale",
         prog_bar=False,
     )
     callbacks.append(monitor)
@@ -114,7 +117,7 @@ def summarize(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {schedule} | {rows[0]['steps']} | {statistics.mean(accuracies):.2f} ± "
             f"{spread:.2f} | {statistics.mean(r['final_lr'] for r in rows):.2g} | "
-            f"{decays if schedule == 'auto' else '(schedule)'} |"
+            f"{decays if schedule.startswith('auto') else '(schedule)'} |"
         )
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ def _load():
 
 def test_auto_lr_decay_example_runs_all_schedules(capsys):
     results = _load().main(["--quick"])
-    assert [r["schedule"] for r in results] == ["auto", "step", "cosine"]
+    assert [r["schedule"] for r in results] == ["auto", "auto_rescale", "step", "cosine"]
     assert all(r["steps"] == 44 for r in results)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     step = next(r for r in results if r["schedule"] == "step")
