@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/digits_demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_sdm tests examples benchmarks
-	$(BIN)/ruff format --check lightning_sdm tests examples benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
