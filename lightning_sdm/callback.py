@@ -171,6 +171,14 @@ class SphericalDynamicsCallback(Callback):
         if not isinstance(horizon, int) or not 1 <= horizon <= self.window:
             raise ValueError(f"`horizon` must be an integer in [1, window], got {horizon!r}.")
         self.horizon = horizon
+        # Constructor values (setup() may resolve every_n_steps later): a stable state key.
+        self._key_arguments = {
+            "params": repr(params),
+            "granularity": granularity,
+            "every_n_steps": every_n_steps,
+            "window": window,
+            "horizon": horizon,
+        }
         self.history: list[dict[str, Any]] = []
         self.events: list[EquilibriumEvent] = []
         self._decays = 0
@@ -185,6 +193,11 @@ class SphericalDynamicsCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self._disabled = False
+
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so that several instances can share a Trainer."""
+        return self._generate_state_key(**self._key_arguments)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -215,8 +228,7 @@ class SphericalDynamicsCallback(Callback):
         if self._units is not None:  # resumed: the units were found before the checkpoint
             self._start_monitor(trainer, pl_module, self._units)
         elif self.params == "auto":
-            self._tracer = ScaleInvarianceTracer(pl_module)
-            self._tracer.__enter__()
+            self._tracer = _shared_tracer(pl_module)
         else:
             self._start_monitor(trainer, pl_module, self._explicit_units(pl_module))
 
@@ -227,7 +239,7 @@ class SphericalDynamicsCallback(Callback):
         if self._tracer is None:
             return
         tracer, self._tracer = self._tracer, None
-        tracer.__exit__(None, None, None)
+        _release_tracer(pl_module, tracer)
         report = tracer.report()
         if not report.units:
             fallback = structural_candidates(pl_module)
@@ -599,13 +611,36 @@ class SphericalDynamicsCallback(Callback):
 
     def _shutdown(self) -> None:
         if self._tracer is not None:
-            self._tracer.__exit__(None, None, None)
+            for module_id, tracer in list(_ACTIVE_TRACERS.items()):
+                if tracer is self._tracer:
+                    tracer.__exit__(None, None, None)
+                    del _ACTIVE_TRACERS[module_id]
             self._tracer = None
         if self.monitor is not None:
             self.monitor.detach()
 
 
 # ---------------------------------------------------------------------- helpers
+
+# One tracer per module at a time: several callbacks on one Trainer (say, layer and channel
+# granularity) share the trace of the first training step instead of tracing each other's hooks.
+_ACTIVE_TRACERS: dict[int, ScaleInvarianceTracer] = {}
+
+
+def _shared_tracer(module: nn.Module) -> ScaleInvarianceTracer:
+    tracer = _ACTIVE_TRACERS.get(id(module))
+    if tracer is None:
+        tracer = ScaleInvarianceTracer(module)
+        tracer.__enter__()
+        _ACTIVE_TRACERS[id(module)] = tracer
+    return tracer
+
+
+def _release_tracer(module: nn.Module, tracer: ScaleInvarianceTracer) -> None:
+    """Stop ``tracer`` if it still runs (the first callback to read it stops it)."""
+    if _ACTIVE_TRACERS.get(id(module)) is tracer:
+        del _ACTIVE_TRACERS[id(module)]
+        tracer.__exit__(None, None, None)
 
 
 def _check_params_spec(params: Any) -> None:

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm.functional import (
     COVERAGE,
+    _local_shard,
     angular_update_statistics,
     cosine_from_statistics,
 )
@@ -496,6 +497,7 @@ def _build_watches(
     monitor: SphericalMonitor,
     granularity: str,
 ) -> list[_OptimizerWatch]:
+    _reshard_fsdp(module)
     named = dict(module.named_parameters())
     group_of = [_param_groups(opt) for opt in optimizers]
     assigned: list[list[tuple[UnitSpec, list[nn.Parameter], int]]] = [[] for _ in optimizers]
@@ -637,5 +639,25 @@ def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tens
     """Copy ``sources`` into reusable ``buffers`` (allocated on first use)."""
     if buffers is None:
         return [source.clone() for source in sources]
-    torch._foreach_copy_(buffers, sources)
+    # DTensor has no sharding rule for _foreach_copy_: copy the local shards (views) instead.
+    torch._foreach_copy_([_local_shard(b) for b in buffers], [_local_shard(s) for s in sources])
     return buffers
+
+
+def _reshard_fsdp(module: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state before reading their parameters.
+
+    Between forward and backward FSDP2 keeps the root module's unsharded parameters registered;
+    ``named_parameters()`` would then return tensors the optimizer does not hold. Backward
+    gathers them again, so resharding here changes nothing for training.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()

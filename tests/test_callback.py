@@ -339,3 +339,18 @@ def test_state_dict_round_trip():
     restored = SphericalDynamicsCallback()
     restored.load_state_dict(state)
     assert restored.history == callback.history
+
+
+def test_two_callbacks_share_a_trainer_and_a_checkpoint(tmp_path):
+    layer = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    channel = SphericalDynamicsCallback(granularity="channel", every_n_steps=4, window=2)
+    assert layer.state_key != channel.state_key
+    run = trainer(tmp_path, callbacks=[layer, channel])
+    run.fit(BNNet(), loader(noisy_classification_data()))
+    # Both found the units from the one traced step (not from each other's hooks).
+    assert layer.report.method == channel.report.method == "trace"
+    assert layer.monitor.units == channel.monitor.units == UNITS
+    assert channel.history[-1]["channels"] is not None and layer.history[-1]["channels"] is None
+    run.save_checkpoint(tmp_path / "both.ckpt")
+    states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
+    assert {layer.state_key, channel.state_key} <= set(states)
