@@ -1,0 +1,419 @@
+"""Logger integrations: TensorBoard layout, W&B metrics/config/summary/table, several loggers.
+
+Every test runs a real short fit and reads back what the logger wrote (event files, the W&B
+offline run directory, metrics.csv).
+"""
+
+import json
+import math
+import os
+import re
+import statistics
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_sdm import SphericalDynamicsCallback, integrations
+from tests.helpers import (
+    BNNet,
+    loader,
+    noisy_classification_data,
+    read_csv_metrics,
+    sgdm_prediction,
+    trainer,
+)
+
+UNITS = ["net.0.weight", "net.3.weight"]
+STEPS = [2, 4, 6, 8]  # 256 samples / 32 = 8 optimizer steps, a window closes every 2
+THEORY = sgdm_prediction(0.1, 5e-3, 0.9)
+
+
+@pytest.fixture(autouse=True)
+def _no_plugin(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("LIGHTNING_SDM")]:
+        monkeypatch.delenv(name)
+
+
+def _fit(tmp_path, logger, granularity="layer", module=None):
+    torch.manual_seed(0)
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=2, granularity=granularity)
+    run = trainer(tmp_path, logger=logger, callbacks=[callback], log_every_n_steps=2)
+    run.fit(module or BNNet(), loader(noisy_classification_data(samples=256)))
+    assert run.global_step == 8
+    return run, callback
+
+
+def _expected_scalars(callback):
+    """tag -> {step: value}, from `callback.history` (per-unit keys, as the callback logs them)."""
+    expected: dict[str, dict[int, float]] = {}
+    for entry in callback.history:
+        unit, step = entry["unit"], entry["step"]
+        expected.setdefault(f"sdm/weight_norm/{unit}", {})[step] = entry["weight_norm"]
+        expected.setdefault(f"sdm/angular_update_theory/{unit}", {})[step] = entry["theory"]
+        if entry["channels"] is None:
+            expected.setdefault(f"sdm/angular_update/{unit}", {})[step] = entry["angular_update"]
+            expected.setdefault(f"sdm/angular_update_ratio/{unit}", {})[step] = entry["ratio"]
+        else:
+            for key, value in entry["channels"].items():
+                expected.setdefault(f"sdm/angular_update/{unit}/{key}", {})[step] = value
+    by_step: dict[int, list[float]] = {}
+    for entry in callback.history:
+        by_step.setdefault(entry["step"], []).append(entry["ratio"])
+    expected["sdm/angular_update_ratio"] = {s: statistics.median(r) for s, r in by_step.items()}
+    return expected
+
+
+def _read_tensorboard(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    scalars = {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)}
+        for tag in accumulator.Tags()["scalars"]
+    }
+    # The layout is a summary of the custom_scalars plugin (empty plugin content) whose tensor
+    # holds the serialized Layout, which is what TensorBoard's custom-scalars plugin reads.
+    content = accumulator.PluginTagToContent("custom_scalars")
+    assert list(content) == ["custom_scalars__config__"]
+    events = accumulator.Tensors("custom_scalars__config__")
+    assert len(events) == 1, "the layout must be written exactly once"
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events[0].tensor_proto.string_val[0])
+    charts = {
+        category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+        for category in layout.category
+    }
+    return scalars, charts
+
+
+def _resolve(patterns, tags):
+    """The tags each chart regex selects, as TensorBoard does (`re.match`)."""
+    return [sorted(t for t in tags if re.match(p, t)) for p in patterns]
+
+
+def test_tensorboard_scalars_and_layout(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _, callback = _fit(tmp_path, logger)
+    scalars, charts = _read_tensorboard(logger.log_dir)
+
+    expected = _expected_scalars(callback)
+    for tag, values in expected.items():
+        assert sorted(scalars[tag]) == STEPS, tag
+        for step, value in values.items():
+            assert scalars[tag][step] == pytest.approx(value, rel=1e-6), (tag, step)
+    for unit in UNITS:
+        assert scalars[f"sdm/angular_update_theory/{unit}"][8] == pytest.approx(THEORY, rel=1e-6)
+    assert len(scalars["sdm/equilibrium_fraction"]) == len(STEPS)
+
+    assert list(charts) == ["SDM per unit", "SDM overview"]
+    per_unit = charts["SDM per unit"]
+    assert list(per_unit) == [f"{unit}: angular update (rad/step)" for unit in UNITS]
+    tags = list(scalars)
+    for unit in UNITS:
+        patterns = per_unit[f"{unit}: angular update (rad/step)"]
+        assert _resolve(patterns, tags) == [
+            [f"sdm/angular_update/{unit}"],
+            [f"sdm/angular_update_theory/{unit}"],
+        ]
+    overview = charts["SDM overview"]
+    assert _resolve(overview["angular update / theory"], tags) == [
+        [f"sdm/angular_update_ratio/{UNITS[0]}"],
+        [f"sdm/angular_update_ratio/{UNITS[1]}"],
+        ["sdm/angular_update_ratio"],
+    ]
+    assert _resolve(overview["weight norm"], tags) == [[f"sdm/weight_norm/{u}"] for u in UNITS]
+
+    # A second fit on the same logger (and writer) keeps the one layout.
+    _fit(tmp_path, logger)
+    _, charts_again = _read_tensorboard(logger.log_dir)
+    assert charts_again == charts
+
+
+def test_csv_and_tensorboard_together_channel_granularity(tmp_path):
+    pytest.importorskip("tensorboard")
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    run, callback = _fit(tmp_path, loggers, granularity="channel")
+    assert run.logger is loggers[0]
+    rows = [row for row in read_csv_metrics(run) if "sdm/angular_update_ratio" in row]
+    csv_scalars: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("sdm/"):
+                csv_scalars.setdefault(key, {})[int(row["step"])] = value
+    tb_scalars, charts = _read_tensorboard(loggers[1].log_dir)
+    tb_sdm = {tag: values for tag, values in tb_scalars.items() if tag.startswith("sdm/")}
+
+    # Both loggers got the same keys at the same steps, with the same values.
+    assert set(csv_scalars) == set(tb_sdm)
+    for tag, values in csv_scalars.items():
+        assert sorted(values) == STEPS, tag
+        assert [tb_sdm[tag][s] for s in STEPS] == pytest.approx(
+            [values[s] for s in STEPS], rel=1e-6, nan_ok=True
+        )
+    for tag, values in _expected_scalars(callback).items():
+        assert [csv_scalars[tag][s] for s in STEPS] == pytest.approx(
+            [values[s] for s in STEPS], rel=1e-12
+        )
+    summaries = ("mean", "std", "min", "p10", "median", "p90", "max")
+    for unit in UNITS:
+        for key in summaries:
+            assert f"sdm/angular_update/{unit}/{key}" in csv_scalars
+            assert f"sdm/angular_update_ratio/{unit}/{key}" in csv_scalars
+
+    # Channel layout: median, p10, p90 and the prediction per unit; the channels' median ratio.
+    tags = list(tb_scalars)
+    for unit in UNITS:
+        patterns = charts["SDM per unit"][
+            f"{unit}: angular update, channels' median/p10/p90 (rad/step)"
+        ]
+        assert _resolve(patterns, tags) == [
+            [f"sdm/angular_update/{unit}/median"],
+            [f"sdm/angular_update/{unit}/p10"],
+            [f"sdm/angular_update/{unit}/p90"],
+            [f"sdm/angular_update_theory/{unit}"],
+        ]
+    assert _resolve(charts["SDM overview"]["angular update / theory"], tags) == [
+        [f"sdm/angular_update_ratio/{UNITS[0]}/median"],
+        [f"sdm/angular_update_ratio/{UNITS[1]}/median"],
+        ["sdm/angular_update_ratio"],
+    ]
+
+
+def test_a_failing_integration_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("layout exploded")
+
+    monkeypatch.setattr(integrations, "tensorboard_layout", broken)
+    loggers = [TensorBoardLogger(tmp_path, name="a"), TensorBoardLogger(tmp_path, name="b")]
+    with pytest.warns(UserWarning, match="custom-scalars layout failed") as record:
+        _, callback = _fit(tmp_path, loggers)
+    failures = [w for w in record if "layout exploded" in str(w.message)]
+    assert len(failures) == 1  # two loggers failed, one warning
+    assert len(callback.history) == 2 * len(STEPS)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(loggers[1].log_dir)
+    accumulator.Reload()
+    assert "sdm/angular_update_ratio" in accumulator.Tags()["scalars"]
+    assert accumulator.Tags()["tensors"] == []  # no layout
+
+
+def test_tensorboard_layout_anchors_and_escapes():
+    layout = integrations.tensorboard_layout(["net.1.weight"], prefix="run-")
+    (measured, theory) = layout["SDM per unit"]["net.1.weight: angular update (rad/step)"][1]
+    assert re.match(measured, "run-sdm/angular_update/net.1.weight")
+    for other in ("run-sdm/angular_update/net.11.weight", "run-sdm/angular_update/netx1.weight"):
+        assert not re.match(measured, other)
+    assert not re.match(measured, "run-sdm/angular_update/net.1.weight/median")
+    assert re.match(theory, "run-sdm/angular_update_theory/net.1.weight")
+
+
+# ---------------------------------------------------------------------- Weights & Biases
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_X_DISABLE_STATS": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield wandb
+    wandb.finish()
+
+
+def _wandb_records(path: Path, until: str, timeout: float = 30.0):
+    """Records of a `.wandb` file, once it holds an `until` record.
+
+    `wandb.finish()` can return before the service has flushed the file: poll for its last record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse_wandb_file(path.read_bytes())
+        if any(r.WhichOneof("record_type") == until for r in records):
+            return records
+        assert time.monotonic() < deadline, f"no {until!r} record in {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _parse_wandb_file(data: bytes):
+    """A `.wandb` file: a LevelDB-style log of protobuf `Record`s in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    assert data[:4] == b":W&B"
+    position, block, pending, records = 7, 32768, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # block trailer
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0 or position + 7 + length > len(data):  # zero padding, or still being written
+            break
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+class TwoGroupNet(BNNet):
+    """`net.3` in a param group without weight decay: theory has no prediction for it."""
+
+    def configure_optimizers(self):
+        second = list(self.net[3].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in second)]
+        groups = [{"params": rest}, {"params": second, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-3)
+
+
+def test_wandb_offline_run(tmp_path, wandb_offline):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="lightning-sdm-tests")
+    with pytest.warns(UserWarning, match="no predicted equilibrium for net.3.weight"):
+        run, callback = _fit(tmp_path, logger, module=TwoGroupNet())
+    experiment = logger.experiment
+    with_theory, without = UNITS
+
+    # Run config: the callback's settings and, per unit, what the theory used.
+    config = experiment.config["sdm"]
+    assert (config["granularity"], config["every_n_steps"], config["window"]) == ("layer", 2, 2)
+    assert (config["tolerance"], config["patience"], config["quorum"]) == (0.1, 3, 1.0)
+    assert set(config["units"]) == set(UNITS)
+    entry = config["units"][with_theory]
+    assert (entry["optimizer"], entry["rule"]) == ("SGD", "sgd_heavy_ball")
+    assert (entry["lr"], entry["weight_decay"], entry["momentum"]) == (0.1, 5e-3, 0.9)
+    assert entry["prediction"] == pytest.approx(THEORY, rel=1e-12)
+    assert "Spherical Motion Dynamics" in entry["source"]
+    entry = config["units"][without]
+    assert (entry["rule"], entry["weight_decay"], entry["prediction"]) == (
+        "no_weight_decay",
+        0.0,
+        None,
+    )
+
+    # Run summary: the last window per unit; ratio and theory only where there is a prediction.
+    last = {entry["unit"]: entry for entry in callback.history}
+    summary = experiment.summary
+    # The unit without prediction may pass the stationarity test (3 steady windows) or not;
+    # the one with a prediction is 3-4x above it.
+    states = callback.detector.state
+    reached = {u: -1 if states[u].reached_step is None else states[u].reached_step for u in UNITS}
+    in_equilibrium = {unit: states[unit].in_equilibrium for unit in UNITS}
+    assert reached[with_theory] == -1 and reached[without] in (-1, 8)
+    fraction = callback.detector.fraction()
+    for unit in UNITS:
+        assert summary[f"sdm/summary/{unit}/equilibrium_step"] == reached[unit]
+        assert summary[f"sdm/summary/{unit}/final_angular_update"] == last[unit]["angular_update"]
+        assert summary[f"sdm/summary/{unit}/final_weight_norm"] == last[unit]["weight_norm"]
+        # The ordinary scalars are there too.
+        assert summary[f"sdm/angular_update/{unit}"] == last[unit]["angular_update"]
+    assert summary[f"sdm/summary/{with_theory}/final_ratio"] == last[with_theory]["ratio"]
+    assert summary[f"sdm/summary/{with_theory}/final_theory"] == pytest.approx(THEORY, rel=1e-12)
+    assert last[without]["ratio"] is None
+    summary_keys = set(summary.keys())  # `in` on a wandb Summary does not look at keys
+    assert f"sdm/summary/{with_theory}/final_ratio" in summary_keys
+    assert f"sdm/summary/{without}/final_ratio" not in summary_keys
+    assert f"sdm/summary/{without}/final_theory" not in summary_keys
+    assert summary["sdm/summary/equilibrium_fraction"] == fraction
+    assert summary["trainer/global_step"] == 8
+
+    # A unit that reached equilibrium reports its step (a second table is logged).
+    state = callback.detector.state[with_theory]
+    state.reached_step, state.in_equilibrium = 6, True
+    integrations.on_monitoring_finished(run, callback)
+    assert summary[f"sdm/summary/{with_theory}/equilibrium_step"] == 6
+    assert summary[f"sdm/summary/{without}/equilibrium_step"] == reached[without]
+
+    run_dir = Path(experiment.dir).parent
+    wandb_offline.finish()
+
+    # The offline run directory: the run file and the tables' media files.
+    (run_file,) = run_dir.glob("run-*.wandb")
+    assert run_file.stat().st_size > 0
+    paths = sorted((run_dir / "files" / "media" / "table" / "sdm").glob("units_*.table.json"))
+    assert len(paths) == 2  # end of fit, and the call above
+    tables = [json.loads(path.read_text()) for path in paths]
+    for table in tables:
+        assert table["columns"] == integrations.TABLE_COLUMNS
+    column = integrations.TABLE_COLUMNS.index("equilibrium_step")
+    table, again = sorted(tables, key=lambda t: t["data"][0][column])
+    assert [row[column] for row in again["data"]] == [6, reached[without]]
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == UNITS
+    for unit in UNITS:
+        row = rows[unit]
+        assert (row["optimizer"], row["lr"]) == ("SGD", 0.1)
+        assert row["final_angular_update"] == last[unit]["angular_update"]
+        assert row["final_weight_norm"] == last[unit]["weight_norm"]
+        assert (row["in_equilibrium"], row["equilibrium_step"]) == (
+            in_equilibrium[unit],
+            reached[unit],
+        )
+        assert row["invariance"] == "verified"
+    assert (rows[with_theory]["rule"], rows[with_theory]["weight_decay"]) == (
+        "sgd_heavy_ball",
+        5e-3,
+    )
+    assert rows[with_theory]["final_ratio"] == last[with_theory]["ratio"]
+    assert rows[with_theory]["final_theory"] == pytest.approx(THEORY, rel=1e-12)
+    assert (rows[without]["rule"], rows[without]["weight_decay"]) == ("no_weight_decay", 0.0)
+    assert math.isnan(rows[without]["final_ratio"]) and math.isnan(rows[without]["final_theory"])
+
+    # Read the run file back: define_metric, config, summary and the table went through.
+    records = _wandb_records(run_file, until="exit")
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "sdm/*" and m.step_metric == "trainer/global_step" for m in metrics)
+    config_items = {
+        item.key: item.value_json
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
+    units = json.loads(config_items["sdm"])["units"]
+    assert (units[with_theory]["rule"], units[without]["rule"]) == (
+        "sgd_heavy_ball",
+        "no_weight_decay",
+    )
+    summary_items = {
+        item.key: item.value_json
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+    }
+    assert json.loads(summary_items[f"sdm/summary/{with_theory}/equilibrium_step"]) == 6
+    assert json.loads(summary_items[f"sdm/summary/{without}/equilibrium_step"]) == reached[without]
+    assert math.isclose(
+        json.loads(summary_items[f"sdm/summary/{with_theory}/final_ratio"]),
+        last[with_theory]["ratio"],
+    )
+    history_keys = {
+        item.key or "/".join(item.nested_key)
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+    }
+    assert {"sdm/units/_type", f"sdm/angular_update/{with_theory}", "trainer/global_step"} <= (
+        history_keys
+    )
