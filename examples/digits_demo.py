@@ -1,17 +1,20 @@
 """Main demo: a small BatchNorm convnet on scikit-learn's bundled digits, with the SDM callback.
 
 Runs in about a minute on 2 CPU cores, offline. It logs to TensorBoard and CSV under
-``--log-dir`` and prints, per scale-invariant layer, the measured RMS angular update next to the
-equilibrium predicted by theory, ``sqrt(2 * lr * wd / (1 + momentum))`` for SGD with momentum.
+``--log-dir``, prints, per scale-invariant layer, the measured RMS angular update next to the
+equilibrium predicted by theory, ``sqrt(2 * lr * wd / (1 + momentum))`` for SGD with momentum,
+and saves the report figure (``--report``, by default ``<log-dir>/digits_demo_report.png``).
 
     python examples/digits_demo.py --epochs 30
     tensorboard --logdir lightning_logs/digits_demo
+    lightning-sdm report lightning_logs -o report.png    # the same figure, from the logs
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -91,6 +94,9 @@ class DigitsConvNet(pl.LightningModule):
 def main(argv: list[str] | None = None) -> SphericalDynamicsCallback:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)"
+    )
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-3)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -98,6 +104,11 @@ def main(argv: list[str] | None = None) -> SphericalDynamicsCallback:
     parser.add_argument("--every-n-steps", type=int, default=20)
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="report figure (default: <log-dir>/digits_demo_report.png; '' to skip it)",
+    )
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> SphericalDynamicsCallback:
     callback = SphericalDynamicsCallback(every_n_steps=args.every_n_steps, window=10)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
+        max_steps=args.steps,
         accelerator="cpu",
         logger=[
             TensorBoardLogger(args.log_dir, name="digits_demo"),
@@ -122,7 +134,21 @@ def main(argv: list[str] | None = None) -> SphericalDynamicsCallback:
         DataLoader(test, batch_size=256),
     )
     print_summary(callback, args)
+    if args.report != "":
+        write_report(callback, Path(args.report or Path(args.log_dir) / "digits_demo_report.png"))
     return callback
+
+
+def write_report(callback: SphericalDynamicsCallback, path: Path) -> None:
+    """Measured vs predicted angular updates, weight norms, LR and equilibrium, as a figure."""
+    if not callback.history:
+        print("No SDM window closed (fewer steps than --every-n-steps): no report figure.")
+        return
+    from lightning_sdm.plot import plot_run
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_run(callback, path=path, title="Spherical Motion Dynamics: digits demo")
+    print(f"\nReport figure: {path}")
 
 
 def print_summary(callback: SphericalDynamicsCallback, args: argparse.Namespace) -> None:
