@@ -31,21 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_demo import DigitsConvNet, digits_datasets
 
 from lightning_sdm import EquilibriumDetector, SphericalMonitor, UnitSpec, UnitWindow
-from lightning_sdm.invariance import InvarianceReport, find_scale_invariant_units
-
-
-def unit_specs(report: InvarianceReport) -> list[UnitSpec]:
-    """The monitor's units from the invariance report (weight + bias, granularity)."""
-    return [
-        UnitSpec(
-            name=unit.name,
-            params=tuple(unit.params),
-            channel_dim=unit.channel_dim,
-            channel_invariant=unit.channel_invariant,
-            source=report.method,
-        )
-        for unit in report.units
-    ]
+from lightning_sdm.invariance import find_scale_invariant_units
 
 
 def format_window(window: UnitWindow) -> str:
@@ -84,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Hooks on the optimizer: the training loop below is an ordinary one.
     monitor = SphericalMonitor(
-        model, optimizer, unit_specs(report), every_n_steps=args.every_n_steps, window=args.window
+        model,
+        optimizer,
+        UnitSpec.from_report(report),
+        every_n_steps=args.every_n_steps,
+        window=args.window,
     ).attach()
     detector = EquilibriumDetector(tolerance=0.1, patience=3)
 

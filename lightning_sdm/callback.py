@@ -247,17 +247,7 @@ class SphericalDynamicsCallback(Callback):
                 report = fallback
         self.report = report
         rank_zero_info(f"[lightning_sdm] {report.summary()}")
-        units = [
-            UnitSpec(
-                name=unit.name,
-                params=tuple(unit.params),
-                channel_dim=unit.channel_dim,
-                channel_invariant=unit.channel_invariant,
-                source=report.method,
-            )
-            for unit in report.units
-        ]
-        self._start_monitor(trainer, pl_module, units)
+        self._start_monitor(trainer, pl_module, UnitSpec.from_report(report))
 
     def on_train_batch_end(
         self,
@@ -403,6 +393,7 @@ class SphericalDynamicsCallback(Callback):
         for window in windows:
             metrics.update(_window_metrics(window))
             unit = self.detector.state[window.unit]
+            metrics[f"sdm/in_equilibrium/{window.unit}"] = float(unit.in_equilibrium)
             self.history.append(
                 {
                     "step": trainer.global_step,

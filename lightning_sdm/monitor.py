@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from lightning_sdm.functional import (
 )
 from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.theory import Prediction, explain_equilibrium, relaxation_steps
+
+if TYPE_CHECKING:
+    from lightning_sdm.invariance import InvarianceReport
 
 __all__ = ["SphericalMonitor", "UnitSpec", "UnitWindow"]
 
@@ -57,6 +60,20 @@ class UnitSpec:
     channel_dim: int = 0
     channel_invariant: bool = True
     source: str = "explicit"
+
+    @classmethod
+    def from_report(cls, report: InvarianceReport) -> list[UnitSpec]:
+        """The units of a :func:`~lightning_sdm.invariance.find_scale_invariant_units` report."""
+        return [
+            cls(
+                name=unit.name,
+                params=tuple(unit.params),
+                channel_dim=unit.channel_dim,
+                channel_invariant=unit.channel_invariant,
+                source=report.method,
+            )
+            for unit in report.units
+        ]
 
 
 @dataclass(frozen=True)
