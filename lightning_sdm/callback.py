@@ -63,6 +63,7 @@ class SphericalDynamicsCallback(Callback):
     ``sdm/angular_update_theory/<name>``      predicted equilibrium for the unit's param group
     ``sdm/angular_update_ratio/<name>``       measured / predicted
     ``sdm/weight_norm/<name>``                norm of the unit
+    ``sdm/in_equilibrium/<name>``             1 while the unit is in equilibrium, else 0
     ``sdm/angular_update_ratio``              median ratio over the units
     ``sdm/equilibrium_fraction``              fraction of units in equilibrium
     ========================================  ================================================
