@@ -70,6 +70,7 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
         for prefix in ["angular_update", "angular_update_theory", "angular_update_ratio"]:
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
+        expected_keys.add(f"sdm/in_equilibrium/{unit}")
     assert set(logged[-1]) == expected_keys
     theory = sgdm_prediction(0.1, 5e-3, 0.9)
     for row in logged:
