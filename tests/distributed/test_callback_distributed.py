@@ -244,6 +244,7 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
         for prefix in ("angular_update", "angular_update_theory", "angular_update_ratio"):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
+        window_keys.add(f"sdm/in_equilibrium/{unit}")
     event_keys = {"sdm/lr_decays", "sdm/equilibrium_event_step", "sdm/lr_after_event"}
     for row in rows:
         step = int(row["step"])
@@ -254,6 +255,7 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
             assert float(row[f"sdm/angular_update_ratio/{unit}"]) == entry["ratio"]
             assert float(row[f"sdm/angular_update_theory/{unit}"]) == entry["theory"]
             assert float(row[f"sdm/weight_norm/{unit}"]) == entry["weight_norm"]
+            assert float(row[f"sdm/in_equilibrium/{unit}"]) == float(entry["in_equilibrium"])
         median = statistics.median(e["ratio"] for e in entries.values())
         assert float(row["sdm/angular_update_ratio"]) == median
         fraction = sum(e["in_equilibrium"] for e in entries.values()) / len(entries)
