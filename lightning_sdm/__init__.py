@@ -1,15 +1,41 @@
-"""lightning_sdm: Spherical Motion Dynamics monitor for PyTorch Lightning."""
+"""lightning_sdm: Spherical Motion Dynamics monitor for PyTorch Lightning.
 
-from lightning_sdm.callback import SphericalDynamicsCallback
-from lightning_sdm.equilibrium import EquilibriumDetector
-from lightning_sdm.functional import angular_update, angular_update_statistics
-from lightning_sdm.metric import AngularUpdate
-from lightning_sdm.monitor import SphericalMonitor, UnitSpec, UnitWindow
-from lightning_sdm.theory import equilibrium_angular_update, explain_equilibrium
+The public names are imported on first use (PEP 562), so that ``lightning-sdm report`` and the
+``LIGHTNING_SDM`` plugin entry point, which Lightning loads in every ``Trainer()``, do not pay for
+importing Lightning, torchmetrics and the callback when they do not need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_sdm.callback import SphericalDynamicsCallback
+    from lightning_sdm.equilibrium import EquilibriumDetector, EquilibriumEvent
+    from lightning_sdm.functional import angular_update, angular_update_statistics
+    from lightning_sdm.metric import AngularUpdate
+    from lightning_sdm.monitor import SphericalMonitor, UnitSpec, UnitWindow
+    from lightning_sdm.theory import equilibrium_angular_update, explain_equilibrium
+
+_EXPORTS = {
+    "AngularUpdate": "lightning_sdm.metric",
+    "EquilibriumDetector": "lightning_sdm.equilibrium",
+    "EquilibriumEvent": "lightning_sdm.equilibrium",
+    "SphericalDynamicsCallback": "lightning_sdm.callback",
+    "SphericalMonitor": "lightning_sdm.monitor",
+    "UnitSpec": "lightning_sdm.monitor",
+    "UnitWindow": "lightning_sdm.monitor",
+    "angular_update": "lightning_sdm.functional",
+    "angular_update_statistics": "lightning_sdm.functional",
+    "equilibrium_angular_update": "lightning_sdm.theory",
+    "explain_equilibrium": "lightning_sdm.theory",
+}
 
 __all__ = [
     "AngularUpdate",
     "EquilibriumDetector",
+    "EquilibriumEvent",
     "SphericalDynamicsCallback",
     "SphericalMonitor",
     "UnitSpec",
@@ -20,3 +46,15 @@ __all__ = [
     "explain_equilibrium",
 ]
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_sdm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
