@@ -245,3 +245,17 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
     for mine, theirs in zip(resumed.history, full.history, strict=True):
         assert mine["angular_update"] == pytest.approx(theirs["angular_update"], rel=1e-6)
         assert mine["in_equilibrium"] == theirs["in_equilibrium"]
+
+
+class AdamWNet(BNNet):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.5)
+
+
+def test_default_cooldown_for_decoupled_weight_decay(tmp_path):
+    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", decay_factor=0.5, **FAST)
+    _fit(tmp_path, callback, module=AdamWNet(), epochs=3)
+    first = next(e for e in callback.events if e.new_lrs)
+    # ceil(log(k) / (lr_new * wd)) with k = 2, lr_new = 0.005, wd = 0.5: 278 steps.
+    expected = math.ceil(math.log(2) / (0.005 * 0.5))
+    assert callback._cooldown_until == first.step + expected
