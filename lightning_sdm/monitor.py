@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm.functional import (
     COVERAGE,
+    _BatchedStatistics,
     _local_shard,
     angular_update_statistics,
     cosine_from_statistics,
@@ -139,6 +140,9 @@ class _OptimizerWatch:
     row_to_unit_row: Tensor
     num_rows: int
     metric: AngularUpdate
+    statistics: _BatchedStatistics  # cached layout and work buffer of the per-step statistics
+    member_counts: Tensor  # tensors per unit row (their coverages are averaged)
+    rows_are_units: bool  # one tensor row per unit row, in order: no summing needed
     steps_done: int = 0
     snapshot: list[Tensor] | None = None
     anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
@@ -284,6 +288,7 @@ class SphericalMonitor:
                 handle.remove()
             watch.handles = []
             watch.snapshot = None
+            watch.statistics.release()
 
     def add_listener(self, listener: Callable[[list[UnitWindow]], None]) -> None:
         """Call ``listener(windows)`` each time windows close (on every rank)."""
@@ -323,6 +328,7 @@ class SphericalMonitor:
             watch.metric.reset()
             watch.horizon_metric.reset()
             watch.snapshot = watch.anchor = None
+            watch.statistics.release()
             watch.predictions = []
             if index < len(state.get("steps_done", [])):
                 watch.steps_done = int(state["steps_done"][index])
@@ -352,11 +358,25 @@ class SphericalMonitor:
     def _position_in_window(self, step_index: int) -> int:
         return step_index % self.every_n_steps - (self.every_n_steps - self.window)
 
-    @torch.no_grad()
+    # The hooks run on every optimizer step. On a step that is not measured they only read and
+    # increment a counter: no tensor op, no allocation, no host-device synchronisation.
+
     def _before_step(self, watch: _OptimizerWatch) -> None:
         watch.measuring = self._is_measured(watch.steps_done)
-        if not watch.measuring:
-            return
+        if watch.measuring:
+            self._take_snapshot(watch)
+
+    def _after_step(self, watch: _OptimizerWatch) -> None:
+        if watch.measuring and watch.snapshot is not None:
+            self._measure(watch)
+        watch.measuring = False
+        watch.steps_done += 1
+        if watch.steps_done % self.every_n_steps == 0 and watch.predictions:
+            with torch.no_grad():
+                self._close_window(watch)
+
+    @torch.no_grad()
+    def _take_snapshot(self, watch: _OptimizerWatch) -> None:
         sources = [p.detach() for p in watch.tensors]
         watch.snapshot = _copy_into(watch.snapshot, sources)
         if self.horizon > 1 and self._position_in_window(watch.steps_done) % self.horizon == 0:
@@ -364,29 +384,29 @@ class SphericalMonitor:
         watch.predictions.append(explain_equilibrium(watch.optimizer))
 
     @torch.no_grad()
-    def _after_step(self, watch: _OptimizerWatch) -> None:
-        if watch.measuring and watch.snapshot is not None:
-            currents = [p.detach() for p in watch.tensors]
-            rows = angular_update_statistics(watch.snapshot, currents, dim=watch.dims)
-            watch.metric.update(statistics=self._to_unit_rows(watch, rows))
-            position = self._position_in_window(watch.steps_done)
-            if watch.anchor is not None and position % self.horizon == self.horizon - 1:
-                rows = angular_update_statistics(watch.anchor, currents, dim=watch.dims)
-                watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
-            if self._measured_steps < self.verify_steps:
-                self._verify_orthogonality(watch)
-        watch.measuring = False
-        watch.steps_done += 1
-        if watch.steps_done % self.every_n_steps == 0 and watch.predictions:
-            self._close_window(watch)
+    def _measure(self, watch: _OptimizerWatch) -> None:
+        assert watch.snapshot is not None
+        currents = [p.detach() for p in watch.tensors]
+        rows = watch.statistics(watch.snapshot, currents)
+        watch.metric.update(statistics=self._to_unit_rows(watch, rows))
+        position = self._position_in_window(watch.steps_done)
+        if watch.anchor is not None and position % self.horizon == self.horizon - 1:
+            rows = watch.statistics(watch.anchor, currents)
+            watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
+        if self._measured_steps < self.verify_steps:
+            self._verify_orthogonality(watch)
 
     def _to_unit_rows(self, watch: _OptimizerWatch, rows: Tensor) -> Tensor:
         """Sum member tensors' rows into unit rows (a weight and its bias are one unit)."""
-        index = watch.row_to_unit_row.to(rows.device)
+        if watch.rows_are_units:
+            return rows
+        if watch.row_to_unit_row.device != rows.device:  # moved once, not on every step
+            watch.row_to_unit_row = watch.row_to_unit_row.to(rows.device)
+            watch.member_counts = watch.member_counts.to(rows.device)
+        index = watch.row_to_unit_row
         unit_rows = rows.new_zeros(watch.num_rows, rows.shape[1]).index_add_(0, index, rows)
         # Coverage is a fraction per tensor, not a sum over elements: average it over members.
-        members = torch.bincount(index, minlength=watch.num_rows).to(rows.dtype)
-        unit_rows[:, COVERAGE] /= members
+        unit_rows[:, COVERAGE] /= watch.member_counts.to(rows.dtype)
         return unit_rows
 
     def _verify_orthogonality(self, watch: _OptimizerWatch) -> None:
@@ -409,17 +429,22 @@ class SphericalMonitor:
 
     def _close_window(self, watch: _OptimizerWatch) -> None:
         watch.metric.sync_on_compute = self.sync_on_compute
-        # torchmetrics squeezes one-element results to scalars: restore the unit axis.
-        result = {key: value.reshape(-1) for key, value in watch.metric.compute().items()}
+        # torchmetrics squeezes one-element results to scalars: restore the unit axis. The
+        # results go to the host once per window, not once per unit and value.
+        result = {key: value.reshape(-1).cpu() for key, value in watch.metric.compute().items()}
         watch.metric.reset()
         if watch.horizon_metric.step_statistics.shape[0] > 0:
             watch.horizon_metric.sync_on_compute = self.sync_on_compute
-            result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1)
+            result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
         if self.every_n_steps > self.window:
             watch.snapshot = watch.anchor = None  # no extra memory between windows
-        windows = [self._unit_window(watch, unit, result, predictions) for unit in watch.units]
+            watch.statistics.release()
+        rows = {key: value.tolist() for key, value in result.items()}
+        windows = [
+            self._unit_window(watch, unit, result, rows, predictions) for unit in watch.units
+        ]
         self._windows.extend(windows)
         for listener in self._listeners:
             listener(windows)
@@ -429,37 +454,45 @@ class SphericalMonitor:
         watch: _OptimizerWatch,
         unit: _Unit,
         result: Mapping[str, Tensor],
+        rows: Mapping[str, list[float]],
         predictions: list[list[Prediction]],
     ) -> UnitWindow:
-        rms = result["rms"][unit.rows].cpu()
+        """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
         values = [p[unit.group_index].angular_update for p in predictions]
         frozen = not any(t.requires_grad for t in unit.tensors)
         theory = None
         if not frozen and all(v is not None for v in values):
             theory = math.sqrt(sum(v * v for v in values if v is not None) / len(values))
         lr = float(predictions[-1][unit.group_index].hyperparameters.get("lr", math.nan))
-        norm = result["weight_norm"][unit.rows].cpu().square().sum().sqrt().item()
+        horizon_angle = None
         if self.granularity == "layer":
-            angle = rms.item()
+            # One row per unit: plain floats (sqrt(x * x) == |x| exactly, as the tensor ops gave).
+            row = unit.rows.start
+            angle = rows["rms"][row]
+            norm = math.sqrt(rows["weight_norm"][row] * rows["weight_norm"][row])
+            last = rows["last"][row]
+            if "horizon_rms" in rows:
+                horizon_angle = math.sqrt(rows["horizon_rms"][row] * rows["horizon_rms"][row])
             channels = channel_ratios = None
         else:
+            rms = result["rms"][unit.rows]
             angle = rms.square().mean().sqrt().item()
+            norm = result["weight_norm"][unit.rows].square().sum().sqrt().item()
+            last = _last_angle(result["last"][unit.rows], self.granularity)
+            if "horizon_rms" in result:
+                horizon_angle = result["horizon_rms"][unit.rows].square().mean().sqrt().item()
             channels = _summarize(rms)
             channel_ratios = _summarize(rms / theory) if theory else None
         ratio = angle / theory if theory else None
-        horizon_angle = None
-        if "horizon_rms" in result:
-            horizon_rms = result["horizon_rms"][unit.rows].cpu()
-            horizon_angle = horizon_rms.square().mean().sqrt().item()
         return UnitWindow(
             unit=unit.spec.name,
             step=watch.steps_done,
             angular_update=angle,
-            last=_last_angle(result["last"][unit.rows].cpu(), self.granularity),
+            last=last,
             theory=theory,
             ratio=ratio,
             weight_norm=norm,
-            steps=int(result["steps"][0]),
+            steps=int(rows["steps"][0]),
             lr=lr,
             frozen=frozen,
             channels=channels,
@@ -572,14 +605,18 @@ def _make_watch(
                 row_map.append(torch.tensor([row]))
         units.append(_Unit(spec, unit_tensors, group_index, slice(row, row + channels)))
         row += channels
+    row_to_unit_row = torch.cat(row_map)
     return _OptimizerWatch(
         optimizer=optimizer,
         units=units,
         tensors=tensors,
         dims=dims,
-        row_to_unit_row=torch.cat(row_map),
+        row_to_unit_row=row_to_unit_row,
         num_rows=row,
         metric=AngularUpdate(sync_on_compute=sync_on_compute),
+        statistics=_BatchedStatistics(dims),
+        member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
+        rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
     )
 
 

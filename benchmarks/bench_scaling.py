@@ -1,0 +1,191 @@
+"""Cost of one measurement against model size and against the number of tensors.
+
+Times, in one process and interleaved across configurations, the exact statistics of one
+optimizer step (``w_t`` and ``w_{t+1}`` of every monitored tensor):
+
+* ``monitor path``: what :class:`lightning_sdm.SphericalMonitor` runs on a measured step once its
+  window is open (layout cached, work buffer allocated);
+* ``functional``: :func:`lightning_sdm.angular_update_statistics` from scratch (validation,
+  cached layout, work buffer allocated and freed by the call);
+* ``snapshot copy``: the ``_foreach_copy_`` of the weights taken before the step, for scale.
+
+CPU time of the calling thread (``time.thread_time``), median over ``--repeats``; ``ns/elem`` is
+that time per monitored element. Memory: ``work buffers`` are the bytes of the float64 buffers the
+monitor keeps while a window is open (besides its snapshot: one copy of the weights), counted
+exactly; ``peak RSS added`` is the peak resident memory one functional call adds (``VmHWM`` reset
+through ``/proc/self/clear_refs`` after ``malloc_trim``; Linux and glibc only). Compare both with
+the 4 bytes per element of the float32 weights themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lightning_sdm import functional
+
+Workload = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def make_tensors(total: int, count: int, seed: int = 0) -> Workload:
+    """``count`` float32 ``[rows, cols]`` tensors of ``total`` elements in all, and a step."""
+    generator = torch.Generator().manual_seed(seed)
+    base, extra = divmod(total, count)
+    prev, curr, snapshot = [], [], []
+    for index in range(count):
+        numel = base + (1 if index < extra else 0)
+        rows = max(1, int(numel**0.5) // 4)
+        while numel % rows:
+            rows -= 1
+        weight = torch.randn(rows, numel // rows, generator=generator)
+        prev.append(weight)
+        curr.append(weight + 1e-3 * torch.randn(weight.shape, generator=generator))
+        snapshot.append(torch.empty_like(weight))
+    return prev, curr, snapshot
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_added_bytes(function: Callable[[], object]) -> int | None:
+    """Peak RSS during ``function()`` above the RSS before it (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back first
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    function()
+    return max(_status_kib("VmHWM") - before, 0) * 1024
+
+
+def cpu_seconds(function: Callable[[], object]) -> float:
+    start = time.thread_time()
+    function()
+    return time.thread_time() - start
+
+
+class Case:
+    def __init__(self, label: str, total: int, count: int, dim: int | None) -> None:
+        self.label, self.total, self.count, self.dim = label, total, count, dim
+        self.prev, self.curr, self.snapshot = make_tensors(total, count)
+        batched = getattr(functional, "_BatchedStatistics", None)
+        self.batched = batched([dim] * count) if batched is not None else None
+        self.times: dict[str, list[float]] = {"monitor": [], "functional": [], "copy": []}
+
+    def run_once(self) -> None:
+        prev, curr, dim = self.prev, self.curr, self.dim
+        if self.batched is not None:
+            self.times["monitor"].append(cpu_seconds(lambda: self.batched(prev, curr)))
+        self.times["functional"].append(
+            cpu_seconds(lambda: functional.angular_update_statistics(prev, curr, dim=dim))
+        )
+        self.times["copy"].append(
+            cpu_seconds(lambda: torch._foreach_copy_(self.snapshot, self.prev))
+        )
+
+    def work_memory(self) -> int | None:
+        prev, curr, dim = self.prev, self.curr, self.dim
+        return peak_added_bytes(lambda: functional.angular_update_statistics(prev, curr, dim=dim))
+
+    def release(self) -> None:
+        self.prev = self.curr = self.snapshot = []
+        self.batched = None
+
+
+def run_table(cases: list[Case], repeats: int, title: str, first_column: str) -> str:
+    for case in cases:  # warm-up: layouts cached, buffers touched once
+        case.run_once()
+        for values in case.times.values():
+            values.clear()
+    for _ in range(repeats):
+        for case in cases:
+            case.run_once()
+    lines = [
+        f"### {title}",
+        "",
+        f"| {first_column} | monitor path (ms) | ns/elem | functional (ms) | ns/elem | "
+        "snapshot copy (ms) | work buffers | peak RSS added |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        memory = case.work_memory()
+        cells = [case.label]
+        for key in ("monitor", "functional"):
+            values = case.times[key]
+            if values:
+                seconds = statistics.median(values)
+                cells += [f"{seconds * 1e3:.2f}", f"{seconds * 1e9 / case.total:.2f}"]
+            else:
+                cells += ["n/a", "n/a"]
+        cells.append(f"{statistics.median(case.times['copy']) * 1e3:.2f}")
+        workspace = getattr(case.batched, "workspace_bytes", None)
+        cells.append("n/a" if workspace is None else f"{workspace / 2**20:.2f} MiB")
+        cells.append("n/a" if memory is None else f"{memory / 2**20:.1f} MiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--max-total", type=float, default=1e8, help="largest model size")
+    parser.add_argument("--tensors", type=int, default=20, help="tensors in the size table")
+    parser.add_argument("--fixed-total", type=float, default=1e7, help="size of the count table")
+    parser.add_argument(
+        "--granularity", choices=("layer", "channel"), default="layer", help="dim=None or dim=0"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dim = None if args.granularity == "layer" else 0
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), granularity {args.granularity}, "
+        f"float32 weights, {args.repeats} interleaved repeats",
+        flush=True,
+    )
+    sections = []
+
+    totals = [t for t in (1e5, 1e6, 1e7, 1e8) if t <= args.max_total]
+    cases = [Case(f"{t:.0e}", int(t), args.tensors, dim) for t in totals]
+    sections.append(
+        run_table(
+            cases,
+            args.repeats,
+            f"Against total size ({args.tensors} tensors)",
+            "monitored elements",
+        )
+    )
+    print(sections[-1], flush=True)
+    for case in cases:
+        case.release()
+
+    total = int(args.fixed_total)
+    counts = (10, 30, 100, 300, 1000)
+    cases = [Case(str(count), total, count, dim) for count in counts]
+    sections.append(
+        run_table(
+            cases,
+            args.repeats,
+            f"Against the number of tensors ({total:.0e} elements in all)",
+            "tensors",
+        )
+    )
+    print(sections[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
