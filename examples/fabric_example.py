@@ -17,7 +17,6 @@ The model and data are those of ``digits_demo.py``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_demo import DigitsConvNet, digits_datasets
-from plain_pytorch import format_window
+from plain_pytorch import format_window, parse_arguments
 
 from lightning_sdm import SphericalMonitor, UnitSpec
 from lightning_sdm.invariance import find_scale_invariant_units
@@ -37,16 +36,7 @@ WRAPPER_PREFIX = "_forward_module."
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-3)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--every-n-steps", type=int, default=20)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv, __doc__.splitlines()[0])
 
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.seed_everything(args.seed)

@@ -43,8 +43,9 @@ def format_window(window: UnitWindow) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv: list[str] | None, description: str) -> argparse.Namespace:
+    """The options of this example, shared with ``fabric_example.py``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-3)
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-n-steps", type=int, default=20)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv, __doc__.splitlines()[0])
 
     torch.manual_seed(args.seed)
     train, _ = digits_datasets(args.seed)
