@@ -44,11 +44,15 @@ class RankAgreement(pl.Callback):
         self.max_difference = max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(
+    argv: list[str] | None, description: str, *, devices: bool = True
+) -> argparse.Namespace:
+    """The options of this example, shared with ``fsdp2_example.py`` (which has no --devices)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=-1, help="stop after this many steps")
-    parser.add_argument("--devices", type=int, default=2)
+    if devices:
+        parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-3)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv, __doc__.splitlines()[0])
 
     pl.seed_everything(args.seed, verbose=False)
     train, _ = digits_datasets(args.seed)

@@ -14,7 +14,6 @@ script. Uses gloo on CPU.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_example import parse_arguments
 from digits_demo import DigitsConvNet, digits_datasets, print_summary
 
 from lightning_sdm import SphericalDynamicsCallback
@@ -62,18 +62,7 @@ class ShardCheck(pl.Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=-1, help="stop after this many steps")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-3)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=32, help="per process")
-    parser.add_argument("--every-n-steps", type=int, default=10)
-    parser.add_argument("--window", type=int, default=5)
-    parser.add_argument("--log-dir", default="lightning_logs")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv, __doc__.splitlines()[0], devices=False)
 
     pl.seed_everything(args.seed, verbose=False)
     train, _ = digits_datasets(args.seed)
