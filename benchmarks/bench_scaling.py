@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from lightning_sdm import functional
+from lightning_sdm._engine import BatchedStatistics
 
 Workload = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -82,8 +83,7 @@ class Case:
     def __init__(self, label: str, total: int, count: int, dim: int | None) -> None:
         self.label, self.total, self.count, self.dim = label, total, count, dim
         self.prev, self.curr, self.snapshot = make_tensors(total, count)
-        batched = getattr(functional, "_BatchedStatistics", None)
-        self.batched = batched([dim] * count) if batched is not None else None
+        self.batched = BatchedStatistics([dim] * count)
         self.times: dict[str, list[float]] = {"monitor": [], "functional": [], "copy": []}
 
     def run_once(self) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_sdm import UnitSpec
+from lightning_sdm import Unit
 
 
 class BasicBlock(nn.Module):
@@ -63,10 +63,10 @@ class ResNet18(nn.Module):
         return self.linear(out)
 
 
-def conv_units(model: nn.Module) -> list[UnitSpec]:
+def conv_units(model: nn.Module) -> list[Unit]:
     """The scale-invariant units of a ResNet: every conv weight (each feeds a BatchNorm)."""
     return [
-        UnitSpec(f"{name}.weight", (f"{name}.weight",))
+        Unit(f"{name}.weight", (f"{name}.weight",))
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d)
     ]

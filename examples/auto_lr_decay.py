@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_demo import DigitsConvNet, digits_datasets
 
 from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.actions import DecayLR
 
 SCHEDULES = ("auto", "auto_rescale", "step", "cosine")
 
@@ -71,9 +72,11 @@ def run(schedule: str, seed: int, epochs: int, args: argparse.Namespace) -> dict
         window=10,
         tolerance=0.15,
         patience=3,
-        on_equilibrium="decay_lr" if schedule.startswith("auto") else "warn",
-        decay_factor=0.2,
-        rescale_weights=schedule == "auto_rescale",
+        on_equilibrium=(
+            DecayLR(factor=0.2, rescale_weights=schedule == "auto_rescale")
+            if schedule.startswith("auto")
+            else "warn"
+        ),
         prog_bar=False,
     )
     callbacks.append(monitor)
@@ -91,7 +94,7 @@ def run(schedule: str, seed: int, epochs: int, args: argparse.Namespace) -> dict
     with torch.no_grad():
         x, y = test.tensors
         accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
-    decays = [e.step for e in monitor.events if e.new_lrs]
+    decays = [e.global_step for e in monitor.events if e.new_lrs]
     return {
         "schedule": schedule,
         "seed": seed,

@@ -38,7 +38,7 @@ class RankAgreement(pl.Callback):
         self.max_difference = float("nan")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        local = torch.tensor([entry["angular_update"] for entry in self.sdm.history])
+        local = torch.tensor([record.angular_update for record in self.sdm.history])
         gathered = [torch.zeros_like(local) for _ in range(trainer.world_size)]
         torch.distributed.all_gather(gathered, local)
         self.max_difference = max(float((g - gathered[0]).abs().max()) for g in gathered)

@@ -153,17 +153,15 @@ def write_report(callback: SphericalDynamicsCallback, path: Path) -> None:
 
 def print_summary(callback: SphericalDynamicsCallback, args: argparse.Namespace) -> None:
     theory = math.sqrt(2 * args.lr * args.weight_decay / (1 + args.momentum))
-    last: dict[str, dict[str, Any]] = {}
-    for entry in callback.history:
-        last[entry["unit"]] = entry
+    last = {record.unit: record for record in callback.history}
     print(f"\nPredicted equilibrium angular update: {theory:.5f} rad/step")
     print(f"{'unit':<22} {'measured':>10} {'theory':>10} {'ratio':>7} {'|w|':>8}  equilibrium")
-    for unit, entry in last.items():
-        reached = callback.detector.state[unit].reached_step
-        status = f"since step {reached}" if entry["in_equilibrium"] else "not (yet)"
+    for unit, record in last.items():
+        reached = callback.detector.state[unit].reached_global_step
+        status = f"since step {reached}" if record.in_equilibrium else "not (yet)"
         print(
-            f"{unit:<22} {entry['angular_update']:>10.5f} {entry['theory'] or math.nan:>10.5f} "
-            f"{entry['ratio'] or math.nan:>7.3f} {entry['weight_norm']:>8.3f}  {status}"
+            f"{unit:<22} {record.angular_update:>10.5f} {record.theory or math.nan:>10.5f} "
+            f"{record.ratio or math.nan:>7.3f} {record.weight_norm:>8.3f}  {status}"
         )
 
 

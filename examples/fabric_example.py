@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_demo import DigitsConvNet, digits_datasets
 from plain_pytorch import format_window, parse_arguments
 
-from lightning_sdm import SphericalMonitor, UnitSpec
+from lightning_sdm import SphericalMonitor
 from lightning_sdm.invariance import find_scale_invariant_units
 
 WRAPPER_PREFIX = "_forward_module."
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     example, _ = next(iter(loader))
     report = find_scale_invariant_units(original, example)
     print(report.summary())
-    units = UnitSpec.from_report(report)
+    units = list(report.units)
     wrapped = dict(fabric_model.named_parameters())
     for name, param in original.named_parameters():
         if wrapped.get(WRAPPER_PREFIX + name) is not param:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_demo import DigitsConvNet, digits_datasets
 
-from lightning_sdm import EquilibriumDetector, SphericalMonitor, UnitSpec, UnitWindow
+from lightning_sdm import EquilibriumDetector, SphericalMonitor, UnitWindow
 from lightning_sdm.invariance import find_scale_invariant_units
 
 
@@ -38,7 +38,7 @@ def format_window(window: UnitWindow) -> str:
     theory = f"{window.theory:.5f}" if window.theory is not None else "n/a"
     ratio = f"{window.ratio:.3f}" if window.ratio is not None else "n/a"
     return (
-        f"step {window.step:>5}  {window.unit:<20} measured {window.angular_update:.5f}  "
+        f"step {window.optimizer_step:>5}  {window.unit:<20} measured {window.angular_update:.5f}  "
         f"theory {theory}  ratio {ratio}  |w| {window.weight_norm:.3f}"
     )
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = SphericalMonitor(
         model,
         optimizer,
-        UnitSpec.from_report(report),
+        report,  # its units; or a list of lightning_sdm.Unit
         every_n_steps=args.every_n_steps,
         window=args.window,
     ).attach()

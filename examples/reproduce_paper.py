@@ -54,13 +54,20 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from lightning_sdm import SphericalDynamicsCallback, angular_update
+from lightning_sdm.actions import DecayLR
+from lightning_sdm.simulation import simulate_scale_invariant
 from lightning_sdm.theory import (
     adamw_equilibrium_weight_norm,
     equilibrium_angular_update,
-    lr_decay_relaxation_steps,
     relaxation_steps,
-    simulate_scale_invariant,
 )
+
+
+def lr_decay_relaxation_steps(k: float, lr: float, weight_decay: float, momentum: float) -> int:
+    """SMD Cor. 3.1, the claim under test: ``ceil(ln(k) (1 - m) / (2 wd lr))`` steps after a
+    decay by ``k`` (``lr`` after the decay), i.e. two of theory's time constants per e-fold of k."""
+    return math.ceil(2 * relaxation_steps(lr, weight_decay, momentum) * math.log(k))
+
 
 EVERY = 16  # optimizer steps per logged window; every step is measured (window = EVERY)
 AUTO_WINDOW = 48  # window of the callback that decays the LR at equilibrium (experiment 2)
@@ -323,10 +330,7 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
             window=AUTO_WINDOW,
             patience=2,
             prog_bar=False,
-            on_equilibrium="decay_lr",
-            decay_factor=spec.gamma,
-            max_decays=1,
-            rescale_weights=True,
+            on_equilibrium=DecayLR(factor=spec.gamma, max_decays=1, rescale_weights=True),
         )
         callbacks.append(decider)
     convs = model.convs()
@@ -379,7 +383,12 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
         "cpu_seconds": cpu_seconds,
         "horizon": {
             str(h): [
-                {k: e[k] for k in ("step", "unit", "angular_update", "horizon_angular_update")}
+                {
+                    "step": e.global_step,
+                    "unit": e.unit,
+                    "angular_update": e.angular_update,
+                    "horizon_angular_update": e.horizon_angular_update,
+                }
                 for e in cb.history
             ]
             for h, cb in horizon.items()
@@ -495,12 +504,12 @@ def _adamw_update_balance(data: DataConfig, steps: int, measure: int, seed: int)
     }
 
 
-def _plain(entry: dict[str, Any]) -> dict[str, Any]:
-    keys = ("step", "unit", "angular_update", "theory", "ratio", "weight_norm", "lr")
-    out = {key: entry[key] for key in keys}
-    out["in_equilibrium"] = bool(entry["in_equilibrium"])
-    if entry.get("channels"):
-        out["channels"] = dict(entry["channels"])
+def _plain(record: Any) -> dict[str, Any]:
+    keys = ("unit", "angular_update", "theory", "ratio", "weight_norm", "lr")
+    out = {"step": record.global_step, **{key: getattr(record, key) for key in keys}}
+    out["in_equilibrium"] = bool(record.in_equilibrium)
+    if record.channels:
+        out["channels"] = dict(record.channels)
     return out
 
 
@@ -905,7 +914,7 @@ def analyse_decay(result: dict[str, Any]) -> dict[str, Any]:
     if spec.milestones:
         decay_step = spec.milestones[0]
     elif result["events"] and result["events"][0]["new_lrs"]:
-        decay_step = result["events"][0]["step"]
+        decay_step = result["events"][0]["global_step"]
     else:
         return {"name": result["name"], "decay_step": None}
     k = 1.0 / spec.gamma

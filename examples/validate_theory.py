@@ -2,8 +2,8 @@
 
 No network and no data: every row of a ``[rows, dim]`` parameter gets, at every step, a gradient of
 fresh Gaussian noise projected orthogonal to the row and divided by its norm (a scale-invariant
-loss under stationary gradient noise, see ``lightning_sdm.theory.simulate_scale_invariant``). Each
-optimizer starts near the equilibrium norm theory predicts, runs a burn-in of three relaxation
+loss under stationary gradient noise, see ``lightning_sdm.simulation.simulate_scale_invariant``).
+Each optimizer starts near the equilibrium norm theory predicts, runs a burn-in of three relaxation
 times (so a wrong formula would show almost in full), and the RMS of the per-step, per-row angle
 is then compared with ``equilibrium_angular_update``.
 
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_sdm.simulation import simulate_scale_invariant
 from lightning_sdm.theory import (
     Prediction,
     adamw_equilibrium_weight_norm,
     equilibrium_weight_norm,
     explain_equilibrium,
     relaxation_steps,
-    simulate_scale_invariant,
 )
 
 MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]

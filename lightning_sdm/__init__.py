@@ -11,21 +11,28 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning_sdm.actions import DecayLR
     from lightning_sdm.callback import SphericalDynamicsCallback
-    from lightning_sdm.equilibrium import EquilibriumDetector, EquilibriumEvent
+    from lightning_sdm.config import MonitorConfig
+    from lightning_sdm.equilibrium import EquilibriumDetector
     from lightning_sdm.functional import angular_update, angular_update_statistics
     from lightning_sdm.metric import AngularUpdate
-    from lightning_sdm.monitor import SphericalMonitor, UnitSpec, UnitWindow
+    from lightning_sdm.monitor import SphericalMonitor
+    from lightning_sdm.records import EquilibriumEvent, HistoryRecord, UnitWindow
     from lightning_sdm.theory import equilibrium_angular_update, explain_equilibrium
+    from lightning_sdm.units import Unit
 
 _EXPORTS = {
     "AngularUpdate": "lightning_sdm.metric",
+    "DecayLR": "lightning_sdm.actions",
     "EquilibriumDetector": "lightning_sdm.equilibrium",
-    "EquilibriumEvent": "lightning_sdm.equilibrium",
+    "EquilibriumEvent": "lightning_sdm.records",
+    "HistoryRecord": "lightning_sdm.records",
+    "MonitorConfig": "lightning_sdm.config",
     "SphericalDynamicsCallback": "lightning_sdm.callback",
     "SphericalMonitor": "lightning_sdm.monitor",
-    "UnitSpec": "lightning_sdm.monitor",
-    "UnitWindow": "lightning_sdm.monitor",
+    "Unit": "lightning_sdm.units",
+    "UnitWindow": "lightning_sdm.records",
     "angular_update": "lightning_sdm.functional",
     "angular_update_statistics": "lightning_sdm.functional",
     "equilibrium_angular_update": "lightning_sdm.theory",
@@ -34,11 +41,14 @@ _EXPORTS = {
 
 __all__ = [
     "AngularUpdate",
+    "DecayLR",
     "EquilibriumDetector",
     "EquilibriumEvent",
+    "HistoryRecord",
+    "MonitorConfig",
     "SphericalDynamicsCallback",
     "SphericalMonitor",
-    "UnitSpec",
+    "Unit",
     "UnitWindow",
     "angular_update",
     "angular_update_statistics",

@@ -1,4 +1,9 @@
-"""Deciding, per unit and overall, whether the angular update has reached its equilibrium."""
+"""Deciding, per unit and overall, whether the angular update has reached its equilibrium.
+
+Pure: the detector reads :class:`~lightning_sdm.records.UnitWindow` records and keeps plain state,
+so it is tested without a Trainer. Its physics clock is each unit's ``optimizer_step``; the
+``global_step`` of a window is only recorded (for messages and logs).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_sdm.monitor import UnitWindow
+from lightning_sdm.records import Criterion, UnitWindow
+from lightning_sdm.theory import lr_change_relaxation_steps
 
-__all__ = ["EquilibriumDetector", "EquilibriumEvent", "UnitEquilibrium"]
+__all__ = ["EquilibriumDetector", "UnitEquilibrium"]
 
 # A relative change of the prediction larger than this between two windows is a change of the
 # target (an LR schedule step), after which the unit must relax again before it can count.
@@ -25,59 +31,33 @@ class UnitEquilibrium:
     Attributes:
         consecutive: consecutive windows that met the criterion.
         in_equilibrium: the unit is in equilibrium now.
-        reached_step: step at which it last entered equilibrium (``None``: not yet).
+        reached_optimizer_step: optimizer step at which it last entered equilibrium (``None``:
+            not yet).
+        reached_global_step: the global step of that window.
         criterion: ``"theory"`` (measured RMS within tolerance of the prediction, no trend) or
             ``"stationary"`` (no prediction exists: the measured RMS stopped changing).
         recent: the last windows' RMS values (for the trend test).
-        recent_steps: the steps of those windows.
+        recent_steps: the optimizer steps of those windows.
         theory: the prediction of the last window (to notice a moved target).
-        relax_until: no window before this step counts (the target moved; theory's relaxation
-            time after an LR change by ``k``: ``log(k)`` time constants, SMD Cor. 3.1).
+        last_optimizer_step: optimizer step of the last window seen.
+        relax_until: no window before this optimizer step counts (the target moved: theory's
+            relaxation time after an LR change,
+            :func:`~lightning_sdm.theory.lr_change_relaxation_steps`).
         steps_to_equilibrium: the last estimate of the steps still needed (0 in equilibrium,
             NaN when it cannot be estimated).
     """
 
     consecutive: int = 0
     in_equilibrium: bool = False
-    reached_step: int | None = None
-    criterion: str = "theory"
+    reached_optimizer_step: int | None = None
+    reached_global_step: int | None = None
+    criterion: Criterion = "theory"
     recent: list[float] = field(default_factory=list)
     recent_steps: list[int] = field(default_factory=list)
     theory: float | None = None
+    last_optimizer_step: int = 0
     relax_until: int = 0
     steps_to_equilibrium: float = math.nan
-
-
-@dataclass(frozen=True)
-class EquilibriumEvent:
-    """The monitored units reached equilibrium (the quorum of them did).
-
-    Attributes:
-        step: the Trainer's global step.
-        units: the units in equilibrium.
-        fraction: fraction of units in equilibrium.
-        measured: RMS angular update per unit in equilibrium.
-        predicted: prediction per unit (``None`` without one).
-        criterion: ``"theory"`` or ``"stationary"`` (the latter if any unit used it).
-        action: what the callback did (``"warn"``, ``"decay_lr"``, ``"stop"``, ``"callable"``,
-            ``"none"``: a decay was due but ``min_lr``/``max_decays`` forbade it).
-        old_lrs: learning rates of the affected param groups before the action.
-        new_lrs: and after it.
-    """
-
-    step: int
-    units: tuple[str, ...]
-    fraction: float
-    measured: dict[str, float]
-    predicted: dict[str, float | None]
-    criterion: str
-    action: str = "warn"
-    old_lrs: tuple[float, ...] = ()
-    new_lrs: tuple[float, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-type copy (for checkpoints and loggers)."""
-        return asdict(self)
 
 
 class EquilibriumDetector:
@@ -92,7 +72,8 @@ class EquilibriumDetector:
 
     The prediction follows the current learning rate. When it moves between two windows (an LR
     schedule step), the unit's count restarts and windows before the theory's relaxation time
-    (``log(k)`` time constants for a change by ``k``, SMD Cor. 3.1) do not count. Frozen units and
+    (:func:`~lightning_sdm.theory.lr_change_relaxation_steps` at ``tolerance``) do not count.
+    Frozen units and
     NaN values are never in equilibrium. Overall equilibrium is reached when at least ``quorum``
     of the units are.
 
@@ -103,15 +84,15 @@ class EquilibriumDetector:
 
     Example::
 
-        >>> from lightning_sdm.monitor import UnitWindow
+        >>> from lightning_sdm.records import UnitWindow
         >>> detector = EquilibriumDetector(tolerance=0.1, patience=2)
         >>> def window(step, value):
-        ...     return UnitWindow("w", step, value, value, 0.01, value / 0.01, 1.0, 8, 0.1)
+        ...     return UnitWindow("w", step, step, value, value, 0.01, value / 0.01, 1.0, 8, 0.1)
         >>> detector.update([window(50, 0.02)]), detector.update([window(100, 0.0101)])
         ([], [])
         >>> detector.update([window(150, 0.0099)])
         ['w']
-        >>> detector.state["w"].reached_step, detector.fraction(), detector.reached()
+        >>> detector.state["w"].reached_optimizer_step, detector.fraction(), detector.reached()
         (150, 1.0, True)
     """
 
@@ -132,6 +113,7 @@ class EquilibriumDetector:
         entered = []
         for window in windows:
             unit = self.state.setdefault(window.unit, UnitEquilibrium())
+            unit.last_optimizer_step = window.optimizer_step
             self._follow_target(unit, window)
             if self._meets_criterion(unit, window):
                 unit.consecutive += 1
@@ -139,7 +121,8 @@ class EquilibriumDetector:
                 unit.consecutive = 0
             now = unit.consecutive >= self.patience
             if now and not unit.in_equilibrium:
-                unit.reached_step = window.step
+                unit.reached_optimizer_step = window.optimizer_step
+                unit.reached_global_step = window.global_step
                 entered.append(window.unit)
             unit.in_equilibrium = now
             unit.steps_to_equilibrium = self._steps_remaining(unit, window)
@@ -169,14 +152,18 @@ class EquilibriumDetector:
         value = estimates[needed - 1]
         return value if not math.isnan(value) else math.nan
 
-    def restart(self, step: int, relax_steps: float = 0.0) -> None:
-        """Forget equilibrium (the target was moved by an action) and wait ``relax_steps``."""
+    def restart(self, relax_steps: float = 0.0) -> None:
+        """Forget equilibrium (an action moved the target); wait ``relax_steps`` optimizer steps.
+
+        Counted per unit from its last window, on its own optimizer's clock.
+        """
         for unit in self.state.values():
             unit.consecutive = 0
             unit.in_equilibrium = False
             unit.recent.clear()
             unit.recent_steps.clear()
-            unit.relax_until = max(unit.relax_until, step + math.ceil(relax_steps))
+            wait = unit.last_optimizer_step + math.ceil(relax_steps)
+            unit.relax_until = max(unit.relax_until, wait)
 
     def state_dict(self) -> dict[str, Any]:
         """Detector state, for checkpoints (plain types only)."""
@@ -190,7 +177,7 @@ class EquilibriumDetector:
 
     def _follow_target(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
         previous, unit.theory = unit.theory, window.theory
-        if previous is None or window.theory is None or previous <= 0:
+        if previous is None or window.theory is None or previous <= 0 or window.theory <= 0:
             return
         change = window.theory / previous
         if abs(change - 1.0) <= _TARGET_CHANGE:
@@ -198,10 +185,10 @@ class EquilibriumDetector:
         unit.consecutive = 0
         unit.recent.clear()
         unit.recent_steps.clear()
-        # The LR changed by k = change**-2 (the prediction scales as sqrt(lr)).
-        k = max(change, 1 / change) ** 2
         if window.time_scale is not None:
-            unit.relax_until = window.step + math.ceil(math.log(k) * window.time_scale)
+            # The prediction scales as sqrt(lr): the LR was multiplied by change**2.
+            wait = lr_change_relaxation_steps(change**2, window.time_scale, self.tolerance)
+            unit.relax_until = max(unit.relax_until, window.optimizer_step + math.ceil(wait))
 
     def _meets_criterion(self, unit: UnitEquilibrium, window: UnitWindow) -> bool:
         value = window.angular_update
@@ -210,8 +197,8 @@ class EquilibriumDetector:
             unit.recent_steps.clear()
             return False
         unit.recent = [*unit.recent, value][-self.patience :]
-        unit.recent_steps = [*unit.recent_steps, window.step][-self.patience :]
-        if window.step < unit.relax_until:
+        unit.recent_steps = [*unit.recent_steps, window.optimizer_step][-self.patience :]
+        if window.optimizer_step < unit.relax_until:
             return False
         # The trend is judged over the current run of passing windows plus this one.
         run = unit.recent[-(unit.consecutive + 1) :]
@@ -234,7 +221,7 @@ class EquilibriumDetector:
             return 0.0
         interval = _typical_interval(unit.recent_steps)
         windows_left = max(self.patience - unit.consecutive, 0) * interval
-        waiting = max(unit.relax_until - window.step, 0)
+        waiting = max(unit.relax_until - window.optimizer_step, 0)
         if window.ratio is None or not math.isfinite(window.ratio):
             return float(max(windows_left, waiting)) if unit.criterion == "stationary" else math.nan
         deviation = abs(window.ratio - 1.0)

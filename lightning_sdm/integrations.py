@@ -1,9 +1,10 @@
 """Logger-specific views of the callback's results (TensorBoard layouts, W&B metrics and tables).
 
 Every Lightning logger already receives the ``sdm/...`` scalars through ``log_metrics``; this
-module adds what particular loggers can do beyond scalars. Each function inspects
-``trainer.loggers`` and acts on the loggers it knows, on rank zero only; unknown loggers are left
-alone, and a failure in an integration is reported once and never interrupts training.
+module adds what particular loggers can do beyond scalars. Each function receives the loggers and
+plain values (unit names, settings, per-unit results), never the callback, acts on the loggers it
+knows and leaves the others alone; the caller calls it on rank zero only. A failure in an
+integration is reported once and never interrupts training.
 
 TensorBoard (:class:`~lightning.pytorch.loggers.TensorBoardLogger`), when monitoring starts: a
 custom-scalars layout (the "Custom Scalars" dashboard) with
@@ -31,75 +32,146 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
 from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-if TYPE_CHECKING:
-    from lightning_sdm.callback import SphericalDynamicsCallback
+from lightning_sdm.equilibrium import UnitEquilibrium
+from lightning_sdm.records import HistoryRecord, Keys
+from lightning_sdm.theory import Prediction
 
 __all__ = [
     "TABLE_COLUMNS",
+    "UnitResult",
     "on_monitoring_finished",
     "on_monitoring_started",
     "tensorboard_layout",
+    "unit_results",
 ]
 
+
+@dataclass(frozen=True)
+class UnitResult:
+    """The final figures of one unit, for run summaries and tables (NaN where there is none).
+
+    Attributes:
+        equilibrium_step: global step at which the unit entered equilibrium (-1: never).
+    """
+
+    unit: str
+    optimizer: str
+    rule: str
+    lr: float
+    weight_decay: float
+    final_angular_update: float
+    final_theory: float
+    final_ratio: float
+    final_weight_norm: float
+    in_equilibrium: bool
+    equilibrium_step: int
+    invariance: str
+
+
 #: Columns of the W&B table ``sdm/units``.
-TABLE_COLUMNS = [
-    "unit",
-    "optimizer",
-    "rule",
-    "lr",
-    "weight_decay",
-    "final_angular_update",
-    "final_theory",
-    "final_ratio",
-    "final_weight_norm",
-    "in_equilibrium",
-    "equilibrium_step",
-    "invariance",
-]
+TABLE_COLUMNS = [f.name for f in fields(UnitResult)]
+
+
+def unit_results(
+    history: Sequence[HistoryRecord],
+    predictions: Mapping[str, Prediction],
+    states: Mapping[str, UnitEquilibrium],
+) -> list[UnitResult]:
+    """The final figures per unit: its last history record, prediction and detector verdict.
+
+    Args:
+        history: the callback's history (the last record of each unit is used).
+        predictions: the current prediction per unit (the units, in order).
+        states: the detector's state per unit.
+    """
+    last = {record.unit: record for record in history}
+    results = []
+    for name, prediction in predictions.items():
+        record = last.get(name)
+        state = states.get(name)
+        step = state.reached_global_step if state is not None else None
+        results.append(
+            UnitResult(
+                unit=name,
+                optimizer=prediction.optimizer,
+                rule=prediction.rule,
+                lr=_number(record.lr if record else prediction.hyperparameters.get("lr")),
+                weight_decay=_number(prediction.hyperparameters.get("weight_decay")),
+                final_angular_update=_number(record.angular_update if record else None),
+                final_theory=_number(record.theory if record else None),
+                final_ratio=_number(record.ratio if record else None),
+                final_weight_norm=_number(record.weight_norm if record else None),
+                in_equilibrium=bool(state is not None and state.in_equilibrium),
+                equilibrium_step=-1 if step is None else int(step),
+                invariance=record.invariance if record else "unverified",
+            )
+        )
+    return results
+
 
 # Percentiles shown per unit with granularity="channel" (keys of `CHANNEL_SUMMARIES`).
 _CHANNEL_LINES = ("median", "p10", "p90")
-# Which integrations already reported a failure, per callback (each is reported once).
-_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
+_LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _F = TypeVar("_F", bound=Callable[..., None])
 
 
-def on_monitoring_started(trainer: pl.Trainer, callback: SphericalDynamicsCallback) -> None:
-    """Called once the monitored units are known (first training step)."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
+def on_monitoring_started(
+    loggers: Iterable[Logger],
+    *,
+    units: Sequence[str],
+    channel_units: Sequence[str] = (),
+    settings: Mapping[str, Any],
+    predictions: Mapping[str, Mapping[str, Any]],
+    warned: set[str],
+) -> None:
+    """Once the monitored units are known: TensorBoard layout, W&B step axis and config.
+
+    Args:
+        loggers: the Trainer's loggers (call on rank zero).
+        units: the monitored units, in order.
+        channel_units: those logged with channel summaries.
+        settings: the callback's settings (for the W&B config).
+        predictions: per unit, the theory's inputs and value (plain values).
+        warned: the integrations that already reported a failure (updated).
+    """
+    for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            _tensorboard_layout(logger, callback)
+            _tensorboard_layout(logger, warned, units, channel_units)
         elif isinstance(logger, WandbLogger):
-            _wandb_start(logger, callback)
+            _wandb_start(logger, warned, settings, predictions)
 
 
-def on_monitoring_finished(trainer: pl.Trainer, callback: SphericalDynamicsCallback) -> None:
-    """Called at the end of fit with the complete history."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
+def on_monitoring_finished(
+    loggers: Iterable[Logger],
+    *,
+    results: Sequence[UnitResult],
+    fraction: float,
+    global_step: int,
+    warned: set[str],
+) -> None:
+    """At the end of fit: the W&B run summary and the per-unit table."""
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
-            _wandb_finish(logger, callback, trainer.global_step)
+            _wandb_finish(logger, warned, results, fraction, global_step)
 
 
 def tensorboard_layout(
-    units: list[str], granularity: str = "layer", prefix: str = ""
+    units: Sequence[str], channel_units: Sequence[str] = (), prefix: str = ""
 ) -> dict[str, dict[str, list[Any]]]:
     r"""The custom-scalars layout for ``units`` (the argument of ``add_custom_scalars``).
 
     Tags are anchored, escaped regular expressions, so ``net.1.weight`` never matches
-    ``net.11.weight``.
+    ``net.11.weight``. Units in ``channel_units`` show their channels' median, p10 and p90.
 
     Example::
 
@@ -116,19 +188,20 @@ def tensorboard_layout(
 
     per_unit: dict[str, list[Any]] = {}
     ratios, norms = [], []
+    by_channel = set(channel_units)
     for unit in units:
-        if granularity == "channel":
-            lines = [tag(f"sdm/angular_update/{unit}/{key}") for key in _CHANNEL_LINES]
-            ratios.append(tag(f"sdm/angular_update_ratio/{unit}/median"))
+        if unit in by_channel:
+            lines = [tag(f"{Keys.ANGULAR_UPDATE}{unit}/{key}") for key in _CHANNEL_LINES]
+            ratios.append(tag(f"{Keys.RATIO}{unit}/median"))
             title = f"{unit}: angular update, channels' median/p10/p90 (rad/step)"
         else:
-            lines = [tag(f"sdm/angular_update/{unit}")]
-            ratios.append(tag(f"sdm/angular_update_ratio/{unit}"))
+            lines = [tag(f"{Keys.ANGULAR_UPDATE}{unit}")]
+            ratios.append(tag(f"{Keys.RATIO}{unit}"))
             title = f"{unit}: angular update (rad/step)"
-        per_unit[title] = ["Multiline", [*lines, tag(f"sdm/angular_update_theory/{unit}")]]
-        norms.append(tag(f"sdm/weight_norm/{unit}"))
+        per_unit[title] = ["Multiline", [*lines, tag(f"{Keys.THEORY}{unit}")]]
+        norms.append(tag(f"{Keys.WEIGHT_NORM}{unit}"))
     overview = {
-        "angular update / theory": ["Multiline", [*ratios, tag("sdm/angular_update_ratio")]],
+        "angular update / theory": ["Multiline", [*ratios, tag(Keys.MEDIAN_RATIO)]],
         "weight norm": ["Multiline", norms],
     }
     return {"SDM per unit": per_unit, "SDM overview": overview}
@@ -138,15 +211,14 @@ def tensorboard_layout(
 
 
 def _guarded(what: str) -> Callable[[_F], _F]:
-    """Turn any exception of an integration into one warning per callback; never re-raise."""
+    """Turn any exception of an integration into one warning per owner; never re-raise."""
 
     def decorate(function: _F) -> _F:
         @wraps(function)
-        def wrapper(logger: Logger, callback: Any, *args: Any) -> None:
+        def wrapper(logger: Logger, warned: set[str], *args: Any) -> None:
             try:
-                function(logger, callback, *args)
+                function(logger, warned, *args)
             except Exception as error:
-                warned = _WARNED.setdefault(callback, set())
                 if what not in warned:
                     warned.add(what)
                     rank_zero_warn(
@@ -161,94 +233,71 @@ def _guarded(what: str) -> Callable[[_F], _F]:
 
 
 def _prefix(logger: Logger) -> str:
-    """The prefix a logger puts before every key (``LOGGER_JOIN_CHAR``-joined), if any."""
+    """The prefix a logger puts before every key (``LOGGER_JOIN_CHAR``-joined), if any.
+
+    Lightning keeps it in the private ``_prefix`` (no public accessor); read here only.
+    """
     prefix = getattr(logger, "_prefix", "") or ""
     return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
 
 
 @_guarded("TensorBoard custom-scalars layout")
-def _tensorboard_layout(logger: TensorBoardLogger, callback: SphericalDynamicsCallback) -> None:
-    assert callback.monitor is not None
+def _tensorboard_layout(
+    logger: TensorBoardLogger,
+    warned: set[str],
+    units: Sequence[str],
+    channel_units: Sequence[str],
+) -> None:
     writer = logger.experiment
-    # A writer accepts one layout: a second fit on the same logger keeps the first one.
-    if getattr(writer, "_lightning_sdm_layout", False):
+    if writer in _LAYOUT_WRITTEN:
         return
-    layout = tensorboard_layout(callback.monitor.units, callback.granularity, _prefix(logger))
-    writer.add_custom_scalars(layout)
-    writer._lightning_sdm_layout = True
+    writer.add_custom_scalars(tensorboard_layout(units, channel_units, _prefix(logger)))
+    _LAYOUT_WRITTEN.add(writer)
+
+
+def _wandb_step_metric(logger: WandbLogger) -> str:
+    """The x axis Lightning logs W&B metrics against (``global_step`` when TB is synced)."""
+    synced = bool(getattr(logger, "_wandb_init", {}).get("sync_tensorboard"))
+    return "global_step" if synced else "trainer/global_step"
 
 
 @_guarded("Weights & Biases set-up (define_metric, run config)")
-def _wandb_start(logger: WandbLogger, callback: SphericalDynamicsCallback) -> None:
-    assert callback.monitor is not None
+def _wandb_start(
+    logger: WandbLogger,
+    warned: set[str],
+    settings: Mapping[str, Any],
+    predictions: Mapping[str, Mapping[str, Any]],
+) -> None:
     run = logger.experiment
-    synced = bool(getattr(logger, "_wandb_init", {}).get("sync_tensorboard"))
-    step_metric = "global_step" if synced else "trainer/global_step"
-    run.define_metric(f"{_prefix(logger)}sdm/*", step_metric=step_metric, step_sync=True)
-    units = {}
-    for name, prediction in callback.monitor.predictions().items():
-        units[name] = {
-            "optimizer": prediction.optimizer,
-            "rule": prediction.rule,
-            **prediction.hyperparameters,
-            "prediction": prediction.angular_update,
-            "reason": prediction.reason,
-            "source": prediction.source,
-        }
-    settings = {
-        "granularity": callback.granularity,
-        "every_n_steps": callback.every_n_steps,
-        "window": callback.window,
-        "tolerance": callback.detector.tolerance,
-        "patience": callback.detector.patience,
-        "quorum": callback.detector.quorum,
-    }
-    run.config.update({"sdm": {**settings, "units": units}}, allow_val_change=True)
+    step_metric = _wandb_step_metric(logger)
+    run.define_metric(f"{_prefix(logger)}{Keys.PREFIX}*", step_metric=step_metric, step_sync=True)
+    config = {"sdm": {**settings, "units": {unit: dict(p) for unit, p in predictions.items()}}}
+    run.config.update(config, allow_val_change=True)
 
 
 @_guarded("Weights & Biases summary and table")
-def _wandb_finish(logger: WandbLogger, callback: SphericalDynamicsCallback, step: int) -> None:
-    assert callback.monitor is not None
-    last: dict[str, dict[str, Any]] = {}
-    for entry in callback.history:
-        last[entry["unit"]] = entry
-    predictions = callback.monitor.predictions()
+def _wandb_finish(
+    logger: WandbLogger,
+    warned: set[str],
+    results: Sequence[UnitResult],
+    fraction: float,
+    global_step: int,
+) -> None:
     run, prefix = logger.experiment, _prefix(logger)
-    rows = []
-    for unit in callback.monitor.units:
-        entry = last.get(unit, {})
-        state = callback.detector.state.get(unit)
-        reached = state.reached_step if state is not None else None
-        equilibrium_step = -1 if reached is None else int(reached)
+    for result in results:
         final = {
-            "equilibrium_step": equilibrium_step,
-            "final_ratio": _number(entry.get("ratio")),
-            "final_angular_update": _number(entry.get("angular_update")),
-            "final_theory": _number(entry.get("theory")),
-            "final_weight_norm": _number(entry.get("weight_norm")),
+            "equilibrium_step": result.equilibrium_step,
+            "final_ratio": result.final_ratio,
+            "final_angular_update": result.final_angular_update,
+            "final_theory": result.final_theory,
+            "final_weight_norm": result.final_weight_norm,
         }
         for key, value in final.items():
             if math.isfinite(value):  # no prediction (or NaN weights): no summary entry
-                run.summary[f"{prefix}sdm/summary/{unit}/{key}"] = value
-        prediction = predictions[unit]
-        rows.append(
-            [
-                unit,
-                prediction.optimizer,
-                prediction.rule,
-                _number(entry.get("lr", prediction.hyperparameters.get("lr"))),
-                _number(prediction.hyperparameters.get("weight_decay")),
-                final["final_angular_update"],
-                final["final_theory"],
-                final["final_ratio"],
-                final["final_weight_norm"],
-                bool(state is not None and state.in_equilibrium),
-                equilibrium_step,
-                str(entry.get("invariance", "unverified")),
-            ]
-        )
-    run.summary[f"{prefix}sdm/summary/equilibrium_fraction"] = callback.detector.fraction()
-    logger.log_table(key="sdm/units", columns=list(TABLE_COLUMNS), data=rows, step=step)
+                run.summary[f"{prefix}sdm/summary/{result.unit}/{key}"] = value
+    run.summary[f"{prefix}sdm/summary/equilibrium_fraction"] = fraction
+    rows = [list(astuple(result)) for result in results]
+    logger.log_table(key="sdm/units", columns=list(TABLE_COLUMNS), data=rows, step=global_step)
 
 
 def _number(value: Any) -> float:

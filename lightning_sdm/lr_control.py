@@ -14,12 +14,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as schedulers
 
 __all__ = [
-    "check_rescale_supported",
     "check_schedulers_supported",
     "decay_param_groups",
     "rescale_for_lr_decay",
@@ -90,21 +88,19 @@ def decay_param_groups(
     return changes
 
 
-def check_rescale_supported(optimizer: Optimizer) -> None:
-    """Raise ``ValueError`` unless SMD's rescaling is defined for ``optimizer``."""
-    _rescale_exponent(optimizer)
-
-
 def rescale_for_lr_decay(
-    optimizer: Optimizer, units: Iterable[Sequence[nn.Parameter]], decay: float
+    optimizer: Optimizer,
+    units: Iterable[Sequence[torch.Tensor]],
+    decay: float,
+    exponent: float,
 ) -> float:
     """Move scale-invariant units to their new equilibrium norm at an LR decay by ``decay``.
 
     SMD's trick (Wan et al. 2020, Sec. 4, Fig. 3): after the LR is divided by ``k`` the equilibrium
-    norm of SGD is ``k^(-1/4)`` times the old one (SMD Thm 2: ``|w*|^4`` is proportional to the
-    LR); dividing the invariant weights by ``k^(1/4)`` at the moment of the decay leaves the loss
-    unchanged and lands on it at once. For decoupled weight decay (AdamW) the equilibrium norm is
-    ``sqrt(eta C / (2 lam))`` (Kosson et al. 2024), so the factor is ``k^(-1/2)``.
+    norm is ``k**-exponent`` times the old one, with ``exponent`` from
+    :func:`lightning_sdm.theory.equilibrium_norm_exponent` (1/4 for SGD, 1/2 for AdamW); dividing
+    the invariant weights by ``k**exponent`` at the moment of the decay leaves the loss unchanged
+    and lands on it at once.
 
     The optimizer state is moved along so that the next steps are those of a run that had been at
     the rescaled point all along (derived from the scale invariance: gradients scale as ``1/c``
@@ -116,11 +112,11 @@ def rescale_for_lr_decay(
         optimizer: the optimizer updating the units.
         units: each unit's parameters (a weight, and the bias before its norm).
         decay: ``k > 1``, the factor the LR was divided by.
+        exponent: how the equilibrium norm scales with the LR.
 
     Returns:
         The factor ``c`` the weights were multiplied by.
     """
-    exponent = _rescale_exponent(optimizer)
     scale = decay**-exponent
     with torch.no_grad():
         for params in units:
@@ -165,22 +161,7 @@ def _scale_scheduler(scheduler: Any, index: int, scale: float, groups: int) -> N
         scheduler.eta_min = eta_min * scale
 
 
-def _rescale_exponent(optimizer: Optimizer) -> float:
-    name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.SGD):
-        return 0.25
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or all(
-        g.get("decoupled_weight_decay", False) for g in optimizer.param_groups
-    )
-    if isinstance(optimizer, torch.optim.Adam) and decoupled:
-        return 0.5
-    raise ValueError(
-        f"rescale_weights=True is defined for torch.optim.SGD and AdamW only, got {name}: the "
-        "equilibrium norm after a decay is not known for it. Use rescale_weights=False."
-    )
-
-
-def _rescale_unit(optimizer: Optimizer, params: list[nn.Parameter], scale: float) -> None:
+def _rescale_unit(optimizer: Optimizer, params: list[torch.Tensor], scale: float) -> None:
     # Radial coefficient of the momentum buffer along the whole unit (weight and bias together),
     # computed once, before any buffer is changed.
     pairs = _unit_buffers(optimizer, params)
@@ -202,7 +183,7 @@ def _rescale_unit(optimizer: Optimizer, params: list[nn.Parameter], scale: float
 
 
 def _unit_buffers(
-    optimizer: Optimizer, params: list[nn.Parameter]
+    optimizer: Optimizer, params: list[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     pairs = []
     for p in params:

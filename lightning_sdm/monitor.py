@@ -5,127 +5,53 @@
 be measured, and accumulates the step's sufficient statistics just after it. Steps the optimizer
 does not take (a grad-scaler skip under AMP) fire neither hook and are never measured. Every
 ``every_n_steps`` optimizer steps it closes a window covering the last ``window`` steps and makes a
-:class:`UnitWindow` per unit available from :meth:`SphericalMonitor.pop_windows`.
+:class:`~lightning_sdm.records.UnitWindow` per unit available from
+:meth:`SphericalMonitor.pop_windows`.
 
-The Lightning callback is a thin adapter over this class; Fabric and plain PyTorch loops use it
-directly (see ``examples/``).
+The Lightning callback is an adapter over this class; Fabric and plain PyTorch loops use it
+directly (see ``examples/``). The settings live in :class:`~lightning_sdm.config.MonitorConfig`,
+the units are :class:`~lightning_sdm.units.Unit`, and the prediction of every window comes from
+:mod:`lightning_sdm.theory`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sdm.functional import (
-    COVERAGE,
-    _BatchedStatistics,
-    _local_shard,
-    angular_update_statistics,
-    cosine_from_statistics,
-)
+from lightning_sdm._engine import COVERAGE, BatchedStatistics, local_shard
+from lightning_sdm.config import MonitorConfig
+from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
-from lightning_sdm.theory import Prediction, explain_equilibrium, relaxation_steps
+from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
+from lightning_sdm.theory import Prediction, explain_equilibrium, relaxation_time
+from lightning_sdm.units import Unit
 
-if TYPE_CHECKING:
-    from lightning_sdm.invariance import InvarianceReport
-
-__all__ = ["SphericalMonitor", "UnitSpec", "UnitWindow"]
-
-GRANULARITIES = ("layer", "channel")
-CHANNEL_SUMMARIES = ("mean", "std", "min", "p10", "median", "p90", "max")
+__all__ = ["SphericalMonitor"]
 
 
-@dataclass(frozen=True)
-class UnitSpec:
-    """One scale-invariant unit to monitor.
+class _HasUnits(Protocol):
+    """An :class:`~lightning_sdm.invariance.InvarianceReport` (or anything with ``units``)."""
 
-    Args:
-        name: the key the unit is reported under (by convention the weight's qualified name).
-        params: qualified names of the unit's parameters (the weight, and the bias that precedes
-            the normalization, when there is one).
-        channel_dim: dimension of the weight that indexes output channels (1 for ConvTranspose).
-        channel_invariant: whether each output channel is invariant on its own (BatchNorm), or
-            only the whole tensor (LayerNorm).
-        source: how the unit was found (``"trace"``, ``"registration_order"``, ``"explicit"``).
-    """
-
-    name: str
-    params: tuple[str, ...]
-    channel_dim: int = 0
-    channel_invariant: bool = True
-    source: str = "explicit"
-
-    @classmethod
-    def from_report(cls, report: InvarianceReport) -> list[UnitSpec]:
-        """The units of a :func:`~lightning_sdm.invariance.find_scale_invariant_units` report."""
-        return [
-            cls(
-                name=unit.name,
-                params=tuple(unit.params),
-                channel_dim=unit.channel_dim,
-                channel_invariant=unit.channel_invariant,
-                source=report.method,
-            )
-            for unit in report.units
-        ]
-
-
-@dataclass(frozen=True)
-class UnitWindow:
-    """What one unit did over one measurement window.
-
-    Attributes:
-        unit: the unit's name.
-        step: optimizer steps completed by the unit's optimizer when the window closed.
-        angular_update: RMS angular update (radians per step) over the window.
-        last: angular update of the last step of the window.
-        theory: predicted equilibrium (RMS over the window's learning rates), ``None`` when no
-            prediction exists for the unit's optimizer/param group.
-        ratio: ``angular_update / theory`` (``None`` without a prediction).
-        weight_norm: norm of the unit (weight and bias together) at the end of the window.
-        steps: number of measured steps in the window.
-        lr: learning rate of the unit's param group at the last measured step.
-        frozen: the unit had no gradient (frozen); its angle is 0 and it has no prediction.
-        channels: with ``granularity="channel"``, summary statistics over the unit's channels of
-            the per-channel RMS angular update (keys in ``CHANNEL_SUMMARIES``), else ``None``.
-        channel_ratios: same summaries of per-channel ``angular_update / theory``.
-        time_scale: e-folding time (steps) of the relaxation towards equilibrium under the
-            current hyper-parameters, ``None`` where theory gives none.
-        horizon_angular_update: with ``horizon=h > 1``, the RMS over the window of the angle
-            between ``w_t`` and ``w_{t+h}`` (not the sum of the ``h`` one-step angles: angles on
-            a sphere do not add, and a random walk covers only about ``sqrt(h)`` of them).
-    """
-
-    unit: str
-    step: int
-    angular_update: float
-    last: float
-    theory: float | None
-    ratio: float | None
-    weight_norm: float
-    steps: int
-    lr: float
-    frozen: bool = False
-    channels: dict[str, float] | None = None
-    channel_ratios: dict[str, float] | None = None
-    time_scale: float | None = None
-    horizon_angular_update: float | None = None
+    @property
+    def units(self) -> Sequence[Unit]: ...
 
 
 @dataclass
 class _Unit:
-    spec: UnitSpec
+    spec: Unit
     tensors: list[nn.Parameter]
     group_index: int
     rows: slice  # rows of this unit in the optimizer watch's statistics
-    invariance: str = "unverified"  # "verified" | "violated" | "unverified"
+    per_channel: bool  # summarised over its channels (granularity "channel", channel-invariant)
+    invariance: Invariance = "unverified"
     max_abs_cosine: float = 0.0
 
 
@@ -140,7 +66,7 @@ class _OptimizerWatch:
     row_to_unit_row: Tensor
     num_rows: int
     metric: AngularUpdate
-    statistics: _BatchedStatistics  # cached layout and work buffer of the per-step statistics
+    statistics: BatchedStatistics  # cached layout and work buffer of the per-step statistics
     member_counts: Tensor  # tensors per unit row (their coverages are averaged)
     rows_are_units: bool  # one tensor row per unit row, in order: no summing needed
     steps_done: int = 0
@@ -160,39 +86,29 @@ class SphericalMonitor:
         optimizers: the optimizer(s) updating them. A unit's parameters must all belong to one
             optimizer param group; units whose parameters no optimizer updates are skipped (see
             :attr:`skipped`).
-        units: the units to monitor (see :class:`UnitSpec`).
-        granularity: ``"layer"`` (one angle per unit, as in Wan et al.) or ``"channel"`` (one
-            angle per output channel, as in Kosson et al.; reported as summary statistics).
-        every_n_steps: optimizer steps between two windows.
-        window: measured steps per window (the last ``window`` steps before each window closes;
-            at most ``every_n_steps``).
-        verify_steps: number of measured steps on which the gradient-orthogonality check
-            ``|cos(w, grad)| < orthogonality_tolerance`` is run per unit (0 disables it).
-        orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant. Exact
-            arithmetic gives 0; float32 backward passes through a normalization leave ~1e-6 early
-            in training and up to ~3e-3 on collapsed weights, while weights that are not
-            invariant (classifiers) typically show 0.1 or more.
+        units: the units to monitor (:class:`~lightning_sdm.units.Unit`), or an
+            :class:`~lightning_sdm.invariance.InvarianceReport` (its units).
+        config: the settings (:class:`~lightning_sdm.config.MonitorConfig`); or pass its fields
+            as keyword arguments (``every_n_steps=10, window=5``).
         sync_on_compute: reduce statistics over processes when a window closes (needed for
             sharded parameters; harmless for replicated ones).
-        horizon: also measure the angle between ``w_t`` and ``w_{t+horizon}`` over consecutive
-            blocks of ``horizon`` steps inside each window (:attr:`UnitWindow.
-            horizon_angular_update`). Costs a second copy of the monitored weights while a
-            window is open.
+        **settings: fields of :class:`~lightning_sdm.config.MonitorConfig`, when ``config`` is
+            not given.
 
     Example::
 
         >>> import torch
         >>> from torch import nn
-        >>> from lightning_sdm import SphericalMonitor, UnitSpec
+        >>> from lightning_sdm import SphericalMonitor, Unit
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        >>> monitor = SphericalMonitor(model, opt, [UnitSpec("0.weight", ("0.weight", "0.bias"))],
+        >>> monitor = SphericalMonitor(model, opt, [Unit("0.weight", ("0.weight", "0.bias"))],
         ...                            every_n_steps=5, window=5).attach()
         >>> for _ in range(10):
         ...     opt.zero_grad()
         ...     model(torch.randn(32, 8)).square().mean().backward()
         ...     opt.step()
-        >>> [(w.unit, w.step, w.steps) for w in monitor.pop_windows()]
+        >>> [(w.unit, w.optimizer_step, w.steps) for w in monitor.pop_windows()]
         [('0.weight', 5, 5), ('0.weight', 10, 5)]
         >>> monitor.detach()
     """
@@ -201,39 +117,39 @@ class SphericalMonitor:
         self,
         module: nn.Module,
         optimizers: Optimizer | Sequence[Optimizer],
-        units: Sequence[UnitSpec],
+        units: Sequence[Unit] | _HasUnits,
+        config: MonitorConfig | None = None,
         *,
-        granularity: str = "layer",
-        every_n_steps: int = 50,
-        window: int = 8,
-        verify_steps: int = 3,
-        orthogonality_tolerance: float = 1e-2,
         sync_on_compute: bool = True,
-        horizon: int = 1,
+        **settings: Any,
     ) -> None:
-        if not isinstance(horizon, int) or horizon < 1 or horizon > min(window, every_n_steps):
+        if config is not None and settings:
             raise ValueError(
-                f"`horizon` must be an integer in [1, window], got {horizon!r} "
-                f"(window={window}, every_n_steps={every_n_steps})."
+                f"Pass either `config` or its fields ({', '.join(settings)}), not both."
             )
-        check_monitor_arguments(
-            granularity, every_n_steps, window, verify_steps, orthogonality_tolerance
-        )
-        self.granularity = granularity
-        self.every_n_steps = every_n_steps
-        self.window = min(window, every_n_steps)
-        self.verify_steps = verify_steps
-        self.orthogonality_tolerance = orthogonality_tolerance
+        config = config if config is not None else MonitorConfig(**settings)
+        if not config.resolved:
+            raise ValueError("`every_n_steps` must be set (None is resolved by the callback).")
+        unit_list = list(units.units) if hasattr(units, "units") else list(units)
+        bad = [u for u in unit_list if not isinstance(u, Unit)]
+        if bad:
+            raise ValueError(
+                f"`units` must hold lightning_sdm.Unit objects, got {type(bad[0]).__name__}."
+            )
+        self.config = config
         self.sync_on_compute = sync_on_compute
-        self.horizon = horizon
         self.skipped: dict[str, str] = {}
         self._windows: list[UnitWindow] = []
         self._measured_steps = 0
-        self._listeners: list[Callable[[list[UnitWindow]], None]] = []
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
-        self._watches = _build_watches(module, optimizer_list, units, self, granularity)
+        self._watches = _build_watches(module, optimizer_list, unit_list, self)
 
     # ---------------------------------------------------------------- public API
+
+    @property
+    def granularity(self) -> Granularity:
+        """``"layer"`` or ``"channel"`` (from :attr:`config`)."""
+        return self.config.granularity
 
     @property
     def units(self) -> list[str]:
@@ -241,7 +157,12 @@ class SphericalMonitor:
         return [unit.spec.name for watch in self._watches for unit in watch.units]
 
     @property
-    def invariance(self) -> dict[str, tuple[str, float]]:
+    def channel_units(self) -> list[str]:
+        """The units summarised per channel (``granularity="channel"`` and channel-invariant)."""
+        return [u.spec.name for watch in self._watches for u in watch.units if u.per_channel]
+
+    @property
+    def invariance(self) -> dict[str, tuple[Invariance, float]]:
         """Per unit: ``("verified" | "violated" | "unverified", max |cos(w, grad)| seen)``."""
         return {
             unit.spec.name: (unit.invariance, unit.max_abs_cosine)
@@ -290,13 +211,17 @@ class SphericalMonitor:
             watch.snapshot = None
             watch.statistics.release()
 
-    def add_listener(self, listener: Callable[[list[UnitWindow]], None]) -> None:
-        """Call ``listener(windows)`` each time windows close (on every rank)."""
-        self._listeners.append(listener)
+    def pop_windows(self, global_step: int | None = None) -> list[UnitWindow]:
+        """Windows closed since the last call, oldest first.
 
-    def pop_windows(self) -> list[UnitWindow]:
-        """Windows closed since the last call, oldest first."""
+        Args:
+            global_step: the caller's global clock, stamped on the windows (the callback passes
+                ``trainer.global_step``); by default the monitor's count of the steps of all its
+                optimizers when each window closed.
+        """
         windows, self._windows = self._windows, []
+        if global_step is not None:
+            windows = [replace(window, global_step=global_step) for window in windows]
         return windows
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,7 +234,7 @@ class SphericalMonitor:
             "window_statistics": [watch.metric.step_statistics.cpu() for watch in self._watches],
             "window_predictions": [
                 [
-                    [(p.angular_update, dict(p.hyperparameters)) for p in step]
+                    [(p.angular_update, dict(p.hyperparameters), p.family) for p in step]
                     for step in w.predictions
                 ]
                 for w in self._watches
@@ -339,30 +264,21 @@ class SphericalMonitor:
             predictions = state.get("window_predictions", [])
             if index < len(predictions):
                 watch.predictions = [
-                    [_restored_prediction(value, hyper) for value, hyper in step]
-                    for step in predictions[index]
+                    [_restored_prediction(*saved) for saved in step] for step in predictions[index]
                 ]
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
         for watch in self._watches:
             for unit in watch.units:
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
-                    unit.invariance, unit.max_abs_cosine = str(status), float(cosine)
+                    unit.invariance, unit.max_abs_cosine = status, float(cosine)
 
     # ---------------------------------------------------------------- hooks
-
-    def _is_measured(self, step_index: int) -> bool:
-        """Step ``step_index`` (0-based) is among the last ``window`` of its interval."""
-        return step_index % self.every_n_steps >= self.every_n_steps - self.window
-
-    def _position_in_window(self, step_index: int) -> int:
-        return step_index % self.every_n_steps - (self.every_n_steps - self.window)
-
     # The hooks run on every optimizer step. On a step that is not measured they only read and
     # increment a counter: no tensor op, no allocation, no host-device synchronisation.
 
     def _before_step(self, watch: _OptimizerWatch) -> None:
-        watch.measuring = self._is_measured(watch.steps_done)
+        watch.measuring = self.config.is_measured(watch.steps_done)
         if watch.measuring:
             self._take_snapshot(watch)
 
@@ -371,7 +287,9 @@ class SphericalMonitor:
             self._measure(watch)
         watch.measuring = False
         watch.steps_done += 1
-        if watch.steps_done % self.every_n_steps == 0 and watch.predictions:
+        every = self.config.every_n_steps
+        assert every is not None
+        if watch.steps_done % every == 0 and watch.predictions:
             with torch.no_grad():
                 self._close_window(watch)
 
@@ -379,7 +297,8 @@ class SphericalMonitor:
     def _take_snapshot(self, watch: _OptimizerWatch) -> None:
         sources = [p.detach() for p in watch.tensors]
         watch.snapshot = _copy_into(watch.snapshot, sources)
-        if self.horizon > 1 and self._position_in_window(watch.steps_done) % self.horizon == 0:
+        horizon = self.config.horizon
+        if horizon > 1 and self.config.position_in_window(watch.steps_done) % horizon == 0:
             watch.anchor = _copy_into(watch.anchor, sources)
         watch.predictions.append(explain_equilibrium(watch.optimizer))
 
@@ -389,11 +308,12 @@ class SphericalMonitor:
         currents = [p.detach() for p in watch.tensors]
         rows = watch.statistics(watch.snapshot, currents)
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
-        position = self._position_in_window(watch.steps_done)
-        if watch.anchor is not None and position % self.horizon == self.horizon - 1:
+        position = self.config.position_in_window(watch.steps_done)
+        horizon = self.config.horizon
+        if watch.anchor is not None and position % horizon == horizon - 1:
             rows = watch.statistics(watch.anchor, currents)
             watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
-        if self._measured_steps < self.verify_steps:
+        if self._measured_steps < self.config.verify_steps:
             self._verify_orthogonality(watch)
 
     def _to_unit_rows(self, watch: _OptimizerWatch, rows: Tensor) -> Tensor:
@@ -419,13 +339,13 @@ class SphericalMonitor:
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
         per_tensor = _all_reduce_sum(rows)
+        tolerance = self.config.orthogonality_tolerance
         for unit, tensor_rows in zip(watch.units, _unit_tensor_rows(watch.units), strict=True):
             cosine = cosine_from_statistics(per_tensor[tensor_rows].sum(dim=0)).abs().item()
             if math.isnan(cosine):
                 continue
             unit.max_abs_cosine = max(unit.max_abs_cosine, cosine)
-            violated = unit.max_abs_cosine > self.orthogonality_tolerance
-            unit.invariance = "violated" if violated else "verified"
+            unit.invariance = "violated" if unit.max_abs_cosine > tolerance else "verified"
 
     def _close_window(self, watch: _OptimizerWatch) -> None:
         watch.metric.sync_on_compute = self.sync_on_compute
@@ -438,16 +358,15 @@ class SphericalMonitor:
             result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
-        if self.every_n_steps > self.window:
+        if self.config.every_n_steps != self.config.window:
             watch.snapshot = watch.anchor = None  # no extra memory between windows
             watch.statistics.release()
         rows = {key: value.tolist() for key, value in result.items()}
-        windows = [
-            self._unit_window(watch, unit, result, rows, predictions) for unit in watch.units
-        ]
-        self._windows.extend(windows)
-        for listener in self._listeners:
-            listener(windows)
+        global_step = sum(w.steps_done for w in self._watches)
+        self._windows.extend(
+            self._unit_window(watch, unit, result, rows, predictions, global_step)
+            for unit in watch.units
+        )
 
     def _unit_window(
         self,
@@ -456,6 +375,7 @@ class SphericalMonitor:
         result: Mapping[str, Tensor],
         rows: Mapping[str, list[float]],
         predictions: list[list[Prediction]],
+        global_step: int,
     ) -> UnitWindow:
         """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
         values = [p[unit.group_index].angular_update for p in predictions]
@@ -464,8 +384,8 @@ class SphericalMonitor:
         if not frozen and all(v is not None for v in values):
             theory = math.sqrt(sum(v * v for v in values if v is not None) / len(values))
         lr = float(predictions[-1][unit.group_index].hyperparameters.get("lr", math.nan))
-        horizon_angle = None
-        if self.granularity == "layer":
+        horizon_angle = channels = channel_ratios = None
+        if not unit.per_channel:
             # One row per unit: plain floats (sqrt(x * x) == |x| exactly, as the tensor ops gave).
             row = unit.rows.start
             angle = rows["rms"][row]
@@ -473,24 +393,23 @@ class SphericalMonitor:
             last = rows["last"][row]
             if "horizon_rms" in rows:
                 horizon_angle = math.sqrt(rows["horizon_rms"][row] * rows["horizon_rms"][row])
-            channels = channel_ratios = None
         else:
             rms = result["rms"][unit.rows]
             angle = rms.square().mean().sqrt().item()
             norm = result["weight_norm"][unit.rows].square().sum().sqrt().item()
-            last = _last_angle(result["last"][unit.rows], self.granularity)
+            last = result["last"][unit.rows].square().mean().sqrt().item()
             if "horizon_rms" in result:
                 horizon_angle = result["horizon_rms"][unit.rows].square().mean().sqrt().item()
             channels = _summarize(rms)
             channel_ratios = _summarize(rms / theory) if theory else None
-        ratio = angle / theory if theory else None
         return UnitWindow(
             unit=unit.spec.name,
-            step=watch.steps_done,
+            optimizer_step=watch.steps_done,
+            global_step=global_step,
             angular_update=angle,
             last=last,
             theory=theory,
-            ratio=ratio,
+            ratio=angle / theory if theory else None,
             weight_norm=norm,
             steps=int(rows["steps"][0]),
             lr=lr,
@@ -503,28 +422,6 @@ class SphericalMonitor:
 
 
 # -------------------------------------------------------------------- construction helpers
-
-
-def check_monitor_arguments(
-    granularity: str,
-    every_n_steps: int,
-    window: int,
-    verify_steps: int,
-    orthogonality_tolerance: float,
-) -> None:
-    """Raise ``ValueError`` naming the first invalid argument (shared with the callback)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
-    if not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}.")
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"`window` must be a positive integer, got {window!r}.")
-    if not isinstance(verify_steps, int) or verify_steps < 0:
-        raise ValueError(f"`verify_steps` must be a non-negative integer, got {verify_steps!r}.")
-    if not 0 < orthogonality_tolerance < 1:
-        raise ValueError(
-            f"`orthogonality_tolerance` must be in (0, 1), got {orthogonality_tolerance!r}."
-        )
 
 
 def _bind(method: Callable[[_OptimizerWatch], None], watch: _OptimizerWatch) -> Callable[..., None]:
@@ -543,14 +440,13 @@ def _param_groups(optimizer: Optimizer) -> dict[int, int]:
 def _build_watches(
     module: nn.Module,
     optimizers: list[Optimizer],
-    specs: Sequence[UnitSpec],
+    specs: Sequence[Unit],
     monitor: SphericalMonitor,
-    granularity: str,
 ) -> list[_OptimizerWatch]:
     _reshard_fsdp(module)
     named = dict(module.named_parameters())
     group_of = [_param_groups(opt) for opt in optimizers]
-    assigned: list[list[tuple[UnitSpec, list[nn.Parameter], int]]] = [[] for _ in optimizers]
+    assigned: list[list[tuple[Unit, list[nn.Parameter], int]]] = [[] for _ in optimizers]
     for spec in specs:
         missing = [name for name in spec.params if name not in named]
         if missing:
@@ -565,7 +461,7 @@ def _build_watches(
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     return [
-        _make_watch(opt, entries, granularity, monitor.sync_on_compute)
+        _make_watch(opt, entries, monitor.granularity, monitor.sync_on_compute)
         for opt, entries in zip(optimizers, assigned, strict=True)
         if entries
     ]
@@ -583,8 +479,8 @@ def _owning_optimizer(
 
 def _make_watch(
     optimizer: Optimizer,
-    entries: list[tuple[UnitSpec, list[nn.Parameter], int]],
-    granularity: str,
+    entries: list[tuple[Unit, list[nn.Parameter], int]],
+    granularity: Granularity,
     sync_on_compute: bool,
 ) -> _OptimizerWatch:
     units: list[_Unit] = []
@@ -593,17 +489,20 @@ def _make_watch(
     row_map: list[Tensor] = []
     row = 0
     for spec, unit_tensors, group_index in entries:
-        channels = unit_tensors[0].shape[spec.channel_dim] if granularity == "channel" else 1
+        # A unit invariant only as a whole (LayerNorm) has no per-channel angle: one row.
+        per_channel = granularity == "channel" and spec.channel_invariant
+        channels = unit_tensors[0].shape[spec.channel_dim] if per_channel else 1
         for position, tensor in enumerate(unit_tensors):
             tensors.append(tensor)
-            if granularity == "channel":
+            if per_channel:
                 # The weight's output channels, and the bias's elements, map to the same rows.
                 dims.append(spec.channel_dim if position == 0 else 0)
                 row_map.append(torch.arange(row, row + channels))
             else:
                 dims.append(None)
                 row_map.append(torch.tensor([row]))
-        units.append(_Unit(spec, unit_tensors, group_index, slice(row, row + channels)))
+        rows = slice(row, row + channels)
+        units.append(_Unit(spec, unit_tensors, group_index, rows, per_channel))
         row += channels
     row_to_unit_row = torch.cat(row_map)
     return _OptimizerWatch(
@@ -614,7 +513,7 @@ def _make_watch(
         row_to_unit_row=row_to_unit_row,
         num_rows=row,
         metric=AngularUpdate(sync_on_compute=sync_on_compute),
-        statistics=_BatchedStatistics(dims),
+        statistics=BatchedStatistics(dims),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
     )
@@ -653,13 +552,9 @@ def _summarize(values: Tensor) -> dict[str, float]:
     }
 
 
-def _last_angle(last: Tensor, granularity: str) -> float:
-    if granularity == "layer":
-        return last.item()
-    return last.square().mean().sqrt().item()
-
-
-def _restored_prediction(value: float | None, hyperparameters: Mapping[str, float]) -> Prediction:
+def _restored_prediction(
+    value: float | None, hyperparameters: Mapping[str, float], family: Any = None
+) -> Prediction:
     return Prediction(
         angular_update=value,
         optimizer="restored",
@@ -667,26 +562,8 @@ def _restored_prediction(value: float | None, hyperparameters: Mapping[str, floa
         reason="restored from a checkpoint",
         source="",
         hyperparameters=dict(hyperparameters),
+        family=family,
     )
-
-
-def relaxation_time(prediction: Prediction) -> float | None:
-    """E-folding time (steps) of the approach to equilibrium for a param group, if known.
-
-    SGD: :func:`lightning_sdm.theory.relaxation_steps` (``(1 - alpha) / (4 eta lam)``, with
-    ``eta (1 - tau)`` under dampening ``tau``). Decoupled weight decay (AdamW, Lion): ``1 / (2 eta
-    lam)``, the time scale of ``|w|^2`` under a gradient-scale-free update (Kosson et al. 2024).
-    """
-    hyper = prediction.hyperparameters
-    lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
-    if prediction.angular_update is None or lr <= 0 or weight_decay <= 0:
-        return None
-    if "momentum" in hyper:
-        effective_lr = lr * (1.0 - hyper.get("dampening", 0.0))
-        if effective_lr <= 0 or not 0 <= hyper["momentum"] < 1:
-            return None
-        return relaxation_steps(effective_lr, weight_decay, hyper["momentum"])
-    return 1.0 / (2.0 * lr * weight_decay)
 
 
 def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tensor]:
@@ -694,7 +571,7 @@ def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tens
     if buffers is None:
         return [source.clone() for source in sources]
     # DTensor has no sharding rule for _foreach_copy_: copy the local shards (views) instead.
-    torch._foreach_copy_([_local_shard(b) for b in buffers], [_local_shard(s) for s in sources])
+    torch._foreach_copy_([local_shard(b) for b in buffers], [local_shard(s) for s in sources])
     return buffers
 
 

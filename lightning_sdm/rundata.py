@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_sdm.monitor import CHANNEL_SUMMARIES
+from lightning_sdm.records import HistoryRecord, Keys
 
 __all__ = [
     "EquilibriumInfo",
@@ -47,13 +47,13 @@ __all__ = [
     "select_run",
 ]
 
-ANGULAR_UPDATE = "sdm/angular_update/"
-THEORY = "sdm/angular_update_theory/"
-RATIO = "sdm/angular_update_ratio/"
-WEIGHT_NORM = "sdm/weight_norm/"
-FRACTION = "sdm/equilibrium_fraction"
+ANGULAR_UPDATE = Keys.ANGULAR_UPDATE
+THEORY = Keys.THEORY
+RATIO = Keys.RATIO
+WEIGHT_NORM = Keys.WEIGHT_NORM
+FRACTION = Keys.FRACTION
 # Per-unit 0/1 equilibrium flags: built from ``history``; read from logs that carry them.
-IN_EQUILIBRIUM = "sdm/in_equilibrium/"
+IN_EQUILIBRIUM = Keys.IN_EQUILIBRIUM
 
 TENSORBOARD = "tensorboard"
 CSV = "csv"
@@ -256,12 +256,15 @@ class RunData:
 
 
 def run_from_history(
-    history: Sequence[Mapping[str, Any]], source: str = "callback.history"
+    history: Sequence[HistoryRecord | Mapping[str, Any]], source: str = "callback.history"
 ) -> RunData:
     """Build a :class:`RunData` from ``SphericalDynamicsCallback.history``.
 
+    The series are on the global step (the clock of the logs).
+
     Args:
-        history: the callback's ``history`` (one dict per unit and window).
+        history: the callback's ``history`` (:class:`~lightning_sdm.records.HistoryRecord`
+            objects, or their ``as_dict()``).
         source: a label for figure titles.
 
     Raises:
@@ -269,10 +272,11 @@ def run_from_history(
 
     Example::
 
-        >>> entry = {"step": 10, "unit": "net.0.weight", "angular_update": 0.0195,
-        ...          "theory": 0.0205, "ratio": 0.951, "weight_norm": 3.2, "lr": 0.1,
-        ...          "in_equilibrium": True}
-        >>> run = run_from_history([entry, {**entry, "step": 20, "in_equilibrium": False}])
+        >>> entry = {"global_step": 10, "optimizer_step": 10, "unit": "net.0.weight",
+        ...          "angular_update": 0.0195, "theory": 0.0205, "ratio": 0.951,
+        ...          "weight_norm": 3.2, "lr": 0.1, "in_equilibrium": True}
+        >>> later = {**entry, "global_step": 20, "optimizer_step": 20, "in_equilibrium": False}
+        >>> run = run_from_history([entry, later])
         >>> run.units, run.angular_update("net.0.weight").steps
         (['net.0.weight'], (10, 20))
         >>> run.equilibrium("net.0.weight").text
@@ -293,8 +297,9 @@ def run_from_history(
     units: list[str] = []
     lrs: dict[str, tuple[list[int], list[float]]] = {}
     status: dict[str, bool] = {}
-    for entry in history:
-        unit, step = str(entry["unit"]), int(entry["step"])
+    for record in history:
+        entry = record.as_dict() if isinstance(record, HistoryRecord) else record
+        unit, step = str(entry["unit"]), int(entry["global_step"])
         if unit not in units:
             units.append(unit)
         add(ANGULAR_UPDATE + unit, step, entry.get("angular_update"))
@@ -492,9 +497,7 @@ def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
     for key in raw:
         if not key.startswith(ANGULAR_UPDATE):
             continue
-        rest = key[len(ANGULAR_UPDATE) :]
-        head, _, tail = rest.rpartition("/")
-        unit = head if head and tail in CHANNEL_SUMMARIES else rest
+        unit = Keys.unit_of(key, ANGULAR_UPDATE)
         if unit not in units:
             units.append(unit)
     if kind == CSV:

@@ -22,17 +22,19 @@ Neural Network with Normalization, Weight Decay, and SGD", arXiv:2006.08419. Kos
 Kosson, B. Messmer, M. Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning Across
 Neural Networks", ICML 2024, arXiv:2305.17212, with its official code github.com/epfml/REQ (REQ).
 "Derived" formulas come from the same random-walk argument applied to PyTorch's exact update and
-are published nowhere; they were checked against :func:`simulate_scale_invariant`.
+are published nowhere; they were checked against
+:func:`lightning_sdm.simulation.simulate_scale_invariant`.
 
 Compare a prediction with the ROOT-MEAN-SQUARE of the measured per-step angle over a window, not
 with its mean (the mean of a fluctuating angle is lower than its RMS).
 
-How the predictions were validated: :func:`simulate_scale_invariant` integrates a scale-invariant
-problem with no network (the gradient of each row is fresh Gaussian noise projected orthogonal to
-the row and divided by its norm) with the real ``torch.optim`` classes, and measures the RMS angle
-per row with :func:`lightning_sdm.functional.angular_update`. ``examples/validate_theory.py`` prints
-the table; ``tests/test_theory.py`` asserts measured/predicted within 3% on the same grid (the
-Lion deviations below are recorded as expected failures). Findings worth knowing:
+How the predictions were validated: :func:`~lightning_sdm.simulation.simulate_scale_invariant`
+integrates a scale-invariant problem with no network (the gradient of each row is fresh Gaussian
+noise projected orthogonal to the row and divided by its norm) with the real ``torch.optim``
+classes, and measures the RMS angle per row with :func:`lightning_sdm.functional.angular_update`.
+``examples/validate_theory.py`` prints the table; ``tests/test_theory.py`` asserts
+measured/predicted within 3% on the same grid (the Lion deviations below are recorded as expected
+failures). Findings worth knowing:
 
 * SGD, heavy ball, dampening and Nesterov: measured/predicted within 0.1%.
 * AdamW (beta1 0.5 to 0.95), Adam with decoupled weight decay and AMSGrad: within 0.1%; RAdam
@@ -48,37 +50,40 @@ Lion deviations below are recorded as expected failures). Findings worth knowing
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from lightning_sdm.functional import angular_update
+from lightning_sdm._optimizers import (
+    Family,
+    basic_hyperparameters,
+    family_of,
+    invalid_reason,
+    read_hyperparameters,
+    recognise,
+    unwrap,
+)
 
 __all__ = [
     "Prediction",
     "predict_param_group",
     "explain_equilibrium",
     "equilibrium_angular_update",
+    "relaxation_time",
     "relaxation_steps",
+    "decoupled_relaxation_steps",
+    "lr_change_relaxation_steps",
+    "equilibrium_norm_exponent",
     "steps_to_equilibrium",
-    "lr_decay_relaxation_steps",
     "equilibrium_weight_norm",
     "adamw_equilibrium_weight_norm",
-    "SimulationResult",
-    "simulate_scale_invariant",
 ]
 
 _SMD = "Wan et al. 2020, Spherical Motion Dynamics (arXiv:2006.08419)"
 _REQ = "Kosson et al. 2024, Rotational Equilibrium (arXiv:2305.17212)"
-
-# LightningOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`; a bound on the
-# unwrapping depth guards against a wrapper that points to itself.
-_MAX_UNWRAP = 16
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,9 @@ class Prediction:
         reason: the formula with its numbers, or why there is no prediction.
         source: where the formula comes from (paper and equation), or ``"derived: ..."``.
         hyperparameters: the values the prediction read from the parameter group.
+        family: the kind of dynamics (``"sgd"``, ``"adam"``, ``"lion"``; ``None`` for an
+            optimizer theory does not know). Everything that depends on it (relaxation time,
+            rescaling) reads it from here.
     """
 
     angular_update: float | None
@@ -102,11 +110,23 @@ class Prediction:
     reason: str
     source: str
     hyperparameters: dict[str, float] = field(default_factory=dict)
+    family: Family | None = None
 
     @property
     def available(self) -> bool:
         """Whether theory gives a value for this group."""
         return self.angular_update is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for run configs: optimizer, rule, hyper-parameters, value, reasons."""
+        return {
+            "optimizer": self.optimizer,
+            "rule": self.rule,
+            **self.hyperparameters,
+            "prediction": self.angular_update,
+            "reason": self.reason,
+            "source": self.source,
+        }
 
 
 def predict_param_group(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> Prediction:
@@ -136,31 +156,33 @@ def predict_param_group(optimizer: torch.optim.Optimizer, group: Mapping[str, An
         >>> p.reason
         'sqrt(2*lr*wd/(1+momentum)) = sqrt(2*0.1*0.0005/(1+0.9)) = 0.00725476 rad per step'
     """
-    optimizer = _unwrap(optimizer)
-    family, name = _family(optimizer)
-    if family is None:
+    optimizer = unwrap(optimizer)
+    key, name = recognise(optimizer)
+    if key is None:
         reason = f"no published equilibrium for {name}; {_MEASURED}"
-        return _none(name, "unknown", reason, _basic_hyperparameters(group))
-    if family == "overridden":
+        return _none(name, "unknown", reason, basic_hyperparameters(group))
+    if key == "overridden":
         reason = (
             f"{name} overrides the step() of a known optimizer; no published equilibrium for its "
             f"update; {_MEASURED}"
         )
-        return _none(name, "unknown", reason, _basic_hyperparameters(group))
+        return _none(name, "unknown", reason, basic_hyperparameters(group))
+    family = family_of(key)
     try:
-        hyper = _read_hyperparameters(family, optimizer, group)
+        hyper = read_hyperparameters(key, optimizer, group)
     except KeyError as err:
         reason = f"{name} has no {err} hyper-parameter; no published equilibrium; {_MEASURED}"
-        return _none(name, "unknown", reason, _basic_hyperparameters(group))
+        return _none(name, "unknown", reason, basic_hyperparameters(group))
     except (TypeError, ValueError) as err:
-        return _none(name, "invalid", f"unreadable hyper-parameters: {err}")
-    invalid = _invalid_reason(hyper)
+        return _none(name, "invalid", f"unreadable hyper-parameters: {err}", family=family)
+    invalid = invalid_reason(hyper)
     if invalid is not None:
-        return _none(name, "invalid", invalid, hyper)
+        return _none(name, "invalid", invalid, hyper, family=family)
     if hyper["lr"] == 0:
         reason = "lr = 0: the weights do not move"
-        return Prediction(0.0, name, "zero_lr", reason, "trivial: no update", hyper)
-    return _PREDICTORS[family](name, group, hyper)
+        return Prediction(0.0, name, "zero_lr", reason, "trivial: no update", hyper, family)
+    prediction = _PREDICTORS[key](name, group, hyper)
+    return replace(prediction, family=family)
 
 
 def explain_equilibrium(optimizer: torch.optim.Optimizer) -> list[Prediction]:
@@ -175,7 +197,7 @@ def explain_equilibrium(optimizer: torch.optim.Optimizer) -> list[Prediction]:
         >>> [(p.rule, p.available) for p in explain_equilibrium(opt)]
         [('adamw', True), ('no_weight_decay', False)]
     """
-    optimizer = _unwrap(optimizer)
+    optimizer = unwrap(optimizer)
     return [predict_param_group(optimizer, group) for group in optimizer.param_groups]
 
 
@@ -198,7 +220,7 @@ def equilibrium_angular_update(optimizer: torch.optim.Optimizer) -> list[float |
 
 
 # --------------------------------------------------------------------------------------------
-# Norm dynamics of SGD
+# Norm dynamics: time constants, relaxation after an LR change, equilibrium norms
 
 
 def relaxation_steps(lr: float, weight_decay: float, momentum: float = 0.0) -> float:
@@ -212,17 +234,16 @@ def relaxation_steps(lr: float, weight_decay: float, momentum: float = 0.0) -> f
     ``|w|^4`` follows a linear recursion with rate ``4 eta lam`` (``/(1-alpha)`` with momentum,
     whose buffer applies each term ``1/(1-alpha)`` times over).
 
-    Checked with :func:`simulate_scale_invariant`: fitted time constants of ``|w|^4`` were within 5%
+    Checked with :func:`~lightning_sdm.simulation.simulate_scale_invariant`: fitted time constants
+    of ``|w|^4`` were within 5%
     of this value (momentum 0, 0.5, 0.9, dampening and Nesterov, starting at 0.3x and 3x the
     equilibrium norm), as long as the time is long against the momentum memory ``1/(1-alpha)``.
     Note that it is twice as fast as the rate ``(1 - 2 lam eta / (1 - alpha))^t`` stated in SMD's
     Thm 2, which is the decay of ``|w|^2`` under weight decay alone: the right description only far
     above equilibrium, where the gradient term is negligible.
 
-    For dampening ``tau`` pass ``lr * (1 - tau)``. For AdamW and Lion (not covered here) the update
-    size does not depend on the gradient scale and ``|w|^2`` relaxes on a time scale of about
-    ``1/(2 eta lam)`` steps; in the simulation AdamW was up to ~30% slower than that when its second
-    moment (memory ``1/(1-beta2)``) lags the changing gradient scale.
+    For dampening ``tau`` pass ``lr * (1 - tau)``. For AdamW and Lion see
+    :func:`decoupled_relaxation_steps`; :func:`relaxation_time` picks the right one.
 
     Args:
         lr: learning rate ``eta`` (> 0).
@@ -257,8 +278,8 @@ def steps_to_equilibrium(
     """Predicted SGD steps until the weight norm is within ``tolerance`` (relative) of equilibrium.
 
     Uses the geometric decay of ``|w|^4 - |w*|^4`` with the time constant of
-    :func:`relaxation_steps` (derived; checked against :func:`simulate_scale_invariant`, see the
-    tests). Per invariant unit, so pass the norm of one unit (one output channel under BatchNorm).
+    :func:`relaxation_steps` (derived; checked against the simulation, see the tests). Per
+    invariant unit, so pass the norm of one unit (one output channel under BatchNorm).
 
     Args:
         current_norm: norm of the weight now (> 0).
@@ -298,44 +319,145 @@ def steps_to_equilibrium(
     return tau * math.log(excess / band)
 
 
-def lr_decay_relaxation_steps(
-    decay_factor: float, lr: float, weight_decay: float, momentum: float = 0.0
-) -> int:
-    """SMD's estimate of the steps to the new equilibrium after dividing the learning rate by ``k``.
+def decoupled_relaxation_steps(lr: float, weight_decay: float) -> float:
+    """Time constant, in steps, of the norm under decoupled weight decay: ``1 / (2 eta lam)``.
 
-    ``ceil(log(k) (1 - alpha) / (2 lam eta))`` [SMD Cor. 3.1], with ``eta`` the learning rate
-    AFTER the decay: the norm relaxes under the new learning rate (with the old one the estimate is
-    ``k`` times too short). The new equilibrium norm is ``k^(-1/4)`` times the old one; until it is
-    reached the angular update first drops by about ``k``, then climbs back to its new equilibrium,
-    ``1/sqrt(k)`` times the old one.
-
-    In the SGD simulation (``k = 10``) the norm got within 5% of the new equilibrium after about
-    0.8 times this estimate: SMD's estimate corresponds to a tolerance of ~2%.
-    :func:`steps_to_equilibrium` predicts the time for a given tolerance.
+    AdamW, Adam/RAdam with ``decoupled_weight_decay=True`` and Lion take steps whose size does not
+    depend on the gradient scale (per element about ``eta``, orthogonal to the weight on average),
+    and shrink the weight by ``1 - eta lam`` per step. So ``|w|^2`` follows the linear recursion
+    ``|w|^2 <- (1 - 2 eta lam) |w|^2 + const`` and its deviation from equilibrium decays as
+    ``exp(-t / (1 / (2 eta lam)))`` (Kosson et al. 2024 use the same time scale). In the
+    simulation AdamW was up to ~30% slower than that when its second moment (memory
+    ``1/(1-beta2)``) lags a changing gradient scale.
 
     Args:
-        decay_factor: ``k >= 1``, the factor the learning rate was divided by.
-        lr: the learning rate after the decay (> 0).
-        weight_decay: L2 weight decay (> 0).
-        momentum: heavy-ball momentum in ``[0, 1)``.
+        lr: learning rate ``eta`` (> 0).
+        weight_decay: decoupled weight decay ``lam`` (> 0).
 
     Returns:
-        Number of steps (0 for ``k = 1``).
+        The e-folding time of ``|w|^2`` in steps.
 
     Raises:
         ValueError: if an argument is out of range.
 
     Example::
 
-        >>> lr_decay_relaxation_steps(10, lr=0.01, weight_decay=1e-4, momentum=0.9)
-        115130
+        >>> decoupled_relaxation_steps(1e-3, 0.1)
+        5000.0
     """
-    if not (math.isfinite(decay_factor) and decay_factor >= 1.0):
-        raise ValueError(f"`decay_factor` must be a finite number >= 1, got {decay_factor}.")
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay)
-    _check_momentum(momentum)
-    return math.ceil(math.log(decay_factor) * (1.0 - momentum) / (2.0 * weight_decay * lr))
+    return 1.0 / (2.0 * lr * weight_decay)
+
+
+def equilibrium_norm_exponent(prediction: Prediction) -> float | None:
+    """How the equilibrium norm scales with the LR: ``|w*|`` is proportional to ``lr**exponent``.
+
+    ``1/4`` for SGD (SMD Thm 2: ``|w*|^4`` is proportional to ``eta``), ``1/2`` for decoupled
+    weight decay (Kosson et al. 2024: ``|w*|^2 = eta C / (2 lam)`` for AdamW; Lion's sign steps
+    have the same form). It is also ``1/p`` for the power ``|w|^p`` whose deviation from
+    equilibrium relaxes exponentially (:func:`relaxation_time`). ``None`` without a prediction.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> [equilibrium_norm_exponent(p) for p in explain_equilibrium(
+        ...     torch.optim.SGD([w], lr=0.1, weight_decay=1e-4))]
+        [0.25]
+    """
+    if prediction.angular_update is None or prediction.family is None:
+        return None
+    return 0.25 if prediction.family == "sgd" else 0.5
+
+
+def relaxation_time(prediction: Prediction) -> float | None:
+    """E-folding time, in optimizer steps, of the approach to equilibrium of one param group.
+
+    SGD: :func:`relaxation_steps` (with ``lr (1 - dampening)``); decoupled weight decay (AdamW,
+    Lion): :func:`decoupled_relaxation_steps`. ``None`` where there is no prediction, no weight
+    decay or a zero learning rate (nothing relaxes).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-4)
+        >>> round(relaxation_time(explain_equilibrium(opt)[0]))
+        2500
+    """
+    exponent = equilibrium_norm_exponent(prediction)
+    hyper = prediction.hyperparameters
+    lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
+    if exponent is None or not lr > 0 or not weight_decay > 0:
+        return None
+    if prediction.family == "sgd":
+        effective_lr = lr * (1.0 - hyper.get("dampening", 0.0))
+        momentum = hyper.get("momentum", 0.0)
+        if not effective_lr > 0 or not 0.0 <= momentum < 1.0:
+            return None
+        return relaxation_steps(effective_lr, weight_decay, momentum)
+    return decoupled_relaxation_steps(lr, weight_decay)
+
+
+def lr_change_relaxation_steps(
+    lr_ratio: float, time_constant: float, tolerance: float = 0.05
+) -> float:
+    """Steps until the angular update is back near its prediction after an LR change.
+
+    The LR is multiplied by ``lr_ratio`` (a decay by ``k``: ``lr_ratio = 1/k``); "near" is
+    within ``tolerance`` (relative).
+
+    Derivation (the norm dynamics of :func:`relaxation_time`): write ``q = |w|^p`` with ``p = 4``
+    for SGD and ``p = 2`` for decoupled weight decay. ``q - q*`` decays as ``exp(-t / tau)`` with
+    ``tau = time_constant`` (under the new LR), the equilibrium ``q*`` is proportional to the LR,
+    and the angular update is proportional to ``lr / q**(1/2)`` (SGD: the step ``eta |g|``, with
+    ``|g|`` proportional to ``1/|w|``, over ``|w|``; AdamW: ``eta sqrt(C) / |w|``). Right after
+    the change the weights still sit at the old equilibrium, ``q = q*_new / lr_ratio``, so with
+    ``x = q / q*_new - 1``::
+
+        measured / predicted = (1 + x) ** -0.5,    x(t) = (1 / lr_ratio - 1) exp(-t / tau)
+
+    (after a decay by ``k`` the ratio reads ``1/sqrt(k)`` at once and climbs back). It is within
+    ``tolerance`` once ``|x| <= band``, ``band = (1 - tolerance)**-2 - 1`` for a decay and
+    ``1 - (1 + tolerance)**-2`` for an increase, that is after::
+
+        tau * ln(|1 / lr_ratio - 1| / band)   steps (0 if already inside).
+
+    SMD's Cor. 3.1 gives ``ceil(ln(k) (1 - alpha) / (2 lam eta))``, i.e. ``2 tau ln k`` with SGD's
+    ``tau``: the same as this function at ``tolerance ~ (k - 1) / (2 k^2)`` (4.5% for ``k = 10``).
+    Both are counted with the LR after the change (with the old LR the estimate is ``k`` times too
+    short). ``tests/test_theory.py`` checks this against :mod:`lightning_sdm.simulation` for SGD
+    with momentum and AdamW, decays and increases.
+
+    Args:
+        lr_ratio: new LR / old LR (> 0).
+        time_constant: ``tau`` under the new hyper-parameters (:func:`relaxation_time`), > 0.
+        tolerance: relative band around the new prediction, in ``(0, 1)``.
+
+    Returns:
+        Steps (fractional); 0 when the change is too small to leave the band.
+
+    Raises:
+        ValueError: if an argument is out of range.
+
+    Example::
+
+        >>> tau = relaxation_steps(0.01, 1e-4, momentum=0.9)  # ImageNet ResNet-50 after /10
+        >>> round(lr_change_relaxation_steps(0.1, tau))
+        110564
+        >>> lr_change_relaxation_steps(1.02, tau)
+        0.0
+    """
+    _check_positive("lr_ratio", lr_ratio)
+    _check_positive("time_constant", time_constant)
+    if not (isinstance(tolerance, (int, float)) and 0.0 < tolerance < 1.0):
+        raise ValueError(f"`tolerance` must be in (0, 1), got {tolerance!r}.")
+    start = 1.0 / lr_ratio - 1.0
+    band = (1.0 - tolerance) ** -2 - 1.0 if start > 0 else 1.0 - (1.0 + tolerance) ** -2
+    if abs(start) <= band:
+        return 0.0
+    return time_constant * math.log(abs(start) / band)
 
 
 def equilibrium_weight_norm(
@@ -415,233 +537,20 @@ def adamw_equilibrium_weight_norm(lr: float, weight_decay: float, fan_in: float)
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic validation
-
-
-@dataclass(frozen=True)
-class SimulationResult:
-    """What :func:`simulate_scale_invariant` measured.
-
-    Attributes:
-        angular_updates: ``[steps, rows]`` float64 angle of every row at every measured step
-            (after the burn-in), in radians.
-        norms: ``[burn_in + steps + 1, rows]`` float64 norm of every row, from the initial weight
-            on.
-        grad_sq_unit: ``E[|g~|^2]`` of the synthetic gradient (``dim - 1``), the ``L`` of
-            :func:`equilibrium_weight_norm`.
-    """
-
-    angular_updates: Tensor
-    norms: Tensor
-    grad_sq_unit: float
-
-    @property
-    def rms_angular_update(self) -> float:
-        """Root-mean-square of the measured angles over rows and steps (the quantity predicted)."""
-        return float(self.angular_updates.square().mean().sqrt())
-
-
-def simulate_scale_invariant(
-    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-    *,
-    steps: int,
-    burn_in: int = 0,
-    rows: int = 8,
-    dim: int = 1000,
-    initial_norm: float = 1.0,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-) -> SimulationResult:
-    """Run an optimizer on a scale-invariant problem made of pure gradient noise, and measure it.
-
-    The parameter is one ``[rows, dim]`` tensor; each row is an invariant unit, like an output
-    channel followed by BatchNorm. At every step the gradient of a row ``w`` is
-    ``(xi - <xi, w^> w^) / |w|`` with ``xi`` fresh standard Gaussian noise and ``w^ = w / |w|``:
-    orthogonal to the row and scaling as ``1/|w|``, exactly what a scale-invariant loss with
-    stationary gradient noise gives, and what the equilibrium theories assume. No network, no
-    data: the optimizer's own dynamics only. Element-wise optimizers (Adam, Lion) never mix rows,
-    so the rows are independent samples.
-
-    Use it to check a prediction (see ``examples/validate_theory.py``), or to measure the
-    equilibrium of an optimizer theory does not cover. Start near the equilibrium norm, or give a
-    burn-in of a few relaxation times (:func:`relaxation_steps`; ``1/(2 lr wd)`` for AdamW/Lion).
-
-    Args:
-        make_optimizer: builds the optimizer from the list holding the single parameter.
-        steps: measured steps (after the burn-in), >= 1.
-        burn_in: steps run before measuring, >= 0.
-        rows: independent invariant units.
-        dim: elements per unit (the fan-in).
-        initial_norm: initial norm of every row (random directions).
-        seed: seed of the noise and of the initial directions.
-        dtype: dtype of the parameter; float64 keeps the simulation clean.
-
-    Speed: a step costs well under a millisecond for the default size with
-    ``torch.set_num_threads(1)``; with several intra-op threads on a busy machine it was up to 8x
-    slower (the tensors are too small to share).
-
-    Returns:
-        A :class:`SimulationResult`; memory is ``(burn_in + 2 steps) * rows * 8`` bytes.
-
-    Raises:
-        ValueError: if an argument is out of range.
-
-    Example::
-
-        >>> import math, torch
-        >>> make = lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=1e-2)
-        >>> start = equilibrium_weight_norm(0.1, 1e-2, grad_sq_unit=99.0)
-        >>> result = simulate_scale_invariant(make, steps=200, rows=4, dim=100, initial_norm=start)
-        >>> round(result.rms_angular_update / math.sqrt(2 * 0.1 * 1e-2), 2)
-        1.0
-    """
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps}.")
-    if burn_in < 0:
-        raise ValueError(f"`burn_in` must be >= 0, got {burn_in}.")
-    if rows < 1:
-        raise ValueError(f"`rows` must be >= 1, got {rows}.")
-    if dim < 2:
-        raise ValueError(f"`dim` must be >= 2 (a direction orthogonal to the weight), got {dim}.")
-    _check_positive("initial_norm", initial_norm)
-
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(rows, dim, generator=generator, dtype=dtype)
-    start *= initial_norm / start.norm(dim=1, keepdim=True)
-    weight = torch.nn.Parameter(start)
-    optimizer = make_optimizer([weight])
-
-    norms = torch.empty(burn_in + steps + 1, rows, dtype=torch.float64)
-    angles = torch.empty(steps, rows, dtype=torch.float64)
-    norms[0] = weight.detach().norm(dim=1).double()
-    for step in range(burn_in + steps):
-        with torch.no_grad():
-            weight.grad = _orthogonal_noise(weight.detach(), generator)
-            prev = weight.detach().clone()
-        optimizer.step()
-        curr = weight.detach()
-        norms[step + 1] = curr.norm(dim=1).double()
-        if step >= burn_in:
-            angles[step - burn_in] = angular_update(prev, curr, dim=0)
-    return SimulationResult(angular_updates=angles, norms=norms, grad_sq_unit=float(dim - 1))
-
-
-def _orthogonal_noise(weight: Tensor, generator: torch.Generator) -> Tensor:
-    """Per row: Gaussian noise projected orthogonal to the row, divided by the row's norm."""
-    # float32 draws are ~5x faster than float64 ones and the noise needs no more precision; the
-    # projection below runs in the weight's dtype, so <w, g> = 0 holds to that precision.
-    noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight.dtype)
-    norm = weight.norm(dim=1, keepdim=True)
-    unit = weight / norm
-    noise -= (noise * unit).sum(dim=1, keepdim=True) * unit
-    return noise / norm
-
-
-# --------------------------------------------------------------------------------------------
-# Implementation: recognising the optimizer
+# Implementation: predictions
 
 _MEASURED = "the angular update is still measured"
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The innermost optimizer of wrappers that hold it in ``.optimizer`` (LightningOptimizer)."""
-    for _ in range(_MAX_UNWRAP):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
-def _known_classes() -> list[tuple[str, type]]:
-    # Most derived first: recent torch makes AdamW a subclass of Adam.
-    return [
-        ("AdamW", torch.optim.AdamW),
-        ("Adam", torch.optim.Adam),
-        ("RAdam", torch.optim.RAdam),
-        ("NAdam", torch.optim.NAdam),
-        ("SGD", torch.optim.SGD),
-    ]
-
-
-def _step_function(cls: type) -> Any:
-    # torch wraps `step` in a profiling hook (sometimes by assigning it on a subclass): compare the
-    # innermost functions.
-    return inspect.unwrap(cls.step)  # type: ignore[attr-defined]
-
-
-def _family(optimizer: Any) -> tuple[str | None, str]:
-    """(formula family or None or "overridden", class name) of an optimizer."""
-    cls = type(optimizer)
-    name = cls.__name__
-    for family, known in _known_classes():
-        if isinstance(optimizer, known):
-            if _step_function(cls) is not _step_function(known):
-                return "overridden", name
-            return family, name
-    if name == "Lion":
-        return "Lion", name
-    return None, name
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, Tensor):
-        return float(value.detach().reshape(-1)[0].item()) if value.numel() == 1 else float("nan")
-    return float(value)
-
-
-def _read_hyperparameters(
-    family: str, optimizer: Any, group: Mapping[str, Any]
-) -> dict[str, float]:
-    hyper = {"lr": _as_float(group["lr"]), "weight_decay": _as_float(group.get("weight_decay", 0))}
-    if family == "SGD":
-        hyper["momentum"] = _as_float(group.get("momentum", 0))
-        hyper["dampening"] = _as_float(group.get("dampening", 0))
-        hyper["nesterov"] = float(bool(group.get("nesterov", False)))
-        return hyper
-    beta1, beta2 = group["betas"]
-    hyper["beta1"], hyper["beta2"] = _as_float(beta1), _as_float(beta2)
-    if family in ("Adam", "AdamW", "RAdam"):
-        # AdamW (a subclass of Adam in recent torch) decouples by definition; Adam and RAdam do
-        # when the group says so (torch >= 2.5 for Adam).
-        default = family == "AdamW"
-        hyper["decoupled_weight_decay"] = float(bool(group.get("decoupled_weight_decay", default)))
-    if family == "Lion" and getattr(optimizer, "decoupled_wd", False):
-        # lion-pytorch's `decoupled_weight_decay=True` divides wd by the initial lr:
-        # p *= 1 - lr * wd / init_lr.
-        hyper["weight_decay"] /= _as_float(optimizer._init_lr)
-    return hyper
-
-
-def _basic_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
-    """The lr and weight_decay where readable, for the record of an unknown optimizer."""
-    hyper = {}
-    for key in ("lr", "weight_decay"):
-        try:
-            hyper[key] = _as_float(group[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return hyper
-
-
-def _invalid_reason(hyper: Mapping[str, float]) -> str | None:
-    for key, value in hyper.items():
-        if not math.isfinite(value):
-            return f"{key} = {value} is not finite: no equilibrium"
-        if value < 0:
-            return f"{key} = {value} is negative: no equilibrium"
-    for key in ("momentum", "beta1", "beta2"):
-        if hyper.get(key, 0.0) >= 1.0:
-            return f"{key} = {hyper[key]} >= 1: no equilibrium"
-    if hyper.get("dampening", 0.0) > 1.0:
-        return f"dampening = {hyper['dampening']} > 1 reverses the updates: no equilibrium"
-    return None
-
-
 def _none(
-    name: str, rule: str, reason: str, hyper: Mapping[str, float] | None = None, source: str = ""
+    name: str,
+    rule: str,
+    reason: str,
+    hyper: Mapping[str, float] | None = None,
+    source: str = "",
+    family: Family | None = None,
 ) -> Prediction:
-    return Prediction(None, name, rule, reason, source, dict(hyper or {}))
+    return Prediction(None, name, rule, reason, source, dict(hyper or {}), family)
 
 
 def _fmt(value: float) -> str:

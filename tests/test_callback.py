@@ -1,3 +1,4 @@
+import logging
 import math
 import warnings
 from typing import Any
@@ -8,7 +9,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm import HistoryRecord, SphericalDynamicsCallback
 from lightning_sdm.functional import angles_from_statistics, angular_update_statistics
 from tests.helpers import (
     BNNet,
@@ -84,10 +85,10 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
     assert [row["step"] for row in logged] == [4 * (i + 1) for i in range(8)]
     assert "sdm_ratio" in run.progress_bar_metrics
     assert len(callback.history) == 2 * 8
-    assert {"step", "unit", "angular_update", "theory", "ratio", "weight_norm"} <= set(
-        callback.history[0]
+    assert {"global_step", "optimizer_step", "unit", "angular_update", "theory", "ratio"} <= set(
+        callback.history[0].as_dict()
     )
-    assert all(entry["invariance"] == "verified" for entry in callback.history)
+    assert all(entry.invariance == "verified" for entry in callback.history)
 
 
 def test_values_equal_an_independent_computation(tmp_path):
@@ -103,16 +104,16 @@ def test_values_equal_an_independent_computation(tmp_path):
     run.fit(module, loader(noisy_classification_data(samples=320)))
     snaps = recorder.snapshots
     for entry in callback.history:
-        step, unit = entry["step"], entry["unit"]
+        step, unit = entry.global_step, entry.unit
         angles = []
         for s in (step - 1, step):  # the window: the last 2 steps of the interval
             stats = angular_update_statistics(snaps[s - 1][unit], snaps[s][unit])
             angles.append(angles_from_statistics(stats.sum(dim=0)).item())
         rms = math.sqrt(sum(a * a for a in angles) / 2)
-        assert entry["angular_update"] == pytest.approx(rms, rel=1e-9)
+        assert entry.angular_update == pytest.approx(rms, rel=1e-9)
         params = snaps[step][unit]
         norm = math.sqrt(sum(p.double().square().sum().item() for p in params))
-        assert entry["weight_norm"] == pytest.approx(norm, rel=1e-9)
+        assert entry.weight_norm == pytest.approx(norm, rel=1e-9)
 
 
 def test_channel_granularity_logs_summaries(tmp_path):
@@ -133,7 +134,7 @@ def test_gradient_accumulation_measures_real_optimizer_steps(tmp_path):
     callback = SphericalDynamicsCallback(every_n_steps=2, window=2)
     run, _ = _fit(tmp_path, callback, accumulate_grad_batches=4)
     assert run.global_step == 4  # 16 batches / 4
-    steps = sorted({entry["step"] for entry in callback.history})
+    steps = sorted({entry.global_step for entry in callback.history})
     assert steps == [2, 4]
     windows = callback.monitor._watches[0]
     assert windows.steps_done == 4
@@ -165,7 +166,7 @@ def test_manual_optimization_and_skipped_steps(tmp_path):
     _fit(tmp_path, callback, module=module)
     assert module.real_steps == 8
     assert callback.monitor._watches[0].steps_done == 8
-    assert sorted({e["step"] for e in callback.history}) == [2, 4, 6, 8]
+    assert sorted({e.global_step for e in callback.history}) == [2, 4, 6, 8]
 
 
 class TwoOptimizers(BNNet):
@@ -197,10 +198,65 @@ def test_several_optimizers_each_with_its_own_theory(tmp_path):
     torch.manual_seed(5)
     callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
     _fit(tmp_path, callback, module=TwoOptimizers())
-    theory = {e["unit"]: e["theory"] for e in callback.history}
+    theory = {e.unit: e.theory for e in callback.history}
     assert theory["net.0.weight"] == pytest.approx(sgdm_prediction(0.1, 1e-3, 0.9))
     adamw = math.sqrt(2 * 1e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))
     assert theory["net.3.weight"] == pytest.approx(adamw)
+
+
+class TwoClocks(TwoOptimizers):
+    """The second optimizer steps on every other batch: its clock runs at half speed."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, second = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        if batch_idx % 2 == 1:
+            second.step()
+
+
+def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog):
+    torch.manual_seed(5)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2, tolerance=0.9, patience=1)
+    with caplog.at_level(logging.INFO):
+        run, _ = _fit(tmp_path, callback, module=TwoClocks())
+    assert run.global_step == 16 + 8  # Lightning counts the steps of both optimizers
+
+    def global_step_after_batch(batch: int) -> int:
+        return (batch + 1) + (batch + 1) // 2
+
+    for record in callback.history:
+        if record.unit == "net.0.weight":  # first optimizer: one step per batch
+            batch = record.optimizer_step - 1
+        else:  # second optimizer: one step every other batch
+            batch = 2 * record.optimizer_step - 1
+        assert record.global_step == global_step_after_batch(batch), record
+    first = [r.optimizer_step for r in callback.history if r.unit == "net.0.weight"]
+    second = [r.optimizer_step for r in callback.history if r.unit == "net.3.weight"]
+    assert (first, second) == ([4, 8, 12, 16], [4, 8])
+    logged = sorted({int(row["step"]) for row in read_csv_metrics(run) if len(row) > 1})
+    assert logged == sorted({record.global_step for record in callback.history})
+    messages = [
+        r.getMessage() for r in caplog.records if "reached equilibrium at" in r.getMessage()
+    ]
+    assert messages
+    for name, state in callback.detector.state.items():
+        if state.reached_global_step is None:
+            continue
+        text = (
+            f"{name} reached equilibrium at global step {state.reached_global_step} "
+            f"(optimizer step {state.reached_optimizer_step};"
+        )
+        assert any(text in message for message in messages), (text, messages)
+        entered = next(r for r in callback.history if r.unit == name and r.in_equilibrium)
+        assert (entered.global_step, entered.optimizer_step) == (
+            state.reached_global_step,
+            state.reached_optimizer_step,
+        )
 
 
 @pytest.mark.parametrize(
@@ -225,9 +281,9 @@ def test_explicit_modules_and_non_invariant_selection_warns(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"net\.6\.weight is monitored but its gradient is not"):
         _fit(tmp_path, callback, module=module)
-    status = {e["unit"]: e["invariance"] for e in callback.history}
+    status = {e.unit: e.invariance for e in callback.history}
     assert status == {"net.0.weight": "verified", "net.6.weight": "violated"}
-    assert any(e["unit"] == "net.6.weight" and e["angular_update"] > 0 for e in callback.history)
+    assert any(e.unit == "net.6.weight" and e.angular_update > 0 for e in callback.history)
 
 
 class PlainMLP(BNNet):
@@ -254,7 +310,7 @@ def test_no_weight_decay_warns_and_still_logs_measurements(tmp_path):
     row = [r for r in read_csv_metrics(run) if "sdm/equilibrium_fraction" in r][-1]
     assert row["sdm/angular_update/net.0.weight"] > 0
     assert math.isnan(row["sdm/angular_update_theory/net.0.weight"])
-    assert all(e["equilibrium_criterion"] == "stationary" for e in callback.history)
+    assert all(e.equilibrium_criterion == "stationary" for e in callback.history)
 
 
 class FreezeMidway(pl.Callback):
@@ -270,10 +326,10 @@ def test_freezing_and_unfreezing_mid_training(tmp_path):
     callback = SphericalDynamicsCallback(every_n_steps=2, window=1)
     run = trainer(tmp_path, callbacks=[callback, FreezeMidway()])
     run.fit(BNNet(momentum=0.0), loader(noisy_classification_data()))
-    by_step = {e["step"]: e for e in callback.history if e["unit"] == "net.0.weight"}
-    assert by_step[6]["frozen"] and by_step[6]["angular_update"] == 0.0
-    assert by_step[6]["theory"] is None
-    assert not by_step[12]["frozen"] and by_step[12]["angular_update"] > 0
+    by_step = {e.global_step: e for e in callback.history if e.unit == "net.0.weight"}
+    assert by_step[6].frozen and by_step[6].angular_update == 0.0
+    assert by_step[6].theory is None
+    assert not by_step[12].frozen and by_step[12].angular_update > 0
 
 
 class NaNInjector(pl.Callback):
@@ -292,8 +348,8 @@ def test_nan_weights_are_logged_as_nan_with_one_warning(tmp_path):
     assert run.global_step == 16
     nan_warnings = [w for w in caught if "contain NaN/Inf" in str(w.message)]
     assert len(nan_warnings) == 1
-    late = [e for e in callback.history if e["unit"] == "net.3.weight" and e["step"] >= 8]
-    assert late and all(math.isnan(e["angular_update"]) for e in late)
+    late = [e for e in callback.history if e.unit == "net.3.weight" and e.global_step >= 8]
+    assert late and all(math.isnan(e.angular_update) for e in late)
 
 
 class PartialOptimizer(BNNet):
@@ -335,7 +391,7 @@ def test_selection_that_matches_nothing(tmp_path):
 
 def test_state_dict_round_trip():
     callback = SphericalDynamicsCallback()
-    callback.history.append({"step": 3, "unit": "w"})
+    callback.history.append(HistoryRecord("w", 3, 3, 0.01, 0.011, 0.9, 2.0, 0.1, False))
     state = callback.state_dict()
     restored = SphericalDynamicsCallback()
     restored.load_state_dict(state)
@@ -351,7 +407,7 @@ def test_two_callbacks_share_a_trainer_and_a_checkpoint(tmp_path):
     # Both found the units from the one traced step (not from each other's hooks).
     assert layer.report.method == channel.report.method == "trace"
     assert layer.monitor.units == channel.monitor.units == UNITS
-    assert channel.history[-1]["channels"] is not None and layer.history[-1]["channels"] is None
+    assert channel.history[-1].channels is not None and layer.history[-1].channels is None
     run.save_checkpoint(tmp_path / "both.ckpt")
     states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
     assert {layer.state_key, channel.state_key} <= set(states)

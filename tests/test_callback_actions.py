@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.equilibrium import EquilibriumEvent
+from lightning_sdm.actions import DecayLR
+from lightning_sdm.records import EquilibriumEvent
+from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
 from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 
 # Loose detector settings so that short CPU runs see events: the point here is what the
@@ -35,9 +37,7 @@ def test_warn_emits_one_message_per_event(tmp_path):
 
 
 def test_decay_lr_decays_waits_for_cooldown_and_logs(tmp_path):
-    callback = SphericalDynamicsCallback(
-        on_equilibrium="decay_lr", decay_factor=0.5, cooldown=8, **FAST
-    )
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.5, cooldown=8), **FAST)
     run, _module = _fit(tmp_path, callback)
     decays = [e for e in callback.events if e.new_lrs]
     assert len(decays) >= 2
@@ -46,7 +46,7 @@ def test_decay_lr_decays_waits_for_cooldown_and_logs(tmp_path):
         assert event.old_lrs == pytest.approx((lr,))
         lr *= 0.5
         assert event.new_lrs == pytest.approx((lr,))
-    steps = [e.step for e in decays]
+    steps = [e.global_step for e in decays]
     assert all(b - a >= 8 for a, b in itertools.pairwise(steps))
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
     rows = [r for r in read_csv_metrics(run) if "sdm/lr_decays" in r]
@@ -57,13 +57,13 @@ def test_decay_lr_decays_waits_for_cooldown_and_logs(tmp_path):
 
 def test_decay_bounded_by_max_decays_and_min_lr(tmp_path):
     bounded = SphericalDynamicsCallback(
-        on_equilibrium="decay_lr", decay_factor=0.5, cooldown=0, max_decays=1, **FAST
+        on_equilibrium=DecayLR(factor=0.5, cooldown=0, max_decays=1), **FAST
     )
     run, _ = _fit(tmp_path, bounded)
     assert sum(1 for e in bounded.events if e.new_lrs) == 1
     assert any(e.action == "none" for e in bounded.events[1:]) or len(bounded.events) == 1
     floor = SphericalDynamicsCallback(
-        on_equilibrium="decay_lr", decay_factor=0.1, cooldown=0, min_lr=0.05, **FAST
+        on_equilibrium=DecayLR(factor=0.1, cooldown=0, min_lr=0.05), **FAST
     )
     run, _ = _fit(tmp_path / "floor", floor)
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
@@ -71,13 +71,14 @@ def test_decay_bounded_by_max_decays_and_min_lr(tmp_path):
 
 
 def test_default_cooldown_is_smd_relaxation_time(tmp_path):
-    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", decay_factor=0.5, **FAST)
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.5), **FAST)
     _fit(tmp_path, callback, epochs=1)
     first = next(e for e in callback.events if e.new_lrs)
-    # SMD Cor. 3.1 with the new LR: ceil(log(2) * (1 - 0.9) / (2 * 0.05 * 0.05)) = 14 steps.
-    expected = math.ceil(math.log(2) * 0.1 / (2 * WEIGHT_DECAY * 0.05))
-    assert callback._cooldown_until == first.step + expected
-    decays = [e.step for e in callback.events if e.new_lrs]
+    # Theory's relaxation to within 5% of the new prediction, with the new LR (0.05).
+    tau = relaxation_steps(0.05, WEIGHT_DECAY, momentum=0.9)
+    expected = math.ceil(lr_change_relaxation_steps(0.5, tau, tolerance=0.05))
+    assert first.cooldown == expected > 0
+    decays = [e.global_step for e in callback.events if e.new_lrs]
     assert all(b - a >= expected for a, b in itertools.pairwise(decays))
 
 
@@ -85,16 +86,12 @@ def test_stop_asks_the_trainer_to_stop(tmp_path):
     callback = SphericalDynamicsCallback(on_equilibrium="stop", **FAST)
     run, _ = _fit(tmp_path, callback, epochs=5)
     assert callback.events[0].action == "stop"
-    assert run.global_step == callback.events[0].step < 5 * 16
+    assert run.global_step == callback.events[0].global_step < 5 * 16
 
 
 def test_stop_at_min_lr_after_the_decays(tmp_path):
     callback = SphericalDynamicsCallback(
-        on_equilibrium="decay_lr",
-        decay_factor=0.5,
-        cooldown=0,
-        max_decays=1,
-        stop_at_min_lr=True,
+        on_equilibrium=DecayLR(factor=0.5, cooldown=0, max_decays=1, stop_at_min_lr=True),
         **FAST,
     )
     run, _ = _fit(tmp_path, callback, epochs=5)
@@ -111,7 +108,7 @@ def test_callable_receives_trainer_module_and_event(tmp_path):
     callback = SphericalDynamicsCallback(on_equilibrium=action, **FAST)
     _fit(tmp_path, callback)
     assert seen and isinstance(seen[0][2], EquilibriumEvent)
-    assert seen[0][0] == seen[0][2].step and seen[0][1] == "BNNet"
+    assert seen[0][0] == seen[0][2].global_step and seen[0][1] == "BNNet"
     assert callback.events[0].action == "callable"
 
 
@@ -129,9 +126,7 @@ class WithStepLR(BNNet):
 
 
 def test_decay_cooperates_with_a_lightning_lr_scheduler(tmp_path):
-    callback = SphericalDynamicsCallback(
-        on_equilibrium="decay_lr", decay_factor=0.1, cooldown=1000, **FAST
-    )
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.1, cooldown=1000), **FAST)
     run, _ = _fit(tmp_path, callback, module=WithStepLR())
     event = next(e for e in callback.events if e.new_lrs)
     final = run.optimizers[0].param_groups[0]["lr"]
@@ -162,7 +157,7 @@ def test_rescale_with_an_optimizer_without_known_norm_fails_before_training(tmp_
         def configure_optimizers(self):
             return torch.optim.RMSprop(self.parameters(), lr=1e-3, weight_decay=1e-3)
 
-    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", rescale_weights=True, **FAST)
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(rescale_weights=True), **FAST)
     with pytest.raises(ValueError, match="rescale_weights=True is defined for"):
         _fit(tmp_path, callback, module=RMSpropNet())
 
@@ -170,23 +165,16 @@ def test_rescale_with_an_optimizer_without_known_norm_fails_before_training(tmp_
 def test_rescale_divides_the_invariant_weights_by_the_fourth_root(tmp_path):
     norms = []
 
-    class Recording(SphericalDynamicsCallback):
-        def _rescale(self, decay):
-            net = self.monitor.unit_parameters()  # noqa: F841 (the units the rescale acts on)
-            module = trainer_ref[0].lightning_module.net
+    class Recording(DecayLR):
+        def _rescale(self, context, decay):
+            module = context.pl_module.net
             before = (module[0].weight.norm().item(), module[6].weight.norm().item())
-            super()._rescale(decay)
+            super()._rescale(context, decay)
             after = (module[0].weight.norm().item(), module[6].weight.norm().item())
             norms.append((decay, before, after))
 
-    trainer_ref = []
-
-    class KeepTrainer(Recording):
-        def setup(self, trainer, pl_module, stage):
-            trainer_ref.append(trainer)
-            super().setup(trainer, pl_module, stage)
-
-    callback = KeepTrainer(on_equilibrium="decay_lr", rescale_weights=True, cooldown=1000, **FAST)
+    action = Recording(rescale_weights=True, cooldown=1000)
+    callback = SphericalDynamicsCallback(on_equilibrium=action, **FAST)
     _fit(tmp_path, callback)
     assert len(norms) == 1
     decay, before, after = norms[0]
@@ -199,11 +187,7 @@ def test_rescale_divides_the_invariant_weights_by_the_fourth_root(tmp_path):
     ("kwargs", "match"),
     [
         ({"on_equilibrium": "explode"}, "`on_equilibrium`"),
-        ({"decay_factor": 1.0}, "`decay_factor`"),
-        ({"min_lr": -1.0}, "`min_lr`"),
-        ({"max_decays": -1}, "`max_decays`"),
-        ({"cooldown": -5}, "`cooldown`"),
-        ({"rescale_weights": True}, "`rescale_weights=True` needs"),
+        ({"on_equilibrium": lambda trainer: None}, "must accept \\(trainer, pl_module, event\\)"),
         ({"quorum": 0.0}, "`quorum`"),
     ],
 )
@@ -212,12 +196,29 @@ def test_invalid_action_arguments(kwargs, match):
         SphericalDynamicsCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"factor": 1.0}, "`factor`"),
+        ({"factor": "0.5"}, "`factor`"),
+        ({"min_lr": -1.0}, "`min_lr`"),
+        ({"max_decays": -1}, "`max_decays`"),
+        ({"max_decays": True}, "`max_decays`"),
+        ({"cooldown": -5}, "`cooldown`"),
+        ({"rescale_weights": 1}, "`rescale_weights`"),
+    ],
+)
+def test_invalid_decay_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DecayLR(**kwargs)
+
+
 def _decisions(callback):
-    return [(e.step, e.action, e.old_lrs, e.new_lrs, e.units) for e in callback.events]
+    return [(e.global_step, e.action, e.old_lrs, e.new_lrs, e.units) for e in callback.events]
 
 
 def test_resumed_run_makes_the_same_decisions(tmp_path):
-    settings = dict(on_equilibrium="decay_lr", decay_factor=0.5, cooldown=6, **FAST)
+    settings = dict(**FAST)
     settings["every_n_steps"], settings["window"] = 5, 3  # windows straddle the epoch boundary
     data = noisy_classification_data()
 
@@ -232,19 +233,22 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
             fit.save_checkpoint(save)
         return fit
 
-    full = SphericalDynamicsCallback(**settings)
+    def decay():
+        return DecayLR(factor=0.5, cooldown=6)
+
+    full = SphericalDynamicsCallback(on_equilibrium=decay(), **settings)
     run(full, epochs=4)
-    first = SphericalDynamicsCallback(**settings)
+    first = SphericalDynamicsCallback(on_equilibrium=decay(), **settings)
     run(first, epochs=2, save=tmp_path / "mid.ckpt")
-    resumed = SphericalDynamicsCallback(**settings)
+    resumed = SphericalDynamicsCallback(on_equilibrium=decay(), **settings)
     run(resumed, epochs=4, ckpt_path=tmp_path / "mid.ckpt")
     assert len(_decisions(full)) >= 2
     assert _decisions(resumed) == _decisions(full)
-    keys = [(h["step"], h["unit"]) for h in full.history]
-    assert [(h["step"], h["unit"]) for h in resumed.history] == keys
+    keys = [(h.global_step, h.unit) for h in full.history]
+    assert [(h.global_step, h.unit) for h in resumed.history] == keys
     for mine, theirs in zip(resumed.history, full.history, strict=True):
-        assert mine["angular_update"] == pytest.approx(theirs["angular_update"], rel=1e-6)
-        assert mine["in_equilibrium"] == theirs["in_equilibrium"]
+        assert mine.angular_update == pytest.approx(theirs.angular_update, rel=1e-6)
+        assert mine.in_equilibrium == theirs.in_equilibrium
 
 
 class AdamWNet(BNNet):
@@ -253,9 +257,10 @@ class AdamWNet(BNNet):
 
 
 def test_default_cooldown_for_decoupled_weight_decay(tmp_path):
-    callback = SphericalDynamicsCallback(on_equilibrium="decay_lr", decay_factor=0.5, **FAST)
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.5), **FAST)
     _fit(tmp_path, callback, module=AdamWNet(), epochs=3)
     first = next(e for e in callback.events if e.new_lrs)
-    # ceil(log(k) / (lr_new * wd)) with k = 2, lr_new = 0.005, wd = 0.5: 278 steps.
-    expected = math.ceil(math.log(2) / (0.005 * 0.5))
-    assert callback._cooldown_until == first.step + expected
+    # Decoupled weight decay: |w|^2 relaxes with 1 / (2 lr_new wd), lr_new = 0.005, wd = 0.5.
+    tau = 1 / (2 * 0.005 * 0.5)
+    expected = math.ceil(lr_change_relaxation_steps(0.5, tau, tolerance=0.05))
+    assert first.cooldown == expected > 0

@@ -51,18 +51,18 @@ def _expected_scalars(callback):
     """tag -> {step: value}, from `callback.history` (per-unit keys, as the callback logs them)."""
     expected: dict[str, dict[int, float]] = {}
     for entry in callback.history:
-        unit, step = entry["unit"], entry["step"]
-        expected.setdefault(f"sdm/weight_norm/{unit}", {})[step] = entry["weight_norm"]
-        expected.setdefault(f"sdm/angular_update_theory/{unit}", {})[step] = entry["theory"]
-        if entry["channels"] is None:
-            expected.setdefault(f"sdm/angular_update/{unit}", {})[step] = entry["angular_update"]
-            expected.setdefault(f"sdm/angular_update_ratio/{unit}", {})[step] = entry["ratio"]
+        unit, step = entry.unit, entry.global_step
+        expected.setdefault(f"sdm/weight_norm/{unit}", {})[step] = entry.weight_norm
+        expected.setdefault(f"sdm/angular_update_theory/{unit}", {})[step] = entry.theory
+        if entry.channels is None:
+            expected.setdefault(f"sdm/angular_update/{unit}", {})[step] = entry.angular_update
+            expected.setdefault(f"sdm/angular_update_ratio/{unit}", {})[step] = entry.ratio
         else:
-            for key, value in entry["channels"].items():
+            for key, value in entry.channels.items():
                 expected.setdefault(f"sdm/angular_update/{unit}/{key}", {})[step] = value
     by_step: dict[int, list[float]] = {}
     for entry in callback.history:
-        by_step.setdefault(entry["step"], []).append(entry["ratio"])
+        by_step.setdefault(entry.global_step, []).append(entry.ratio)
     expected["sdm/angular_update_ratio"] = {s: statistics.median(r) for s, r in by_step.items()}
     return expected
 
@@ -314,24 +314,27 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
     )
 
     # Run summary: the last window per unit; ratio and theory only where there is a prediction.
-    last = {entry["unit"]: entry for entry in callback.history}
+    last = {record.unit: record for record in callback.history}
     summary = experiment.summary
     # The unit without prediction may pass the stationarity test (3 steady windows) or not;
     # the one with a prediction is 3-4x above it.
     states = callback.detector.state
-    reached = {u: -1 if states[u].reached_step is None else states[u].reached_step for u in UNITS}
+    reached = {
+        u: -1 if states[u].reached_global_step is None else states[u].reached_global_step
+        for u in UNITS
+    }
     in_equilibrium = {unit: states[unit].in_equilibrium for unit in UNITS}
     assert reached[with_theory] == -1 and reached[without] in (-1, 8)
     fraction = callback.detector.fraction()
     for unit in UNITS:
         assert summary[f"sdm/summary/{unit}/equilibrium_step"] == reached[unit]
-        assert summary[f"sdm/summary/{unit}/final_angular_update"] == last[unit]["angular_update"]
-        assert summary[f"sdm/summary/{unit}/final_weight_norm"] == last[unit]["weight_norm"]
+        assert summary[f"sdm/summary/{unit}/final_angular_update"] == last[unit].angular_update
+        assert summary[f"sdm/summary/{unit}/final_weight_norm"] == last[unit].weight_norm
         # The ordinary scalars are there too.
-        assert summary[f"sdm/angular_update/{unit}"] == last[unit]["angular_update"]
-    assert summary[f"sdm/summary/{with_theory}/final_ratio"] == last[with_theory]["ratio"]
+        assert summary[f"sdm/angular_update/{unit}"] == last[unit].angular_update
+    assert summary[f"sdm/summary/{with_theory}/final_ratio"] == last[with_theory].ratio
     assert summary[f"sdm/summary/{with_theory}/final_theory"] == pytest.approx(THEORY, rel=1e-12)
-    assert last[without]["ratio"] is None
+    assert last[without].ratio is None
     summary_keys = set(summary.keys())  # `in` on a wandb Summary does not look at keys
     assert f"sdm/summary/{with_theory}/final_ratio" in summary_keys
     assert f"sdm/summary/{without}/final_ratio" not in summary_keys
@@ -341,8 +344,8 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
 
     # A unit that reached equilibrium reports its step (a second table is logged).
     state = callback.detector.state[with_theory]
-    state.reached_step, state.in_equilibrium = 6, True
-    integrations.on_monitoring_finished(run, callback)
+    state.reached_global_step, state.in_equilibrium = 6, True
+    callback.on_train_end(run, run.lightning_module)
     assert summary[f"sdm/summary/{with_theory}/equilibrium_step"] == 6
     assert summary[f"sdm/summary/{without}/equilibrium_step"] == reached[without]
 
@@ -365,8 +368,8 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
     for unit in UNITS:
         row = rows[unit]
         assert (row["optimizer"], row["lr"]) == ("SGD", 0.1)
-        assert row["final_angular_update"] == last[unit]["angular_update"]
-        assert row["final_weight_norm"] == last[unit]["weight_norm"]
+        assert row["final_angular_update"] == last[unit].angular_update
+        assert row["final_weight_norm"] == last[unit].weight_norm
         assert (row["in_equilibrium"], row["equilibrium_step"]) == (
             in_equilibrium[unit],
             reached[unit],
@@ -376,7 +379,7 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
         "sgd_heavy_ball",
         5e-3,
     )
-    assert rows[with_theory]["final_ratio"] == last[with_theory]["ratio"]
+    assert rows[with_theory]["final_ratio"] == last[with_theory].ratio
     assert rows[with_theory]["final_theory"] == pytest.approx(THEORY, rel=1e-12)
     assert (rows[without]["rule"], rows[without]["weight_decay"]) == ("no_weight_decay", 0.0)
     assert math.isnan(rows[without]["final_ratio"]) and math.isnan(rows[without]["final_theory"])
@@ -406,7 +409,7 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
     assert json.loads(summary_items[f"sdm/summary/{without}/equilibrium_step"]) == reached[without]
     assert math.isclose(
         json.loads(summary_items[f"sdm/summary/{with_theory}/final_ratio"]),
-        last[with_theory]["ratio"],
+        last[with_theory].ratio,
     )
     history_keys = {
         item.key or "/".join(item.nested_key)

@@ -45,7 +45,7 @@ def test_yaml_init_args_reach_the_callback(tmp_path, monkeypatch):
     assert written["class_path"] == "lightning_sdm.SphericalDynamicsCallback"
     args = written["init_args"]
     assert callback.params == args["params"] == "auto"
-    assert (callback.granularity, callback.every_n_steps, callback.window) == (
+    assert (callback.config.granularity, callback.config.every_n_steps, callback.config.window) == (
         args["granularity"],
         args["every_n_steps"],
         args["window"],
@@ -54,7 +54,7 @@ def test_yaml_init_args_reach_the_callback(tmp_path, monkeypatch):
         args["tolerance"],
         args["patience"],
     )
-    assert callback.on_equilibrium == args["on_equilibrium"]
+    assert callback.on_equilibrium.name == args["on_equilibrium"]
 
     # Command-line overrides of the callback's arguments, a list of patterns included.
     cli = example.main(
@@ -67,7 +67,7 @@ def test_yaml_init_args_reach_the_callback(tmp_path, monkeypatch):
         run=False,
     )
     (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SphericalDynamicsCallback)]
-    assert callback.granularity == "channel"
+    assert callback.config.granularity == "channel"
     assert callback.params == ["features.0.weight", "features.[37].weight"]
 
 

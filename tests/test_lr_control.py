@@ -4,14 +4,18 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+from lightning_sdm.actions import DecayLR
 from lightning_sdm.functional import angular_update
 from lightning_sdm.lr_control import (
-    check_rescale_supported,
     check_schedulers_supported,
     decay_param_groups,
     rescale_for_lr_decay,
 )
-from lightning_sdm.theory import equilibrium_angular_update
+from lightning_sdm.theory import (
+    equilibrium_angular_update,
+    equilibrium_norm_exponent,
+    explain_equilibrium,
+)
 
 SCHEDULERS = {
     "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=7, gamma=0.5),
@@ -82,9 +86,9 @@ def test_unsupported_scheduler_is_refused_with_the_alternatives():
 def test_rescale_refuses_optimizers_without_known_equilibrium_norm():
     params = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(ValueError, match="rescale_weights=True is defined for"):
-        check_rescale_supported(torch.optim.RMSprop(params, lr=0.1))
-    check_rescale_supported(torch.optim.SGD(params, lr=0.1))
-    check_rescale_supported(torch.optim.AdamW(params, lr=0.1))
+        DecayLR(rescale_weights=True).setup([torch.optim.RMSprop(params, lr=0.1)], [])
+    DecayLR(rescale_weights=True).setup([torch.optim.SGD(params, lr=0.1)], [])
+    DecayLR(rescale_weights=True).setup([torch.optim.AdamW(params, lr=0.1)], [])
 
 
 def _orthogonal_grad(weight, generator):
@@ -119,7 +123,8 @@ def _rms_after_decay(optimizer_name, rescale, decay=10.0, rows=8, dim=500):
     old_theory = equilibrium_angular_update(optimizer)[0]
     decay_param_groups(optimizer, [0], 1 / decay, 0.0)
     if rescale:
-        rescale_for_lr_decay(optimizer, [[w] for w in weights], decay)
+        exponent = equilibrium_norm_exponent(explain_equilibrium(optimizer)[0])
+        rescale_for_lr_decay(optimizer, [[w] for w in weights], decay, exponent)
     new_theory = equilibrium_angular_update(optimizer)[0]
     assert new_theory == pytest.approx(old_theory / math.sqrt(decay))
     angles = [a for _ in range(50) for a in step()]

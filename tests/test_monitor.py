@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdm import SphericalMonitor, UnitSpec
+from lightning_sdm import SphericalMonitor, Unit
 
 
 class Rotor(nn.Module):
@@ -18,9 +18,7 @@ def _drive(monitor_kwargs, step_direction, steps=24):
     """Plain SGD(lr=1) whose 'gradient' is minus the step we want: exact, known rotations."""
     model = Rotor()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    monitor = SphericalMonitor(
-        model, optimizer, [UnitSpec("weight", ("weight",))], **monitor_kwargs
-    )
+    monitor = SphericalMonitor(model, optimizer, [Unit("weight", ("weight",))], **monitor_kwargs)
     monitor.attach()
     for t in range(steps):
         model.weight.grad = -step_direction(model.weight.detach(), t)
@@ -63,11 +61,11 @@ def test_horizon_of_a_random_walk_grows_like_sqrt_h():
 
 def test_measured_steps_and_memory_between_windows():
     windows = _drive({"every_n_steps": 10, "window": 3}, lambda w, t: 1e-3 * torch.ones_like(w))
-    assert [(w.step, w.steps) for w in windows] == [(10, 3), (20, 3)]
+    assert [(w.optimizer_step, w.steps) for w in windows] == [(10, 3), (20, 3)]
 
 
 def test_invalid_horizon():
     model = Rotor()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="`horizon`"):
-        SphericalMonitor(model, optimizer, [UnitSpec("weight", ("weight",))], window=4, horizon=5)
+        SphericalMonitor(model, optimizer, [Unit("weight", ("weight",))], window=4, horizon=5)

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import lightning_sdm
 
 
@@ -17,9 +14,3 @@ def test_unknown_attribute_raises_attribute_error():
         assert "does_not_exist" in str(error)
     else:
         raise AssertionError("expected AttributeError")
-
-
-def test_the_package_and_the_report_command_do_not_import_lightning():
-    code = "import sys, lightning_sdm, lightning_sdm.cli; print('lightning' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "False"

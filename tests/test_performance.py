@@ -17,12 +17,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_sdm import SphericalMonitor, UnitSpec
-from lightning_sdm.functional import (
-    DEFAULT_CHUNK_NUMEL,
-    _BatchedStatistics,
-    angular_update_statistics,
-)
+from lightning_sdm import SphericalMonitor, Unit
+from lightning_sdm._engine import BatchedStatistics
+from lightning_sdm.functional import DEFAULT_CHUNK_NUMEL, angular_update_statistics
 
 
 class OpCounter(TorchDispatchMode):
@@ -59,7 +56,7 @@ def test_kernels_per_measurement_do_not_depend_on_the_number_of_tensors(dim):
     counts = {}
     for count in (4, 64, 512):
         prev, curr = _tensors(count)
-        statistics = _BatchedStatistics([dim] * count)
+        statistics = BatchedStatistics([dim] * count)
         statistics(prev, curr)  # first call: layout and work buffer
         with OpCounter() as ops:
             result = statistics(prev, curr)
@@ -91,8 +88,8 @@ def _monitored(every_n_steps: int, window: int, **kwargs):
     model = _Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     units = [
-        UnitSpec("net.0.weight", ("net.0.weight", "net.0.bias")),
-        UnitSpec("net.3.weight", ("net.3.weight", "net.3.bias")),
+        Unit("net.0.weight", ("net.0.weight", "net.0.bias")),
+        Unit("net.3.weight", ("net.3.weight", "net.3.bias")),
     ]
     monitor = SphericalMonitor(
         model, optimizer, units, every_n_steps=every_n_steps, window=window, **kwargs
@@ -119,7 +116,7 @@ def test_steps_that_are_not_measured_cost_a_counter_only(granularity):
     (watch,) = monitor._watches
     weights = sum(t.numel() * t.element_size() for t in watch.tensors)
     for step in range(30):
-        measured = monitor._is_measured(watch.steps_done)
+        measured = monitor.config.is_measured(watch.steps_done)
         assert measured == (step % 10 >= 8)
         if measured:
             _step(model, optimizer)
@@ -135,7 +132,7 @@ def test_steps_that_are_not_measured_cost_a_counter_only(granularity):
         assert ops.kernels == [] and ops.views == 0
         assert watch.steps_done == steps_done + 1
         assert _held_bytes(monitor) == (0, 0)  # nothing held between windows
-    windows = [(w.step, w.steps) for w in monitor.pop_windows()]
+    windows = [(w.optimizer_step, w.steps) for w in monitor.pop_windows()]
     assert windows == [(10, 2), (10, 2), (20, 2), (20, 2), (30, 2), (30, 2)]
 
 
@@ -213,6 +210,6 @@ def test_chunked_layout_matches_a_plain_float64_computation(chunk_numel):
     expected = _reference(prev, curr, dims)
     result = angular_update_statistics(prev, curr, dim=dims, chunk_numel=chunk_numel)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-    batched = _BatchedStatistics(dims, chunk_numel=chunk_numel)
+    batched = BatchedStatistics(dims, chunk_numel=chunk_numel)
     for _ in range(2):  # the cached layout and buffer give the same again
         torch.testing.assert_close(batched(prev, curr), expected, rtol=1e-12, atol=1e-12)

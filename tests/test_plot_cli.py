@@ -31,6 +31,7 @@ from lightning_sdm.plot import (
     plot_run,
     unit_title,
 )
+from lightning_sdm.records import HistoryRecord
 from lightning_sdm.rundata import RunDataError, load_run, run_from_history
 from tests.helpers import BNNet, loader, noisy_classification_data
 
@@ -49,7 +50,7 @@ ROW = re.compile(rf"^(\S+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s
 @dataclass
 class Fit:
     root: Path
-    history: list[dict[str, Any]]
+    history: list[HistoryRecord]
     granularity: str
 
     @property
@@ -60,13 +61,13 @@ class Fit:
     def csv(self) -> Path:
         return self.root / "csv"
 
-    def last(self, unit: str) -> dict[str, Any]:
-        return [h for h in self.history if h["unit"] == unit][-1]
+    def last(self, unit: str) -> HistoryRecord:
+        return [h for h in self.history if h.unit == unit][-1]
 
     def all_in_equilibrium_step(self) -> int | None:
         """First step at which every unit was in equilibrium (what the logged fraction shows)."""
-        for step in sorted({h["step"] for h in self.history}):
-            if all(h["in_equilibrium"] for h in self.history if h["step"] == step):
+        for step in sorted({h.global_step for h in self.history}):
+            if all(h.in_equilibrium for h in self.history if h.global_step == step):
                 return step
         return None
 
@@ -109,10 +110,10 @@ def _train(granularity: str, root: Path) -> Fit:
     )
     trainer.fit(BNNet(lr=LR, weight_decay=WD), loader(noisy_classification_data(samples=256)))
     result = Fit(root, list(sdm.history), granularity)
-    assert [h["unit"] for h in result.history[:2]] == UNITS
+    assert [h.unit for h in result.history[:2]] == UNITS
     assert len(result.history) == 2 * 12  # 24 steps, a window every 2
     # The data must exercise the equilibrium marks (entering, and leaving).
-    assert any(h["in_equilibrium"] for h in result.history)
+    assert any(h.in_equilibrium for h in result.history)
     assert result.all_in_equilibrium_step() is not None
     return result
 
@@ -163,15 +164,15 @@ def test_report_command_writes_figure_and_summary(fit: Fit, kind: str, tmp_path:
     for unit in UNITS:
         last = fit.last(unit)
         # Printed with 5 significant digits (ratio: 3 decimals); TensorBoard stores float32.
-        assert float(rows[unit]["measured"]) == pytest.approx(last["angular_update"], rel=1e-4)
-        assert float(rows[unit]["theory"]) == pytest.approx(last["theory"], rel=1e-4)
-        assert float(rows[unit]["ratio"]) == pytest.approx(last["ratio"], abs=6e-4)
-        assert float(rows[unit]["norm"]) == pytest.approx(last["weight_norm"], rel=1e-3)
+        assert float(rows[unit]["measured"]) == pytest.approx(last.angular_update, rel=1e-4)
+        assert float(rows[unit]["theory"]) == pytest.approx(last.theory, rel=1e-4)
+        assert float(rows[unit]["ratio"]) == pytest.approx(last.ratio, abs=6e-4)
+        assert float(rows[unit]["norm"]) == pytest.approx(last.weight_norm, rel=1e-3)
         # The callback logs sdm/in_equilibrium/<unit>: the report gives each unit's own step.
-        entries = [h for h in fit.history if h["unit"] == unit]
-        first = next((h["step"] for h in entries if h["in_equilibrium"]), None)
+        entries = [h for h in fit.history if h.unit == unit]
+        first = next((h.global_step for h in entries if h.in_equilibrium), None)
         expected = "not reached" if first is None else f"step {first}"
-        if first is not None and not entries[-1]["in_equilibrium"]:
+        if first is not None and not entries[-1].in_equilibrium:
             expected += " (left it by the end)"
         assert rows[unit]["equilibrium"] == expected
     markdown = summary.read_text()
@@ -328,16 +329,16 @@ def test_figure_has_the_expected_panels(fit: Fit, source: str):
     all_step = fit.all_in_equilibrium_step()
     for unit in UNITS:
         ax = axes[unit_title(unit)]
-        entries = [h for h in fit.history if h["unit"] == unit]
-        first = next(h["step"] for h in entries if h["in_equilibrium"])
+        entries = [h for h in fit.history if h.unit == unit]
+        first = next(h.global_step for h in entries if h.in_equilibrium)
         measured, theory, marker = _lines(ax)
         # The measured line is the history's RMS angular update, at the history's steps.
-        assert list(measured.get_xdata()) == [h["step"] for h in entries]
+        assert list(measured.get_xdata()) == [h.global_step for h in entries]
         assert list(measured.get_ydata()) == pytest.approx(
-            [h["angular_update"] for h in entries], rel=1e-6
+            [h.angular_update for h in entries], rel=1e-6
         )
-        assert list(theory.get_ydata()) == pytest.approx([h["theory"] for h in entries])
-        assert theory.get_label() == f"theory = {entries[0]['theory']:.3g}"
+        assert list(theory.get_ydata()) == pytest.approx([h.theory for h in entries])
+        assert theory.get_label() == f"theory = {entries[0].theory:.3g}"
         # The equilibrium mark: per unit from the history, the all-units step from the logs.
         assert list(marker.get_xdata()) == [first, first] if source == "history" else [all_step] * 2
         assert ax.get_yscale() == "log"
@@ -351,7 +352,7 @@ def test_figure_has_the_expected_panels(fit: Fit, source: str):
     norms = axes[WEIGHT_NORM_TITLE]
     assert [line.get_label() for line in _lines(norms)] == UNITS
     assert list(_lines(norms)[1].get_ydata()) == pytest.approx(
-        [h["weight_norm"] for h in fit.history if h["unit"] == UNITS[1]], rel=1e-6
+        [h.weight_norm for h in fit.history if h.unit == UNITS[1]], rel=1e-6
     )
     lr = axes[LEARNING_RATE_TITLE]
     (lr_line,) = _lines(lr)
@@ -380,9 +381,9 @@ def test_log_and_history_series_agree(fit: Fit):
         assert list(fraction.values) == list(expected.values)
     for unit in UNITS:
         info = history.equilibrium(unit)
-        first = next(h["step"] for h in fit.history if h["unit"] == unit and h["in_equilibrium"])
+        first = next(h.global_step for h in fit.history if h.unit == unit and h.in_equilibrium)
         assert (info.step, info.exact, info.reached) == (first, True, True)
-        assert info.at_end == fit.last(unit)["in_equilibrium"]
+        assert info.at_end == fit.last(unit).in_equilibrium
 
 
 def test_plot_run_accepts_the_callback_its_history_and_paths(layer_fit: Fit, tmp_path: Path):

@@ -52,10 +52,14 @@ def test_on_every_trainer_gets_one_configured_callback(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGHTNING_SDM_ON_EQUILIBRIUM", "stop")
     (callback,) = _monitors(pl.Trainer(default_root_dir=tmp_path, logger=False))
     assert isinstance(callback, EnvSphericalDynamicsCallback)
-    assert (callback.granularity, callback.every_n_steps, callback.window) == ("channel", 3, 2)
+    assert (callback.config.granularity, callback.config.every_n_steps, callback.config.window) == (
+        "channel",
+        3,
+        2,
+    )
     assert callback.params == ["net.0.*", "re:net\\.3\\.(weight|bias)"]
     assert (callback.detector.tolerance, callback.detector.patience) == (0.2, 4)
-    assert callback.on_equilibrium == "stop"
+    assert callback.on_equilibrium.name == "stop"
 
     # A Trainer built with no SDM code at all measures and logs.
     for name in (
@@ -104,7 +108,7 @@ def test_unknown_variables_are_reported(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="LIGHTNING_SDM_EVERY_N_STEP;"):
         run = pl.Trainer(default_root_dir=tmp_path, logger=False)
     (callback,) = _monitors(run)
-    assert callback.every_n_steps is None
+    assert callback.config.every_n_steps is None
 
 
 class ModuleWithCallback(BNNet):
@@ -136,7 +140,7 @@ def test_an_explicit_callback_wins(monkeypatch, tmp_path, where):
     assert callback is not plugin and type(callback) is SphericalDynamicsCallback
     if where == "trainer":
         assert callback is explicit
-    assert [entry["step"] for entry in callback.history] == [2, 2, 4, 4]
+    assert [record.global_step for record in callback.history] == [2, 2, 4, 4]
     assert plugin.monitor is None and plugin.history == []
     rows = [row for row in read_csv_metrics(run) if "sdm/angular_update_ratio" in row]
     assert [row["step"] for row in rows] == [2, 4]  # one callback logged

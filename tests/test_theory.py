@@ -21,16 +21,19 @@ from types import ModuleType
 import pytest
 import torch
 
+from lightning_sdm.simulation import simulate_scale_invariant
 from lightning_sdm.theory import (
     Prediction,
     adamw_equilibrium_weight_norm,
+    decoupled_relaxation_steps,
     equilibrium_angular_update,
+    equilibrium_norm_exponent,
     equilibrium_weight_norm,
     explain_equilibrium,
-    lr_decay_relaxation_steps,
+    lr_change_relaxation_steps,
     predict_param_group,
     relaxation_steps,
-    simulate_scale_invariant,
+    relaxation_time,
     steps_to_equilibrium,
 )
 
@@ -194,28 +197,113 @@ def test_steps_to_equilibrium_matches_simulation(start: float) -> None:
     assert measured / predicted == pytest.approx(1.0, abs=0.1)
 
 
-def test_lr_decay_relaxation_uses_the_new_learning_rate() -> None:
+def test_lr_decay_lands_on_the_new_equilibrium_norm_on_the_new_lrs_clock() -> None:
     k, old_lr, wd, momentum = 10.0, 0.1, 1e-2, 0.9
     new_lr = old_lr / k
     old_norm = equilibrium_weight_norm(old_lr, wd, grad_sq_unit=DIM - 1, momentum=momentum)
     new_norm = equilibrium_weight_norm(new_lr, wd, grad_sq_unit=DIM - 1, momentum=momentum)
     assert new_norm / old_norm == pytest.approx(k**-0.25, rel=1e-3)  # SMD: k^(-1/4)
     predicted = steps_to_equilibrium(old_norm, new_norm, new_lr, wd, momentum, tolerance=0.05)
-    smd = lr_decay_relaxation_steps(k, new_lr, wd, momentum)
     result = simulate_scale_invariant(
         lambda params: torch.optim.SGD(params, lr=new_lr, momentum=momentum, weight_decay=wd),
         steps=1,
-        burn_in=math.ceil(2 * smd),
+        burn_in=math.ceil(2 * predicted),
         rows=ROWS,
         dim=DIM,
         initial_norm=old_norm,
     )
     measured = _first_step_within(result.norms, new_norm, 0.05)
     assert measured / predicted == pytest.approx(1.0, abs=0.1)
-    # SMD's Cor. 3.1 estimate, read with the new lr, is the right order (it amounts to a ~2%
-    # tolerance); read with the old lr it would be k times too short.
-    assert 0.6 < measured / smd < 1.0
-    assert measured > 5 * lr_decay_relaxation_steps(k, old_lr, wd, momentum)
+    # Counted with the old lr the time constant would be k times too short.
+    assert measured > 5 * steps_to_equilibrium(old_norm, new_norm, old_lr, wd, momentum, 0.05)
+
+
+def _windowed_ratio(angles: torch.Tensor, prediction: float, width: int = 20) -> torch.Tensor:
+    """RMS over rows and ``width`` consecutive steps, over the prediction, per block of steps."""
+    mean_square = angles.square().mean(dim=1)
+    blocks = mean_square[: len(mean_square) // width * width].view(-1, width).mean(dim=1)
+    return blocks.sqrt() / prediction
+
+
+LR_CHANGES = {
+    # (optimizer, old lr, new lr, weight decay, momentum / beta1, tolerance)
+    "sgdm_decay_10x_tol5": ("sgd", 0.1, 0.01, 1e-2, 0.9, 0.05),
+    "sgdm_decay_10x_tol10": ("sgd", 0.1, 0.01, 1e-2, 0.9, 0.10),
+    "sgd_decay_4x": ("sgd", 0.1, 0.025, 4e-2, 0.0, 0.05),
+    "sgdm_increase_4x": ("sgd", 0.025, 0.1, 2.5e-3, 0.9, 0.05),
+    "adamw_decay_10x": ("adamw", 1e-2, 1e-3, 1.0, 0.9, 0.05),
+}
+
+
+@pytest.mark.parametrize("case", list(LR_CHANGES.values()), ids=list(LR_CHANGES))
+def test_lr_change_relaxation_steps_matches_simulation(case: tuple) -> None:
+    """From the old equilibrium (warm optimizer state), change the LR, and time the recovery of
+    the measured RMS angular update to within ``tolerance`` of the new prediction."""
+    kind, old_lr, new_lr, wd, beta, tolerance = case
+    if kind == "sgd":
+        start = equilibrium_weight_norm(old_lr, wd, grad_sq_unit=DIM - 1, momentum=beta)
+
+        def make(params):
+            return torch.optim.SGD(params, lr=old_lr, momentum=beta, weight_decay=wd)
+    else:
+        start = adamw_equilibrium_weight_norm(old_lr, wd, fan_in=DIM)
+
+        def make(params):
+            return torch.optim.AdamW(params, lr=old_lr, weight_decay=wd, betas=(beta, 0.99))
+
+    probe = make([_param()])
+    burn_in = math.ceil(3 * relaxation_time(explain_equilibrium(probe)[0]))
+    probe.param_groups[0]["lr"] = new_lr
+    after = explain_equilibrium(probe)[0]
+    predicted = lr_change_relaxation_steps(new_lr / old_lr, relaxation_time(after), tolerance)
+
+    def switch(step: int, optimizer: torch.optim.Optimizer) -> None:
+        if step == burn_in:
+            optimizer.param_groups[0]["lr"] = new_lr
+
+    result = simulate_scale_invariant(
+        make,
+        steps=math.ceil(1.5 * predicted),
+        burn_in=burn_in,
+        rows=ROWS,
+        dim=DIM,
+        initial_norm=start,
+        before_step=switch,
+    )
+    ratio = _windowed_ratio(result.angular_updates, after.angular_update)
+    assert ratio[0].item() == pytest.approx((new_lr / old_lr) ** 0.5, rel=0.08)  # sqrt(k) jump
+    recovered = (ratio >= 1 - tolerance) if new_lr < old_lr else (ratio <= 1 + tolerance)
+    measured = 20 * int(recovered.nonzero()[0, 0]) + 10
+    assert measured / predicted == pytest.approx(1.0, abs=0.1)
+
+
+def test_smd_cor_3_1_is_the_relaxation_to_a_few_percent() -> None:
+    # SMD's bound ceil(ln(k) (1 - m) / (2 wd lr)) is two time constants per e-fold of k: the same
+    # time as lr_change_relaxation_steps at a tolerance of about (k - 1) / (2 k^2).
+    k, lr, wd, momentum = 10.0, 0.01, 1e-4, 0.9
+    smd = math.log(k) * (1 - momentum) / (2 * wd * lr)
+    tau = relaxation_steps(lr, wd, momentum)
+    tolerance = (k - 1) / (2 * k**2)
+    assert lr_change_relaxation_steps(1 / k, tau, tolerance) == pytest.approx(smd, rel=0.02)
+
+
+def test_time_constants_by_family() -> None:
+    w = _param()
+    sgd = explain_equilibrium(torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-3))[0]
+    damped = torch.optim.SGD([w], lr=0.1, momentum=0.9, dampening=0.5, weight_decay=1e-3)
+    adamw = explain_equilibrium(torch.optim.AdamW([w], lr=1e-3, weight_decay=0.1))[0]
+    coupled = explain_equilibrium(torch.optim.Adam([w], lr=1e-3, weight_decay=0.1))[0]
+    assert (sgd.family, adamw.family, coupled.family) == ("sgd", "adam", "adam")
+    assert relaxation_time(sgd) == pytest.approx(relaxation_steps(0.1, 1e-3, 0.9))
+    assert relaxation_time(explain_equilibrium(damped)[0]) == pytest.approx(
+        relaxation_steps(0.05, 1e-3, 0.9)
+    )
+    assert relaxation_time(adamw) == pytest.approx(decoupled_relaxation_steps(1e-3, 0.1))
+    assert relaxation_time(coupled) is None  # no prediction, no time constant
+    assert (equilibrium_norm_exponent(sgd), equilibrium_norm_exponent(adamw)) == (0.25, 0.5)
+    assert equilibrium_norm_exponent(coupled) is None
+    zero = explain_equilibrium(torch.optim.SGD([w], lr=0.0, weight_decay=1e-3))[0]
+    assert relaxation_time(zero) is None  # lr = 0: nothing relaxes
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,8 +595,10 @@ def test_prediction_is_frozen() -> None:
         (lambda: steps_to_equilibrium(1.0, -1.0, 0.1, 1e-3), "equilibrium_norm"),
         (lambda: steps_to_equilibrium(2.0, 1.0, 0.1, 1e-3, tolerance=0.0), "tolerance"),
         (lambda: steps_to_equilibrium(2.0, 1.0, 0.1, 1e-3, tolerance=1.0), "tolerance"),
-        (lambda: lr_decay_relaxation_steps(0.5, 0.1, 1e-3), "decay_factor"),
-        (lambda: lr_decay_relaxation_steps(10, 0.0, 1e-3), "lr"),
+        (lambda: lr_change_relaxation_steps(0.0, 100.0), "lr_ratio"),
+        (lambda: lr_change_relaxation_steps(0.5, -1.0), "time_constant"),
+        (lambda: lr_change_relaxation_steps(0.5, 100.0, tolerance=1.0), "tolerance"),
+        (lambda: decoupled_relaxation_steps(0.0, 0.1), "lr"),
         (lambda: equilibrium_weight_norm(0.1, 1e-3, grad_sq_unit=-1.0), "grad_sq_unit"),
         (lambda: equilibrium_weight_norm(0.1, -1e-3, grad_sq_unit=1.0), "weight_decay"),
         (lambda: equilibrium_weight_norm(10.0, 1.0, grad_sq_unit=1.0), "lr * weight_decay"),
@@ -531,7 +621,7 @@ def _sgd_factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def test_small_helpers() -> None:
-    assert lr_decay_relaxation_steps(1.0, 0.1, 1e-3) == 0
+    assert lr_change_relaxation_steps(1.0, 100.0) == 0.0
     assert steps_to_equilibrium(1.0, 1.0, 0.1, 1e-3) == 0.0
     assert relaxation_steps(0.1, 1e-3) == pytest.approx(2500.0)
     assert adamw_equilibrium_weight_norm(1e-3, 0.1, fan_in=800) == pytest.approx(2.0)

@@ -132,7 +132,7 @@ class KeyedSDM(SphericalDynamicsCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(granularity=self.granularity)
+        return self._generate_state_key(granularity=self.config.granularity)
 
 
 def sdm_callbacks() -> dict[str, SphericalDynamicsCallback]:
@@ -169,7 +169,7 @@ class HistoryDump(pl.Callback):
             "local_parameters_sha256": digest.hexdigest(),
             "callbacks": {
                 name: {
-                    "history": callback.history,
+                    "history": [record.as_dict() for record in callback.history],
                     "units": callback.monitor.units if callback.monitor else None,
                     "report_method": callback.report.method if callback.report else None,
                     "skipped": dict(callback.monitor.skipped) if callback.monitor else None,

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.actions import DecayLR
 from tests.distributed.scripts.common import HistoryDump
 from tests.helpers import BNNet, loader, noisy_classification_data
 
@@ -55,9 +56,7 @@ def main() -> None:
         tolerance=0.3,
         patience=2,
         # A collective decision with an effect: halve the LR once at equilibrium (on every rank).
-        on_equilibrium="decay_lr",
-        decay_factor=DECAY,
-        max_decays=1,
+        on_equilibrium=DecayLR(factor=DECAY, max_decays=1),
     )
     dump = HistoryDump(args.out, "ddp", {"layer": sdm})
     trainer = pl.Trainer(

@@ -1,0 +1,519 @@
+"""What to do when the monitored units reach equilibrium: the policy and the actions.
+
+:class:`EquilibriumPolicy` turns the detector's verdicts into events: one
+:class:`~lightning_sdm.records.EquilibriumEvent` each time the quorum of units *enters*
+equilibrium, handed to an action. The actions:
+
+* :class:`Warn` (``"warn"``): one message per event;
+* :class:`DecayLR` (``"decay_lr"``): multiply the LR schedule of the param groups that hold
+  monitored units, optionally with SMD's weight rescaling;
+* :class:`Stop` (``"stop"``): ask the Trainer to stop;
+* :class:`CallFunction` (any callable ``(trainer, pl_module, event)``);
+* or a subclass of :class:`EquilibriumAction`.
+
+Nothing here needs a Trainer: an action reads and changes the optimizers and schedulers it is
+given in an :class:`ActionContext`, and says what it did in the event it returns, so the policy
+and every action are tested on real optimizers without training. The strings are shortcuts for
+the classes; in LightningCLI YAML an action is configured by ``class_path``::
+
+    on_equilibrium:
+      class_path: lightning_sdm.actions.DecayLR
+      init_args: {factor: 0.2, rescale_weights: true}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_sdm._optimizers import family_of, recognise, unwrap
+from lightning_sdm.config import check_fraction, check_integer, check_number
+from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.lr_control import (
+    check_schedulers_supported,
+    decay_param_groups,
+    rescale_for_lr_decay,
+)
+from lightning_sdm.monitor import SphericalMonitor
+from lightning_sdm.records import ActionName, EquilibriumEvent, UnitWindow
+from lightning_sdm.theory import (
+    Prediction,
+    equilibrium_norm_exponent,
+    lr_change_relaxation_steps,
+    predict_param_group,
+    relaxation_time,
+)
+
+__all__ = [
+    "ACTIONS",
+    "ActionContext",
+    "CallFunction",
+    "DecayLR",
+    "EquilibriumAction",
+    "EquilibriumPolicy",
+    "Stop",
+    "Warn",
+    "as_action",
+    "decays_of",
+    "describe_event",
+]
+
+#: Relative distance to the new prediction at which a decay counts as relaxed (the default
+#: cooldown): about where SMD's Cor. 3.1 puts it for a 10x decay.
+COOLDOWN_TOLERANCE = 0.05
+
+
+@dataclass
+class ActionContext:
+    """What an action may read and change.
+
+    Attributes:
+        global_step: the global clock at the event.
+        unit_groups: per monitored unit, the optimizer and the index of its param group.
+        unit_parameters: per monitored unit, its parameters.
+        predictions: per monitored unit, the theory's prediction before the action.
+        schedulers: the LR schedulers of the run (Lightning's ``lr_scheduler_configs``).
+        trainer: the Trainer, for user callables (``None`` outside Lightning).
+        pl_module: the LightningModule, for user callables.
+        stop_requested: set by an action that wants training to stop.
+    """
+
+    global_step: int
+    unit_groups: Mapping[str, tuple[Optimizer, int]]
+    unit_parameters: Mapping[str, Sequence[Tensor]] = field(default_factory=dict)
+    predictions: Mapping[str, Prediction] = field(default_factory=dict)
+    schedulers: Sequence[Any] = ()
+    trainer: Any = None
+    pl_module: Any = None
+    stop_requested: bool = False
+
+    @classmethod
+    def from_monitor(
+        cls,
+        monitor: SphericalMonitor,
+        global_step: int,
+        schedulers: Sequence[Any] = (),
+        trainer: Any = None,
+        pl_module: Any = None,
+    ) -> ActionContext:
+        """The context of the units a monitor watches."""
+        return cls(
+            global_step=global_step,
+            unit_groups=monitor.parameter_groups(),
+            unit_parameters=monitor.unit_parameters(),
+            predictions=monitor.predictions(),
+            schedulers=schedulers,
+            trainer=trainer,
+            pl_module=pl_module,
+        )
+
+
+class EquilibriumAction:
+    """Base class of the reactions to an :class:`~lightning_sdm.records.EquilibriumEvent`.
+
+    Subclasses override :meth:`__call__` (and, when they keep state, :meth:`state_dict` /
+    :meth:`load_state_dict`; when they can check the set-up, :meth:`setup`).
+    """
+
+    #: Name recorded in the event's ``action`` field.
+    name: ClassVar[str] = "custom"
+    #: The event message is a warning (``True``) or an info line (``False``).
+    warns: ClassVar[bool] = False
+
+    def setup(self, optimizers: Sequence[Optimizer], schedulers: Sequence[Any]) -> None:
+        """Called at the start of fit; raise ``ValueError`` if the action cannot work here."""
+
+    def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
+        """Act on ``event``; return it, updated with what was done."""
+        return replace(event, action=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (plain types)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Warn(EquilibriumAction):
+    """One warning per event, naming the units and their measured and predicted values."""
+
+    name = "warn"
+    warns = True
+
+
+class Stop(EquilibriumAction):
+    """Ask the Trainer to stop (``trainer.should_stop``) at the event."""
+
+    name = "stop"
+
+    def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
+        """Request the stop."""
+        context.stop_requested = True
+        return replace(event, action=self.name)
+
+
+class DecayLR(EquilibriumAction):
+    """Multiply the LR schedule of the param groups holding monitored units by ``factor``.
+
+    The whole remaining schedule is scaled (the group's ``lr`` and what schedulers recompute it
+    from, see :mod:`lightning_sdm.lr_control`), so each later LR is ``factor`` times what the
+    schedule alone would give. After a decay the detector waits ``cooldown`` optimizer steps
+    before it may declare equilibrium again.
+
+    Args:
+        factor: LR multiplier of a decay, in (0, 1).
+        min_lr: no decay goes below this learning rate.
+        max_decays: at most this many decays (``None``: no limit).
+        cooldown: optimizer steps after a decay before the next decision; ``None`` uses theory:
+            the time for the angular update to get within 5% of its new prediction,
+            :func:`~lightning_sdm.theory.lr_change_relaxation_steps` (for the slowest unit).
+        rescale_weights: at each decay by ``k``, divide the invariant weights by ``k^(1/4)``
+            (SGD; ``k^(1/2)`` for AdamW) and adjust the optimizer state, so that the run lands on
+            the new equilibrium at once (SMD Sec. 4).
+        stop_at_min_lr: stop training at an equilibrium event when no further decay is allowed.
+
+    Raises:
+        ValueError: for an invalid argument (the message names it).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(4, 4))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-3)
+        >>> event = EquilibriumEvent(100, ("w",), 1.0, {"w": 0.01}, {"w": 0.01}, "theory")
+        >>> done = DecayLR(factor=0.1)(event, ActionContext(100, {"w": (opt, 0)}))
+        >>> done.old_lrs, done.new_lrs, done.cooldown, opt.param_groups[0]["lr"]
+        ((0.1,), (0.010000000000000002,), 11057, 0.010000000000000002)
+    """
+
+    name = "decay_lr"
+
+    def __init__(
+        self,
+        factor: float = 0.1,
+        min_lr: float = 0.0,
+        max_decays: int | None = None,
+        cooldown: int | None = None,
+        rescale_weights: bool = False,
+        stop_at_min_lr: bool = False,
+    ) -> None:
+        check_fraction("factor", factor)
+        check_number("min_lr", min_lr, low=0.0, low_open=False)
+        check_integer("max_decays", max_decays, 0, allow_none=True)
+        check_integer("cooldown", cooldown, 0, allow_none=True)
+        for flag, value in (
+            ("rescale_weights", rescale_weights),
+            ("stop_at_min_lr", stop_at_min_lr),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
+        self.factor = factor
+        self.min_lr = min_lr
+        self.max_decays = max_decays
+        self.cooldown = cooldown
+        self.rescale_weights = rescale_weights
+        self.stop_at_min_lr = stop_at_min_lr
+        self.decays = 0
+
+    def setup(self, optimizers: Sequence[Optimizer], schedulers: Sequence[Any]) -> None:
+        """Refuse schedulers it cannot scale, and optimizers SMD's rescaling does not cover."""
+        check_schedulers_supported(schedulers)
+        if not self.rescale_weights:
+            return
+        for optimizer in optimizers:
+            key, name = recognise(unwrap(optimizer))
+            if family_of(key) not in ("sgd", "adam"):
+                raise ValueError(
+                    f"rescale_weights=True is defined for SGD and Adam-type optimizers with "
+                    f"decoupled weight decay, got {name}: the equilibrium norm after a decay is "
+                    "not known for it. Use rescale_weights=False."
+                )
+
+    def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
+        """Decay, rescale if asked, and set the cooldown."""
+        exhausted = self.max_decays is not None and self.decays >= self.max_decays
+        changes = [] if exhausted else self._decay(context)
+        if not any(new < old for old, new in changes):
+            if self.stop_at_min_lr:
+                context.stop_requested = True
+            return replace(event, action="stop" if self.stop_at_min_lr else "none")
+        self.decays += 1
+        decay = max(old / new for old, new in changes if new > 0)
+        if self.rescale_weights:
+            self._rescale(context, decay)
+        cooldown = self.cooldown if self.cooldown is not None else _relaxation(context, decay)
+        return replace(
+            event,
+            action=self.name,
+            old_lrs=tuple(old for old, _ in changes),
+            new_lrs=tuple(new for _, new in changes),
+            cooldown=int(cooldown),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The number of decays so far."""
+        return {"decays": self.decays}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.decays = int(state.get("decays", self.decays))
+
+    def __repr__(self) -> str:
+        return (
+            f"DecayLR(factor={self.factor}, min_lr={self.min_lr}, max_decays={self.max_decays}, "
+            f"cooldown={self.cooldown}, rescale_weights={self.rescale_weights}, "
+            f"stop_at_min_lr={self.stop_at_min_lr})"
+        )
+
+    def _decay(self, context: ActionContext) -> list[tuple[float, float]]:
+        changes: list[tuple[float, float]] = []
+        for optimizer, indices in _groups_by_optimizer(context).items():
+            changes.extend(
+                decay_param_groups(
+                    optimizer, sorted(indices), self.factor, self.min_lr, context.schedulers
+                )
+            )
+        return changes
+
+    def _rescale(self, context: ActionContext, decay: float) -> None:
+        by_optimizer: dict[Optimizer, list[Sequence[Tensor]]] = {}
+        for name, (optimizer, _) in context.unit_groups.items():
+            by_optimizer.setdefault(optimizer, []).append(context.unit_parameters[name])
+        for optimizer, units in by_optimizer.items():
+            prediction = next(
+                (
+                    context.predictions[n]
+                    for n, (o, _) in context.unit_groups.items()
+                    if o is optimizer
+                ),
+                None,
+            )
+            exponent = equilibrium_norm_exponent(prediction) if prediction is not None else None
+            if exponent is not None:
+                rescale_for_lr_decay(optimizer, units, decay, exponent)
+
+
+class CallFunction(EquilibriumAction):
+    """Call ``function(trainer, pl_module, event)`` at each event.
+
+    Raises:
+        ValueError: if ``function`` is not callable with three positional arguments.
+    """
+
+    name = "callable"
+
+    def __init__(self, function: Callable[[Any, Any, EquilibriumEvent], Any]) -> None:
+        if not callable(function):
+            raise ValueError(f"`on_equilibrium` must be callable, got {function!r}.")
+        try:
+            inspect.signature(function).bind(None, None, None)
+        except TypeError:
+            raise ValueError(
+                f"`on_equilibrium={_label(function)}` must accept (trainer, pl_module, event); "
+                f"its signature is {inspect.signature(function)}."
+            ) from None
+        except ValueError:  # builtins without a signature: trust them
+            pass
+        self.function = function
+
+    def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
+        """Call the function; an exception from it is re-raised naming it."""
+        try:
+            self.function(context.trainer, context.pl_module, event)
+        except Exception as error:
+            raise RuntimeError(
+                f"on_equilibrium callable {_label(self.function)} raised at global step "
+                f"{event.global_step}: {type(error).__name__}: {error}"
+            ) from error
+        return replace(event, action=self.name)
+
+    def __repr__(self) -> str:
+        return f"CallFunction({_label(self.function)})"
+
+
+#: The string shortcuts of ``on_equilibrium``.
+ACTIONS: dict[str, type[EquilibriumAction]] = {"warn": Warn, "decay_lr": DecayLR, "stop": Stop}
+
+
+def as_action(spec: ActionName | EquilibriumAction | Callable[..., Any]) -> EquilibriumAction:
+    """The action an ``on_equilibrium`` argument names.
+
+    Raises:
+        ValueError: for an unknown string or a callable of the wrong arity.
+
+    Example::
+
+        >>> as_action("decay_lr"), as_action(Stop())
+        (DecayLR(factor=0.1, min_lr=0.0, max_decays=None, cooldown=None, rescale_weights=False, stop_at_min_lr=False), Stop())
+    """  # noqa: E501
+    if isinstance(spec, EquilibriumAction):
+        return spec
+    if isinstance(spec, str):
+        if spec not in ACTIONS:
+            raise ValueError(
+                f"`on_equilibrium` must be one of {tuple(ACTIONS)}, an EquilibriumAction or a "
+                f"callable (trainer, pl_module, event); got {spec!r}."
+            )
+        return ACTIONS[spec]()
+    if callable(spec):
+        return CallFunction(spec)
+    raise ValueError(
+        f"`on_equilibrium` must be one of {tuple(ACTIONS)}, an EquilibriumAction or a callable "
+        f"(trainer, pl_module, event); got {spec!r}."
+    )
+
+
+class EquilibriumPolicy:
+    """One event each time the quorum of units enters equilibrium, carried out by ``action``.
+
+    After each batch of windows, call :meth:`entering` with ``detector.reached()`` (agreed on
+    across ranks); when it returns ``True``, call :meth:`fire`.
+
+    Args:
+        action: what to do at an event.
+
+    Example::
+
+        >>> policy = EquilibriumPolicy(Warn())
+        >>> [policy.entering(reached) for reached in (False, True, True, False, True)]
+        [False, True, False, False, True]
+    """
+
+    def __init__(self, action: EquilibriumAction) -> None:
+        self.action = action
+        self.events: list[EquilibriumEvent] = []
+        self._quorum_reached = False
+
+    def entering(self, reached: bool) -> bool:
+        """Whether the quorum has just entered equilibrium (one event per entry)."""
+        entered = reached and not self._quorum_reached
+        self._quorum_reached = reached
+        return entered
+
+    def fire(
+        self,
+        detector: EquilibriumDetector,
+        windows: Sequence[UnitWindow],
+        context: ActionContext,
+    ) -> EquilibriumEvent:
+        """Build the event of this batch of windows and carry it out.
+
+        The event is recorded (:attr:`events`) before the action runs, so a failing user
+        callable leaves it in the record; the error propagates. After an action that moved the
+        target (new learning rates), the detector forgets equilibrium and waits the event's
+        ``cooldown``.
+        """
+        event = _make_event(detector, windows, context.global_step, self.action.name)
+        self.events.append(event)
+        event = self.action(event, context)
+        self.events[-1] = event
+        if event.new_lrs or event.cooldown:
+            # The target moved: equilibrium is forgotten, and reaching it again is a new event.
+            detector.restart(event.cooldown)
+            self._quorum_reached = False
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        """Events, the quorum flag and the action's own state."""
+        return {
+            "events": [event.as_dict() for event in self.events],
+            "quorum_reached": self._quorum_reached,
+            "action": self.action.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.events = [EquilibriumEvent.from_dict(e) for e in state.get("events", [])]
+        self._quorum_reached = bool(state.get("quorum_reached", False))
+        self.action.load_state_dict(state.get("action", {}))
+
+
+def decays_of(action: EquilibriumAction) -> int | None:
+    """LR decays an action has made so far (``None`` for actions that do not decay)."""
+    return action.decays if isinstance(action, DecayLR) else None
+
+
+def describe_event(event: EquilibriumEvent, decays: int | None = None) -> str:
+    """The one-line message of an event.
+
+    Example::
+
+        >>> event = EquilibriumEvent(300, ("w",), 1.0, {"w": 0.0101}, {"w": 0.01}, "theory")
+        >>> describe_event(event)
+        '[lightning_sdm] global step 300: 100% of the units are in equilibrium (criterion: theory): w: 0.0101 rad/step vs 0.01 predicted.'
+    """  # noqa: E501
+    figures = ", ".join(
+        f"{name}: {event.measured.get(name, math.nan):.3g} rad/step vs "
+        f"{_format_prediction(event.predicted.get(name))}"
+        for name in event.units
+    )
+    text = (
+        f"[lightning_sdm] global step {event.global_step}: {event.fraction:.0%} of the units are "
+        f"in equilibrium (criterion: {event.criterion}): {figures}."
+    )
+    if event.new_lrs:
+        pairs = zip(event.old_lrs, event.new_lrs, strict=True)
+        lrs = ", ".join(f"{old:.3g} -> {new:.3g}" for old, new in pairs)
+        count = f", decay #{decays}" if decays is not None else ""
+        text += f" Learning rate decayed ({lrs}){count}; cooldown {event.cooldown} steps."
+    elif event.action == "none":
+        text += " No decay: min_lr or max_decays reached."
+    elif event.action == "stop":
+        text += " Asking the Trainer to stop."
+    return text
+
+
+# ---------------------------------------------------------------------- internals
+
+
+def _groups_by_optimizer(context: ActionContext) -> dict[Optimizer, set[int]]:
+    groups: dict[Optimizer, set[int]] = {}
+    for optimizer, index in context.unit_groups.values():
+        groups.setdefault(optimizer, set()).add(index)
+    return groups
+
+
+def _relaxation(context: ActionContext, decay: float) -> int:
+    """Optimizer steps until the slowest unit is within 5% of its new prediction."""
+    longest = 0.0
+    for optimizer, index in context.unit_groups.values():
+        after = predict_param_group(optimizer, optimizer.param_groups[index])
+        tau = relaxation_time(after)
+        if tau is not None:
+            longest = max(longest, lr_change_relaxation_steps(1 / decay, tau, COOLDOWN_TOLERANCE))
+    return math.ceil(longest)
+
+
+def _make_event(
+    detector: EquilibriumDetector, windows: Sequence[UnitWindow], global_step: int, action: str
+) -> EquilibriumEvent:
+    units = tuple(name for name, u in detector.state.items() if u.in_equilibrium)
+    by_unit = {w.unit: w for w in windows}
+    criteria = {detector.state[name].criterion for name in units}
+    return EquilibriumEvent(
+        global_step=global_step,
+        units=units,
+        fraction=detector.fraction(),
+        measured={n: by_unit[n].angular_update for n in units if n in by_unit},
+        predicted={n: by_unit[n].theory for n in units if n in by_unit},
+        criterion="stationary" if "stationary" in criteria else "theory",
+        action=action,
+    )
+
+
+def _label(function: Any) -> str:
+    return getattr(function, "__qualname__", None) or repr(function)
+
+
+def _format_prediction(value: float | None) -> str:
+    return "no prediction" if value is None else f"{value:.3g} predicted"

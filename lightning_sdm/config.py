@@ -1,0 +1,142 @@
+"""The measurement settings, validated and clamped in one place (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lightning_sdm.records import GRANULARITIES, Granularity
+
+__all__ = ["MonitorConfig", "check_fraction", "check_integer", "check_number"]
+
+
+def check_integer(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``.
+
+    ``bool`` is refused although it is an ``int`` subclass: ``window=True`` is a mistake.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        suffix = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be {what}{suffix}, got {value!r}.")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number in range."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(
+            f"`{name}` must be a number in {left}{low:g}, {high:g}{right}, got {value!r}."
+        )
+
+
+def check_fraction(name: str, value: Any, *, closed_high: bool = False) -> None:
+    """``value`` in ``(0, 1)`` (or ``(0, 1]``)."""
+    check_number(name, value, low=0.0, high=1.0, high_open=not closed_high)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What to measure and how often; every consumer reads these values from here.
+
+    Validated once, at construction; ``window`` is clamped to ``every_n_steps`` once that is
+    known (a window cannot be longer than the interval it closes). ``every_n_steps=None`` means
+    "the Trainer's ``log_every_n_steps``", resolved by :meth:`resolve` in ``setup``.
+
+    Args:
+        granularity: ``"layer"`` or ``"channel"`` (see :data:`~lightning_sdm.records.Granularity`).
+        every_n_steps: optimizer steps between two windows, or ``None``.
+        window: measured optimizer steps per window (the last ``window`` of each interval).
+        horizon: also measure the angle between ``w_t`` and ``w_{t+horizon}`` over consecutive
+            blocks of ``horizon`` steps inside each window; at most ``window``.
+        verify_steps: measured steps on which the gradient-orthogonality check runs (0: never).
+        orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant, in
+            ``(0, 1)``.
+
+    Raises:
+        ValueError: naming the first invalid argument.
+
+    Example::
+
+        >>> MonitorConfig(every_n_steps=5, window=8).window
+        5
+        >>> MonitorConfig(every_n_steps=None).resolve(20).every_n_steps
+        20
+        >>> MonitorConfig(window=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `window` must be a positive integer, got 0.
+    """
+
+    granularity: Granularity = "layer"
+    every_n_steps: int | None = 50
+    window: int = 8
+    horizon: int = 1
+    verify_steps: int = 3
+    orthogonality_tolerance: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}."
+            )
+        check_integer("every_n_steps", self.every_n_steps, 1, allow_none=True)
+        check_integer("window", self.window, 1)
+        check_integer("horizon", self.horizon, 1)
+        check_integer("verify_steps", self.verify_steps, 0)
+        check_fraction("orthogonality_tolerance", self.orthogonality_tolerance)
+        if self.every_n_steps is not None and self.window > self.every_n_steps:
+            object.__setattr__(self, "window", self.every_n_steps)
+        if self.horizon > self.window:
+            raise ValueError(
+                f"`horizon` must be at most the window ({self.window} steps"
+                + (
+                    f", every_n_steps={self.every_n_steps}"
+                    if self.every_n_steps == self.window
+                    else ""
+                )
+                + f"), got {self.horizon}."
+            )
+
+    @property
+    def resolved(self) -> bool:
+        """Whether ``every_n_steps`` is known."""
+        return self.every_n_steps is not None
+
+    def resolve(self, every_n_steps: int) -> MonitorConfig:
+        """This config with ``every_n_steps`` set (``window`` clamped again, ``horizon`` checked).
+
+        Raises:
+            ValueError: if ``horizon`` does not fit the resulting window.
+        """
+        if self.every_n_steps is not None:
+            return self
+        return replace(self, every_n_steps=every_n_steps)
+
+    def is_measured(self, step_index: int) -> bool:
+        """Whether optimizer step ``step_index`` (0-based) is among the last ``window`` ones."""
+        assert self.every_n_steps is not None
+        return step_index % self.every_n_steps >= self.every_n_steps - self.window
+
+    def position_in_window(self, step_index: int) -> int:
+        """0 for the first measured step of a window."""
+        assert self.every_n_steps is not None
+        return step_index % self.every_n_steps - (self.every_n_steps - self.window)

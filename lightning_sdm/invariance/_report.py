@@ -1,0 +1,81 @@
+"""The results of the invariance analysis: units and rejected parameters, with reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_sdm.units import Unit
+
+__all__ = ["InvarianceReport", "RejectedParameter"]
+
+TRACE = "trace"
+REGISTRATION_ORDER = "registration_order"
+
+NORM_AFFINE_REASON = "normalization affine parameter (applied after the statistics are taken)"
+EMBEDDING_REASON = "embedding table: a lookup, not a linear map followed by a normalization"
+UNUSED_REASON = "not used in the traced forward"
+HEURISTIC_NOTE = (
+    "heuristic: registration order is not execution order; confirm every unit with gradient "
+    "orthogonality (<w, dL/dw> ~ 0 per unit) before trusting it"
+)
+
+
+@dataclass(frozen=True)
+class RejectedParameter:
+    """A parameter that is not (or could not be shown to be) scale-invariant, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class InvarianceReport:
+    """Every parameter of a module, either in an invariant unit or rejected with a reason.
+
+    Attributes:
+        units: the scale-invariant units, in parameter registration order.
+        rejected: every other parameter, in registration order.
+        method: ``"trace"`` (a recorded forward pass) or ``"registration_order"`` (heuristic).
+        notes: caveats, e.g. why a trace fell back to the heuristic.
+    """
+
+    units: tuple[Unit, ...]
+    rejected: tuple[RejectedParameter, ...]
+    method: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def invariant_parameters(self) -> tuple[str, ...]:
+        """Names of all parameters that belong to an invariant unit."""
+        return tuple(name for unit in self.units for name in unit.params)
+
+    def summary(self) -> str:
+        """Multi-line human-readable report: units, their granularity, rejections and why.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+            >>> from lightning_sdm.invariance import find_scale_invariant_units
+            >>> print(find_scale_invariant_units(net, torch.randn(16, 4)).summary())
+            Scale-invariant units (method: trace): 1
+              0.weight + 0.bias  <-  1 (BatchNorm1d); per output channel (dim 0)
+            Rejected parameters: 4
+              1.weight: normalization affine parameter (applied after the statistics are taken)
+              1.bias: normalization affine parameter (applied after the statistics are taken)
+              3.weight: output does not reach a normalization: it is returned by the model
+              3.bias: bias of '3.weight', which is not scale-invariant
+        """
+        lines = [f"Scale-invariant units (method: {self.method}): {len(self.units)}"]
+        for unit in self.units:
+            grain = (
+                f"per output channel (dim {unit.channel_dim})"
+                if unit.channel_invariant
+                else "whole unit only"
+            )
+            lines.append(f"  {' + '.join(unit.params)}  <-  {unit.norm}; {grain}")
+        lines.append(f"Rejected parameters: {len(self.rejected)}")
+        lines.extend(f"  {item.name}: {item.reason}" for item in self.rejected)
+        lines.extend(f"Note: {note}" for note in self.notes)
+        return "\n".join(lines)

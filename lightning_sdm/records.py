@@ -1,0 +1,296 @@
+"""The records everything else exchanges, the names of the logged keys, and the option types.
+
+This module is the schema of the package and imports neither torch nor Lightning, so the report
+command, the run-data readers and the loggers can read it cheaply:
+
+* :class:`UnitWindow`: what one unit did over one measurement window (the monitor's output);
+* :class:`HistoryRecord`: one row of ``SphericalDynamicsCallback.history`` (a window with the
+  detector's verdict, the invariance check and both clocks);
+* :class:`EquilibriumEvent`: the quorum of units reached equilibrium, and what was done about it;
+* :class:`Keys` and :func:`window_metrics`: the ``sdm/...`` keys every logger receives;
+* ``Literal`` aliases for every option (``Granularity``, ``ActionName``, ...).
+
+Two clocks, named everywhere (a bare "step" is ambiguous once there are several optimizers):
+
+* ``optimizer_step``: optimizer steps taken by the optimizer that updates the unit. It is the
+  clock of the physics: relaxation times and cooldowns are counted in it.
+* ``global_step``: Lightning's ``trainer.global_step`` (the steps of all optimizers together, the
+  x axis of every logger). Without a Trainer the monitor counts the steps of all its optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "CHANNEL_SUMMARIES",
+    "GRANULARITIES",
+    "ActionName",
+    "Criterion",
+    "EquilibriumEvent",
+    "Granularity",
+    "HistoryRecord",
+    "Invariance",
+    "Keys",
+    "UnitSource",
+    "UnitWindow",
+    "event_metrics",
+    "summary_metrics",
+    "window_metrics",
+]
+
+#: ``"layer"``: one angle per unit (Wan et al. 2020); ``"channel"``: one per output channel
+#: (Kosson et al. 2024), logged as summary statistics.
+Granularity = Literal["layer", "channel"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+#: The built-in reactions to an equilibrium event (see :mod:`lightning_sdm.actions`).
+ActionName = Literal["warn", "decay_lr", "stop"]
+#: Outcome of the gradient-orthogonality cross-check of a unit.
+Invariance = Literal["verified", "violated", "unverified"]
+#: ``"theory"``: measured against the prediction; ``"stationary"``: no prediction exists.
+Criterion = Literal["theory", "stationary"]
+#: How a unit was found.
+UnitSource = Literal["trace", "registration_order", "explicit"]
+
+#: Statistics over a unit's channels logged with ``granularity="channel"`` (key suffixes).
+CHANNEL_SUMMARIES: tuple[str, ...] = ("mean", "std", "min", "p10", "median", "p90", "max")
+
+
+@dataclass(frozen=True)
+class UnitWindow:
+    """What one unit did over one measurement window.
+
+    Attributes:
+        unit: the unit's name.
+        optimizer_step: steps taken by the unit's optimizer when the window closed.
+        global_step: the global clock when the window closed (see the module docstring).
+        angular_update: RMS angular update (radians per step) over the window.
+        last: angular update of the last step of the window.
+        theory: predicted equilibrium (RMS over the window's learning rates), ``None`` when no
+            prediction exists for the unit's optimizer/param group.
+        ratio: ``angular_update / theory`` (``None`` without a prediction).
+        weight_norm: norm of the unit (weight and bias together) at the end of the window.
+        steps: number of measured steps in the window.
+        lr: learning rate of the unit's param group at the last measured step.
+        frozen: the unit had no gradient (frozen); its angle is 0 and it has no prediction.
+        channels: with ``granularity="channel"``, summary statistics over the unit's channels of
+            the per-channel RMS angular update (keys in :data:`CHANNEL_SUMMARIES`), else
+            ``None`` (also for a unit that is invariant only as a whole, such as one followed by
+            LayerNorm: it has no per-channel angle to summarise).
+        channel_ratios: same summaries of per-channel ``angular_update / theory``.
+        time_scale: e-folding time (optimizer steps) of the relaxation towards equilibrium under
+            the current hyper-parameters (:func:`lightning_sdm.theory.relaxation_time`), ``None``
+            where theory gives none.
+        horizon_angular_update: with ``horizon=h > 1``, the RMS over the window of the angle
+            between ``w_t`` and ``w_{t+h}`` (not the sum of the ``h`` one-step angles: angles on
+            a sphere do not add, and a random walk covers only about ``sqrt(h)`` of them).
+    """
+
+    unit: str
+    optimizer_step: int
+    global_step: int
+    angular_update: float
+    last: float
+    theory: float | None
+    ratio: float | None
+    weight_norm: float
+    steps: int
+    lr: float
+    frozen: bool = False
+    channels: dict[str, float] | None = None
+    channel_ratios: dict[str, float] | None = None
+    time_scale: float | None = None
+    horizon_angular_update: float | None = None
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One unit in one logged window, as kept in ``SphericalDynamicsCallback.history``.
+
+    ``pandas.DataFrame(callback.history)`` gives one column per field. The fields of
+    :class:`UnitWindow`, plus:
+
+    Attributes:
+        in_equilibrium: the detector's verdict after this window.
+        equilibrium_criterion: what the verdict was based on (:data:`Criterion`).
+        invariance: the gradient-orthogonality cross-check (:data:`Invariance`).
+    """
+
+    unit: str
+    optimizer_step: int
+    global_step: int
+    angular_update: float
+    theory: float | None
+    ratio: float | None
+    weight_norm: float
+    lr: float
+    in_equilibrium: bool
+    equilibrium_criterion: Criterion = "theory"
+    invariance: Invariance = "unverified"
+    frozen: bool = False
+    channels: dict[str, float] | None = None
+    channel_ratios: dict[str, float] | None = None
+    time_scale: float | None = None
+    horizon_angular_update: float | None = None
+
+    @classmethod
+    def from_window(
+        cls,
+        window: UnitWindow,
+        *,
+        in_equilibrium: bool,
+        criterion: Criterion,
+        invariance: Invariance,
+    ) -> HistoryRecord:
+        """The record of ``window`` with the detector's verdict and the invariance check."""
+        values = {f.name: getattr(window, f.name) for f in fields(cls) if hasattr(window, f.name)}
+        return cls(
+            **values,
+            in_equilibrium=in_equilibrium,
+            equilibrium_criterion=criterion,
+            invariance=invariance,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-type copy (checkpoints load with ``weights_only=True``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HistoryRecord:
+        """Inverse of :meth:`as_dict`; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass(frozen=True)
+class EquilibriumEvent:
+    """The monitored units reached equilibrium (the quorum of them did), and what was done.
+
+    Attributes:
+        global_step: the global clock when the event fired.
+        units: the units in equilibrium.
+        fraction: fraction of units in equilibrium.
+        measured: RMS angular update per unit in equilibrium.
+        predicted: prediction per unit (``None`` without one).
+        criterion: ``"theory"`` or ``"stationary"`` (the latter if any unit used it).
+        action: what was done (``"warn"``, ``"decay_lr"``, ``"stop"``, ``"callable"``, or
+            ``"none"``: a decay was due but ``min_lr``/``max_decays`` forbade it).
+        old_lrs: learning rates of the affected param groups before the action.
+        new_lrs: and after it.
+        cooldown: optimizer steps the detector waits before it may declare equilibrium again
+            (the relaxation the action started; 0 when it changed nothing).
+    """
+
+    global_step: int
+    units: tuple[str, ...]
+    fraction: float
+    measured: dict[str, float]
+    predicted: dict[str, float | None]
+    criterion: Criterion
+    action: str = "warn"
+    old_lrs: tuple[float, ...] = ()
+    new_lrs: tuple[float, ...] = ()
+    cooldown: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-type copy (for checkpoints and loggers)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EquilibriumEvent:
+        """Inverse of :meth:`as_dict`; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        kept = {key: value for key, value in values.items() if key in known}
+        for key in ("units", "old_lrs", "new_lrs"):
+            kept[key] = tuple(kept.get(key, ()))
+        return cls(**kept)
+
+
+class Keys:
+    """The logged keys. Per-unit keys end with ``/<unit>`` (and ``/<summary>`` per channel)."""
+
+    PREFIX = "sdm/"
+    ANGULAR_UPDATE = "sdm/angular_update/"
+    THEORY = "sdm/angular_update_theory/"
+    RATIO = "sdm/angular_update_ratio/"
+    WEIGHT_NORM = "sdm/weight_norm/"
+    IN_EQUILIBRIUM = "sdm/in_equilibrium/"
+    HORIZON = "sdm/angular_update_horizon/"
+    MEDIAN_RATIO = "sdm/angular_update_ratio"
+    FRACTION = "sdm/equilibrium_fraction"
+    STEPS_TO_EQUILIBRIUM = "sdm/steps_to_equilibrium"
+    LR_DECAYS = "sdm/lr_decays"
+    EVENT_STEP = "sdm/equilibrium_event_step"
+    LR_AFTER_EVENT = "sdm/lr_after_event"
+    #: Shown in the progress bar (the median ratio).
+    PROGRESS_BAR = "sdm_ratio"
+
+    @staticmethod
+    def unit_of(key: str, prefix: str) -> str:
+        """The unit of a per-unit key under ``prefix``, without a channel-summary suffix."""
+        rest = key[len(prefix) :]
+        head, _, tail = rest.rpartition("/")
+        return head if head and tail in CHANNEL_SUMMARIES else rest
+
+
+def window_metrics(window: UnitWindow, in_equilibrium: bool) -> dict[str, float]:
+    """The per-unit ``sdm/...`` scalars of one window (NaN where there is no value).
+
+    Example::
+
+        >>> window = UnitWindow("net.0.weight", 40, 40, 0.02, 0.02, 0.025, 0.8, 3.1, 8, 0.1)
+        >>> sorted(window_metrics(window, in_equilibrium=False).items())  # doctest: +NORMALIZE_WHITESPACE
+        [('sdm/angular_update/net.0.weight', 0.02), ('sdm/angular_update_ratio/net.0.weight', 0.8),
+         ('sdm/angular_update_theory/net.0.weight', 0.025), ('sdm/in_equilibrium/net.0.weight', 0.0),
+         ('sdm/weight_norm/net.0.weight', 3.1)]
+    """  # noqa: E501
+    name = window.unit
+    theory = window.theory if window.theory is not None else math.nan
+    ratio = window.ratio if window.ratio is not None else math.nan
+    metrics = {f"{Keys.WEIGHT_NORM}{name}": window.weight_norm}
+    if window.channels is None:
+        metrics[f"{Keys.ANGULAR_UPDATE}{name}"] = window.angular_update
+        metrics[f"{Keys.RATIO}{name}"] = ratio
+    else:
+        for key, value in window.channels.items():
+            metrics[f"{Keys.ANGULAR_UPDATE}{name}/{key}"] = value
+        for key, value in (window.channel_ratios or {}).items():
+            metrics[f"{Keys.RATIO}{name}/{key}"] = value
+    metrics[f"{Keys.THEORY}{name}"] = theory
+    if window.horizon_angular_update is not None:
+        metrics[f"{Keys.HORIZON}{name}"] = window.horizon_angular_update
+    metrics[f"{Keys.IN_EQUILIBRIUM}{name}"] = float(in_equilibrium)
+    return metrics
+
+
+def summary_metrics(
+    windows: list[UnitWindow], fraction: float, steps_to_equilibrium: float
+) -> dict[str, float]:
+    """The run-level scalars of a batch of windows: median ratio, equilibrium fraction, ETA."""
+    ratios = sorted(w.ratio for w in windows if w.ratio is not None and math.isfinite(w.ratio))
+    middle = len(ratios) // 2
+    median = (
+        math.nan
+        if not ratios
+        else ratios[middle]
+        if len(ratios) % 2
+        else (ratios[middle - 1] + ratios[middle]) / 2
+    )
+    return {
+        Keys.MEDIAN_RATIO: median,
+        Keys.FRACTION: fraction,
+        Keys.STEPS_TO_EQUILIBRIUM: steps_to_equilibrium,
+    }
+
+
+def event_metrics(event: EquilibriumEvent, decays: int | None) -> dict[str, float]:
+    """The scalars logged with an equilibrium event (``decays``: LR decays so far, if any)."""
+    metrics = {Keys.EVENT_STEP: float(event.global_step)}
+    if decays is not None:
+        metrics[Keys.LR_DECAYS] = float(decays)
+    if event.new_lrs:
+        metrics[Keys.LR_AFTER_EVENT] = event.new_lrs[0]
+    return metrics

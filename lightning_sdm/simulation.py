@@ -1,0 +1,144 @@
+"""A scale-invariant problem without a network, to check the theory against real optimizers.
+
+:func:`simulate_scale_invariant` integrates pure gradient noise projected orthogonal to each row of
+a weight, with the real ``torch.optim`` classes; ``tests/test_theory.py`` compares every formula of
+:mod:`lightning_sdm.theory` with it, and ``examples/validate_theory.py`` prints the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_sdm.functional import angular_update
+
+__all__ = ["SimulationResult", "simulate_scale_invariant"]
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What :func:`simulate_scale_invariant` measured.
+
+    Attributes:
+        angular_updates: ``[steps, rows]`` float64 angle of every row at every measured step
+            (after the burn-in), in radians.
+        norms: ``[burn_in + steps + 1, rows]`` float64 norm of every row, from the initial weight
+            on.
+        grad_sq_unit: ``E[|g~|^2]`` of the synthetic gradient (``dim - 1``), the ``L`` of
+            :func:`~lightning_sdm.theory.equilibrium_weight_norm`.
+    """
+
+    angular_updates: Tensor
+    norms: Tensor
+    grad_sq_unit: float
+
+    @property
+    def rms_angular_update(self) -> float:
+        """Root-mean-square of the measured angles over rows and steps (the quantity predicted)."""
+        return float(self.angular_updates.square().mean().sqrt())
+
+
+def simulate_scale_invariant(
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    *,
+    steps: int,
+    burn_in: int = 0,
+    rows: int = 8,
+    dim: int = 1000,
+    initial_norm: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+) -> SimulationResult:
+    """Run an optimizer on a scale-invariant problem made of pure gradient noise, and measure it.
+
+    The parameter is one ``[rows, dim]`` tensor; each row is an invariant unit, like an output
+    channel followed by BatchNorm. At every step the gradient of a row ``w`` is
+    ``(xi - <xi, w^> w^) / |w|`` with ``xi`` fresh standard Gaussian noise and ``w^ = w / |w|``:
+    orthogonal to the row and scaling as ``1/|w|``, exactly what a scale-invariant loss with
+    stationary gradient noise gives, and what the equilibrium theories assume. No network, no
+    data: the optimizer's own dynamics only. Element-wise optimizers (Adam, Lion) never mix rows,
+    so the rows are independent samples.
+
+    Use it to check a prediction (see ``examples/validate_theory.py``), or to measure the
+    equilibrium of an optimizer theory does not cover. Start near the equilibrium norm, or give a
+    burn-in of a few relaxation times (:func:`lightning_sdm.theory.relaxation_time`).
+
+    Args:
+        make_optimizer: builds the optimizer from the list holding the single parameter.
+        steps: measured steps (after the burn-in), >= 1.
+        burn_in: steps run before measuring, >= 0.
+        rows: independent invariant units.
+        dim: elements per unit (the fan-in).
+        initial_norm: initial norm of every row (random directions).
+        seed: seed of the noise and of the initial directions.
+        dtype: dtype of the parameter; float64 keeps the simulation clean.
+        before_step: called as ``before_step(step, optimizer)`` before every step (0-based,
+            burn-in included), e.g. to change the learning rate in the middle of a run.
+
+    Speed: a step costs well under a millisecond for the default size with
+    ``torch.set_num_threads(1)``; with several intra-op threads on a busy machine it was up to 8x
+    slower (the tensors are too small to share).
+
+    Returns:
+        A :class:`SimulationResult`; memory is ``(burn_in + 2 steps) * rows * 8`` bytes.
+
+    Raises:
+        ValueError: if an argument is out of range.
+
+    Example::
+
+        >>> import math, torch
+        >>> make = lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=1e-2)
+        >>> from lightning_sdm.theory import equilibrium_weight_norm
+        >>> start = equilibrium_weight_norm(0.1, 1e-2, grad_sq_unit=99.0)
+        >>> result = simulate_scale_invariant(make, steps=200, rows=4, dim=100, initial_norm=start)
+        >>> round(result.rms_angular_update / math.sqrt(2 * 0.1 * 1e-2), 2)
+        1.0
+    """
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if burn_in < 0:
+        raise ValueError(f"`burn_in` must be >= 0, got {burn_in}.")
+    if rows < 1:
+        raise ValueError(f"`rows` must be >= 1, got {rows}.")
+    if dim < 2:
+        raise ValueError(f"`dim` must be >= 2 (a direction orthogonal to the weight), got {dim}.")
+    if not (isinstance(initial_norm, (int, float)) and initial_norm > 0):
+        raise ValueError(f"`initial_norm` must be a positive number, got {initial_norm!r}.")
+
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(rows, dim, generator=generator, dtype=dtype)
+    start *= initial_norm / start.norm(dim=1, keepdim=True)
+    weight = torch.nn.Parameter(start)
+    optimizer = make_optimizer([weight])
+
+    norms = torch.empty(burn_in + steps + 1, rows, dtype=torch.float64)
+    angles = torch.empty(steps, rows, dtype=torch.float64)
+    norms[0] = weight.detach().norm(dim=1).double()
+    for step in range(burn_in + steps):
+        if before_step is not None:
+            before_step(step, optimizer)
+        with torch.no_grad():
+            weight.grad = _orthogonal_noise(weight.detach(), generator)
+            prev = weight.detach().clone()
+        optimizer.step()
+        curr = weight.detach()
+        norms[step + 1] = curr.norm(dim=1).double()
+        if step >= burn_in:
+            angles[step - burn_in] = angular_update(prev, curr, dim=0)
+    return SimulationResult(angular_updates=angles, norms=norms, grad_sq_unit=float(dim - 1))
+
+
+def _orthogonal_noise(weight: Tensor, generator: torch.Generator) -> Tensor:
+    """Per row: Gaussian noise projected orthogonal to the row, divided by the row's norm."""
+    # float32 draws are ~5x faster than float64 ones and the noise needs no more precision; the
+    # projection below runs in the weight's dtype, so <w, g> = 0 holds to that precision.
+    noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight.dtype)
+    norm = weight.norm(dim=1, keepdim=True)
+    unit = weight / norm
+    noise -= (noise * unit).sum(dim=1, keepdim=True) * unit
+    return noise / norm
