@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"records", "_optimizers", "_engine", "lr_control"},
     {"config", "units", "functional", "theory", "rundata"},
     {"metric", "simulation", "invariance", "equilibrium", "plot", "_messages"},
-    {"monitor", "cli"},
+    {"monitor", "cli", "validation"},
     {"actions", "integrations"},
     {"callback"},
     {"plugin"},

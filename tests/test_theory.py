@@ -3,24 +3,21 @@
 The formulas against a synthetic scale-invariant problem integrated with the real torch
 optimizers, the recognition of optimizers, and the argument checks.
 
-The grid of optimizer settings and the burn-in rule live in examples/validate_theory.py, so the
-table that script prints is exactly what is asserted here.
+The grid of optimizer settings and the burn-in rule live in lightning_sdm.validation, so the
+table examples/validate_theory.py prints is exactly what is asserted here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 import re
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from lightning_sdm import validation
 from lightning_sdm.simulation import simulate_scale_invariant
 from lightning_sdm.theory import (
     Prediction,
@@ -37,19 +34,8 @@ from lightning_sdm.theory import (
     steps_to_equilibrium,
 )
 
-
-def _load_example() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "examples" / "validate_theory.py"
-    spec = importlib.util.spec_from_file_location("validate_theory", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_example()
-Lion = validate.Lion
+validate = validation
+Lion = validation.Lion
 
 ROWS, DIM = 8, 1000
 
