@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-fast lint typecheck unit bench study clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
+
+# The development lane: no multi-process jobs, no long end-to-end runs (about a minute).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not distributed"
+
+# The paper reproduction of docs/reproduction.md (about 4 minutes with 2 processes).
+study: $(STAMP)
+	$(BIN)/python -m studies.reproduction --out docs --jobs 2
 
 # Overhead of the monitor on a CPU ResNet-18 (vs no monitor and wandb.watch), then the cost of one
 # measurement against model size and number of tensors. About 40 minutes on 2 CPU cores.

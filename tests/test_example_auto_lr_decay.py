@@ -1,6 +1,11 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+# End-to-end runs of the examples: the slow lane (`make test-fast` skips them).
+pytestmark = pytest.mark.slow
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "auto_lr_decay.py"
 
 

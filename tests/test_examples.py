@@ -24,6 +24,9 @@ import pytest
 
 from tests.distributed.launch import run_script
 
+# End-to-end runs of the examples: the slow lane (`make test-fast` skips them).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DIGITS_UNITS = ["features.0.weight", "features.3.weight", "features.7.weight"]
 # digits defaults: sqrt(2 lr wd / (1 + momentum)) with lr 0.1, wd 5e-3, momentum 0.9.

@@ -131,6 +131,7 @@ def _rms_after_decay(optimizer_name, rescale, decay=10.0, rows=8, dim=500):
     return math.sqrt(sum(a * a for a in angles) / len(angles)) / new_theory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_rescaling_lands_on_the_new_equilibrium_at_once(optimizer_name):
     with_rescale = _rms_after_decay(optimizer_name, rescale=True)

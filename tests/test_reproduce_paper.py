@@ -1,4 +1,4 @@
-"""The quick version of examples/reproduce_paper.py, with the paper's claims as assertions.
+"""The quick version of the reproduction study (``studies/reproduction``), claims as assertions.
 
 One in-process run of ``--quick`` (10 short Lightning fits on the digits, ~30 CPU-seconds, about a
 minute on 2 busy cores) shared by the tests below. Tolerances are set from what the quick version
@@ -7,32 +7,25 @@ hopes: where the real network disagrees with theory (the relaxation after an LR 
 than the model), the assertion is on what is robust (the drop, and the recovery).
 """
 
-import importlib.util
 import math
 import pickle
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_paper.py"
+from studies.reproduction import data as data_module
+from studies.reproduction import main as study
+from studies.reproduction import runs
 
-
-def _load():
-    if "reproduce_paper" in sys.modules:
-        return sys.modules["reproduce_paper"]
-    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_paper"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+# The whole study runs once for this module (about a minute on 2 busy cores): the slow lane.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    module = _load()
+    module = study
     out = tmp_path_factory.mktemp("reproduction")
     started = time.perf_counter()
     analysis = module.main(["--quick", "--out", str(out), "--json", str(out / "results.json")])
@@ -161,20 +154,19 @@ def _fake_cifar(directory: Path, per_batch: int = 24) -> None:
 
 
 def test_cifar_directory_is_read_and_trained_on(tmp_path):
-    module = _load()
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     _fake_cifar(root)
-    x_train, y_train, x_test, y_test = module.load_cifar10(tmp_path, train_size=100)
+    x_train, y_train, x_test, y_test = data_module.load_cifar10(tmp_path, train_size=100)
     assert x_train.shape == (100, 3, 32, 32) and y_train.shape == (100,)
     assert x_test.shape == (24, 3, 32, 32) and y_test.dtype == torch.long
     assert x_train.mean().abs() < 0.1 and (x_train.std() - 1).abs() < 0.1
-    data = module.DataConfig(cifar_dir=str(root), cifar_train_size=0)
-    spec = module.RunSpec(
+    data = data_module.DataConfig(cifar_dir=str(root), cifar_train_size=0)
+    spec = runs.RunSpec(
         "cifar_smoke", "sgd", 0.1, 1e-2, 0.9, batch_size=16, steps=32, measure_steps=16, width=4
     )
-    result = module.run_one(spec, data)
+    result = runs.run_one(spec, data)
     assert result["units"] == ["features.0.weight", "features.4.weight", "features.8.weight"]
     assert len(result["history"]) == 2 * 3
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        module.load_cifar10(tmp_path / "missing")
+        data_module.load_cifar10(tmp_path / "missing")

@@ -1,0 +1,1 @@
+"""Studies: longer measurements with the package, each writing a report under docs/."""
