@@ -35,6 +35,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_sdm.callback import SphericalDynamicsCallback
 
@@ -69,10 +70,12 @@ class EnvSphericalDynamicsCallback(SphericalDynamicsCallback):
     """The callback the plugin adds; it stands down if the Trainer has another one."""
 
     @property
+    @override
     def state_key(self) -> str:
         """Distinct from the plain callback's, so that both may sit in one Trainer."""
         return f"{ENV_PREFIX}:{SphericalDynamicsCallback.__qualname__}"
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Leave the Trainer if it has another ``SphericalDynamicsCallback``; else set up."""
         explicit = [

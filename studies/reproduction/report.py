@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -149,7 +150,7 @@ def write_report(
         f"runs, {steps} optimizer steps, {elapsed / 60:.1f} min wall clock, {cpu / 60:.1f} "
         f"CPU-minutes in training ({args.jobs} process(es), {data.threads} torch thread(s) each; "
         f"{machine}, torch {torch.__version__}, lightning {pl.__version__}).\n\n"
-        + SETUP_TEXT.format(
+        + TEXTS["setup"].format(
             grid_range=f"{min(products):.2g} to {max(products):.2g}" if products else "-",
             n_train=len(load_data(data)[1]),
             loss_range=_range(noisy_losses) if noisy_losses else "-",
@@ -167,7 +168,7 @@ def write_report(
         measure = (plan.sgd_grid or plan.adamw_grid)[0].measure_steps
         parts.append(
             "## 1. Equilibrium angular update: measured vs predicted\n\n"
-            + GRID_TEXT.format(
+            + TEXTS["grid"].format(
                 measure=measure, windows=measure // EVERY, minimum=160 if plan.quick else 320
             )
         )
@@ -251,7 +252,7 @@ def write_report(
                 rows,
             )
             + "\n\n"
-            + NONSTATIONARY_TEXT
+            + TEXTS["nonstationary"]
             + f"\n![non-stationary](figures/{figure})\n"
         )
     if plan.decay:
@@ -282,7 +283,7 @@ def write_report(
                 )
         parts.append(
             "## 2. Learning-rate decay by 10x\n\n"
-            + DECAY_TEXT
+            + TEXTS["decay"]
             + "\n\n"
             + _table(
                 [
@@ -342,7 +343,7 @@ def write_report(
         base = scaling[0]
         parts.append(
             "## 3. Linear scaling: batch k*B with lr k*eta\n\n"
-            + SCALING_TEXT.format(
+            + TEXTS["scaling"].format(
                 B=base["base_batch"],
                 measure=next(iter(plan.scaling.values()))[0].measure_steps,
                 burn=64 if plan.quick else 160,
@@ -353,7 +354,7 @@ def write_report(
                 rows,
             )
             + "\n\n"
-            + HORIZON_TEXT
+            + TEXTS["horizon"]
             + "\n\n"
             + _table(
                 [
@@ -398,7 +399,7 @@ def write_report(
                 )
         parts.append(
             "## 4. Per-channel angular updates (Rotational Equilibrium)\n\n"
-            + CHANNEL_TEXT.format(steps=channels[0]["steps"])
+            + TEXTS["channel"].format(steps=channels[0]["steps"])
             + "\n\n"
             + _table(
                 [
@@ -828,97 +829,12 @@ def discussion(analysis: dict[str, Any]) -> str:
     )
 
 
-SETUP_TEXT = """\
-**Setup.** Network: conv(3x3)-BN-ReLU, conv-BN-ReLU-maxpool, conv-BN-ReLU, global average pool,
-linear classifier (the digits demo's network; for 32x32 images a max-pool follows the first block).
-The three conv weights (no bias) are scale-invariant per output channel; they are found by the
-callback's tracer (`params="auto"`) and they alone form the param group with weight decay (the BN
-affine parameters and the classifier are not scale-invariant and get none). Every optimizer step is
-measured (`every_n_steps = window = 16`); "ratio" is measured RMS angular update /
-`equilibrium_angular_update`, per conv layer (whole-layer angle, as in Wan et al.). The grid's
-`lr*wd` spans {grid_range}, so that the equilibrium is reached within hundreds to a few thousand
-steps of a CPU run: the "intrinsic learning rate" `lr*wd` sets the clock (SGD: the norm relaxes
-with time constant `(1 - momentum) / (4 lr wd)` steps, `lightning_sdm.theory.relaxation_steps`;
-AdamW: `1 / (2 lr wd)`).
+def _load_texts() -> dict[str, str]:
+    """The fixed prose of the report, from ``report_template.md`` (sections by name)."""
+    text = (Path(__file__).parent / "report_template.md").read_text()
+    sections = re.split(r"^<!-- section: (\w+) -->\n", text, flags=re.M)
+    pairs = zip(sections[1::2], sections[2::2], strict=True)
+    return {name: body.strip() + "\n" for name, body in pairs}
 
-**Stationary-noise regime (chosen for experiments 1-4).** For every sample of every batch, with
-probability 0.2 the label is replaced by a fresh uniformly random one (dynamic label noise). The
-theory assumes a stationary distribution of the gradient with respect to the unit weight; with
-clean labels the per-sample gradients of a net that fits its {n_train} training images vanish and
-the equilibrium chases a moving target (see the non-stationary run). Random labels drawn anew at
-every step keep the per-sample gradients at a floor that does not shrink with training (the
-training loss cannot go below the entropy of the noisy labels, ~0.87 nats; it ends at {loss_range}
-in these runs), which is exactly the stationary noise the random-walk argument of SMD needs. Label
-smoothing alone would not do: a model can fit smoothed targets exactly and its gradients still
-vanish.
-"""
 
-GRID_TEXT = """\
-Each setting trains from initialization for 6 relaxation times (SGD) or 4 (AdamW), at least
-{minimum} steps, and measures the RMS angle over the following {measure} steps ({windows} windows).
-Columns: `tau` is the relaxation time (steps), `in eq.` the fraction of the measured windows the
-callback's detector (tolerance 10%, patience 3) counted as in equilibrium, `first eq. step` the
-step at which each layer first entered equilibrium, `drift` the change of the RMS window ratio from
-the first to the second half of the measured steps (mean over the layers; positive: still rising
-towards equilibrium), `loss` the training loss (noisy labels) over the measured steps.
-"""
-
-NONSTATIONARY_TEXT = """\
-With clean labels the per-sample gradients shrink as the net fits the training set: the angle falls
-below the prediction, weight decay then shrinks the norm (the effective learning rate `lr/|w|^2`
-grows), and the angle climbs back or overshoots when the loss is kicked up again: the ratio drifts
-and oscillates instead of settling (Lobacheva et al. 2021, periodic behaviour of BN + weight
-decay). The prediction is the equilibrium of stationary noise; in this regime it is a moving
-target, and the callback's detector (which requires no trend over its patience) is right to report
-equilibrium only intermittently, if at all.
-"""
-
-DECAY_TEXT = """\
-The LR of the invariant group is divided by k = 10 at `decay at step` (MultiStepLR), or by the
-callback itself when its detector reports equilibrium (a second callback with 48-step windows,
-`patience=2`, `on_equilibrium="decay_lr"`, `rescale_weights=True`, `max_decays=1`: SMD's trick of
-dividing the invariant weights by `k^(1/4)`, `k^(1/2)` for AdamW). `ratio before` is relative to
-the old prediction, every later ratio to the new one (`1/sqrt(10)` of the old). Expected (SMD Sec.
-4, Cor. 3.1): the angle first drops by ~k = 10 (ratio just after ~`1/sqrt(10)` = 0.316) and then
-relaxes back to the new prediction while the norm shrinks by `k^(1/4)`. Model used for the time
-axis (derived here from the norm dynamics the package documents): the angle scales as `1/|w|^2`
-under SGD (`1/|w|` under AdamW) and `|w|^4` (`|w|^2` under AdamW) relaxes exponentially with time
-constant `tau` of the NEW learning rate, so ratio(t) = `1/sqrt(1 + (k-1) exp(-t/tau))`. `tau:
-theory / fit` compares `relaxation_steps(lr_new, wd, momentum)` (`1/(2 lr_new wd)` for AdamW) with
-the slope of `ln(1/ratio^2 - 1)` against t (windows with ratio < 0.92). `t90`, `t95`: steps until
-the (3-window RMS) ratio first reaches 0.9 / 0.95, as predicted by the model and as measured. SMD
-Cor. 3.1 (`lr_decay_relaxation_steps(10, lr_new, wd, momentum)` = `2 ln(k) tau`) is the time at
-which the model reaches a ratio of 0.958.
-"""
-
-SCALING_TEXT = """\
-SGD, batch k*B (B = {B}) with lr k*eta, same weight decay, k = 1, 2, 4, 8; each run relaxes for 6
-relaxation times at its own learning rate (at least {burn} steps) and is measured over the last
-{measure} steps. Prediction: `sqrt(2 k eta wd / (1 + momentum))`, i.e. the per-step angle grows as
-`sqrt(k)`. Cells: measured RMS angle per step (ratio to the prediction); `exponent`: least-squares
-slope of log(angle) against log(k), expected 0.5.
-"""
-
-HORIZON_TEXT = """\
-Angle between `w_t` and `w_{t+k}` at batch B (run k = 1, measured by extra callbacks with
-`horizon=k`, over consecutive k-step blocks of every window), against the single-step angle at
-batch k*B (run k). If the k small steps pointed the same way their angles would add (k times the
-one-step angle at B, i.e. `sqrt(k)` times the step at kB); if they were a random walk the k-step
-angle would be `sqrt(k)` times the one-step angle at B, i.e. equal to the step at kB (ratio 1). So
-the ratio is expected between 1 and `sqrt(k)`. `independent-gradient model` is what independent
-minibatch gradients filtered by heavy-ball momentum give (derived: the standard deviation of the
-sum of k consecutive momentum updates, relative to one, divided by `sqrt(k)`): momentum correlates
-consecutive updates over ~`1/(1-momentum)` steps, so with momentum 0.9 the k steps add almost
-coherently for k <= 8.
-"""
-
-CHANNEL_TEXT = """\
-Each output channel of a conv followed by BatchNorm is scale-invariant on its own, so each channel
-has its own equilibrium with the same predicted angle (Kosson et al. 2024: rotational equilibrium
-per neuron). Per-channel RMS angle over the last {steps} steps, measured in a callback-free way
-with `lightning_sdm.angular_update(prev, curr, dim=0)` at every step (plus the callback with
-`granularity="channel"`, whose per-window summaries are in the last column). `sampling noise`: the
-spread expected from the finite number of steps, estimated from the difference between the two
-halves of the recording (`std(r1 - r2) / 2`); `intrinsic std` = `sqrt(std^2 - noise^2)`, the spread
-between channels that sampling does not explain.
-"""
+TEXTS = _load_texts()
