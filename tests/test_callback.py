@@ -89,6 +89,10 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
         callback.history[0].as_dict()
     )
     assert all(entry.invariance == "verified" for entry in callback.history)
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame(callback.history)  # the README's notebook recipe
+    assert len(frame) == 16 and {"unit", "global_step", "optimizer_step", "ratio"} <= set(frame)
+    assert frame.groupby("unit")["ratio"].count().to_dict() == {unit: 8 for unit in UNITS}
 
 
 def test_values_equal_an_independent_computation(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.actions import DecayLR, Stop
 
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
@@ -69,6 +70,30 @@ def test_yaml_init_args_reach_the_callback(tmp_path, monkeypatch):
     (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SphericalDynamicsCallback)]
     assert callback.config.granularity == "channel"
     assert callback.params == ["features.0.weight", "features.[37].weight"]
+
+
+def test_an_action_object_from_yaml_by_class_path(tmp_path, monkeypatch):
+    """on_equilibrium given as a class_path with init_args (DecayLR) reaches the callback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT)])
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["on_equilibrium"] = {
+        "class_path": "lightning_sdm.actions.DecayLR",
+        "init_args": {"factor": 0.2, "max_decays": 2, "rescale_weights": True},
+    }
+    path = tmp_path / "decay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = _load_example().main(["--config", str(path)], run=False)
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SphericalDynamicsCallback)]
+    action = callback.on_equilibrium
+    assert isinstance(action, DecayLR)
+    assert (action.factor, action.max_decays, action.rescale_weights) == (0.2, 2, True)
+    # The string shortcut still works from the command line.
+    cli = _load_example().main(
+        ["--config", str(CONFIG), "--trainer.callbacks.init_args.on_equilibrium=stop"], run=False
+    )
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SphericalDynamicsCallback)]
+    assert isinstance(callback.on_equilibrium, Stop)
 
 
 def test_cli_fit_runs_the_callback(tmp_path):
