@@ -376,18 +376,19 @@ class SphericalDynamicsCallback(Callback):
         metrics: dict[str, float] = {}
         for window in windows:
             state = self.detector.state[window.unit]
-            metrics.update(window_metrics(window, state.in_equilibrium))
+            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
             record = HistoryRecord.from_window(
                 window,
                 in_equilibrium=state.in_equilibrium,
                 criterion=state.criterion,
                 invariance=invariance[window.unit][0],
+                regime=state.regime,
+                regime_note=state.note,
             )
             self.history.append(record)
         detector = self.detector
-        metrics.update(
-            summary_metrics(windows, detector.fraction(), detector.steps_to_equilibrium())
-        )
+        fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
+        metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
         bad = [w.unit for w in windows if not math.isfinite(w.angular_update)]
         if bad:
             self._warn_once("nan", _messages.non_finite(bad))

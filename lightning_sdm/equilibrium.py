@@ -1,131 +1,187 @@
-"""Deciding, per unit and overall, whether the angular update has reached its equilibrium.
+"""Deciding, per unit, which regime the weights are in, and whether the quorum is in equilibrium.
+
+The decision rests on statistics pooled over a horizon tied to the unit's relaxation time, not on
+one noisy window, and on two witnesses:
+
+* **the norm**. In equilibrium ``|w|`` is stationary; while it relaxes, the deviation of the
+  angular update from its equilibrium value follows from the norm's trend alone: with ``|w|^p``
+  relaxing exponentially in ``tau`` steps (``p = 4`` for SGD, ``2`` for decoupled weight decay,
+  :func:`~lightning_sdm.theory.relaxation_time`) and the angle proportional to ``lr / |w|^(p/2)``,
+  the ratio measured/equilibrium is ``1 + (p/2) tau d ln|w|/dt`` to first order. Under a moving LR
+  the moving equilibrium has ``d ln|w|/dt = (d ln lr/dt) / p``, which is subtracted first. This
+  witness does not depend on the predicted value being exact (AdamW's small fan-in layers, Lion)
+  and the norm is measured exactly at every window, so it is the sharp one.
+* **the ratio** measured / predicted mean square, ``rho``, pooled over the horizon with a standard
+  error from the windows' scatter (corrected for their autocorrelation): its level, and its trend
+  (a value that crosses the band on its way elsewhere is not an equilibrium).
+
+Regimes (per unit, logged): ``relaxing`` (with an ETA), ``equilibrium``, ``tracking`` (the LR
+moves slowly enough for the weights to follow: ratio within tolerance), ``lagging`` (the LR moves
+faster than the relaxation: the ratio is off by what the lag model ``rho = 1 + tau d ln lr/dt``
+explains; the note says by how much), ``non_stationary`` (the ratio drifts or oscillates while the
+norm does not explain it, e.g. a loss going to zero, Lobacheva et al. 2021; the period is reported
+when it oscillates), ``no_prediction`` (stationarity of the measured angle and the norm only),
+``frozen``, ``invalid`` (NaN weights), ``unknown`` (not enough windows yet).
+
+Thresholds and why (SDM-NOTES section 5): with ``n`` windows whose ratios scatter by ``s`` the
+pooled ratio has an error of about ``s / sqrt(n_eff)``; a unit enters equilibrium only when the
+norm witness and the ratio trend are inside ``tolerance`` by ``confidence`` standard errors, and
+leaves only when one of them is outside twice the tolerance by as many errors (hysteresis), or the
+LR jumps. The horizon is one relaxation time (at least ``patience`` windows, at most 64).
 
 Pure: the detector reads :class:`~lightning_sdm.records.UnitWindow` records and keeps plain state,
-so it is tested without a Trainer. Its physics clock is each unit's ``optimizer_step``; the
-``global_step`` of a window is only recorded (for messages and logs).
+so it is tested without a Trainer. Its clock is each unit's ``optimizer_step``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_sdm.records import Criterion, UnitWindow
+from lightning_sdm._trends import mean_with_error, oscillation, slope_with_error, t_quantile
+from lightning_sdm.config import check_fraction, check_integer, check_number
+from lightning_sdm.records import Criterion, Regime, UnitWindow
 from lightning_sdm.theory import lr_change_relaxation_steps
 
 __all__ = ["EquilibriumDetector", "UnitEquilibrium"]
 
-# A relative change of the prediction larger than this between two windows is a change of the
-# target (an LR schedule step), after which the unit must relax again before it can count.
-_TARGET_CHANGE = 0.02
+# Windows kept per unit for the pooled statistics (the horizon) and for the oscillation test.
+_MAX_HORIZON_WINDOWS = 64
+_HISTORY_WINDOWS = 96
+# Horizon without a relaxation time (no prediction): this many windows.
+_DEFAULT_HORIZON_WINDOWS = 8
+# A change of ln(lr) between two windows larger than _JUMP, and than _JUMP_FACTOR times the
+# recent changes, is a jump (a step schedule, an action): pooled statistics restart and the unit
+# waits for relaxation. A smooth schedule accelerating towards lr = 0 is not one.
+_JUMP = 0.1
+_JUMP_FACTOR = 5.0
+# The prediction moves (a schedule) when ln(lr) changes by more than this per relaxation time.
+_MOVING = 0.05
+# Beyond this many tolerances the prediction does not describe a stationary unit (AdamW's
+# first layers settle ~5-10% low: see docs/reproduction.md).
+_MISMATCH = 2.0
+# A unit in equilibrium leaves when a test is outside this many tolerances (with confidence).
+_EXIT = 1.25
+
+# Columns of a stored sample.
+_T, _RHO, _MS, _N, _LOGNORM, _LOGTHEORY, _TAU, _POWER = range(8)
 
 
 @dataclass
 class UnitEquilibrium:
-    """Detector state of one unit.
+    """Detector state of one unit (plain values, checkpointed).
 
     Attributes:
-        consecutive: consecutive windows that met the criterion.
-        in_equilibrium: the unit is in equilibrium now.
-        reached_optimizer_step: optimizer step at which it last entered equilibrium (``None``:
-            not yet).
+        regime: the current regime (:data:`~lightning_sdm.records.Regime`).
+        in_equilibrium: ``regime`` is ``equilibrium`` or ``tracking`` (or, without a prediction,
+            the unit is stationary).
+        criterion: ``"theory"`` or ``"stationary"`` (no prediction).
+        reached_optimizer_step: optimizer step at which it last entered equilibrium.
         reached_global_step: the global step of that window.
-        criterion: ``"theory"`` (measured RMS within tolerance of the prediction, no trend) or
-            ``"stationary"`` (no prediction exists: the measured RMS stopped changing).
-        recent: the last windows' RMS values (for the trend test).
-        recent_steps: the optimizer steps of those windows.
-        theory: the prediction of the last window (to notice a moved target).
+        entries: how many times it entered equilibrium; ``exits``: how many times it left.
+        ratio: pooled RMS ratio measured / predicted over the horizon (NaN without one).
+        ratio_error: its standard error.
+        norm_drift: the ratio deviation the norm's trend implies (0 in equilibrium).
+        norm_drift_error: its standard error.
+        lr_drift: ``tau d ln lr / dt`` (how fast the prediction moves against the relaxation).
+        period: optimizer steps of an oscillation of the ratio (``non_stationary``), else NaN.
+        note: one line explaining the regime.
+        steps_to_equilibrium: estimated optimizer steps still needed (0 in equilibrium, NaN when
+            unknown).
+        relaxing_since: optimizer step since which it relaxes (to tell a slow approach from a
+            target that keeps moving).
+        segment_start: optimizer step of the last LR jump (older windows are another regime).
+        relax_until: no decision before this optimizer step (an LR jump or an action).
         last_optimizer_step: optimizer step of the last window seen.
-        relax_until: no window before this optimizer step counts (the target moved: theory's
-            relaxation time after an LR change,
-            :func:`~lightning_sdm.theory.lr_change_relaxation_steps`).
-        steps_to_equilibrium: the last estimate of the steps still needed (0 in equilibrium,
-            NaN when it cannot be estimated).
+        samples: the windows of the horizon, ``[t, rho, mean square, steps, ln|w|,
+            ln(theory^2), tau, p]`` each.
+        history: ``[t, ratio, ln(theory^2)]`` of the last windows (oscillations, jumps).
     """
 
-    consecutive: int = 0
+    regime: Regime = "unknown"
     in_equilibrium: bool = False
+    criterion: Criterion = "theory"
     reached_optimizer_step: int | None = None
     reached_global_step: int | None = None
-    criterion: Criterion = "theory"
-    recent: list[float] = field(default_factory=list)
-    recent_steps: list[int] = field(default_factory=list)
-    theory: float | None = None
-    last_optimizer_step: int = 0
-    relax_until: int = 0
+    entries: int = 0
+    exits: int = 0
+    ratio: float = math.nan
+    ratio_error: float = math.nan
+    norm_drift: float = math.nan
+    norm_drift_error: float = math.nan
+    lr_drift: float = 0.0
+    period: float = math.nan
+    note: str = ""
     steps_to_equilibrium: float = math.nan
+    relaxing_since: int | None = None
+    segment_start: int = 0
+    relax_until: int = 0
+    last_optimizer_step: int = 0
+    samples: list[list[float]] = field(default_factory=list)
+    history: list[list[float]] = field(default_factory=list)
 
 
 class EquilibriumDetector:
-    """Windowed-RMS equilibrium test with a relative tolerance, a patience and a trend test.
-
-    A unit is in equilibrium when, for ``patience`` consecutive windows, its RMS angular update is
-    within ``tolerance`` (relative) of the prediction **and** shows no trend: the relative change
-    between the first and the last of those windows is also below ``tolerance``. A ratio that
-    crosses 1 once on its way elsewhere (a loss that goes to zero, Lobacheva et al. 2021)
-    therefore does not count. Without a prediction (weight decay 0, Adam with L2 ...) only the
-    trend test is used and :attr:`UnitEquilibrium.criterion` says ``"stationary"``.
-
-    The prediction follows the current learning rate. When it moves between two windows (an LR
-    schedule step), the unit's count restarts and windows before the theory's relaxation time
-    (:func:`~lightning_sdm.theory.lr_change_relaxation_steps` at ``tolerance``) do not count.
-    Frozen units and
-    NaN values are never in equilibrium. Overall equilibrium is reached when at least ``quorum``
-    of the units are.
+    """Per-unit regimes from pooled window statistics; the quorum for equilibrium events.
 
     Args:
-        tolerance: relative tolerance, in (0, 1).
-        patience: consecutive windows required, >= 1.
+        tolerance: how far (relative) the angular update may still be from its equilibrium,
+            as judged by the norm witness and the ratio's trend, in (0, 1).
+        patience: windows of evidence needed before any decision (the horizon's minimum), >= 2.
         quorum: fraction of units that must be in equilibrium for :meth:`reached`, in (0, 1].
+        confidence: standard errors of margin in the tests, > 0 (1.64: one-sided 95%).
 
     Example::
 
+        >>> import random
         >>> from lightning_sdm.records import UnitWindow
-        >>> detector = EquilibriumDetector(tolerance=0.1, patience=2)
+        >>> rng = random.Random(0)
         >>> def window(step, value):
-        ...     return UnitWindow("w", step, step, value, value, 0.01, value / 0.01, 1.0, 8, 0.1)
-        >>> detector.update([window(50, 0.02)]), detector.update([window(100, 0.0101)])
-        ([], [])
-        >>> detector.update([window(150, 0.0099)])
-        ['w']
-        >>> detector.state["w"].reached_optimizer_step, detector.fraction(), detector.reached()
-        (150, 1.0, True)
+        ...     return UnitWindow("w", step, step, value, value, 0.01, value / 0.01, 2.0, 8, 0.1,
+        ...                       time_scale=100.0, norm_exponent=0.25)
+        >>> detector = EquilibriumDetector(tolerance=0.1, patience=3)
+        >>> entered = [detector.update([window(50 * i, 0.01 * rng.uniform(0.95, 1.05))])
+        ...            for i in range(1, 8)]
+        >>> detector.state["w"].regime, detector.fraction(), detector.reached()
+        ('equilibrium', 1.0, True)
     """
 
-    def __init__(self, tolerance: float = 0.1, patience: int = 3, quorum: float = 1.0) -> None:
-        if not 0 < tolerance < 1:
-            raise ValueError(f"`tolerance` must be in (0, 1), got {tolerance!r}.")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`patience` must be a positive integer, got {patience!r}.")
-        if not 0 < quorum <= 1:
-            raise ValueError(f"`quorum` must be in (0, 1], got {quorum!r}.")
+    def __init__(
+        self,
+        tolerance: float = 0.1,
+        patience: int = 3,
+        quorum: float = 1.0,
+        confidence: float = 1.64,
+    ) -> None:
+        check_fraction("tolerance", tolerance)
+        check_integer("patience", patience, 2)
+        check_fraction("quorum", quorum, closed_high=True)
+        check_number("confidence", confidence, low=0.0)
         self.tolerance = tolerance
         self.patience = patience
         self.quorum = quorum
+        self.confidence = confidence
         self.state: dict[str, UnitEquilibrium] = {}
+
+    # ------------------------------------------------------------------ public API
 
     def update(self, windows: Sequence[UnitWindow]) -> list[str]:
         """Feed closed windows; returns the units that entered equilibrium with them."""
         entered = []
         for window in windows:
             unit = self.state.setdefault(window.unit, UnitEquilibrium())
-            unit.last_optimizer_step = window.optimizer_step
-            self._follow_target(unit, window)
-            if self._meets_criterion(unit, window):
-                unit.consecutive += 1
-            else:
-                unit.consecutive = 0
-            now = unit.consecutive >= self.patience
-            if now and not unit.in_equilibrium:
+            was = unit.in_equilibrium
+            self._decide(unit, window)
+            if unit.in_equilibrium and not was:
+                unit.entries += 1
                 unit.reached_optimizer_step = window.optimizer_step
                 unit.reached_global_step = window.global_step
                 entered.append(window.unit)
-            unit.in_equilibrium = now
-            unit.steps_to_equilibrium = self._steps_remaining(unit, window)
+            elif was and not unit.in_equilibrium:
+                unit.exits += 1
         return entered
 
     def fraction(self) -> float:
@@ -139,6 +195,13 @@ class EquilibriumDetector:
         fraction = self.fraction()
         return math.isfinite(fraction) and fraction >= self.quorum - 1e-12
 
+    def regimes(self) -> dict[str, int]:
+        """How many units are in each regime."""
+        counts: dict[str, int] = {}
+        for unit in self.state.values():
+            counts[unit.regime] = counts.get(unit.regime, 0) + 1
+        return counts
+
     def steps_to_equilibrium(self) -> float:
         """Estimated steps until the quorum is in equilibrium (0 if it is, NaN if unknown).
 
@@ -149,8 +212,7 @@ class EquilibriumDetector:
             return math.nan
         estimates = sorted(u.steps_to_equilibrium for u in self.state.values())
         needed = max(math.ceil(self.quorum * len(estimates) - 1e-12), 1)
-        value = estimates[needed - 1]
-        return value if not math.isnan(value) else math.nan
+        return estimates[needed - 1]
 
     def restart(self, relax_steps: float = 0.0) -> None:
         """Forget equilibrium (an action moved the target); wait ``relax_steps`` optimizer steps.
@@ -158,98 +220,308 @@ class EquilibriumDetector:
         Counted per unit from its last window, on its own optimizer's clock.
         """
         for unit in self.state.values():
-            unit.consecutive = 0
+            if unit.in_equilibrium:
+                unit.exits += 1
             unit.in_equilibrium = False
-            unit.recent.clear()
-            unit.recent_steps.clear()
-            wait = unit.last_optimizer_step + math.ceil(relax_steps)
-            unit.relax_until = max(unit.relax_until, wait)
+            unit.regime = "relaxing"
+            unit.samples.clear()
+            unit.segment_start = unit.last_optimizer_step
+            unit.relax_until = max(
+                unit.relax_until, unit.last_optimizer_step + math.ceil(relax_steps)
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Detector state, for checkpoints (plain types only)."""
         return {name: asdict(u) for name, u in self.state.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.state = {name: UnitEquilibrium(**dict(values)) for name, values in state.items()}
+        """Restore what :meth:`state_dict` returned (unknown keys are ignored)."""
+        known = UnitEquilibrium.__dataclass_fields__
+        self.state = {
+            name: UnitEquilibrium(**{k: v for k, v in dict(values).items() if k in known})
+            for name, values in state.items()
+        }
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the decision
 
-    def _follow_target(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
-        previous, unit.theory = unit.theory, window.theory
-        if previous is None or window.theory is None or previous <= 0 or window.theory <= 0:
+    def _decide(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
+        t = window.optimizer_step
+        unit.last_optimizer_step = t
+        if window.frozen:
+            self._set(unit, "frozen", False, "no gradient: the unit does not move", math.nan)
+            unit.samples.clear()
             return
-        change = window.theory / previous
-        if abs(change - 1.0) <= _TARGET_CHANGE:
+        finite = math.isfinite(window.angular_update) and math.isfinite(window.weight_norm)
+        if not finite or window.weight_norm <= 0:
+            self._set(unit, "invalid", False, "NaN/Inf or zero weights", math.nan)
+            unit.samples.clear()
             return
-        unit.consecutive = 0
-        unit.recent.clear()
-        unit.recent_steps.clear()
-        if window.time_scale is not None:
-            # The prediction scales as sqrt(lr): the LR was multiplied by change**2.
-            wait = lr_change_relaxation_steps(change**2, window.time_scale, self.tolerance)
-            unit.relax_until = max(unit.relax_until, window.optimizer_step + math.ceil(wait))
+        theory = window.theory if window.theory is not None and window.theory > 0 else None
+        unit.criterion = "theory" if theory is not None else "stationary"
+        if window.theory == 0:  # lr = 0 (a schedule's end, an action): nothing moves
+            unit.samples.clear()
+            unit.history = [*unit.history, [float(t), math.nan, math.nan]][-_HISTORY_WINDOWS:]
+            self._set(unit, "no_prediction", False, "lr = 0: the weights do not move", math.nan)
+            return
+        sample = _sample(window, theory)
+        jump = self._jump(unit, sample) if theory is not None else None
+        ratio = math.sqrt(sample[_RHO]) if theory is not None else math.nan
+        unit.history = [*unit.history, [float(t), ratio, sample[_LOGTHEORY]]][-_HISTORY_WINDOWS:]
+        if jump is not None:
+            unit.samples.clear()
+        unit.samples.append(sample)
+        horizon = self._horizon(unit, window)
+        unit.samples = [s for s in unit.samples if s[_T] > t - horizon][-_MAX_HORIZON_WINDOWS:]
+        if jump is not None:
+            factor, wait = jump
+            note = f"the LR jumped by {factor:.3g}x: the weights need ~{wait:.0f} steps to follow"
+            self._set(unit, "relaxing", False, note, wait)
+            return
+        if len(unit.samples) < self.patience:
+            waiting = t < unit.relax_until
+            regime: Regime = "relaxing" if waiting else "unknown"
+            note = "the weights relax after an LR change" if waiting else "not enough windows yet"
+            eta = float(unit.relax_until - t) if waiting else math.nan
+            self._set(unit, regime, False, note, eta)
+            return
+        if theory is None:
+            self._without_prediction(unit, window)
+        else:
+            self._with_prediction(unit, window)
+        if t < unit.relax_until:  # an LR jump or an action: no verdict before theory's wait
+            note = "the weights relax after an LR change (theory's relaxation time)"
+            self._set(unit, "relaxing", False, note, float(unit.relax_until - t))
 
-    def _meets_criterion(self, unit: UnitEquilibrium, window: UnitWindow) -> bool:
-        value = window.angular_update
-        if window.frozen or not math.isfinite(value):
-            unit.recent.clear()
-            unit.recent_steps.clear()
-            return False
-        unit.recent = [*unit.recent, value][-self.patience :]
-        unit.recent_steps = [*unit.recent_steps, window.optimizer_step][-self.patience :]
-        if window.optimizer_step < unit.relax_until:
-            return False
-        # The trend is judged over the current run of passing windows plus this one.
-        run = unit.recent[-(unit.consecutive + 1) :]
-        stationary = _relative_change(run[0], run[-1]) <= self.tolerance
-        if window.theory is None or window.ratio is None:
-            unit.criterion = "stationary"
-            # A trend needs a span to be judged over: compare with the window before.
-            previous = unit.recent[-2:]
-            return (
-                len(previous) == 2
-                and stationary
-                and (_relative_change(previous[0], previous[1]) <= self.tolerance)
+    def _jump(self, unit: UnitEquilibrium, sample: list[float]) -> tuple[float, float] | None:
+        """``(factor, wait)`` if the prediction jumped since the last window (a step schedule)."""
+        logs = [h[2] for h in unit.history if len(h) > 2 and math.isfinite(h[2])]
+        if len(logs) < 3:  # too little history to tell a step from the start of a ramp (warm-up)
+            return None
+        change = sample[_LOGTHEORY] - logs[-1]
+        recent = sorted(abs(b - a) for a, b in itertools.pairwise(logs[-5:]))
+        typical = recent[len(recent) // 2] if recent else 0.0
+        if abs(change) <= max(_JUMP, _JUMP_FACTOR * typical):
+            return None
+        tau = sample[_TAU]
+        wait = 0.0
+        if math.isfinite(tau):
+            wait = lr_change_relaxation_steps(math.exp(change), tau, self.tolerance)
+        if wait == 0:  # the weights are still within tolerance of the new equilibrium
+            return None
+        unit.relax_until = max(unit.relax_until, int(sample[_T]) + math.ceil(wait))
+        unit.relaxing_since = unit.segment_start = int(sample[_T])
+        return math.exp(change), wait
+
+    def _horizon(self, unit: UnitEquilibrium, window: UnitWindow) -> float:
+        """Optimizer steps pooled: one relaxation time, within [patience, 64] windows."""
+        times = [h[0] for h in unit.history[-self.patience - 1 :]]
+        interval = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 1.0
+        interval = max(interval, 1.0)
+        tau = window.time_scale
+        low = self.patience * interval
+        if tau is None or not math.isfinite(tau):
+            return _DEFAULT_HORIZON_WINDOWS * interval + 0.5
+        return min(max(tau, low), _MAX_HORIZON_WINDOWS * interval) + 0.5
+
+    def _with_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
+        samples = unit.samples
+        tol, z = self.tolerance, self.confidence
+        t = samples[-1][_T]
+        times = [s[_T] for s in samples]
+        tau = samples[-1][_TAU]
+        power = samples[-1][_POWER]
+        if not math.isfinite(tau):
+            tau = max(times[-1] - times[0], 1.0)
+        rhos = [s[_RHO] for s in samples]
+        rho, rho_error = mean_with_error(rhos, [s[_N] for s in samples])
+        ratio = math.sqrt(max(rho, 0.0))
+        ratio_error = rho_error / (2 * max(ratio, 1e-12))
+        lr_slope, _, _ = slope_with_error(times, [s[_LOGTHEORY] for s in samples])
+        norm_slope, norm_error, norm_dof = slope_with_error(times, [s[_LOGNORM] for s in samples])
+        # The ratio's trend is noisier than the norm's: judged over a longer span of the record
+        # (at least 12 windows, at most two horizons), with a Student-t margin.
+        segment = [h for h in unit.history if h[0] >= unit.segment_start and math.isfinite(h[1])]
+        span = max(2 * (t - times[0]), 0.0)
+        trend_rows = [h for h in segment if h[0] > t - span]
+        if len(trend_rows) < 12:
+            trend_rows = segment[-12:]
+        ratio_slope, ratio_slope_error, trend_dof = slope_with_error(
+            [h[0] for h in trend_rows], [h[1] for h in trend_rows]
+        )
+        # ... and over the horizon alone, which sees a recent turn the longer span averages out.
+        short = [h for h in segment if h[0] > times[0] - 0.5]
+        short_slope, short_error, short_dof = slope_with_error(
+            [h[0] for h in short], [h[1] for h in short]
+        )
+        # Ratio deviation implied by the norm (first order), after the moving equilibrium's drift.
+        drift = (power / 2) * tau * (norm_slope - lr_slope / power)
+        drift_margin = t_quantile(z, norm_dof) * (power / 2) * tau * norm_error
+        trend = tau * ratio_slope  # tau dR/dt
+        trend_margin = t_quantile(z, trend_dof) * tau * ratio_slope_error
+        short_trend = tau * short_slope
+        short_margin = t_quantile(z, short_dof) * tau * short_error
+        if abs(short_trend) - short_margin > abs(trend) - trend_margin:
+            trend, trend_margin = short_trend, short_margin  # the stronger evidence counts
+        lr_drift = tau * lr_slope
+        moving = abs(lr_drift) > _MOVING
+        # Under a moving prediction the level now, not over the horizon, is what is compared.
+        now = ratio
+        if moving:
+            rho_slope, _, _ = slope_with_error(times, rhos)
+            t_mean = sum(times) / len(times)
+            now = math.sqrt(max(rho + rho_slope * (t - t_mean), 0.0))
+        level_margin = z * ratio_error
+        unit.ratio, unit.ratio_error = now, ratio_error
+        unit.norm_drift, unit.norm_drift_error, unit.lr_drift = drift, drift_margin / z, lr_drift
+        unit.period = math.nan
+        if unit.in_equilibrium:  # hysteresis: leave only on clear evidence
+            exit_at = _EXIT * tol
+            leaving = (
+                abs(drift) - drift_margin > exit_at
+                or abs(trend) - trend_margin > exit_at
+                or abs(now - 1) - level_margin > (exit_at if moving else _MISMATCH * tol)
             )
-        unit.criterion = "theory"
-        return abs(window.ratio - 1.0) <= self.tolerance and stationary
+            if not leaving:
+                regime: Regime = "tracking" if moving else "equilibrium"
+                self._set(unit, regime, True, self._level_note(now, moving, lr_drift), 0.0)
+                return
+        else:
+            stationary = (
+                abs(drift) + drift_margin <= tol
+                and abs(trend) - trend_margin <= tol
+                and abs(now - 1) <= _MISMATCH * tol
+            )
+            if stationary and (not moving or abs(now - 1) + level_margin <= tol):
+                entering: Regime = "tracking" if moving else "equilibrium"
+                self._set(unit, entering, True, self._level_note(now, moving, lr_drift), 0.0)
+                unit.relaxing_since = None
+                return
+        if moving and (now - 1) * lr_slope > 0:  # off to the side the lag predicts
+            unit.relaxing_since = None
+            self._set(unit, "lagging", False, _lag_note(lr_slope, tau, now), math.nan)
+            return
+        history = segment
+        swing = oscillation([h[0] for h in history], [h[1] for h in history], band=tol / 2)
+        if swing is not None and swing[1] > tol:
+            unit.period = swing[0]
+            note = (
+                f"the ratio swings by +-{swing[1]:.0%} with a period of ~{swing[0]:.0f} "
+                "steps: the gradient statistics are not stationary"
+            )
+            self._set(unit, "non_stationary", False, note, math.nan)
+            return
+        if unit.relaxing_since is None:
+            unit.relaxing_since = int(t)
+        if abs(drift) + drift_margin < 0.3 * abs(now - 1) and abs(now - 1) > tol:
+            note = (
+                f"the ratio ({now:.2f}) is off while the norm is steady: the gradient statistics "
+                "change, or the prediction does not describe this unit"
+            )
+            self._set(unit, "non_stationary", False, note, math.nan)
+            return
+        deviation = max(abs(now - 1), abs(drift))
+        if t - unit.relaxing_since > 2 * tau and not _shrinking(history, t, tau, tol):
+            note = (
+                f"the ratio ({now:.2f}) has not come closer to the prediction in "
+                f"{t - unit.relaxing_since:.0f} steps ({(t - unit.relaxing_since) / tau:.1f} "
+                "relaxation times): the gradient statistics change (e.g. a loss going to zero)"
+            )
+            self._set(unit, "non_stationary", False, note, math.nan)
+            return
+        eta = tau * math.log(max(deviation, tol) / tol) + self.patience
+        note = f"{now:.2f} of the prediction; the norm moves towards equilibrium"
+        self._set(unit, "relaxing", False, note, eta)
 
-    def _steps_remaining(self, unit: UnitEquilibrium, window: UnitWindow) -> float:
-        """Theory's relaxation time scale, refined by the measured approach rate when usable."""
+    def _without_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
+        samples = unit.samples
+        tol, z = self.tolerance, self.confidence
+        times = [s[_T] for s in samples]
+        span = max(times[-1] - times[0], 1.0)
+        log_ms = [math.log(max(s[_MS], 1e-300)) for s in samples]
+        ms_slope, ms_error, _ = slope_with_error(times, log_ms)
+        norm_slope, norm_error, _ = slope_with_error(times, [s[_LOGNORM] for s in samples])
+        # Relative changes over the horizon: half of ln(mean square) is ln(RMS).
+        angle_change, angle_error = span * ms_slope / 2, span * ms_error / 2
+        norm_change, norm_change_error = span * norm_slope, span * norm_error
+        unit.ratio = unit.ratio_error = unit.period = math.nan
+        unit.norm_drift, unit.norm_drift_error = norm_change, norm_change_error
         if unit.in_equilibrium:
-            return 0.0
-        interval = _typical_interval(unit.recent_steps)
-        windows_left = max(self.patience - unit.consecutive, 0) * interval
-        waiting = max(unit.relax_until - window.optimizer_step, 0)
-        if window.ratio is None or not math.isfinite(window.ratio):
-            return float(max(windows_left, waiting)) if unit.criterion == "stationary" else math.nan
-        deviation = abs(window.ratio - 1.0)
-        if deviation <= self.tolerance:
-            return float(max(windows_left, waiting))
-        tau = _measured_time_constant(unit, window.theory) or window.time_scale
-        if tau is None:
-            return math.nan
-        return max(tau * math.log(deviation / self.tolerance), float(windows_left), float(waiting))
+            leaving = (
+                abs(angle_change) - z * angle_error > 2 * tol
+                or abs(norm_change) - z * norm_change_error > tol
+            )
+        else:
+            leaving = not (
+                abs(angle_change) + z * angle_error <= tol
+                and abs(norm_change) + z * norm_change_error <= tol / 2
+            )
+        note = "no prediction: judged by the stationarity of the angle and the norm"
+        self._set(unit, "no_prediction", not leaving, note, 0.0 if not leaving else math.nan)
+
+    def _level_note(self, ratio: float, moving: bool = False, lr_drift: float = 0.0) -> str:
+        if moving:
+            return (
+                f"{ratio:.3f} of the moving prediction (the LR changes by {abs(lr_drift):.0%} per "
+                "relaxation time: the weights follow)"
+            )
+        if abs(ratio - 1) <= self.tolerance:
+            return f"{ratio:.3f} of the prediction"
+        side = "below" if ratio < 1 else "above"
+        return (
+            f"stationary, {abs(ratio - 1):.0%} {side} the prediction (the norm is steady: the "
+            "prediction is off for this unit)"
+        )
+
+    @staticmethod
+    def _set(unit: UnitEquilibrium, regime: Regime, inside: bool, note: str, eta: float) -> None:
+        unit.regime, unit.in_equilibrium, unit.note = regime, inside, note
+        unit.steps_to_equilibrium = eta
 
 
-def _relative_change(first: float, last: float) -> float:
-    scale = max(abs(first), abs(last))
-    return 0.0 if scale == 0 else abs(last - first) / scale
+def _sample(window: UnitWindow, theory: float | None) -> list[float]:
+    mean_square = window.angular_update**2
+    tau = window.time_scale if window.time_scale is not None else math.nan
+    exponent = window.norm_exponent if window.norm_exponent else 0.25
+    return [
+        float(window.optimizer_step),
+        mean_square / theory**2 if theory is not None else math.nan,
+        mean_square,
+        float(max(window.steps, 1)),
+        math.log(window.weight_norm),
+        math.log(theory**2) if theory is not None else math.nan,
+        float(tau),
+        1.0 / exponent,
+    ]
 
 
-def _typical_interval(steps: list[int]) -> int:
-    if len(steps) < 2:
-        return 0
-    return int(statistics.median(b - a for a, b in itertools.pairwise(steps)))
+def _lag_note(lr_slope: float, tau: float, ratio: float) -> str:
+    how = "halves" if lr_slope < 0 else "doubles"
+    every = math.log(2) / abs(lr_slope)
+    text = (
+        f"lr {how} every {every:.0f} steps, the weights need {tau:.0f} to follow: ratio {ratio:.2f}"
+    )
+    if 1 + tau * lr_slope > 0:  # the steady lag u = 1 / (1 + tau g) exists
+        return text + f" (steady lag: {math.sqrt(1 + tau * lr_slope):.2f})"
+    return text + " (faster than the weights can follow at all)"
 
 
-def _measured_time_constant(unit: UnitEquilibrium, theory: float | None) -> float | None:
-    """E-folding time of ``|ratio - 1|`` over the recent windows, if it is clearly shrinking."""
-    if theory is None or len(unit.recent) < 3:
-        return None
-    first, last = abs(unit.recent[0] / theory - 1.0), abs(unit.recent[-1] / theory - 1.0)
-    span = unit.recent_steps[-1] - unit.recent_steps[0]
-    if span <= 0 or first <= 0 or last <= 0 or last >= 0.8 * first:
-        return None  # not converging, or too noisy to tell: fall back on theory
-    return span / math.log(first / last)
+def _shrinking(history: Sequence[Sequence[float]], t: float, tau: float, tol: float) -> bool:
+    """Whether the unit comes closer to equilibrium, or is inside the tolerance.
+
+    Over the last relaxation time against the one before, the excess ``x = 1 / ratio^2 - 1`` must
+    shrink: a relaxation divides it by ``e`` per relaxation time, while far from equilibrium
+    ``|ratio - 1|`` itself hardly moves.
+    """
+
+    def excess(ratio: float) -> float:
+        return abs(1 / max(ratio, 1e-12) ** 2 - 1)
+
+    recent = [h[1] for h in history if t - tau < h[0] <= t]
+    before = [h[1] for h in history if t - 2 * tau < h[0] <= t - tau]
+    if not recent or not before:
+        return True
+    if abs(sum(recent) / len(recent) - 1) <= tol:
+        return True
+    now = sum(excess(r) for r in recent) / len(recent)
+    then = sum(excess(r) for r in before) / len(before)
+    return now < 0.7 * then

@@ -31,7 +31,12 @@ from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
-from lightning_sdm.theory import Prediction, explain_equilibrium, relaxation_time
+from lightning_sdm.theory import (
+    Prediction,
+    equilibrium_norm_exponent,
+    explain_equilibrium,
+    relaxation_time,
+)
 from lightning_sdm.units import Unit
 
 __all__ = ["SphericalMonitor"]
@@ -383,7 +388,8 @@ class SphericalMonitor:
         theory = None
         if not frozen and all(v is not None for v in values):
             theory = math.sqrt(sum(v * v for v in values if v is not None) / len(values))
-        lr = float(predictions[-1][unit.group_index].hyperparameters.get("lr", math.nan))
+        latest = predictions[-1][unit.group_index]
+        lr = float(latest.hyperparameters.get("lr", math.nan))
         horizon_angle = channels = channel_ratios = None
         if not unit.per_channel:
             # One row per unit: plain floats (sqrt(x * x) == |x| exactly, as the tensor ops gave).
@@ -416,8 +422,9 @@ class SphericalMonitor:
             frozen=frozen,
             channels=channels,
             channel_ratios=channel_ratios,
-            time_scale=relaxation_time(predictions[-1][unit.group_index]),
+            time_scale=relaxation_time(latest),
             horizon_angular_update=horizon_angle,
+            norm_exponent=equilibrium_norm_exponent(latest),
         )
 
 

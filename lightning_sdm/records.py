@@ -35,6 +35,9 @@ __all__ = [
     "HistoryRecord",
     "Invariance",
     "Keys",
+    "REGIMES",
+    "REGIME_CODES",
+    "Regime",
     "UnitSource",
     "UnitWindow",
     "event_metrics",
@@ -54,6 +57,19 @@ Invariance = Literal["verified", "violated", "unverified"]
 Criterion = Literal["theory", "stationary"]
 #: How a unit was found.
 UnitSource = Literal["trace", "registration_order", "explicit"]
+#: The detector's verdict per unit (see :mod:`lightning_sdm.equilibrium`).
+Regime = Literal[
+    "unknown",
+    "relaxing",
+    "equilibrium",
+    "tracking",
+    "lagging",
+    "non_stationary",
+    "no_prediction",
+    "frozen",
+    "invalid",
+]
+REGIMES: tuple[str, ...] = get_args(Regime)
 
 #: Statistics over a unit's channels logged with ``granularity="channel"`` (key suffixes).
 CHANNEL_SUMMARIES: tuple[str, ...] = ("mean", "std", "min", "p10", "median", "p90", "max")
@@ -87,6 +103,9 @@ class UnitWindow:
         horizon_angular_update: with ``horizon=h > 1``, the RMS over the window of the angle
             between ``w_t`` and ``w_{t+h}`` (not the sum of the ``h`` one-step angles: angles on
             a sphere do not add, and a random walk covers only about ``sqrt(h)`` of them).
+        norm_exponent: how the equilibrium norm scales with the LR
+            (:func:`lightning_sdm.theory.equilibrium_norm_exponent`: 1/4 for SGD, 1/2 for AdamW),
+            ``None`` without a prediction; the detector reads the norm's trend with it.
     """
 
     unit: str
@@ -104,6 +123,7 @@ class UnitWindow:
     channel_ratios: dict[str, float] | None = None
     time_scale: float | None = None
     horizon_angular_update: float | None = None
+    norm_exponent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,7 @@ class HistoryRecord:
 
     Attributes:
         in_equilibrium: the detector's verdict after this window.
+        regime: the detector's regime (:data:`Regime`) and ``regime_note`` its explanation.
         equilibrium_criterion: what the verdict was based on (:data:`Criterion`).
         invariance: the gradient-orthogonality cross-check (:data:`Invariance`).
     """
@@ -128,6 +149,8 @@ class HistoryRecord:
     weight_norm: float
     lr: float
     in_equilibrium: bool
+    regime: Regime = "unknown"
+    regime_note: str = ""
     equilibrium_criterion: Criterion = "theory"
     invariance: Invariance = "unverified"
     frozen: bool = False
@@ -144,12 +167,16 @@ class HistoryRecord:
         in_equilibrium: bool,
         criterion: Criterion,
         invariance: Invariance,
+        regime: Regime = "unknown",
+        regime_note: str = "",
     ) -> HistoryRecord:
         """The record of ``window`` with the detector's verdict and the invariance check."""
         values = {f.name: getattr(window, f.name) for f in fields(cls) if hasattr(window, f.name)}
         return cls(
             **values,
             in_equilibrium=in_equilibrium,
+            regime=regime,
+            regime_note=regime_note,
             equilibrium_criterion=criterion,
             invariance=invariance,
         )
@@ -218,6 +245,10 @@ class Keys:
     RATIO = "sdm/angular_update_ratio/"
     WEIGHT_NORM = "sdm/weight_norm/"
     IN_EQUILIBRIUM = "sdm/in_equilibrium/"
+    #: Per unit: the regime's code in :data:`REGIME_CODES`.
+    REGIME = "sdm/regime/"
+    #: Per regime: how many units are in it (``sdm/regime_count/<regime>``).
+    REGIME_COUNT = "sdm/regime_count/"
     HORIZON = "sdm/angular_update_horizon/"
     MEDIAN_RATIO = "sdm/angular_update_ratio"
     FRACTION = "sdm/equilibrium_fraction"
@@ -236,7 +267,13 @@ class Keys:
         return head if head and tail in CHANNEL_SUMMARIES else rest
 
 
-def window_metrics(window: UnitWindow, in_equilibrium: bool) -> dict[str, float]:
+#: Numeric codes of the regimes for scalar loggers (``sdm/regime/<unit>``).
+REGIME_CODES: dict[str, int] = {name: code for code, name in enumerate(REGIMES)}
+
+
+def window_metrics(
+    window: UnitWindow, in_equilibrium: bool, regime: Regime | None = None
+) -> dict[str, float]:
     """The per-unit ``sdm/...`` scalars of one window (NaN where there is no value).
 
     Example::
@@ -263,13 +300,22 @@ def window_metrics(window: UnitWindow, in_equilibrium: bool) -> dict[str, float]
     if window.horizon_angular_update is not None:
         metrics[f"{Keys.HORIZON}{name}"] = window.horizon_angular_update
     metrics[f"{Keys.IN_EQUILIBRIUM}{name}"] = float(in_equilibrium)
+    if regime is not None:
+        metrics[f"{Keys.REGIME}{name}"] = float(REGIME_CODES[regime])
     return metrics
 
 
 def summary_metrics(
-    windows: list[UnitWindow], fraction: float, steps_to_equilibrium: float
+    windows: list[UnitWindow],
+    fraction: float,
+    steps_to_equilibrium: float,
+    regimes: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """The run-level scalars of a batch of windows: median ratio, equilibrium fraction, ETA."""
+    """The run-level scalars of a batch of windows: median ratio, equilibrium fraction, ETA.
+
+    With ``regimes``, also how many units are in each regime (every regime, zeros included, so
+    that charts stay aligned).
+    """
     ratios = sorted(w.ratio for w in windows if w.ratio is not None and math.isfinite(w.ratio))
     middle = len(ratios) // 2
     median = (
@@ -279,11 +325,15 @@ def summary_metrics(
         if len(ratios) % 2
         else (ratios[middle - 1] + ratios[middle]) / 2
     )
-    return {
+    metrics = {
         Keys.MEDIAN_RATIO: median,
         Keys.FRACTION: fraction,
         Keys.STEPS_TO_EQUILIBRIUM: steps_to_equilibrium,
     }
+    if regimes is not None:
+        for regime in REGIMES:
+            metrics[f"{Keys.REGIME_COUNT}{regime}"] = float(regimes.get(regime, 0))
+    return metrics
 
 
 def event_metrics(event: EquilibriumEvent, decays: int | None) -> dict[str, float]:

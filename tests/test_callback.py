@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_sdm import HistoryRecord, SphericalDynamicsCallback
 from lightning_sdm.functional import angles_from_statistics, angular_update_statistics
+from lightning_sdm.records import REGIMES
 from tests.helpers import (
     BNNet,
     loader,
@@ -72,6 +73,8 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
         expected_keys.add(f"sdm/in_equilibrium/{unit}")
+        expected_keys.add(f"sdm/regime/{unit}")
+    expected_keys |= {f"sdm/regime_count/{regime}" for regime in REGIMES}
     assert set(logged[-1]) == expected_keys
     theory = sgdm_prediction(0.1, 5e-3, 0.9)
     for row in logged:
@@ -212,14 +215,23 @@ def test_several_optimizers_each_with_its_own_theory(tmp_path):
 
 
 class TwoClocks(TwoOptimizers):
-    """The second optimizer steps on every other batch: its clock runs at half speed."""
+    """The second optimizer steps on every other batch: its clock runs at half speed.
+
+    Strong weight decay: both reach equilibrium within the short run (tau 5 and 10 steps).
+    """
 
     second_every = 2
+
+    def configure_optimizers(self):
+        first, second = super().configure_optimizers()
+        first.param_groups[0]["weight_decay"] = 0.05
+        second.param_groups[0].update(lr=1e-2, weight_decay=5.0)
+        return first, second
 
 
 def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog):
     torch.manual_seed(5)
-    callback = SphericalDynamicsCallback(every_n_steps=4, window=2, tolerance=0.9, patience=1)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2, tolerance=0.9, patience=2)
     with caplog.at_level(logging.INFO):
         run, _ = _fit(tmp_path, callback, module=TwoClocks())
     assert run.global_step == 16 + 8  # Lightning counts the steps of both optimizers

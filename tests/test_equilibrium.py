@@ -1,3 +1,12 @@
+"""The equilibrium detector, pure: windows in, regimes out.
+
+Most streams come from the real ``SphericalMonitor`` on the synthetic scale-invariant problem of
+``tests/synthetic.py``, whose physics is known: the noise-free ratio measured/predicted of a run
+that starts at ``start`` times the equilibrium norm is ``model_ratio(...)``, so "the unit is
+still relaxing" and "the unit is in equilibrium" are decided independently of the detector.
+"""
+
+import dataclasses
 import math
 import random
 
@@ -5,11 +14,14 @@ import pytest
 
 from lightning_sdm.equilibrium import EquilibriumDetector
 from lightning_sdm.records import UnitWindow
-from lightning_sdm.theory import lr_change_relaxation_steps
+from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
+from tests import synthetic
+
+TAU = relaxation_steps(0.1, 1e-3, 0.9)  # 250 steps: the default synthetic SGD run
 
 
-def window(step, value, theory=0.01, unit="w", time_scale=200.0, frozen=False):
-    ratio = value / theory if theory is not None else None
+def window(step, value, theory=0.01, unit="w", time_scale=200.0, frozen=False, norm=1.0):
+    ratio = value / theory if theory else None
     return UnitWindow(
         unit=unit,
         optimizer_step=step,
@@ -18,123 +30,237 @@ def window(step, value, theory=0.01, unit="w", time_scale=200.0, frozen=False):
         last=value,
         theory=theory,
         ratio=ratio,
-        weight_norm=1.0,
+        weight_norm=norm,
         steps=8,
         lr=0.1,
         frozen=frozen,
         time_scale=time_scale,
+        norm_exponent=0.25,
     )
 
 
-def test_noisy_equilibrium_is_detected():
+def _regimes(windows, **kwargs):
+    """The detector after the stream, and per window (window, regime, a copy of the state)."""
+    detector = EquilibriumDetector(**kwargs)
+    out = []
+    for w in windows:
+        detector.update([w])
+        state = detector.state[w.unit]
+        out.append((w, state.regime, dataclasses.replace(state)))
+    return detector, out
+
+
+# ------------------------------------------------------------------------ stationary runs
+
+
+def test_a_stationary_run_is_in_equilibrium_and_stays():
+    windows = synthetic.windows(steps=6000, start=1.0)
+    detector, out = _regimes(windows)
+    flags = [regime == "equilibrium" for _, regime, _ in out]
+    patience = detector.patience
+    assert all(flags[patience:]), [r for _, r, _ in out if r != "equilibrium"]
+    assert detector.state["w"].exits == 0 and detector.state["w"].entries == 1
+
+
+@pytest.mark.parametrize(("start", "side"), [(0.3, "below"), (3.0, "above")])
+def test_approach_from_below_or_above_is_relaxing_until_the_physics_says_equilibrium(start, side):
+    """Never flagged while the model ratio is still off by more than the tolerance; flagged
+    within one relaxation time (plus the windows of evidence) of the moment it is inside."""
+    windows = synthetic.windows(steps=4000, start=start)
+    detector, out = _regimes(windows, tolerance=0.1)
+    inside = next(
+        w.optimizer_step
+        for w in windows
+        if abs(synthetic.model_ratio("sgd", start, TAU, w.optimizer_step) - 1) <= 0.1
+    )
+    flagged = [w.optimizer_step for w, _, state in out if state.in_equilibrium]
+    for step in flagged:  # the noise-free deviation at every flagged window
+        deviation = abs(synthetic.model_ratio("sgd", start, TAU, step) - 1)
+        assert deviation <= 0.1 + 0.03, (side, step, deviation)
+    assert flagged and flagged[0] <= inside + TAU + detector.patience * 50
+    early = [regime for w, regime, _ in out if detector.patience * 50 < w.optimizer_step < inside]
+    assert early and set(early) == {"relaxing"}, set(early)
+    assert detector.state["w"].exits == 0
+    assert all(flagged[0] <= step for step in flagged)
+
+
+def test_relaxing_carries_an_eta_that_shrinks():
+    windows = synthetic.windows(steps=2000, start=3.0)
+    _, out = _regimes(windows)
+    etas = [s.steps_to_equilibrium for _, regime, s in out if regime == "relaxing"]
+    assert len(etas) > 5 and all(e > 0 for e in etas)
+    assert etas[-1] < etas[0] / 2
+
+
+def test_noisy_windows_of_a_flat_norm_do_not_flicker():
+    """Ratios scattering by +-15% per window around 1, norm flat: one entry, no exit."""
     rng = random.Random(0)
-    detector = EquilibriumDetector(tolerance=0.1, patience=3)
-    reached_at = None
-    for i in range(1, 30):
-        value = 0.01 * (1 + rng.uniform(-0.04, 0.04))
-        if detector.update([window(50 * i, value)]):
-            reached_at = 50 * i
-    assert reached_at == 150
-    assert detector.state["w"].in_equilibrium
-    assert detector.state["w"].steps_to_equilibrium == 0.0
+    windows = [window(50 * i, 0.01 * (1 + rng.gauss(0, 0.08))) for i in range(1, 200)]
+    detector, out = _regimes(windows)
+    state = detector.state["w"]
+    assert (state.entries, state.exits) == (1, 0)
+    assert sum(s.in_equilibrium for _, _, s in out) >= len(out) - detector.patience
 
 
 def test_a_ratio_sweeping_through_one_is_not_equilibrium():
-    """Non-stationary regime: the ratio passes 1 on its way from 0.3 to 1.4 (and back)."""
-    detector = EquilibriumDetector(tolerance=0.1, patience=3)
+    """Non-stationary: the ratio passes 1 on its way from 0.3 to 1.4 (and back), norm flat."""
     sweep = [0.3 + 0.09 * i for i in range(13)] + [1.4 - 0.09 * i for i in range(13)]
-    for i, ratio in enumerate(sweep):
-        assert detector.update([window(50 * (i + 1), 0.01 * ratio)]) == []
-    assert not detector.state["w"].in_equilibrium
-    assert detector.fraction() == 0.0
+    _, out = _regimes([window(50 * (i + 1), 0.01 * r) for i, r in enumerate(sweep)])
+    assert not any(s.in_equilibrium for _, _, s in out)
 
 
-def test_oscillation_around_one_with_large_amplitude_is_rejected():
-    detector = EquilibriumDetector(tolerance=0.1, patience=3)
-    for i in range(40):
-        ratio = 1 + 0.5 * math.sin(i)
-        detector.update([window(50 * (i + 1), 0.01 * ratio)])
-        assert not detector.state["w"].in_equilibrium
+def test_oscillating_gradient_noise_is_non_stationary_with_its_period():
+    period = 800
+    windows = synthetic.windows(
+        steps=6000, noise_at=lambda t: 1 + 0.5 * math.sin(2 * math.pi * t / period)
+    )
+    _, out = _regimes(windows)
+    late = [(regime, s.period) for w, regime, s in out if w.optimizer_step > 3000]
+    assert {regime for regime, _ in late} == {"non_stationary"}
+    measured = [p for _, p in late if math.isfinite(p)]
+    assert measured and all(abs(p / period - 1) < 0.2 for p in measured)
+    assert not any(s.in_equilibrium for w, _, s in out if w.optimizer_step > 1000)
 
 
-def test_moved_target_restarts_and_waits_for_relaxation():
-    detector = EquilibriumDetector(tolerance=0.1, patience=2)
-    for i in range(1, 4):
-        detector.update([window(100 * i, 0.01)])
-    assert detector.state["w"].in_equilibrium
-    # The LR is divided by 10: the prediction drops by sqrt(10). The measured value happens to be
-    # right at the new prediction at once, but theory says the weights need time to relax.
-    new = 0.01 / math.sqrt(10)
-    detector.update([window(400, new, theory=new)])
-    state = detector.state["w"]
-    assert not state.in_equilibrium
-    wait = lr_change_relaxation_steps(0.1, 200.0, tolerance=0.1)
-    assert wait > math.log(10) * 200  # from 1/sqrt(10) to within 10%: more than one e-fold
-    assert state.relax_until == 400 + math.ceil(wait)
-    step = 500
-    while step < state.relax_until:
-        detector.update([window(step, new, theory=new)])
-        assert not detector.state["w"].in_equilibrium
-        step += 100
-    detector.update([window(step, new, theory=new)])
-    detector.update([window(step + 100, new, theory=new)])
-    assert detector.state["w"].in_equilibrium
-    assert detector.state["w"].reached_optimizer_step == step + 100
+def test_vanishing_gradient_noise_is_non_stationary():
+    """A loss going to zero: the target keeps moving, the ratio never comes back."""
+    windows = synthetic.windows(steps=4000, noise_at=lambda t: math.exp(-t / 1500))
+    detector, out = _regimes(windows)
+    late = {regime for w, regime, _ in out if w.optimizer_step > 2000}
+    assert late == {"non_stationary"}
+    assert "loss going to zero" in detector.state["w"].note
+
+
+def test_adamw_relaxes_then_equilibrium():
+    windows = synthetic.windows(kind="adamw", lr=1e-3, wd=0.5, steps=5000, start=2.0)
+    _, out = _regimes(windows)
+    regimes = [regime for _, regime, _ in out]
+    assert "relaxing" in regimes[:10]
+    assert regimes[-10:] == ["equilibrium"] * 10
+
+
+# ------------------------------------------------------------------------ LR schedules
+
+T = 4000
+
+
+def _schedule_regimes(lr_at, steps=T):
+    windows = synthetic.windows(steps=steps, lr_at=lr_at)
+    _, out = _regimes(windows)
+    return [(w.optimizer_step, regime, state.note) for w, regime, state in out]
+
+
+def _between(rows, low, high):
+    return {regime for step, regime, _ in rows if low <= step < high}
+
+
+def test_per_step_cosine_tracks_then_lags():
+    rows = _schedule_regimes(lambda t: 0.1 * 0.5 * (1 + math.cos(math.pi * t / T)))
+    assert _between(rows, 1000, 2000) <= {"tracking", "equilibrium"}
+    late = [(regime, note) for step, regime, note in rows if 3200 <= step < T]
+    lagging = [note for regime, note in late if regime == "lagging"]
+    # The last windows may read the collapse of the LR towards 0 as a jump: relaxing, not a crash.
+    assert len(lagging) >= 0.8 * len(late) and {r for r, _ in late} <= {"lagging", "relaxing"}
+    assert all("lr halves every" in note for note in lagging)
+
+
+def test_one_cycle_lags_in_the_warm_up_and_at_the_end():
+    def one_cycle(t):
+        if t < 0.3 * T:
+            return 0.1 * (0.04 + 0.96 * t / (0.3 * T))
+        return 0.1 * 0.5 * (1 + math.cos(math.pi * (t - 0.3 * T) / (0.7 * T)))
+
+    rows = _schedule_regimes(one_cycle)
+    assert "lagging" in _between(rows, 0, 0.3 * T)
+    assert _between(rows, 0.4 * T, 0.55 * T) <= {"tracking", "equilibrium"}
+    assert _between(rows, 0.85 * T, T) == {"lagging"}
+
+
+def test_linear_to_zero_ends_without_a_prediction_and_without_a_crash():
+    rows = _schedule_regimes(lambda t: 0.1 * max(0.0, 1 - t / (0.9 * T)))
+    assert _between(rows, 500, 1500) <= {"tracking", "equilibrium"}
+    assert "lagging" in _between(rows, 0.7 * T, 0.9 * T)
+    assert _between(rows, 0.92 * T, T) == {"no_prediction"}
+    assert rows[-1][2] == "lr = 0: the weights do not move"
+
+
+def test_warmup_stable_decay():
+    def wsd(t):
+        if t < 0.1 * T:
+            return 0.1 * t / (0.1 * T) + 1e-4
+        return 0.1 if t < 0.8 * T else 0.1 * (T - t) / (0.2 * T)
+
+    rows = _schedule_regimes(wsd)
+    assert _between(rows, 0.3 * T, 0.8 * T) == {"equilibrium"}
+    assert "lagging" in _between(rows, 0.85 * T, T)
+
+
+def test_a_step_decay_restarts_and_waits_for_the_relaxation_theory_gives():
+    rows = _schedule_regimes(lambda t: 0.1 if t < 1500 else 0.01, steps=3000)
+    assert _between(rows, 500, 1500) == {"equilibrium"}
+    wait = lr_change_relaxation_steps(0.1, relaxation_steps(0.01, 1e-3, 0.9), 0.1)
+    assert wait > 1500  # the weights need longer than the rest of the run
+    after = [(step, regime, note) for step, regime, note in rows if step > 1500]
+    assert {regime for _, regime, _ in after} == {"relaxing"}
+    assert "jumped by 0.1x" in after[0][2]
+
+
+def test_lr_zero_in_the_middle_and_back():
+    rows = _schedule_regimes(lambda t: 0.0 if 1000 <= t < 1500 else 0.1, steps=3000)
+    assert _between(rows, 1050, 1500) == {"no_prediction"}
+    assert _between(rows, 2500, 3000) == {"equilibrium"}
+
+
+# ------------------------------------------------------------------------ other units
 
 
 def test_without_prediction_stationarity_is_the_criterion():
-    detector = EquilibriumDetector(tolerance=0.05, patience=2)
-    values = [0.05, 0.03, 0.02, 0.0151, 0.015, 0.0149, 0.0150]
-    entered = [
-        detector.update([window(10 * (i + 1), v, theory=None)]) for i, v in enumerate(values)
-    ]
-    first = next(i for i, e in enumerate(entered) if e)
-    assert values[first - 1] == pytest.approx(0.015, rel=0.01)
-    assert detector.state["w"].criterion == "stationary"
+    rng = random.Random(1)
+    values = [0.05, 0.03, 0.02] + [0.015 * (1 + rng.gauss(0, 0.03)) for _ in range(20)]
+    detector, out = _regimes(
+        [window(10 * (i + 1), v, theory=None, time_scale=None) for i, v in enumerate(values)]
+    )
+    state = detector.state["w"]
+    assert state.criterion == "stationary" and state.regime == "no_prediction"
+    assert state.in_equilibrium
+    assert not out[2][2].in_equilibrium  # still falling at the third window
 
 
 def test_quorum_and_frozen_and_nan_units():
-    detector = EquilibriumDetector(tolerance=0.1, patience=1, quorum=0.5)
-    detector.update([window(10, 0.01, unit="a"), window(10, 0.02, unit="b")])
-    detector.update([window(20, 0.01, unit="a"), window(20, 0.02, unit="b")])
+    detector = EquilibriumDetector(tolerance=0.1, patience=2, quorum=0.5)
+    for step in (10, 20, 30):
+        detector.update([window(step, 0.01, unit="a"), window(step, math.nan, unit="b")])
     assert detector.fraction() == 0.5 and detector.reached()
-    strict = EquilibriumDetector(tolerance=0.1, patience=1, quorum=1.0)
-    strict.update([window(10, 0.01, unit="a"), window(10, math.nan, unit="b")])
-    strict.update([window(20, 0.01, unit="a"), window(20, 0.01, unit="b", frozen=True)])
+    assert detector.state["b"].regime == "invalid"
+    strict = EquilibriumDetector(tolerance=0.1, patience=2, quorum=1.0)
+    for step in (10, 20, 30):
+        strict.update([window(step, 0.01, unit="a"), window(step, 0.0, unit="b", frozen=True)])
     assert not strict.reached()
-    assert not strict.state["b"].in_equilibrium
+    assert strict.state["b"].regime == "frozen"
+    assert strict.regimes() == {"equilibrium": 1, "frozen": 1}
 
 
-def test_steps_to_equilibrium_follows_theory_then_the_measured_trend():
-    detector = EquilibriumDetector(tolerance=0.1, patience=3)
-    detector.update([window(100, 0.02, time_scale=300.0)])  # ratio 2: deviation 1 vs tol 0.1
-    assert detector.steps_to_equilibrium() == pytest.approx(300 * math.log(10), rel=1e-9)
-    # Deviation halves every 100 steps: the measured time constant is 100 / ln 2.
-    detector = EquilibriumDetector(tolerance=0.01, patience=3)
-    for i, deviation in enumerate([0.8, 0.4, 0.2]):
-        detector.update([window(100 * (i + 1), 0.01 * (1 + deviation), time_scale=1000.0)])
-    expected = 100 / math.log(2) * math.log(0.2 / 0.01)
-    assert detector.steps_to_equilibrium() == pytest.approx(expected, rel=1e-9)
-    # Never less than the patience windows still needed.
-    detector = EquilibriumDetector(tolerance=0.1, patience=3)
-    for i, deviation in enumerate([0.8, 0.4, 0.2]):
-        detector.update([window(100 * (i + 1), 0.01 * (1 + deviation), time_scale=1000.0)])
-    assert detector.steps_to_equilibrium() == 300
+def test_restart_waits_on_each_units_own_clock():
+    detector = EquilibriumDetector(patience=2)
+    for step in (100, 200, 300):
+        detector.update([window(step, 0.01, unit="a"), window(step // 2, 0.01, unit="b")])
+    detector.restart(relax_steps=500)
+    assert detector.state["a"].relax_until == 300 + 500
+    assert detector.state["b"].relax_until == 150 + 500
+    assert not detector.reached()
 
 
 def test_state_dict_round_trip_gives_the_same_decisions():
-    values = [0.02, 0.012, 0.0101, 0.0099, 0.01, 0.0102, 0.0098]
-    reference = EquilibriumDetector(patience=2)
-    resumed = EquilibriumDetector(patience=2)
-    decisions = []
-    for i, value in enumerate(values):
-        decisions.append(reference.update([window(10 * (i + 1), value)]))
-    for i, value in enumerate(values[:3]):
-        resumed.update([window(10 * (i + 1), value)])
-    restored = EquilibriumDetector(patience=2)
+    windows = synthetic.windows(steps=2500, start=2.0)
+    reference = EquilibriumDetector()
+    resumed = EquilibriumDetector()
+    decisions = [reference.update([w]) for w in windows]
+    for w in windows[:20]:
+        resumed.update([w])
+    restored = EquilibriumDetector()
     restored.load_state_dict(resumed.state_dict())
-    replay = [restored.update([window(10 * (i + 4), v)]) for i, v in enumerate(values[3:])]
-    assert replay == decisions[3:]
+    replay = [restored.update([w]) for w in windows[20:]]
+    assert replay == decisions[20:]
     assert restored.state_dict() == reference.state_dict()
 
 
@@ -142,8 +268,11 @@ def test_state_dict_round_trip_gives_the_same_decisions():
     ("kwargs", "match"),
     [
         ({"tolerance": 0}, "`tolerance`"),
-        ({"patience": 0}, "`patience`"),
+        ({"tolerance": "0.1"}, "`tolerance`"),
+        ({"patience": 1}, "`patience`"),
+        ({"patience": True}, "`patience`"),
         ({"quorum": 0}, "`quorum`"),
+        ({"confidence": -1.0}, "`confidence`"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

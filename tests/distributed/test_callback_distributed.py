@@ -31,6 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
+from lightning_sdm.records import REGIMES
 from tests.helpers import sgdm_prediction
 
 from .launch import run_script
@@ -248,6 +249,8 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
         window_keys.add(f"sdm/in_equilibrium/{unit}")
+        window_keys.add(f"sdm/regime/{unit}")
+    window_keys |= {f"sdm/regime_count/{regime}" for regime in REGIMES}
     event_keys = {"sdm/lr_decays", "sdm/equilibrium_event_step", "sdm/lr_after_event"}
     for row in rows:
         step = int(row["step"])
