@@ -8,6 +8,7 @@ from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.actions import DecayLR
 from lightning_sdm.records import EquilibriumEvent
 from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
+from tests import synthetic
 from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 
 # Loose detector settings so that short CPU runs see events: the point here is what the
@@ -264,3 +265,79 @@ def test_default_cooldown_for_decoupled_weight_decay(tmp_path):
     tau = 1 / (2 * 0.005 * 5.0)
     expected = math.ceil(lr_change_relaxation_steps(0.5, tau, tolerance=0.05))
     assert first.cooldown == expected > 0
+
+
+# ---------------------------------------------------------------------- LR schedules to zero
+
+
+def _to_zero(kind):
+    def make(optimizer):
+        if kind == "LinearLR":
+            return torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0, end_factor=0.0, total_iters=20
+            )
+        if kind == "LambdaLR":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / 20))
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16], gamma=0.0)
+
+    return make
+
+
+class Scheduled(BNNet):
+    def __init__(self, make_scheduler):
+        super().__init__(weight_decay=WEIGHT_DECAY)
+        self.make_scheduler = make_scheduler
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = {"scheduler": self.make_scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+@pytest.mark.parametrize("kind", ["LinearLR", "LambdaLR", "MultiStepLR"])
+def test_a_learning_rate_that_reaches_zero_trains_to_the_end(tmp_path, kind):
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.5), **FAST)
+    run, _ = _fit(tmp_path, callback, module=Scheduled(_to_zero(kind)), epochs=2)
+    assert run.global_step == 32  # as without the callback
+    last = [record for record in callback.history if record.global_step == 32]
+    assert last and all(r.theory == 0.0 and r.ratio is None for r in last)
+    assert {r.regime for r in last} == {"no_prediction"}
+    assert all(r.regime_note == "lr = 0: the weights do not move" for r in last)
+
+
+def test_an_action_that_sets_the_learning_rate_to_zero(tmp_path):
+    def freeze(trainer, pl_module, event):
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = 0.0
+
+    callback = SphericalDynamicsCallback(on_equilibrium=freeze, **FAST)
+    run, _ = _fit(tmp_path, callback, epochs=3)
+    assert run.global_step == 48 and callback.events
+    after = [r for r in callback.history if r.global_step > callback.events[0].global_step + 4]
+    assert after and {r.regime for r in after} == {"no_prediction"}
+
+
+# ---------------------------------------------------------------------- never while relaxing
+
+
+@pytest.mark.parametrize(("start", "side"), [(0.3, "from below"), (3.0, "overshoot from above")])
+def test_decay_lr_never_fires_while_the_units_still_relax(tmp_path, start, side):
+    """The synthetic problem (known physics, tau = 250 steps) approaches its equilibrium from
+    below or above; the first decay must come when the noise-free ratio is already within the
+    tolerance."""
+    torch.manual_seed(0)
+    steps = 1500 if start < 1 else 2500
+    module = synthetic.ScaleInvariantModule(start=start, dim=64)
+    callback = SphericalDynamicsCallback(
+        params=["net.weight"], on_equilibrium=DecayLR(factor=0.5), every_n_steps=50
+    )
+    run = trainer(tmp_path, callbacks=[callback], max_steps=steps, log_every_n_steps=50)
+    run.fit(module, synthetic.batches(steps))
+    decays = [e for e in callback.events if e.new_lrs]
+    assert decays, side
+    first = decays[0].global_step
+    tau = relaxation_steps(0.1, 1e-3, 0.9)
+    deviation = abs(synthetic.model_ratio("sgd", start, tau, first) - 1)
+    assert deviation <= 0.1 + 0.03, (side, first, deviation)
+    relaxing = [r for r in callback.history if r.global_step < first and r.global_step > 150]
+    assert relaxing and all(r.regime == "relaxing" for r in relaxing[:3]), side
