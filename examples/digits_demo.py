@@ -152,16 +152,18 @@ def write_report(callback: SphericalDynamicsCallback, path: Path) -> None:
 
 
 def print_summary(callback: SphericalDynamicsCallback, args: argparse.Namespace) -> None:
+    """Per layer: the last window against theory, and the detector's regime with its reason."""
     theory = math.sqrt(2 * args.lr * args.weight_decay / (1 + args.momentum))
     last = {record.unit: record for record in callback.history}
     print(f"\nPredicted equilibrium angular update: {theory:.5f} rad/step")
-    print(f"{'unit':<22} {'measured':>10} {'theory':>10} {'ratio':>7} {'|w|':>8}  equilibrium")
+    print(f"{'unit':<20} {'measured':>9} {'theory':>9} {'ratio':>6} {'|w|':>7}  regime")
     for unit, record in last.items():
-        reached = callback.detector.state[unit].reached_global_step
-        status = f"since step {reached}" if record.in_equilibrium else "not (yet)"
+        state = callback.detector.state[unit]
+        since = f" since step {state.reached_global_step}" if state.in_equilibrium else ""
         print(
-            f"{unit:<22} {record.angular_update:>10.5f} {record.theory or math.nan:>10.5f} "
-            f"{record.ratio or math.nan:>7.3f} {record.weight_norm:>8.3f}  {status}"
+            f"{unit:<20} {record.angular_update:>9.5f} {record.theory or math.nan:>9.5f} "
+            f"{record.ratio or math.nan:>6.3f} {record.weight_norm:>7.3f}  "
+            f"{record.regime.replace('_', ' ')}{since}: {record.regime_note}"
         )
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "Stop",
     "Warn",
     "as_action",
+    "budget_of",
     "decays_of",
     "describe_event",
 ]
@@ -81,6 +82,8 @@ class ActionContext:
         schedulers: the LR schedulers of the run (Lightning's ``lr_scheduler_configs``).
         trainer: the Trainer, for user callables (``None`` outside Lightning).
         pl_module: the LightningModule, for user callables.
+        total_steps: the training budget in global steps (Lightning's
+            ``estimated_stepping_batches``), ``None`` when unknown or unbounded.
         stop_requested: set by an action that wants training to stop.
     """
 
@@ -91,6 +94,7 @@ class ActionContext:
     schedulers: Sequence[Any] = ()
     trainer: Any = None
     pl_module: Any = None
+    total_steps: int | None = None
     stop_requested: bool = False
 
     @classmethod
@@ -101,6 +105,7 @@ class ActionContext:
         schedulers: Sequence[Any] = (),
         trainer: Any = None,
         pl_module: Any = None,
+        total_steps: int | None = None,
     ) -> ActionContext:
         """The context of the units a monitor watches."""
         return cls(
@@ -111,6 +116,7 @@ class ActionContext:
             schedulers=schedulers,
             trainer=trainer,
             pl_module=pl_module,
+            total_steps=total_steps,
         )
 
 
@@ -132,6 +138,10 @@ class EquilibriumAction:
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Act on ``event``; return it, updated with what was done."""
         return replace(event, action=self.name)
+
+    def deadline(self, global_step: int, total_steps: int | None) -> bool:
+        """Whether the budget calls for the action now, equilibrium or not (default: never)."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (plain types)."""
@@ -181,6 +191,14 @@ class DecayLR(EquilibriumAction):
             (SGD; ``k^(1/2)`` for AdamW) and adjust the optimizer state, so that the run lands on
             the new equilibrium at once (SMD Sec. 4).
         stop_at_min_lr: stop training at an equilibrium event when no further decay is allowed.
+        final_phase: with a known budget (``trainer.estimated_stepping_batches``), the fraction
+            of it kept for a last, low-LR phase: a decay at equilibrium is skipped when the new
+            phase would not last one relaxation time (under the new LR) before that phase
+            starts, and the last phase starts with one more decay at ``(1 - final_phase)`` of the
+            budget,
+            equilibrium or not (SDM: late phases do not re-equilibrate anyway, and the drop of
+            the angular update right after a decay is the annealing a step schedule relies on).
+            ``None``: equilibrium alone decides.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -206,8 +224,11 @@ class DecayLR(EquilibriumAction):
         cooldown: int | None = None,
         rescale_weights: bool = False,
         stop_at_min_lr: bool = False,
+        final_phase: float | None = 0.25,
     ) -> None:
         check_fraction("factor", factor)
+        if final_phase is not None:
+            check_fraction("final_phase", final_phase)
         check_number("min_lr", min_lr, low=0.0, low_open=False)
         check_integer("max_decays", max_decays, 0, allow_none=True)
         check_integer("cooldown", cooldown, 0, allow_none=True)
@@ -223,7 +244,9 @@ class DecayLR(EquilibriumAction):
         self.cooldown = cooldown
         self.rescale_weights = rescale_weights
         self.stop_at_min_lr = stop_at_min_lr
+        self.final_phase = final_phase
         self.decays = 0
+        self.final_done = False
 
     def setup(self, optimizers: Sequence[Optimizer], schedulers: Sequence[Any]) -> None:
         """Refuse schedulers it cannot scale, and optimizers SMD's rescaling does not cover."""
@@ -239,8 +262,24 @@ class DecayLR(EquilibriumAction):
                     "not known for it. Use rescale_weights=False."
                 )
 
+    def deadline(self, global_step: int, total_steps: int | None) -> bool:
+        """The planned final decay is due (once, at ``1 - final_phase`` of the budget)."""
+        if self.final_phase is None or total_steps is None or self.final_done:
+            return False
+        exhausted = self.max_decays is not None and self.decays >= self.max_decays
+        return not exhausted and global_step >= (1 - self.final_phase) * total_steps
+
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Decay, rescale if asked, and set the cooldown."""
+        final = event.criterion == "budget"
+        if final:
+            self.final_done = True
+        elif self._too_late(context):
+            note = (
+                "decay skipped: the new phase would not last one relaxation time before the "
+                f"final phase starts at global step {self._final_start(context)}"
+            )
+            return replace(event, action="none", note=note)
         exhausted = self.max_decays is not None and self.decays >= self.max_decays
         changes = [] if exhausted else self._decay(context)
         if not any(new < old for old, new in changes):
@@ -252,27 +291,48 @@ class DecayLR(EquilibriumAction):
         if self.rescale_weights:
             self._rescale(context, decay)
         cooldown = self.cooldown if self.cooldown is not None else _relaxation(context, decay)
+        if final:  # the last phase: no further decision (and no cooldown to honour)
+            note = "final decay: the last phase of the budget starts"
+            cooldown = max(int(cooldown), (context.total_steps or 0) - context.global_step)
+        else:
+            note = ""
         return replace(
             event,
             action=self.name,
             old_lrs=tuple(old for old, _ in changes),
             new_lrs=tuple(new for _, new in changes),
             cooldown=int(cooldown),
+            note=note,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The number of decays so far."""
-        return {"decays": self.decays}
+        """The number of decays so far, and whether the final one happened."""
+        return {"decays": self.decays, "final_done": self.final_done}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.decays = int(state.get("decays", self.decays))
+        self.final_done = bool(state.get("final_done", self.final_done))
+
+    def _final_start(self, context: ActionContext) -> int:
+        assert self.final_phase is not None and context.total_steps is not None
+        return math.ceil((1 - self.final_phase) * context.total_steps)
+
+    def _too_late(self, context: ActionContext) -> bool:
+        """A decay now would leave the new phase no time to relax before the final phase."""
+        if self.final_phase is None or context.total_steps is None:
+            return False
+        lrs = {opt.param_groups[i]["lr"] for opt, i in context.unit_groups.values()}
+        if all(float(lr) * self.factor < self.min_lr for lr in lrs):
+            return False  # no decay would happen anyway: let __call__ say why
+        needed = _time_constant_after(context, 1 / self.factor)
+        return context.global_step + needed > self._final_start(context)
 
     def __repr__(self) -> str:
         return (
             f"DecayLR(factor={self.factor}, min_lr={self.min_lr}, max_decays={self.max_decays}, "
             f"cooldown={self.cooldown}, rescale_weights={self.rescale_weights}, "
-            f"stop_at_min_lr={self.stop_at_min_lr})"
+            f"stop_at_min_lr={self.stop_at_min_lr}, final_phase={self.final_phase})"
         )
 
     def _decay(self, context: ActionContext) -> list[tuple[float, float]]:
@@ -354,7 +414,7 @@ def as_action(spec: ActionName | EquilibriumAction | Callable[..., Any]) -> Equi
     Example::
 
         >>> as_action("decay_lr"), as_action(Stop())
-        (DecayLR(factor=0.1, min_lr=0.0, max_decays=None, cooldown=None, rescale_weights=False, stop_at_min_lr=False), Stop())
+        (DecayLR(factor=0.1, min_lr=0.0, max_decays=None, cooldown=None, rescale_weights=False, stop_at_min_lr=False, final_phase=0.25), Stop())
     """  # noqa: E501
     if isinstance(spec, EquilibriumAction):
         return spec
@@ -423,6 +483,23 @@ class EquilibriumPolicy:
             self._quorum_reached = False
         return event
 
+    def fire_deadline(
+        self,
+        detector: EquilibriumDetector,
+        windows: Sequence[UnitWindow],
+        context: ActionContext,
+    ) -> EquilibriumEvent:
+        """Carry out the action the budget calls for (its ``deadline``), equilibrium or not."""
+        event = _make_event(detector, windows, context.global_step, self.action.name)
+        event = replace(event, criterion="budget")
+        self.events.append(event)
+        event = self.action(event, context)
+        self.events[-1] = event
+        if event.new_lrs or event.cooldown:
+            detector.restart(event.cooldown)
+            self._quorum_reached = False
+        return event
+
     def state_dict(self) -> dict[str, Any]:
         """Events, the quorum flag and the action's own state."""
         return {
@@ -436,6 +513,23 @@ class EquilibriumPolicy:
         self.events = [EquilibriumEvent.from_dict(e) for e in state.get("events", [])]
         self._quorum_reached = bool(state.get("quorum_reached", False))
         self.action.load_state_dict(state.get("action", {}))
+
+
+def budget_of(trainer: Any) -> int | None:
+    """The training budget in global steps, if the Trainer knows it (finite); duck-typed.
+
+    Example::
+
+        >>> class Run:
+        ...     estimated_stepping_batches = 880
+        >>> budget_of(Run()), budget_of(object())
+        (880, None)
+    """
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # no Trainer, an iterable dataset without a length, ...
+        return None
+    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
 
 
 def decays_of(action: EquilibriumAction) -> int | None:
@@ -461,11 +555,18 @@ def describe_event(event: EquilibriumEvent, decays: int | None = None) -> str:
         f"[lightning_sdm] global step {event.global_step}: {event.fraction:.0%} of the units are "
         f"in equilibrium (criterion: {event.criterion}): {figures}."
     )
+    if event.criterion == "budget":
+        text = (
+            f"[lightning_sdm] global step {event.global_step}: the last phase of the budget "
+            f"starts ({event.fraction:.0%} of the units in equilibrium)."
+        )
     if event.new_lrs:
         pairs = zip(event.old_lrs, event.new_lrs, strict=True)
         lrs = ", ".join(f"{old:.3g} -> {new:.3g}" for old, new in pairs)
         count = f", decay #{decays}" if decays is not None else ""
         text += f" Learning rate decayed ({lrs}){count}; cooldown {event.cooldown} steps."
+    elif event.note:
+        text += f" No decay: {event.note}."
     elif event.action == "none":
         text += " No decay: min_lr or max_decays reached."
     elif event.action == "stop":
@@ -484,13 +585,25 @@ def _groups_by_optimizer(context: ActionContext) -> dict[Optimizer, set[int]]:
 
 
 def _relaxation(context: ActionContext, decay: float) -> int:
-    """Optimizer steps until the slowest unit is within 5% of its new prediction."""
+    """Optimizer steps until the slowest unit is within 5% of its new prediction (LRs decayed)."""
     longest = 0.0
     for optimizer, index in context.unit_groups.values():
         after = predict_param_group(optimizer, optimizer.param_groups[index])
         tau = relaxation_time(after)
         if tau is not None:
             longest = max(longest, lr_change_relaxation_steps(1 / decay, tau, COOLDOWN_TOLERANCE))
+    return math.ceil(longest)
+
+
+def _time_constant_after(context: ActionContext, decay: float) -> int:
+    """The slowest unit's relaxation time after a decay by ``decay`` that has not happened."""
+    longest = 0.0
+    for optimizer, index in context.unit_groups.values():
+        group = dict(optimizer.param_groups[index])
+        group["lr"] = float(group["lr"]) / decay
+        tau = relaxation_time(predict_param_group(optimizer, group))
+        if tau is not None:
+            longest = max(longest, tau)
     return math.ceil(longest)
 
 

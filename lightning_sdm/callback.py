@@ -26,6 +26,7 @@ from lightning_sdm.actions import (
     EquilibriumAction,
     EquilibriumPolicy,
     as_action,
+    budget_of,
     decays_of,
     describe_event,
 )
@@ -155,13 +156,9 @@ class SphericalDynamicsCallback(Callback):
             raise ValueError(f"`prog_bar` must be True or False, got {prog_bar!r}.")
         self.prog_bar = prog_bar
         # Constructor values (setup() may resolve every_n_steps later): a stable state key.
-        self._key_arguments = {
-            "params": repr(params),
-            "granularity": granularity,
-            "every_n_steps": every_n_steps,
-            "window": window,
-            "horizon": horizon,
-        }
+        # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
+        # any of them may share a Trainer and a checkpoint.
+        self._key_arguments = {"params": repr(params), **asdict(self.config), **self._detection()}
         self.history: list[HistoryRecord] = []
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
@@ -231,9 +228,7 @@ class SphericalDynamicsCallback(Callback):
             self._start_monitor(trainer, pl_module, units)
 
     @override
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
-    ) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: Any) -> None:
         """The first forward is over: read the trace and start measuring."""
         if self._trace is None:
             return
@@ -249,12 +244,7 @@ class SphericalDynamicsCallback(Callback):
 
     @override
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log the windows the optimizer steps of this batch closed."""
         if self.monitor is None:
@@ -263,11 +253,13 @@ class SphericalDynamicsCallback(Callback):
         if windows:
             self._report_verification(self.monitor)
             self._log_windows(trainer, pl_module, windows)
+        elif self.policy.action.deadline(trainer.global_step, budget_of(trainer)):
+            metrics = self._act(trainer, pl_module, [])  # the budget's step, between windows
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         """Never leave the tracer or the hooks behind."""
         self._shutdown()
 
@@ -354,10 +346,13 @@ class SphericalDynamicsCallback(Callback):
                 warned=self._integration_failures,
             )
 
-    def _settings(self) -> dict[str, Any]:
+    def _detection(self) -> dict[str, Any]:
         detector, action = self.detector, repr(self.policy.action)
         detection = {"tolerance": detector.tolerance, "patience": detector.patience}
-        return {**asdict(self.config), **detection, "quorum": detector.quorum, "action": action}
+        return {**detection, "quorum": detector.quorum, "action": action}
+
+    def _settings(self) -> dict[str, Any]:
+        return {**asdict(self.config), **self._detection()}
 
     def _report_verification(self, monitor: SphericalMonitor) -> None:
         tolerance = self.config.orthogonality_tolerance
@@ -420,14 +415,18 @@ class SphericalDynamicsCallback(Callback):
         # Values are identical on all ranks already (statistics are reduced before any angle);
         # agreeing explicitly keeps the decision collective even if that ever changed.
         reached = bool(trainer.strategy.reduce_boolean_decision(self.detector.reached(), all=True))
-        if not self.policy.entering(reached):
+        total = budget_of(trainer)
+        due = self.policy.action.deadline(trainer.global_step, total)
+        entering = self.policy.entering(reached)
+        if not (due or entering):
             return {}
         assert self.monitor is not None
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         context = ActionContext.from_monitor(
-            self.monitor, trainer.global_step, schedulers, trainer, pl_module
+            self.monitor, trainer.global_step, schedulers, trainer, pl_module, total
         )
-        event = self.policy.fire(self.detector, windows, context)
+        fire = self.policy.fire_deadline if due else self.policy.fire
+        event = fire(self.detector, windows, context)
         if context.stop_requested:
             trainer.should_stop = True
         action = self.policy.action

@@ -126,7 +126,7 @@ def format_summary(
     """The per-unit table of the last window (plain text, or Markdown with a title)."""
     rows = [s for s in data.summary() if units is None or s.unit in units]
     first, last = data.steps()
-    header = ["unit", "measured", "theory", "ratio", "norm", "equilibrium"]
+    header = ["unit", "measured", "theory", "ratio", "norm", "regime", "equilibrium"]
     table = [
         [
             s.unit,
@@ -134,6 +134,7 @@ def format_summary(
             _number(s.theory),
             _number(s.ratio, ".3f"),
             _number(s.weight_norm, ".4g"),
+            (s.regime or "n/a").replace("_", " "),
             s.equilibrium.text,
         ]
         for s in rows
@@ -141,7 +142,8 @@ def format_summary(
     fraction = data.equilibrium_fraction()
     footer = [
         f"Last window at step {last} (windows from step {first}). measured: RMS angular update "
-        "over the window (rad/step); theory: predicted equilibrium; norm: weight norm."
+        "over the window (rad/step); theory: predicted equilibrium; norm: weight norm; regime: "
+        "the detector's verdict in the last window."
     ]
     channel = [s.unit for s in rows if s.granularity == "channel"]
     if channel:
@@ -153,7 +155,7 @@ def format_summary(
     if markdown:
         lines = [f"# Spherical Motion Dynamics: {data.source}", ""]
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * 4 + ["---"]) + "|")
+        lines.append("|" + "|".join(["---"] + ["---:"] * 4 + ["---", "---"]) + "|")
         for row in table:
             lines.append("| " + " | ".join([f"`{row[0]}`", *row[1:]]) + " |")
         lines += ["", *footer]
@@ -163,7 +165,7 @@ def format_summary(
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     aligned = [
         "  ".join(
-            cell.ljust(widths[i]) if i in (0, 5) else cell.rjust(widths[i])
+            cell.ljust(widths[i]) if i in (0, 5, 6) else cell.rjust(widths[i])
             for i, cell in enumerate(row)
         ).rstrip()
         for row in [header, *table]

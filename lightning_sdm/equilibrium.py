@@ -65,6 +65,8 @@ _MOVING = 0.05
 _MISMATCH = 2.0
 # A unit in equilibrium leaves when a test is outside this many tolerances (with confidence).
 _EXIT = 1.25
+# The ratio's trend over the horizon alone counts from this many windows on.
+_SHORT_TREND_WINDOWS = 5
 
 # Columns of a stored sample.
 _T, _RHO, _MS, _N, _LOGNORM, _LOGTHEORY, _TAU, _POWER = range(8)
@@ -360,7 +362,8 @@ class EquilibriumDetector:
         trend_margin = t_quantile(z, trend_dof) * tau * ratio_slope_error
         short_trend = tau * short_slope
         short_margin = t_quantile(z, short_dof) * tau * short_error
-        if abs(short_trend) - short_margin > abs(trend) - trend_margin:
+        enough = len(short) >= _SHORT_TREND_WINDOWS  # fewer: the error of the error is too large
+        if enough and abs(short_trend) - short_margin > abs(trend) - trend_margin:
             trend, trend_margin = short_trend, short_margin  # the stronger evidence counts
         lr_drift = tau * lr_slope
         moving = abs(lr_drift) > _MOVING
@@ -429,7 +432,7 @@ class EquilibriumDetector:
             self._set(unit, "non_stationary", False, note, math.nan)
             return
         eta = tau * math.log(max(deviation, tol) / tol) + self.patience
-        note = f"{now:.2f} of the prediction; the norm moves towards equilibrium"
+        note = f"pooled ratio {now:.2f}; the norm moves towards equilibrium"
         self._set(unit, "relaxing", False, note, eta)
 
     def _without_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
@@ -461,11 +464,11 @@ class EquilibriumDetector:
     def _level_note(self, ratio: float, moving: bool = False, lr_drift: float = 0.0) -> str:
         if moving:
             return (
-                f"{ratio:.3f} of the moving prediction (the LR changes by {abs(lr_drift):.0%} per "
-                "relaxation time: the weights follow)"
+                f"at {ratio:.3f} of the moving prediction (the LR changes by {abs(lr_drift):.0%} "
+                "per relaxation time: the weights follow)"
             )
         if abs(ratio - 1) <= self.tolerance:
-            return f"{ratio:.3f} of the prediction"
+            return f"pooled ratio {ratio:.3f}, the norm steady"
         side = "below" if ratio < 1 else "above"
         return (
             f"stationary, {abs(ratio - 1):.0%} {side} the prediction (the norm is steady: the "

@@ -5,9 +5,10 @@
 angular update against the predicted equilibrium (log scale; with ``granularity="channel"`` the
 10th-90th percentile band of the channels), then the ratios of all units, their weight norms, the
 learning rate (when logged) and the fraction of units in equilibrium. The first step at which a
-unit was in equilibrium is marked by a vertical line, and where the source says when each unit was
-in equilibrium (``callback.history``), those intervals are shaded. The panel functions
-(:func:`plot_unit`, :func:`plot_ratios`, ...) draw into any Matplotlib ``Axes`` for custom
+unit was in equilibrium is marked by a vertical line, and where the source records the detector's
+regimes (``callback.history``, or logs with ``sdm/regime/<unit>``) each unit's panel is shaded by
+regime (equilibrium, tracking, relaxing, lagging, non-stationary, no prediction). The panel
+functions (:func:`plot_unit`, :func:`plot_ratios`, ...) draw into any Matplotlib ``Axes`` for custom
 layouts.
 
 Matplotlib is an optional dependency (``pip install lightning-sdm[plot]``). Figures are built
@@ -177,9 +178,20 @@ def plot_unit(ax: Axes, run: RunData, unit: str) -> None:
         finite = {v for v in theory.values if math.isfinite(v)}
         label = f"theory = {finite.pop():.3g}" if len(finite) == 1 else "theory"
         _line(ax, theory, color="black", linestyle="--", label=label, marker=None)
-    flags = run.equilibrium_flags(unit)
-    for start, end in _spans(flags) if flags is not None else []:
-        ax.axvspan(start, end, color=_EQUILIBRIUM_COLOR, alpha=0.1, lw=0)
+    regimes = run.regimes(unit)
+    if regimes:
+        shaded: set[str] = set()
+        for start, end, regime in _regime_spans(regimes):
+            shade = _REGIME_COLORS.get(regime)
+            if shade is None:
+                continue
+            name = None if regime in shaded else regime.replace("_", " ")
+            shaded.add(regime)
+            ax.axvspan(start, end, color=shade, alpha=0.12, lw=0, label=name)
+    else:
+        flags = run.equilibrium_flags(unit)
+        for start, end in _spans(flags) if flags is not None else []:
+            ax.axvspan(start, end, color=_EQUILIBRIUM_COLOR, alpha=0.1, lw=0)
     info = run.equilibrium(unit)
     if info.step is not None:
         label = f"equilibrium (step {info.step})" if info.exact else info.text
@@ -292,6 +304,30 @@ def _log_scale_if_positive(ax: Axes, *series: Series | None) -> None:
         ax.yaxis.set_minor_formatter(
             PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
         )
+
+
+# Background of a unit panel per regime (regimes without a color are not shaded).
+_REGIME_COLORS = {
+    "equilibrium": "tab:green",
+    "tracking": "tab:olive",
+    "relaxing": "tab:orange",
+    "lagging": "tab:purple",
+    "non_stationary": "tab:red",
+    "no_prediction": "tab:gray",
+}
+
+
+def _regime_spans(regimes: Sequence[tuple[int, str]]) -> list[tuple[int, int, str]]:
+    """Runs of equal regimes as ``(start, end, regime)``; each window covers up to the next."""
+    spans: list[tuple[int, int, str]] = []
+    for index, (step, regime) in enumerate(regimes):
+        end = regimes[index + 1][0] if index + 1 < len(regimes) else step
+        if spans and spans[-1][2] == regime:
+            spans[-1] = (spans[-1][0], end, regime)
+        else:
+            previous = regimes[index - 1][0] if index else step
+            spans.append((previous, end, regime))
+    return spans
 
 
 def _spans(flags: Series) -> list[tuple[int, int]]:

@@ -53,8 +53,9 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 ActionName = Literal["warn", "decay_lr", "stop"]
 #: Outcome of the gradient-orthogonality cross-check of a unit.
 Invariance = Literal["verified", "violated", "unverified"]
-#: ``"theory"``: measured against the prediction; ``"stationary"``: no prediction exists.
-Criterion = Literal["theory", "stationary"]
+#: ``"theory"``: measured against the prediction; ``"stationary"``: no prediction exists;
+#: ``"budget"`` (events only): the training budget, not equilibrium, triggered it.
+Criterion = Literal["theory", "stationary", "budget"]
 #: How a unit was found.
 UnitSource = Literal["trace", "registration_order", "explicit"]
 #: The detector's verdict per unit (see :mod:`lightning_sdm.equilibrium`).
@@ -202,13 +203,16 @@ class EquilibriumEvent:
         fraction: fraction of units in equilibrium.
         measured: RMS angular update per unit in equilibrium.
         predicted: prediction per unit (``None`` without one).
-        criterion: ``"theory"`` or ``"stationary"`` (the latter if any unit used it).
+        criterion: ``"theory"`` or ``"stationary"`` (the latter if any unit used it), or
+            ``"budget"`` for the planned final decay of :class:`~lightning_sdm.actions.DecayLR`.
         action: what was done (``"warn"``, ``"decay_lr"``, ``"stop"``, ``"callable"``, or
             ``"none"``: a decay was due but ``min_lr``/``max_decays`` forbade it).
         old_lrs: learning rates of the affected param groups before the action.
         new_lrs: and after it.
         cooldown: optimizer steps the detector waits before it may declare equilibrium again
             (the relaxation the action started; 0 when it changed nothing).
+        note: why the action did what it did, when it is not obvious (a decay skipped because
+            the budget leaves no time to relax, the planned final decay).
     """
 
     global_step: int
@@ -221,6 +225,7 @@ class EquilibriumEvent:
     old_lrs: tuple[float, ...] = ()
     new_lrs: tuple[float, ...] = ()
     cooldown: int = 0
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-type copy (for checkpoints and loggers)."""

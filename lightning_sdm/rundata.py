@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_sdm.records import HistoryRecord, Keys
+from lightning_sdm.records import REGIME_CODES, REGIMES, HistoryRecord, Keys
 
 __all__ = [
     "EquilibriumInfo",
@@ -54,6 +54,7 @@ WEIGHT_NORM = Keys.WEIGHT_NORM
 FRACTION = Keys.FRACTION
 # Per-unit 0/1 equilibrium flags: built from ``history``; read from logs that carry them.
 IN_EQUILIBRIUM = Keys.IN_EQUILIBRIUM
+REGIME = Keys.REGIME
 
 TENSORBOARD = "tensorboard"
 CSV = "csv"
@@ -126,6 +127,7 @@ class UnitSummary:
     weight_norm: float
     granularity: str
     equilibrium: EquilibriumInfo
+    regime: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,14 @@ class RunData:
         """Per-window 0/1 equilibrium status of the unit, where the source records it."""
         return self.scalars.get(IN_EQUILIBRIUM + unit)
 
+    def regimes(self, unit: str) -> list[tuple[int, str]]:
+        """Per window, the detector's regime of the unit (empty where the source has none)."""
+        codes = self.scalars.get(REGIME + unit)
+        if codes is None:
+            return []
+        names = {float(code): name for name, code in REGIME_CODES.items()}
+        return [(step, names.get(value, "unknown")) for step, value in codes.items()]
+
     def equilibrium(self, unit: str) -> EquilibriumInfo:
         """When ``unit`` was first in equilibrium (see :class:`EquilibriumInfo`)."""
         flags = self.equilibrium_flags(unit)
@@ -242,6 +252,7 @@ class RunData:
                     weight_norm=norm.last if norm is not None else math.nan,
                     granularity=self.granularity(unit),
                     equilibrium=self.equilibrium(unit),
+                    regime=regimes[-1][1] if (regimes := self.regimes(unit)) else None,
                 )
             )
         return result
@@ -309,6 +320,8 @@ def run_from_history(
         for name, value in (entry.get("channels") or {}).items():
             add(f"{ANGULAR_UPDATE}{unit}/{name}", step, value)
         add(IN_EQUILIBRIUM + unit, step, bool(entry.get("in_equilibrium")))
+        if entry.get("regime") in REGIMES:
+            add(REGIME + unit, step, REGIME_CODES[entry["regime"]])
         lr_steps, lr_values = lrs.setdefault(unit, ([], []))
         lr_steps.append(step)
         lr_values.append(float(entry.get("lr", math.nan)))

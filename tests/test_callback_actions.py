@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import DecayLR
+from lightning_sdm.actions import ActionContext, DecayLR, describe_event
 from lightning_sdm.records import EquilibriumEvent
 from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
 from tests import synthetic
@@ -234,8 +234,8 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
             fit.save_checkpoint(save)
         return fit
 
-    def decay():
-        return DecayLR(factor=0.5, cooldown=6)
+    def decay():  # the first fit has a shorter budget: the budget's own planning is off here
+        return DecayLR(factor=0.5, cooldown=6, final_phase=None)
 
     full = SphericalDynamicsCallback(on_equilibrium=decay(), **settings)
     run(full, epochs=4)
@@ -341,3 +341,53 @@ def test_decay_lr_never_fires_while_the_units_still_relax(tmp_path, start, side)
     assert deviation <= 0.1 + 0.03, (side, first, deviation)
     relaxing = [r for r in callback.history if r.global_step < first and r.global_step > 150]
     assert relaxing and all(r.regime == "relaxing" for r in relaxing[:3]), side
+
+
+# ---------------------------------------------------------------------- the budget
+
+
+def test_decay_lr_keeps_the_last_phase_of_the_budget():
+    """With 1000 steps: decay at equilibrium while a phase of one relaxation time fits before the
+    last quarter, skip a decay that would not, and start the last quarter with a decay."""
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    action = DecayLR(factor=0.2)  # final_phase=0.25 by default
+
+    def event(step, criterion="theory"):
+        return EquilibriumEvent(step, ("w",), 1.0, {"w": 0.0}, {"w": 0.0}, criterion)
+
+    def context(step):
+        return ActionContext(step, {"w": (optimizer, 0)}, total_steps=1000)
+
+    # After /5 the relaxation time is (1 - 0.9) / (4 * 0.02 * 0.01) = 125 steps: 500 + 125 < 750.
+    done = action(event(500), context(500))
+    assert done.new_lrs == pytest.approx((0.02,))
+    # After another /5 it would be 625 steps: 700 + 625 > 750, so that decay is skipped.
+    skipped = action(event(700), context(700))
+    assert skipped.action == "none" and "one relaxation time" in skipped.note
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert [action.deadline(step, 1000) for step in (700, 749, 750)] == [False, False, True]
+    assert not action.deadline(750, None)  # unknown budget: equilibrium alone decides
+    final = action(event(750, "budget"), context(750))
+    assert final.new_lrs == pytest.approx((0.004,)) and final.note.startswith("final decay")
+    assert final.cooldown >= 250  # no further decision before the end
+    assert not action.deadline(800, 1000)  # once
+    assert action.state_dict() == {"decays": 2, "final_done": True}
+
+
+def test_the_final_phase_starts_between_windows_in_a_real_fit(tmp_path):
+    callback = SphericalDynamicsCallback(on_equilibrium=DecayLR(factor=0.5), **FAST)
+    _fit(tmp_path, callback, epochs=4)  # 64 steps: the last phase starts at step 48
+    final = [e for e in callback.events if e.criterion == "budget"]
+    assert len(final) == 1 and final[0].global_step == 48 and final[0].new_lrs
+    assert all(e.global_step < 48 for e in callback.events if e.criterion != "budget")
+    text = describe_event(final[0], 1)
+    assert "the last phase of the budget starts" in text
+
+
+def test_no_budget_no_final_phase(tmp_path):
+    callback = SphericalDynamicsCallback(
+        on_equilibrium=DecayLR(factor=0.5, final_phase=None), **FAST
+    )
+    _fit(tmp_path, callback, epochs=2)
+    assert all(e.criterion != "budget" for e in callback.events)

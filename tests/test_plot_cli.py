@@ -31,7 +31,7 @@ from lightning_sdm.plot import (
     plot_run,
     unit_title,
 )
-from lightning_sdm.records import HistoryRecord
+from lightning_sdm.records import REGIMES, HistoryRecord
 from lightning_sdm.rundata import RunDataError, load_run, run_from_history
 from tests.helpers import BNNet, loader, noisy_classification_data
 
@@ -44,7 +44,10 @@ UNITS = ["net.0.weight", "net.3.weight"]
 # later leave it, within the 24 steps of the fit.
 LR, WD = 0.2, 0.05
 NUMBER = r"[-+0-9.e]+|n/a"
-ROW = re.compile(rf"^(\S+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+(.+)$")
+REGIME = "|".join(sorted((r.replace("_", " ") for r in REGIMES), key=len, reverse=True))
+ROW = re.compile(
+    rf"^(\S+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({REGIME}|n/a)\s+(.+)$"
+)
 
 
 @dataclass
@@ -123,12 +126,13 @@ def parse_rows(out: str) -> dict[str, dict[str, str]]:
     for line in out.splitlines():
         match = ROW.match(line)
         if match and match.group(1) in UNITS:
-            unit, measured, theory, ratio, norm, equilibrium = match.groups()
+            unit, measured, theory, ratio, norm, regime, equilibrium = match.groups()
             rows[unit] = {
                 "measured": measured,
                 "theory": theory,
                 "ratio": ratio,
                 "norm": norm,
+                "regime": regime,
                 "equilibrium": equilibrium.strip(),
             }
     return rows
@@ -175,8 +179,9 @@ def test_report_command_writes_figure_and_summary(fit: Fit, kind: str, tmp_path:
         if first is not None and not entries[-1].in_equilibrium:
             expected += " (left it by the end)"
         assert rows[unit]["equilibrium"] == expected
+        assert rows[unit]["regime"] == last.regime.replace("_", " ")  # logged as a code
     markdown = summary.read_text()
-    assert "| unit | measured | theory | ratio | norm | equilibrium |" in markdown
+    assert "| unit | measured | theory | ratio | norm | regime | equilibrium |" in markdown
     for unit in UNITS:
         assert f"| `{unit}` | {rows[unit]['measured']} | {rows[unit]['theory']} |" in markdown
     assert "![SDM report](out/report.png)" in markdown
