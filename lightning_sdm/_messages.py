@@ -9,13 +9,27 @@ from lightning_sdm.theory import Prediction
 PREFIX = "[lightning_sdm]"
 
 
-def no_units_found(model: str) -> str:
-    """The model has no scale-invariant weight: nothing will be measured."""
+def no_units_found(model: str, reasons: Mapping[str, int] | None = None) -> str:
+    """The trace found no scale-invariant weight: nothing will be measured, and why."""
+    why = ""
+    if reasons:
+        kinds = {k: n for k, n in reasons.items() if k not in ("bias of a rejected weight",)}
+        why = " Rejected: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + "."
     return (
-        f"SphericalDynamicsCallback found no scale-invariant weights in {model} (no weight "
+        f"SphericalDynamicsCallback found no scale-invariant weights in {model}: no weight "
         "reaches a BatchNorm/GroupNorm/LayerNorm/InstanceNorm through positively homogeneous "
-        "operations only). Nothing will be measured; pass `params=[...]` to monitor weights "
-        "explicitly."
+        "operations only (in transformers the residual stream and attention keep every weight "
+        f"from being invariant).{why} Nothing will be measured; pass `params=[...]` to monitor "
+        "weights explicitly (their ratio to a prediction is then not physics)."
+    )
+
+
+def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
+    """The trace failed: the units are a registration-order guess."""
+    return (
+        f"SphericalDynamicsCallback could not trace the model ({'; '.join(notes)}); it guesses "
+        f"{len(units)} unit(s) from registration order ({', '.join(units[:6])}"
+        f"{', ...' if len(units) > 6 else ''}) and checks each by gradient orthogonality."
     )
 
 
@@ -41,11 +55,12 @@ def missing_predictions(predictions: Mapping[str, Prediction]) -> dict[str, str]
     }
 
 
-def not_orthogonal(name: str, cosine: float, tolerance: float) -> str:
+def not_orthogonal(name: str, cosine: float, threshold: float) -> str:
     """A monitored unit failed the gradient-orthogonality cross-check."""
     return (
         f"SphericalDynamicsCallback: {name} is monitored but its gradient is not orthogonal to "
-        f"it (|cos(w, grad)| = {cosine:.2e} > {tolerance:g}), so it is probably not "
+        f"it (|cos(w, grad)| = {cosine:.2e} > {threshold:.2e}, the tolerance over sqrt(size)), "
+        "so it is probably not "
         "scale-invariant and the theory does not apply to it. Its figures are still logged, "
         "marked `invariance='violated'` in `history`."
     )

@@ -32,8 +32,8 @@ from lightning_sdm.actions import (
 )
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium import EquilibriumDetector
-from lightning_sdm.invariance import InvarianceReport, SharedTrace, structural_candidates
-from lightning_sdm.monitor import SphericalMonitor
+from lightning_sdm.invariance import InvarianceReport, SharedTrace
+from lightning_sdm.monitor import SphericalMonitor, orthogonality_threshold
 from lightning_sdm.records import (
     ActionName,
     EquilibriumEvent,
@@ -94,9 +94,10 @@ class SphericalDynamicsCallback(Callback):
             ``log_every_n_steps``.
         window: measured optimizer steps per logged value (the last ``window`` steps of each
             interval), at most ``every_n_steps``.
-        tolerance: relative tolerance of the equilibrium test.
-        patience: consecutive windows within tolerance (and without trend) to declare
-            equilibrium.
+        tolerance: how far (relative) the angular update may still be from its equilibrium, as
+            judged by the norm's trend and the ratio's trend (:mod:`lightning_sdm.equilibrium`).
+        patience: windows of evidence before any verdict (the pooling horizon is one relaxation
+            time, at least this many windows), >= 2.
         quorum: fraction of units that must be in equilibrium for an equilibrium event.
         on_equilibrium: what to do when the quorum reaches equilibrium: ``"warn"`` (one
             message per event), ``"decay_lr"`` (:class:`~lightning_sdm.actions.DecayLR` with its
@@ -107,7 +108,8 @@ class SphericalDynamicsCallback(Callback):
         horizon: also log ``sdm/angular_update_horizon/<name>``, the RMS angle between ``w_t``
             and ``w_{t+horizon}`` (consecutive blocks inside each window), at most ``window``.
         verify_steps: measured steps on which the gradient-orthogonality check runs.
-        orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant.
+        orthogonality_tolerance: the cross-check's threshold in units of ``1/sqrt(n)`` for a unit
+            of ``n`` elements (see :class:`~lightning_sdm.config.MonitorConfig`).
         prog_bar: show the median ratio in the progress bar.
 
     Raises:
@@ -138,7 +140,7 @@ class SphericalDynamicsCallback(Callback):
         on_equilibrium: OnEquilibrium = "warn",
         horizon: int = 1,
         verify_steps: int = 3,
-        orthogonality_tolerance: float = 1e-2,
+        orthogonality_tolerance: float = 0.1,
         prog_bar: bool = True,
     ) -> None:
         self.params = check_params_spec(params)
@@ -233,13 +235,16 @@ class SphericalDynamicsCallback(Callback):
         if self._trace is None:
             return
         trace, self._trace = self._trace, None
-        report = trace.report()
+        report = self.report = trace.report()  # a failed trace falls back by itself, with a note
+        rank_zero_info(f"[lightning_sdm] {report.short_summary()}")
+        if report.failed:
+            names = [unit.name for unit in report.units]
+            self._warn_once("trace_failed", _messages.trace_failed(report.notes, names))
         if not report.units:
-            fallback = structural_candidates(pl_module)
-            if fallback.units:
-                report = fallback
-        self.report = report
-        rank_zero_info(f"[lightning_sdm] {report.summary()}")
+            reasons = report.rejection_counts()
+            self._warn_once("no_units", _messages.no_units_found(type(pl_module).__name__, reasons))
+            self._disabled = True
+            return
         self._start_monitor(trainer, pl_module, list(report.units))
 
     @override
@@ -312,11 +317,7 @@ class SphericalDynamicsCallback(Callback):
     def _start_monitor(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[Unit]
     ) -> None:
-        if not units:
-            self._warn_once("no_units", _messages.no_units_found(type(pl_module).__name__))
-            self._disabled = True
-            return
-        self._units = list(units)
+        self._units = list(units)  # never empty: an empty trace or selection stops earlier
         self.monitor = SphericalMonitor(pl_module, trainer.optimizers, units, self.config)
         if self._monitor_state:
             self.monitor.load_state_dict(self._monitor_state)
@@ -355,12 +356,11 @@ class SphericalDynamicsCallback(Callback):
         return {**asdict(self.config), **self._detection()}
 
     def _report_verification(self, monitor: SphericalMonitor) -> None:
-        tolerance = self.config.orthogonality_tolerance
+        tolerance, params = self.config.orthogonality_tolerance, monitor.unit_parameters()
         for name, (status, cosine) in monitor.invariance.items():
             if status == "violated":
-                self._warn_once(
-                    f"violated:{name}", _messages.not_orthogonal(name, cosine, tolerance)
-                )
+                limit = orthogonality_threshold(params[name], tolerance)
+                self._warn_once(f"violated:{name}", _messages.not_orthogonal(name, cosine, limit))
 
     def _log_windows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]

@@ -68,8 +68,12 @@ class MonitorConfig:
         horizon: also measure the angle between ``w_t`` and ``w_{t+horizon}`` over consecutive
             blocks of ``horizon`` steps inside each window; at most ``window``.
         verify_steps: measured steps on which the gradient-orthogonality check runs (0: never).
-        orthogonality_tolerance: largest ``|cos(w, grad)|`` accepted as scale-invariant, in
-            ``(0, 1)``.
+        orthogonality_tolerance: the gradient-orthogonality cross-check in units of the
+            ``1/sqrt(n)`` that a random direction in ``n`` dimensions gives (as AdamP does): a unit
+            of ``n`` elements is "violated" when ``|cos(w, grad)| > orthogonality_tolerance /
+            sqrt(n)``. A scale-invariant unit gives float32 rounding (~1e-6), a weight that is not
+            invariant about ``1/sqrt(n)`` or more: a size-free threshold such as 1e-2 would
+            "verify" a random ``100 x 100`` weight. In ``(0, 10]``.
 
     Raises:
         ValueError: naming the first invalid argument.
@@ -91,7 +95,7 @@ class MonitorConfig:
     window: int = 8
     horizon: int = 1
     verify_steps: int = 3
-    orthogonality_tolerance: float = 1e-2
+    orthogonality_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -102,7 +106,13 @@ class MonitorConfig:
         check_integer("window", self.window, 1)
         check_integer("horizon", self.horizon, 1)
         check_integer("verify_steps", self.verify_steps, 0)
-        check_fraction("orthogonality_tolerance", self.orthogonality_tolerance)
+        check_number(
+            "orthogonality_tolerance",
+            self.orthogonality_tolerance,
+            low=0.0,
+            high=10.0,
+            high_open=False,
+        )
         if self.every_n_steps is not None and self.window > self.every_n_steps:
             object.__setattr__(self, "window", self.every_n_steps)
         if self.horizon > self.window:

@@ -350,7 +350,8 @@ class SphericalMonitor:
             if math.isnan(cosine):
                 continue
             unit.max_abs_cosine = max(unit.max_abs_cosine, cosine)
-            unit.invariance = "violated" if unit.max_abs_cosine > tolerance else "verified"
+            violated = unit.max_abs_cosine > orthogonality_threshold(unit.tensors, tolerance)
+            unit.invariance = "violated" if violated else "verified"
 
     def _close_window(self, watch: _OptimizerWatch) -> None:
         watch.metric.sync_on_compute = self.sync_on_compute
@@ -524,6 +525,11 @@ def _make_watch(
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
     )
+
+
+def orthogonality_threshold(tensors: Sequence[Tensor], tolerance: float) -> float:
+    """``tolerance / sqrt(n)`` for a unit of ``n`` elements (global ones for sharded tensors)."""
+    return tolerance / math.sqrt(max(sum(t.numel() for t in tensors), 1))
 
 
 def _unit_tensor_rows(units: list[_Unit]) -> list[slice]:

@@ -123,6 +123,10 @@ class _Analysis:
             except Exception as error:  # a rule met arguments it does not understand
                 raise _Break(f"could not follow {node.label} ({type(error).__name__})") from None
             absorbed.extend(step.absorbed)
+            if any(out is not None and out.degree == 0 for out in step.outputs):
+                # A ratio of scaled values (weight standardisation, a hand-written norm): the
+                # scale cancels, which is an invariance of its own.
+                absorbed.append(f"{node.label} (the scale cancels)")
             for vid, new in [*zip(node.outputs, step.outputs, strict=True), *aliases]:
                 assign(vid, new)
 

@@ -128,9 +128,42 @@ _NORM_KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_n
 _RMSNorm: type[nn.Module] | None = getattr(nn, "RMSNorm", None)
 
 
+def _stock_forwards() -> set[Any]:
+    classes: list[Any] = [
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        _BatchNorm,
+        nn.SyncBatchNorm,
+        _InstanceNorm,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.Embedding,
+        nn.EmbeddingBag,
+    ]
+    if _RMSNorm is not None:
+        classes.append(_RMSNorm)
+    return {cls.forward for cls in classes}
+
+
+_STOCK_FORWARDS = _stock_forwards()
+
+
 def _module_kind(module: nn.Module) -> str | None:
-    """Modules recorded as one node (only leaves: a parametrized layer is followed inside)."""
+    """Modules recorded as one node: leaves whose ``forward`` is PyTorch's own.
+
+    A subclass with its own ``forward`` (timm's ``LayerNorm2d`` permutes NCHW to NHWC and
+    normalises over the channels; a weight-standardised conv; a LoRA linear) is followed inside,
+    op by op, so what is decided is what actually runs, not what the class suggests. A
+    parametrized layer is followed inside too (it has children).
+    """
     if next(module.children(), None) is not None:
+        return None
+    if type(module).forward not in _STOCK_FORWARDS:
         return None
     if isinstance(module, nn.Linear):
         return "linear"
@@ -172,6 +205,11 @@ def _module_info(module: nn.Module, kind: str, qual: str) -> _ModuleInfo:
         shape = getattr(module, "normalized_shape", ())
         attrs["normalized_ndim"] = 1 if isinstance(shape, int) else len(shape)
     return _ModuleInfo(kind, qual, type(module).__name__, attrs)
+
+
+# The tensors the stock forward of a recorded module reads (a computed ``weight``, e.g. set by the
+# old ``torch.nn.utils.weight_norm`` hook, included; other parameters are read elsewhere).
+MODULE_INPUTS = ("weight", "bias")
 
 
 def _own(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

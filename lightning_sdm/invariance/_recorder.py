@@ -15,6 +15,7 @@ from lightning_sdm.invariance._analysis import _Analysis
 from lightning_sdm.invariance._graph import (
     _OPAQUE,
     _VALUE_INDEPENDENT,
+    MODULE_INPUTS,
     _Frame,
     _Graph,
     _join,
@@ -266,11 +267,18 @@ class ScaleInvarianceTracer:
             kwargs=self._store(dict(kwargs)),
             module=_module_info(module, kind, qual),
         )
-        for local, param in _own(module):
-            name = _join(qual, local)  # by module name: FSDP2 swaps the tensors during forward
-            if name not in self._all_names:  # a tied parameter listed under another name
-                name = self._param_name(param) or name
-            node.params[local] = self._param_value(param, name)
+        owned = dict(_own(module))
+        for local in MODULE_INPUTS:
+            param = owned.get(local)
+            if param is not None:
+                name = _join(qual, local)  # by module name: FSDP2 swaps the tensors in forward
+                if name not in self._all_names:  # a tied parameter listed under another name
+                    name = self._param_name(param) or name
+                node.params[local] = self._param_value(param, name)
+                continue
+            computed = getattr(module, local, None)
+            if isinstance(computed, Tensor):  # e.g. weight = g v / |v| set by a forward pre-hook
+                node.params[local] = self._lookup(computed)
         node.inputs_objects = list(_tensors((args, kwargs)))
         return node
 

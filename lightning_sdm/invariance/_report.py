@@ -20,6 +20,28 @@ HEURISTIC_NOTE = (
 )
 
 
+# Why parameters are rejected, in a few words (first match wins), for short summaries.
+_CATEGORIES = (
+    ("normalization affine parameter", "normalization affine"),
+    ("embedding table", "embedding"),
+    ("not used in the traced forward", "unused"),
+    ("bias of '", "bias of a rejected weight"),
+    ("running statistics", "norm in eval mode"),
+    ("multi_head_attention", "attention"),
+    ("softmax", "attention"),
+    ("scaled_dot_product", "attention"),
+    ("added to", "residual connection"),
+    ("returned by the model", "reaches the output"),
+    ("leaves the traced code", "reaches the output"),
+    ("not positively homogeneous", "non-homogeneous operation (GELU, SiLU, sigmoid, ...)"),
+)
+
+
+def reason_category(reason: str) -> str:
+    """A few words for a rejection reason (``"residual connection"``, ``"attention"``, ...)."""
+    return next((short for key, short in _CATEGORIES if key in reason), "other")
+
+
 @dataclass(frozen=True)
 class RejectedParameter:
     """A parameter that is not (or could not be shown to be) scale-invariant, and why."""
@@ -48,6 +70,43 @@ class InvarianceReport:
     def invariant_parameters(self) -> tuple[str, ...]:
         """Names of all parameters that belong to an invariant unit."""
         return tuple(name for unit in self.units for name in unit.params)
+
+    def rejection_counts(self) -> dict[str, int]:
+        """How many parameters were rejected for each kind of reason, most frequent first."""
+        counts: dict[str, int] = {}
+        for item in self.rejected:
+            key = reason_category(item.reason)
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    @property
+    def failed(self) -> bool:
+        """Whether the trace failed and the units are the registration-order guess."""
+        return self.method != TRACE
+
+    def short_summary(self) -> str:
+        """The units in one line each, the rejections as counts per kind of reason, the notes.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+            >>> from lightning_sdm.invariance import find_scale_invariant_units
+            >>> print(find_scale_invariant_units(net, torch.randn(16, 4)).short_summary())
+            Scale-invariant units (method: trace): 1
+              0.weight + 0.bias  <-  1 (BatchNorm1d); per output channel
+            Rejected parameters: 4 (normalization affine: 2, reaches the output: 1, bias of a rejected weight: 1); report.summary() lists them
+        """  # noqa: E501
+        lines = [f"Scale-invariant units (method: {self.method}): {len(self.units)}"]
+        for unit in self.units:
+            grain = "per output channel" if unit.channel_invariant else "whole unit only"
+            lines.append(f"  {' + '.join(unit.params)}  <-  {unit.norm}; {grain}")
+        counts = ", ".join(f"{key}: {n}" for key, n in self.rejection_counts().items())
+        listing = f" ({counts}); report.summary() lists them" if counts else ""
+        lines.append(f"Rejected parameters: {len(self.rejected)}{listing}")
+        lines.extend(f"Note: {note}" for note in self.notes)
+        return "\n".join(lines)
 
     def summary(self) -> str:
         """Multi-line human-readable report: units, their granularity, rejections and why.

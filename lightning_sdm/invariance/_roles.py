@@ -50,7 +50,9 @@ class _Roles:
 
         for node in graph.nodes:
             if node.module is not None:
-                names = {local: param[vid] for local, vid in node.params.items()}
+                # Parameters only (a computed weight is a recorded value: its role comes from
+                # the ops that made it).
+                names = {local: param[vid] for local, vid in node.params.items() if vid in param}
                 kind = node.module.kind
                 if kind in _NORM_KINDS:
                     roles.norm_affine.update(names.values())

@@ -305,6 +305,13 @@ _DIVIDE = set(
 )
 
 
+def _output_axis(an: _Analysis, node: _Node, operand: Any, scaled: _Scaled) -> int | None:
+    """The output axis of an operand's scaled axis under broadcasting (None: whole tensor)."""
+    if scaled.axis is None:
+        return None
+    return scaled.axis + an._out_ndim(node) - an._ndim(operand)
+
+
 @_rule(*_MULTIPLY, *_DIVIDE)
 def _product(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     """Products and quotients: the degrees add (a / b: subtract)."""
@@ -320,6 +327,9 @@ def _product(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if sa is not None and sb is not None:
         if sa.axis is None and sb.axis is None:
             return an._fill(node, _Scaled(sa.degree + sign * sb.degree))
+        axes = {_output_axis(an, node, a, sa), _output_axis(an, node, b, sb)}
+        if len(axes) == 1 and None not in axes:  # the same channels of both (e.g. w / std(w))
+            return an._fill(node, _Scaled(sa.degree + sign * sb.degree, axes.pop()))
         raise _Break(f"is multiplied by a tensor scaled on other channels in {node.label}")
     operand, scaled, factor = (a, sa, 1.0) if sa is not None else (b, sb, sign)
     assert scaled is not None
@@ -339,6 +349,9 @@ def _sum(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if sa is not None and sb is not None:
         if sa.axis is None and sb.axis is None and sa.degree == sb.degree:
             return an._fill(node, sa)
+        axes = {_output_axis(an, node, a, sa), _output_axis(an, node, b, sb)}
+        if sa.degree == sb.degree and len(axes) == 1 and None not in axes:  # e.g. w - mean(w)
+            return an._fill(node, _Scaled(sa.degree, axes.pop()))
         raise _Break(_added(node, "a tensor scaled differently"))
     other = b if sa is not None else a
     if _is_zero(other):
