@@ -24,6 +24,16 @@ def no_units_found(model: str, reasons: Mapping[str, int] | None = None) -> str:
     )
 
 
+def no_window_closed(steps: int, every_n_steps: int | None) -> str:
+    """Training ended before the first window closed: the history is empty, and why."""
+    return (
+        f"SphericalDynamicsCallback: training ended after {steps} optimizer step(s), before the "
+        f"first window closed (every_n_steps={every_n_steps}), so nothing was logged and "
+        "`history` is empty. Pass a smaller `every_n_steps` (and `window`) to measure short runs "
+        "such as `fast_dev_run`."
+    )
+
+
 def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
     """The trace failed: the units are a registration-order guess."""
     return (

@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_sdm import _messages, integrations
+from lightning_sdm._discovery import UnitDiscovery
+from lightning_sdm._notices import Notices
 from lightning_sdm.actions import (
     ActionContext,
     EquilibriumAction,
@@ -32,8 +34,8 @@ from lightning_sdm.actions import (
 )
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium import EquilibriumDetector
-from lightning_sdm.invariance import InvarianceReport, SharedTrace
-from lightning_sdm.monitor import SphericalMonitor, orthogonality_threshold
+from lightning_sdm.invariance import InvarianceReport
+from lightning_sdm.monitor import SphericalMonitor
 from lightning_sdm.records import (
     ActionName,
     EquilibriumEvent,
@@ -165,11 +167,12 @@ class SphericalDynamicsCallback(Callback):
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
         self._units: list[Unit] | None = None
-        self._trace: SharedTrace | None = None
+        self._discovery = UnitDiscovery()
+        self._announced = False
+        self._reattach = False  # a monitor detached at the end of a fit
         self._monitor_state: dict[str, Any] | None = None
-        self._warned: set[str] = set()
+        self._notices = Notices()
         self._integration_failures: set[str] = set()
-        self._estimate_announced = False
         self._disabled = False
 
     # ------------------------------------------------------------------ settings
@@ -194,6 +197,8 @@ class SphericalDynamicsCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve ``every_n_steps`` from the Trainer (its ``log_every_n_steps``)."""
+        if stage == "fit" and self._units is None:  # a later fit may bring another model
+            self.report, self._announced, self._disabled = None, False, False
         if stage == "fit" and not self.config.resolved:
             # `Trainer.log_every_n_steps` is set dynamically (0 in barebones mode: use 50).
             every = int(getattr(trainer, "log_every_n_steps", 0)) or 50
@@ -216,12 +221,13 @@ class SphericalDynamicsCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """On the first batch, follow the forward pass to find the invariant units."""
-        if self.monitor is not None or self._disabled or self._trace is not None:
+        attached = self.monitor is not None and not self._reattach
+        if attached or self._disabled or self._discovery.tracing:
             return
-        if self._units is not None:  # resumed: the units were found before the checkpoint
+        if self._units is not None:  # resumed, or a later fit: the units are known
             self._start_monitor(trainer, pl_module, self._units)
-        elif self.params == "auto":
-            self._trace = SharedTrace(pl_module)
+        elif self.params == "auto" and self.report is None:
+            self._discovery.start(pl_module)
         else:
             try:
                 units = select_units(pl_module, self.params)
@@ -231,32 +237,28 @@ class SphericalDynamicsCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: Any) -> None:
-        """The first forward is over: read the trace and start measuring."""
-        if self._trace is None:
+        """A traced forward is over: start measuring its units, this very step included."""
+        if not self._discovery.tracing:
             return
-        trace, self._trace = self._trace, None
-        report = self.report = trace.report()  # a failed trace falls back by itself, with a note
-        rank_zero_info(f"[lightning_sdm] {report.short_summary()}")
-        if report.failed:
-            names = [unit.name for unit in report.units]
-            self._warn_once("trace_failed", _messages.trace_failed(report.notes, names))
-        if not report.units:
-            reasons = report.rejection_counts()
-            self._warn_once("no_units", _messages.no_units_found(type(pl_module).__name__, reasons))
-            self._disabled = True
-            return
-        self._start_monitor(trainer, pl_module, list(report.units))
+        # A failed trace falls back to the registration-order guess by itself, with a note.
+        report = self.report = self._discovery.read(pl_module, trainer.optimizers)
+        if report.units and list(report.units) != self._units:
+            self._start_monitor(trainer, pl_module, list(report.units))
+            if self.monitor is not None:
+                self.monitor.catch_running_step()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log the windows the optimizer steps of this batch closed."""
+        if self.report is not None and not self._announced:
+            self._announce(pl_module, self._discovery.finish())
         if self.monitor is None:
             return
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
         if windows:
-            self._report_verification(self.monitor)
+            self._notices.verification(self.monitor, self.config.orthogonality_tolerance)
             self._log_windows(trainer, pl_module, windows)
         elif self.policy.action.deadline(trainer.global_step, budget_of(trainer)):
             metrics = self._act(trainer, pl_module, [])  # the budget's step, between windows
@@ -271,6 +273,9 @@ class SphericalDynamicsCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give logger integrations the final per-unit results."""
+        if self.monitor is not None and not self.history:
+            message = _messages.no_window_closed(trainer.global_step, self.config.every_n_steps)
+            self._notices.warn_once("no_window", message)
         if self.monitor is not None and trainer.is_global_zero:
             predictions = self.monitor.predictions()
             integrations.on_monitoring_finished(
@@ -297,7 +302,7 @@ class SphericalDynamicsCallback(Callback):
             "detector": self.detector.state_dict(),
             "policy": self.policy.state_dict(),
             "history": [record.as_dict() for record in self.history],
-            "estimate_announced": self._estimate_announced,
+            "estimate_announced": self._notices.estimate_announced,
         }
 
     @override
@@ -306,11 +311,14 @@ class SphericalDynamicsCallback(Callback):
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.policy.load_state_dict(state_dict.get("policy", {}))
         self.history = [HistoryRecord.from_dict(r) for r in state_dict.get("history", [])]
-        self._estimate_announced = bool(state_dict.get("estimate_announced", False))
+        self._notices.estimate_announced = bool(state_dict.get("estimate_announced", False))
         units = state_dict.get("units")
         if units:
             self._units = [Unit.from_dict(unit) for unit in units]
         self._monitor_state = state_dict.get("monitor")
+        if self.monitor is not None:  # the checkpoint's counters replace a previous fit's
+            self.monitor.detach()
+            self.monitor = None
 
     # ------------------------------------------------------------------ internals
 
@@ -318,25 +326,27 @@ class SphericalDynamicsCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[Unit]
     ) -> None:
         self._units = list(units)  # never empty: an empty trace or selection stops earlier
+        state = self._monitor_state
+        if self.monitor is not None:  # more units, or a later fit: take the counters over
+            state = self.monitor.state_dict()
+            self.monitor.detach()
+        self._reattach = False
         self.monitor = SphericalMonitor(pl_module, trainer.optimizers, units, self.config)
-        if self._monitor_state:
-            self.monitor.load_state_dict(self._monitor_state)
+        if state:
+            self.monitor.load_state_dict(state)
         else:
             # Steps taken before the monitor started still count. Lightning's global step
             # counts the steps of all optimizers together.
             per_optimizer = trainer.global_step // max(len(trainer.optimizers), 1)
             self.monitor.load_state_dict({"steps_done": [per_optimizer] * len(trainer.optimizers)})
         self.monitor.attach()
-        if self.monitor.skipped:
-            self._warn_once("skipped", _messages.skipped_units(self.monitor.skipped))
         if not self.monitor.units:
             self._disabled = True
             self.monitor.detach()
             self.monitor = None
             return
+        self._notices.monitor_started(self.monitor)
         predictions = self.monitor.predictions()
-        for key, message in _messages.missing_predictions(predictions).items():
-            self._warn_once(key, message)
         if trainer.is_global_zero:
             integrations.on_monitoring_started(
                 trainer.loggers,
@@ -347,6 +357,14 @@ class SphericalDynamicsCallback(Callback):
                 warned=self._integration_failures,
             )
 
+    def _announce(self, pl_module: pl.LightningModule, report: InvarianceReport | None) -> None:
+        """After the first batch: what the traces found, once."""
+        self._announced = True
+        if report is None:
+            return
+        self._notices.discovery(report, type(pl_module).__name__)
+        self._disabled = not report.units
+
     def _detection(self) -> dict[str, Any]:
         detector, action = self.detector, repr(self.policy.action)
         detection = {"tolerance": detector.tolerance, "patience": detector.patience}
@@ -354,13 +372,6 @@ class SphericalDynamicsCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         return {**asdict(self.config), **self._detection()}
-
-    def _report_verification(self, monitor: SphericalMonitor) -> None:
-        tolerance, params = self.config.orthogonality_tolerance, monitor.unit_parameters()
-        for name, (status, cosine) in monitor.invariance.items():
-            if status == "violated":
-                limit = orthogonality_threshold(params[name], tolerance)
-                self._warn_once(f"violated:{name}", _messages.not_orthogonal(name, cosine, limit))
 
     def _log_windows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
@@ -384,21 +395,7 @@ class SphericalDynamicsCallback(Callback):
         detector = self.detector
         fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
         metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
-        bad = [w.unit for w in windows if not math.isfinite(w.angular_update)]
-        if bad:
-            self._warn_once("nan", _messages.non_finite(bad))
-        estimate = detector.steps_to_equilibrium()
-        if not self._estimate_announced and math.isfinite(estimate) and estimate > 0:
-            self._estimate_announced = True
-            text = _messages.steps_to_equilibrium(trainer.global_step, estimate, detector.quorum)
-            rank_zero_info(text)
-        for name in entered:
-            state = detector.state[name]
-            rank_zero_info(
-                _messages.entered_equilibrium(
-                    name, state.reached_global_step, state.reached_optimizer_step, state.criterion
-                )
-            )
+        self._notices.windows(windows, detector, entered, trainer.global_step)
         try:
             metrics.update(self._act(trainer, pl_module, windows))
         finally:  # an action that fails still leaves the window in the logs
@@ -434,14 +431,8 @@ class SphericalDynamicsCallback(Callback):
         (rank_zero_warn if action.warns else rank_zero_info)(text)
         return event_metrics(event, decays_of(action))
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
     def _shutdown(self) -> None:
-        if self._trace is not None:
-            self._trace.close()
-            self._trace = None
-        if self.monitor is not None:
+        self._discovery.close()
+        if self.monitor is not None:  # kept for inspection; a later fit re-attaches
             self.monitor.detach()
+            self._reattach = True

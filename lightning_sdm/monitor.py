@@ -81,6 +81,12 @@ class _OptimizerWatch:
     predictions: list[list[Prediction]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     measuring: bool = False
+    provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)
+    optimizer_index: int = 0  # position among the optimizers given to the monitor
+
+    @property
+    def unit_rows(self) -> int:
+        return self.units[-1].rows.stop if self.units else 0
 
 
 class SphericalMonitor:
@@ -207,6 +213,20 @@ class SphericalMonitor:
             ]
         return self
 
+    def catch_running_step(self) -> None:
+        """Measure a step whose pre-hook ran before :meth:`attach` (attached from its closure).
+
+        Lightning's automatic optimization runs the forward and backward inside
+        ``optimizer.step(closure)``, after the step pre-hooks: a monitor attached there would
+        miss that step. The weights cannot have changed since the pre-hook, so a snapshot now is
+        the one the hook would have taken. It is provisional: if no step was running (gradient
+        accumulation, manual optimization), the next pre-hook replaces it.
+        """
+        for watch in self._watches:
+            if watch.handles and not watch.measuring and self.config.is_measured(watch.steps_done):
+                self._before_step(watch)
+                watch.provisional = True
+
     def detach(self) -> None:
         """Remove the hooks and free any snapshot."""
         for watch in self._watches:
@@ -215,6 +235,9 @@ class SphericalMonitor:
             watch.handles = []
             watch.snapshot = None
             watch.statistics.release()
+            if watch.provisional:  # a snapshot for a step that never ran
+                watch.predictions.pop()
+                watch.provisional = watch.measuring = False
 
     def pop_windows(self, global_step: int | None = None) -> list[UnitWindow]:
         """Windows closed since the last call, oldest first.
@@ -235,6 +258,7 @@ class SphericalMonitor:
         Plain Python and tensor types only (checkpoints load with ``weights_only=True``).
         """
         return {
+            "optimizer_indices": [watch.optimizer_index for watch in self._watches],
             "steps_done": [watch.steps_done for watch in self._watches],
             "window_statistics": [watch.metric.step_statistics.cpu() for watch in self._watches],
             "window_predictions": [
@@ -253,24 +277,36 @@ class SphericalMonitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (missing entries are left at their start)."""
-        for index, watch in enumerate(self._watches):
+        """Restore what :meth:`state_dict` returned (missing entries are left at their start).
+
+        Entries are matched by optimizer (``optimizer_indices``), so a monitor with more units
+        (a network found later) takes over the counters of the one it replaces; an open window
+        whose units changed restarts.
+        """
+        saved_indices = list(state.get("optimizer_indices", range(len(self._watches))))
+        for watch in self._watches:
             watch.metric.reset()
             watch.horizon_metric.reset()
             watch.snapshot = watch.anchor = None
             watch.statistics.release()
             watch.predictions = []
+            watch.measuring = watch.provisional = False
+            if watch.optimizer_index not in saved_indices:
+                continue
+            index = saved_indices.index(watch.optimizer_index)
             if index < len(state.get("steps_done", [])):
                 watch.steps_done = int(state["steps_done"][index])
             statistics = state.get("window_statistics", [])
-            if index < len(statistics) and statistics[index].numel():
-                for step in statistics[index]:
-                    watch.metric.update(statistics=step)
             predictions = state.get("window_predictions", [])
-            if index < len(predictions):
-                watch.predictions = [
-                    [_restored_prediction(*saved) for saved in step] for step in predictions[index]
-                ]
+            if index >= len(statistics) or not statistics[index].numel():
+                continue
+            if statistics[index].shape[1] != watch.unit_rows or index >= len(predictions):
+                continue  # other units than when saved: this window restarts
+            for step in statistics[index]:
+                watch.metric.update(statistics=step)
+            watch.predictions = [
+                [_restored_prediction(*saved) for saved in step] for step in predictions[index]
+            ]
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
         for watch in self._watches:
             for unit in watch.units:
@@ -283,11 +319,15 @@ class SphericalMonitor:
     # increment a counter: no tensor op, no allocation, no host-device synchronisation.
 
     def _before_step(self, watch: _OptimizerWatch) -> None:
+        if watch.provisional:  # the real pre-hook: the snapshot taken for it is replaced
+            watch.provisional = False
+            watch.predictions.pop()
         watch.measuring = self.config.is_measured(watch.steps_done)
         if watch.measuring:
             self._take_snapshot(watch)
 
     def _after_step(self, watch: _OptimizerWatch) -> None:
+        watch.provisional = False
         if watch.measuring and watch.snapshot is not None:
             self._measure(watch)
         watch.measuring = False
@@ -469,8 +509,8 @@ def _build_watches(
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     return [
-        _make_watch(opt, entries, monitor.granularity, monitor.sync_on_compute)
-        for opt, entries in zip(optimizers, assigned, strict=True)
+        _make_watch(index, opt, entries, monitor.granularity, monitor.sync_on_compute)
+        for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
         if entries
     ]
 
@@ -486,6 +526,7 @@ def _owning_optimizer(
 
 
 def _make_watch(
+    optimizer_index: int,
     optimizer: Optimizer,
     entries: list[tuple[Unit, list[nn.Parameter], int]],
     granularity: Granularity,
@@ -524,6 +565,7 @@ def _make_watch(
         statistics=BatchedStatistics(dims),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
+        optimizer_index=optimizer_index,
     )
 
 

@@ -100,3 +100,24 @@ def read_csv_metrics(trainer: pl.Trainer) -> list[dict[str, float]]:
 
 def sgdm_prediction(lr: float, weight_decay: float, momentum: float) -> float:
     return math.sqrt(2 * lr * weight_decay / (1 + momentum))
+
+
+class WeightRecorder(pl.Callback):
+    """Independent record of the monitored weights after every optimizer step."""
+
+    def __init__(self, names: dict[str, tuple[str, ...]]) -> None:
+        self.names = names
+        self.snapshots: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        self.snapshots[trainer.global_step] = {
+            unit: [params[p].detach().clone() for p in members]
+            for unit, members in self.names.items()
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any):
+        self._record(trainer, pl_module)

@@ -14,6 +14,7 @@ from lightning_sdm.functional import angles_from_statistics, angular_update_stat
 from lightning_sdm.records import REGIMES
 from tests.helpers import (
     BNNet,
+    WeightRecorder,
     loader,
     noisy_classification_data,
     read_csv_metrics,
@@ -22,27 +23,6 @@ from tests.helpers import (
 )
 
 UNITS = ["net.0.weight", "net.3.weight"]
-
-
-class WeightRecorder(pl.Callback):
-    """Independent record of the monitored weights after every optimizer step."""
-
-    def __init__(self, names: dict[str, tuple[str, ...]]) -> None:
-        self.names = names
-        self.snapshots: dict[int, dict[str, list[torch.Tensor]]] = {}
-
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        self.snapshots[trainer.global_step] = {
-            unit: [params[p].detach().clone() for p in members]
-            for unit, members in self.names.items()
-        }
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any):
-        self._record(trainer, pl_module)
 
 
 def _fit(tmp_path, callback, module=None, data=None, **trainer_kwargs):

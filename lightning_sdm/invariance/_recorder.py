@@ -108,6 +108,8 @@ class ScaleInvarianceTracer:
 
     Enter it around the forward (and the loss, if wanted) only: not around ``backward()`` or the
     optimizer step, whose in-place updates of the parameters are not part of the model's function.
+    Recording starts at the first forward of one of ``module``'s modules: operations run before it
+    (other callbacks, optimizer step pre-hooks) are not part of the model's function either.
     The forward must run eagerly in the calling thread (not ``torch.compile``-d, not
     ``nn.DataParallel``); DDP users pass the wrapped ``.module``. The forward is observed, never
     changed: hooks return nothing, recording errors are caught (the report then falls back to
@@ -157,6 +159,10 @@ class ScaleInvarianceTracer:
         self._frames: list[_Frame] = []
         self._opaque_depth = 0
         self._busy = 0
+        # Nothing is recorded before the first forward of a module of the model: what runs
+        # earlier (optimizer step pre-hooks such as another monitor's snapshot, an EMA callback,
+        # zero_grad) is not the model's function.
+        self._started = False
 
     # -- context manager ------------------------------------------------------------------
 
@@ -216,6 +222,7 @@ class ScaleInvarianceTracer:
     # -- recording: modules ---------------------------------------------------------------
 
     def _pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._started = True
         if self._failure is not None:
             return
         self._busy += 1
@@ -285,7 +292,13 @@ class ScaleInvarianceTracer:
     # -- recording: functions -------------------------------------------------------------
 
     def _recording(self) -> bool:
-        return self._active and self._failure is None and not self._opaque_depth and not self._busy
+        return (
+            self._active
+            and self._started
+            and self._failure is None
+            and not self._opaque_depth
+            and not self._busy
+        )
 
     def _start_function_node(self, func: Callable[..., Any], args: Any, kwargs: Any) -> _Node:
         op = _op_name(func)

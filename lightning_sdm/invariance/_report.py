@@ -108,6 +108,55 @@ class InvarianceReport:
         lines.extend(f"Note: {note}" for note in self.notes)
         return "\n".join(lines)
 
+    @property
+    def unused(self) -> tuple[str, ...]:
+        """Parameters the traced forward did not use (their verdict is still open)."""
+        return tuple(item.name for item in self.rejected if item.reason == UNUSED_REASON)
+
+    def completed_by(self, later: InvarianceReport) -> InvarianceReport:
+        """This report, with ``later``'s verdicts for the parameters this trace saw unused.
+
+        Several networks trained in turn (a GAN in manual optimization) are traced one forward
+        at a time: the first forward decides its own network, and a later forward decides the
+        parameters that were unused so far. Verdicts already given are kept.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> from lightning_sdm.invariance import find_scale_invariant_units
+            >>> class Two(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.a = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+            ...         self.b = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+            ...     def forward(self, x, net):
+            ...         return getattr(self, net)(x)
+            >>> two, x = Two(), torch.randn(8, 4)
+            >>> first = find_scale_invariant_units(two, x, "a")
+            >>> [u.name for u in first.units], first.unused[:2]
+            (['a.0.weight'], ('b.0.weight', 'b.0.bias'))
+            >>> both = first.completed_by(find_scale_invariant_units(two, x, "b"))
+            >>> [u.name for u in both.units], both.unused
+            (['a.0.weight', 'b.0.weight'], ())
+        """
+        open_names = set(self.unused)
+        new_units = tuple(u for u in later.units if open_names.issuperset(u.params))
+        decided = {name for unit in new_units for name in unit.params}
+        later_rejected = {
+            item.name: item
+            for item in later.rejected
+            if item.name in open_names and item.reason != UNUSED_REASON
+        }
+        rejected = tuple(
+            later_rejected.get(item.name, item)
+            for item in self.rejected
+            if item.name not in decided
+        )
+        notes = self.notes + tuple(note for note in later.notes if note not in self.notes)
+        method = self.method if later.method == self.method else REGISTRATION_ORDER
+        return InvarianceReport(self.units + new_units, rejected, method, notes)
+
     def summary(self) -> str:
         """Multi-line human-readable report: units, their granularity, rejections and why.
 

@@ -1,0 +1,76 @@
+"""What the callback tells the user, each thing once, on rank zero (texts in ``_messages``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_sdm import _messages
+from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.invariance import InvarianceReport
+from lightning_sdm.monitor import SphericalMonitor, orthogonality_threshold
+from lightning_sdm.records import UnitWindow
+
+__all__ = ["Notices"]
+
+
+class Notices:
+    """One-time warnings and notes of one callback (the estimate survives a resume)."""
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+        self.estimate_announced = False
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            rank_zero_warn(message)
+
+    def discovery(self, report: InvarianceReport, model: str) -> None:
+        """What the traces of the first batch found."""
+        rank_zero_info(f"{_messages.PREFIX} {report.short_summary()}")
+        if report.failed:
+            names = [unit.name for unit in report.units]
+            self.warn_once("trace_failed", _messages.trace_failed(report.notes, names))
+        if not report.units:
+            reasons = report.rejection_counts()
+            self.warn_once("no_units", _messages.no_units_found(model, reasons))
+
+    def monitor_started(self, monitor: SphericalMonitor) -> None:
+        if monitor.skipped:
+            self.warn_once("skipped", _messages.skipped_units(monitor.skipped))
+        for key, message in _messages.missing_predictions(monitor.predictions()).items():
+            self.warn_once(key, message)
+
+    def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:
+        """Units whose gradient is not orthogonal to them (probably not scale-invariant)."""
+        params = monitor.unit_parameters()
+        for name, (status, cosine) in monitor.invariance.items():
+            if status == "violated":
+                limit = orthogonality_threshold(params[name], tolerance)
+                self.warn_once(f"violated:{name}", _messages.not_orthogonal(name, cosine, limit))
+
+    def windows(
+        self,
+        windows: Sequence[UnitWindow],
+        detector: EquilibriumDetector,
+        entered: Sequence[str],
+        global_step: int,
+    ) -> None:
+        """Non-finite values, the first time-to-equilibrium estimate, units entering it."""
+        bad = [w.unit for w in windows if not math.isfinite(w.angular_update)]
+        if bad:
+            self.warn_once("nan", _messages.non_finite(bad))
+        estimate = detector.steps_to_equilibrium()
+        if not self.estimate_announced and math.isfinite(estimate) and estimate > 0:
+            self.estimate_announced = True
+            rank_zero_info(_messages.steps_to_equilibrium(global_step, estimate, detector.quorum))
+        for name in entered:
+            state = detector.state[name]
+            rank_zero_info(
+                _messages.entered_equilibrium(
+                    name, state.reached_global_step, state.reached_optimizer_step, state.criterion
+                )
+            )

@@ -1,0 +1,165 @@
+"""When the callback measures: the first step, several networks, a later fit, a short run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.functional import angles_from_statistics, angular_update_statistics
+from tests.helpers import BNNet, WeightRecorder, loader, noisy_classification_data, trainer
+
+MEMBERS = {
+    "net.0.weight": ("net.0.weight", "net.0.bias"),
+    "net.3.weight": ("net.3.weight", "net.3.bias"),
+}
+
+
+def _rms_angle(snapshots: dict[int, dict[str, list[torch.Tensor]]], unit: str, steps) -> float:
+    """RMS over ``steps`` of the angle between the weights before and after each step."""
+    angles = []
+    for step in steps:
+        stats = angular_update_statistics(snapshots[step - 1][unit], snapshots[step][unit])
+        angles.append(angles_from_statistics(stats.sum(dim=0)).item())
+    return math.sqrt(sum(a * a for a in angles) / len(angles))
+
+
+def _warnings_of(fit) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    return [str(w.message) for w in caught if "SphericalDynamicsCallback" in str(w.message)]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["every_batch", "accumulated"])
+def test_the_first_optimizer_step_is_measured(tmp_path, accumulate: int) -> None:
+    # Lightning runs the first forward (where the units are found) inside optimizer.step's
+    # closure, after the step pre-hooks: the first step must still be measured. With gradient
+    # accumulation the first forward is outside any step, and the real step is measured.
+    torch.manual_seed(0)
+    recorder = WeightRecorder(MEMBERS)
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=2)
+    run = trainer(tmp_path, callbacks=[callback, recorder], accumulate_grad_batches=accumulate)
+    run.fit(BNNet(), loader(noisy_classification_data(samples=128)))
+    snapshots = {step: snaps for step, snaps in recorder.snapshots.items()}
+    first = [record for record in callback.history if record.global_step == 2]
+    assert {record.unit for record in first} == set(MEMBERS)
+    for record in first:
+        expected = _rms_angle(snapshots, record.unit, steps=(1, 2))
+        assert record.angular_update == pytest.approx(expected, rel=1e-9)
+    for record in callback.history:  # and every later window as well
+        expected = _rms_angle(snapshots, record.unit, (record.global_step - 1, record.global_step))
+        assert record.angular_update == pytest.approx(expected, rel=1e-9)
+
+
+class TwoNetworks(pl.LightningModule):
+    """GAN-style manual optimization: network A's forward, backward and step, then B's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+        self.b = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for net, opt in ((self.a, opt_a), (self.b, opt_b)):
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(net(x), y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3),
+            torch.optim.AdamW(self.b.parameters(), lr=1e-2, weight_decay=5e-2),
+        ]
+
+
+def test_a_network_whose_forward_comes_after_another_backward_is_traced_too(tmp_path) -> None:
+    torch.manual_seed(1)
+    members = {"a.0.weight": ("a.0.weight", "a.0.bias"), "b.0.weight": ("b.0.weight", "b.0.bias")}
+    recorder = WeightRecorder(members)
+    callback = SphericalDynamicsCallback(every_n_steps=2, window=2)
+    run = trainer(tmp_path, callbacks=[callback, recorder])
+    messages = _warnings_of(lambda: run.fit(TwoNetworks(), loader(noisy_classification_data())))
+    assert not any("found no scale-invariant" in m for m in messages)
+    assert callback.report is not None
+    assert [unit.name for unit in callback.report.units] == ["a.0.weight", "b.0.weight"]
+    assert callback.report.unused == ()
+    # Both networks are measured from their first step on; B by AdamW's prediction.
+    optimizer_steps = {
+        unit: [r.optimizer_step for r in callback.history if r.unit == unit] for unit in members
+    }
+    assert optimizer_steps == {unit: [2, 4, 6, 8, 10, 12, 14, 16] for unit in members}
+    # Lightning's global step counts both optimizers' steps: 2 per batch.
+    snapshots = {step // 2: snaps for step, snaps in recorder.snapshots.items()}
+    for record in callback.history:
+        step = record.optimizer_step
+        expected = _rms_angle(snapshots, record.unit, (step - 1, step))
+        assert record.angular_update == pytest.approx(expected, rel=1e-9)
+    theories = {r.unit: r.theory for r in callback.history}
+    assert theories["a.0.weight"] == pytest.approx(math.sqrt(2 * 0.1 * 5e-3 / 1.9), rel=1e-12)
+    assert theories["b.0.weight"] is not None and theories["b.0.weight"] > 0
+
+
+def test_a_second_fit_keeps_measuring(tmp_path) -> None:
+    torch.manual_seed(2)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    module = BNNet()
+    data = loader(noisy_classification_data())
+    first = trainer(tmp_path, callbacks=[callback])
+    first.fit(module, data)
+    after_first = len(callback.history)
+    assert after_first == 2 * 4
+    # The same Trainer, continued for one more epoch.
+    first.fit_loop.max_epochs = 2
+    first.fit(module, data)
+    assert len(callback.history) == 2 * after_first
+    # A new Trainer: the monitor re-attaches to its optimizer; the counters continue.
+    second = trainer(tmp_path / "second", callbacks=[callback])
+    messages = _warnings_of(lambda: second.fit(module, data))
+    assert len(callback.history) == 3 * after_first
+    steps = [r.optimizer_step for r in callback.history if r.unit == "net.0.weight"]
+    assert steps == list(range(4, 4 * 13, 4))
+    assert callback.monitor is not None and callback.monitor.units == list(MEMBERS)
+    assert not any("found no scale-invariant" in m for m in messages)
+
+
+def test_a_run_too_short_for_a_window_says_so_once(tmp_path) -> None:
+    callback = SphericalDynamicsCallback()  # every_n_steps follows log_every_n_steps
+    run = pl.Trainer(
+        fast_dev_run=True,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    messages = _warnings_of(lambda: run.fit(BNNet(), loader(noisy_classification_data())))
+    short = [m for m in messages if "before the first window closed" in m]
+    assert len(short) == 1
+    assert "every_n_steps=50" in short[0] and "fast_dev_run" in short[0]
+    assert callback.history == []
+
+
+def test_another_monitor_on_the_trainer_does_not_spoil_the_trace(tmp_path) -> None:
+    # The explicit callback snapshots the weights in the optimizer's step pre-hook, which runs
+    # before the first forward while the automatic callback's trace is already listening.
+    torch.manual_seed(3)
+    module = BNNet()
+    explicit = SphericalDynamicsCallback(
+        params=[module.net[0], module.net[3]], every_n_steps=2, window=2, horizon=2
+    )
+    automatic = SphericalDynamicsCallback(every_n_steps=2, window=2)
+    run = trainer(tmp_path, callbacks=[explicit, automatic])
+    run.fit(module, loader(noisy_classification_data()))
+    assert automatic.report is not None
+    assert [unit.name for unit in automatic.report.units] == list(MEMBERS)
+    steps = {(r.unit, r.global_step): r.angular_update for r in automatic.history}
+    assert steps == {(r.unit, r.global_step): r.angular_update for r in explicit.history}
