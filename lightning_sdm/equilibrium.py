@@ -23,7 +23,7 @@ norm does not explain it, e.g. a loss going to zero, Lobacheva et al. 2021; the 
 when it oscillates), ``no_prediction`` (stationarity of the measured angle and the norm only),
 ``frozen``, ``invalid`` (NaN weights), ``unknown`` (not enough windows yet).
 
-Thresholds and why (SDM-NOTES section 5): with ``n`` windows whose ratios scatter by ``s`` the
+Thresholds and why: with ``n`` windows whose ratios scatter by ``s`` the
 pooled ratio has an error of about ``s / sqrt(n_eff)``; a unit enters equilibrium only when the
 norm witness and the ratio trend are inside ``tolerance`` by ``confidence`` standard errors, and
 leaves only when one of them is outside twice the tolerance by as many errors (hysteresis), or the
