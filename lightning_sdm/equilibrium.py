@@ -26,8 +26,8 @@ when it oscillates), ``no_prediction`` (stationarity of the measured angle and t
 Thresholds and why: with ``n`` windows whose ratios scatter by ``s`` the
 pooled ratio has an error of about ``s / sqrt(n_eff)``; a unit enters equilibrium only when the
 norm witness and the ratio trend are inside ``tolerance`` by ``confidence`` standard errors, and
-leaves only when one of them is outside twice the tolerance by as many errors (hysteresis), or the
-LR jumps. The horizon is one relaxation time (at least ``patience`` windows, at most 64).
+leaves only when one of them is outside 1.25 times the tolerance by as many errors (hysteresis),
+or the LR jumps. The horizon is one relaxation time (at least ``patience`` windows, at most 64).
 
 Pure: the detector reads :class:`~lightning_sdm.records.UnitWindow` records and keeps plain state,
 so it is tested without a Trainer. Its clock is each unit's ``optimizer_step``.
