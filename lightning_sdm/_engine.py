@@ -427,6 +427,12 @@ def normalize_dim(dim: int, ndim: int) -> int:
 
 
 def _geometry(prev: Tensor, curr: Tensor, dim: int | None) -> _Geometry:
+    for tensor in (prev, curr):
+        if tensor.is_complex() or not tensor.is_floating_point():
+            raise ValueError(
+                f"angular updates are defined for real floating-point tensors, got {tensor.dtype} "
+                "(a complex tensor would silently lose its imaginary part)."
+            )
     if prev.shape != curr.shape:
         raise ValueError(
             "`prev` and `curr` must have the same shape, got "

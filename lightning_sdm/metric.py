@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_sdm.functional import (
     NUM_STATISTICS,
@@ -48,7 +49,17 @@ class AngularUpdate(Metric):
     * ``"steps"``: number of steps accumulated (a scalar).
 
     Scalars replace the unit axis when ``update`` received a single tensor with ``dim=None``.
-    NaN marks a unit whose weight was zero, NaN or Inf in some step of the window.
+    NaN marks a unit whose weight was zero, NaN or Inf in some step of the window. Before the first
+    update nothing is known, not even the number of units: the tensors are empty.
+
+    The statistics stay float64 whatever the metric is moved to (``.to(torch.float16)``,
+    ``set_dtype``): they follow the device only. They are part of ``state_dict()``, with
+    :attr:`unit_names`. ``merge_state`` adds another instance's statistics of the same steps (other
+    ranks' shards or replicas), as the distributed reduction does.
+
+    Logging: ``compute()`` returns a dict, which ``LightningModule.log`` does not take; log its
+    entries (``self.log("angle", metric.compute()["rms"])``) or use
+    :class:`~lightning_sdm.SphericalDynamicsCallback`, which logs every unit.
 
     Args:
         dim: ``None`` for one unit per tensor, or the dimension indexing units inside each tensor
@@ -75,7 +86,8 @@ class AngularUpdate(Metric):
     is_differentiable = False
     higher_is_better = None
     # Steps are kept apart (the angle is non-linear in the statistics), so merging a batch state
-    # into the global one is a concatenation, not a sum: torchmetrics must run the full update.
+    # into the global one in ``forward`` is a concatenation, not a sum: torchmetrics must run the
+    # full update there. ``merge_state`` (the same steps seen by other ranks) is a sum; see below.
     full_state_update = True
     plot_lower_bound = 0.0
 
@@ -92,7 +104,80 @@ class AngularUpdate(Metric):
             "step_statistics",
             default=torch.zeros(0, 0, NUM_STATISTICS, dtype=torch.float64),
             dist_reduce_fx="sum",
+            persistent=True,
         )
+
+    def reset(self) -> None:
+        """Forget every step, and what the steps were of (names, scalar result)."""
+        super().reset()
+        self.unit_names = None
+        self._scalar_result = False
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What the statistics are of: the unit names and whether the result is a scalar."""
+        return {"unit_names": self.unit_names, "scalar_result": self._scalar_result}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore :meth:`get_extra_state` (from ``load_state_dict``)."""
+        if isinstance(state, Mapping):
+            names = state.get("unit_names")
+            self.unit_names = list(names) if names is not None else None
+            self._scalar_result = bool(state.get("scalar_result", False))
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add the statistics of the same steps seen by another rank (its shard or replica).
+
+        Raises:
+            ValueError: if ``incoming_state`` is not an ``AngularUpdate`` (or its state dict),
+                or holds another number of steps or units.
+        """
+        if isinstance(incoming_state, AngularUpdate):
+            incoming = incoming_state.step_statistics
+        elif isinstance(incoming_state, Mapping) and "step_statistics" in incoming_state:
+            incoming = torch.as_tensor(incoming_state["step_statistics"])
+        else:
+            raise ValueError(
+                "`incoming_state` must be an AngularUpdate or a dict with its `step_statistics`, "
+                f"got {type(incoming_state).__name__}."
+            )
+        if incoming.shape[0] == 0:
+            return
+        if self.step_statistics.shape[0] == 0:
+            self.step_statistics = incoming.to(self.step_statistics)
+            return
+        _check_same_steps([self.step_statistics.shape, incoming.shape], "merge_state")
+        self.step_statistics = self.step_statistics + incoming.to(self.step_statistics)
+
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot the RMS angular update per unit (``compute()["rms"]``), or ``val`` if given.
+
+        Returns:
+            ``(figure, axis)`` from matplotlib.
+        """
+        return self._plot(self.compute()["rms"] if val is None else val, ax)
+
+    def _apply(self, fn: Any, exclude_state: Sequence[str] = ()) -> Any:
+        # torchmetrics converts float states with ``.to(dtype)``; float64 is what keeps the angles
+        # exact (an angle of 1e-4 rad is a 1e-8 relative change of the norm), so the statistics
+        # follow the device only.
+        this = cast(AngularUpdate, super()._apply(fn, (*exclude_state, "step_statistics")))
+        device = fn(torch.zeros(1, device=self.step_statistics.device)).device
+        this.step_statistics = this.step_statistics.to(device=device)
+        default: Tensor = this._defaults["step_statistics"]  # type: ignore[assignment]
+        this._defaults["step_statistics"] = default.to(device=device)
+        return this
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        # Sum only statistics of the same steps: ranks that took different numbers of steps
+        # (a user's skipped ``optimizer.step()`` on one rank) get a clear error, not a bare
+        # size mismatch from ``torch.stack``.
+        sync = dist_sync_fn if dist_sync_fn is not None else gather_all_tensors
+        shape = torch.tensor(self.step_statistics.shape[:2], device=self.step_statistics.device)
+        shapes = [
+            tuple(int(v) for v in s) for s in sync(shape, group=process_group or self.process_group)
+        ]
+        _check_same_steps(shapes, "the distributed reduction")
+        super()._sync_dist(sync, process_group)
 
     def update(
         self,
@@ -166,6 +251,18 @@ class AngularUpdate(Metric):
                 "Call `reset()` when the set of tensors changes."
             )
         self.step_statistics = torch.cat([self.step_statistics, stats.unsqueeze(0)])
+
+
+def _check_same_steps(shapes: Sequence[Sequence[int]], where: str) -> None:
+    steps = [int(shape[0]) for shape in shapes]
+    units = [int(shape[1]) for shape in shapes]
+    if len(set(steps)) > 1 or len(set(units)) > 1:
+        raise ValueError(
+            f"AngularUpdate: {where} needs the statistics of the same steps of the same units, got "
+            f"{steps} steps and {units} units. In a distributed job every rank must call "
+            "`update` once per optimizer step (a rank that skips `optimizer.step()` desynchronises "
+            "them)."
+        )
 
 
 def _as_named_list(tensors: TensorOrCollection, argument: str) -> tuple[list[str], list[Tensor]]:

@@ -503,6 +503,7 @@ def _build_watches(
                 "Use names from `module.named_parameters()`."
             )
         tensors = [named[name] for name in spec.params]
+        _check_unit_tensors(spec, tensors)
         owner = _owning_optimizer(tensors, group_of)
         if owner is None:
             monitor.skipped[spec.name] = "not updated by any optimizer (or split across groups)"
@@ -513,6 +514,22 @@ def _build_watches(
         for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
         if entries
     ]
+
+
+def _check_unit_tensors(spec: Unit, tensors: list[nn.Parameter]) -> None:
+    """Errors a user can fix, named, before any step (not a crash inside the optimizer hook)."""
+    for name, tensor in zip(spec.params, tensors, strict=True):
+        if tensor.is_complex() or not tensor.is_floating_point():
+            raise ValueError(
+                f"Unit {spec.name!r}: parameter {name!r} is {tensor.dtype}; angular updates are "
+                "defined for real floating-point tensors. Leave it out of `params`."
+            )
+    ndim = tensors[0].dim()
+    if not -max(ndim, 1) <= spec.channel_dim < max(ndim, 1):
+        raise ValueError(
+            f"Unit {spec.name!r}: `channel_dim`={spec.channel_dim} is out of range for its weight "
+            f"of shape {tuple(tensors[0].shape)}; use a dimension in [0, {max(ndim, 1) - 1}]."
+        )
 
 
 def _owning_optimizer(

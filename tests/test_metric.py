@@ -76,8 +76,81 @@ def test_reset_starts_a_new_window_and_empty_compute_is_nan():
     metric.reset()
     with pytest.warns(UserWarning, match="before the ``update``"):
         empty = metric.compute()
+    # Nothing is known after a reset, not even how many units: empty, not a made-up NaN.
     assert empty["steps"].item() == 0
-    assert torch.isnan(empty["rms"]).all()
+    assert empty["rms"].shape == empty["weight_norm"].shape == (0,)
+    assert metric.unit_names is None
+
+
+def test_single_tensor_then_reset_then_compute_does_not_crash():
+    metric = AngularUpdate()
+    metric.update(torch.ones(3), torch.ones(3) + 0.1)
+    assert metric.compute()["rms"].shape == ()
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert metric.compute()["rms"].shape == (0,)
+    ones = {"a": torch.ones(2), "b": torch.ones(3)}
+    metric.update(ones, ones)
+    assert metric.unit_names == ["a", "b"] and metric.compute()["rms"].shape == (2,)
+
+
+@pytest.mark.parametrize("convert", ["to_half", "set_dtype", "half"])
+def test_statistics_stay_float64_whatever_the_metric_dtype(convert: str):
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    tiny = torch.tensor([math.cos(1e-5), math.sin(1e-5)], dtype=torch.float64)
+    metric = AngularUpdate()
+    metric.update(w, tiny)
+    if convert == "to_half":
+        metric = metric.to(torch.float16)
+    elif convert == "set_dtype":
+        metric.set_dtype(torch.float16)
+    else:
+        metric = metric.half()
+    metric.update(w, tiny)
+    assert metric.step_statistics.dtype == torch.float64
+    # 1e-5 rad is far below float16's resolution near 1 (1e-3): only float64 keeps it.
+    assert metric.compute()["rms"].item() == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_state_dict_round_trip_keeps_statistics_and_names():
+    metric = AngularUpdate()
+    prev = {"conv": torch.randn(4, 3), "fc": torch.randn(5)}
+    metric.update(prev, {k: v + 0.05 * torch.randn_like(v) for k, v in prev.items()})
+    restored = AngularUpdate()
+    restored.load_state_dict(metric.state_dict())
+    assert restored.unit_names == ["conv", "fc"]
+    torch.testing.assert_close(restored.compute()["rms"], metric.compute()["rms"], rtol=0, atol=0)
+
+
+def test_merge_state_adds_the_same_steps_of_another_shard():
+    # Two halves of one tensor (FSDP-style shards): merged, they give the full tensor's angle.
+    torch.manual_seed(0)
+    prev, curr = torch.randn(10), torch.randn(10)
+    whole = AngularUpdate()
+    whole.update(prev, curr)
+    first, second = AngularUpdate(), AngularUpdate()
+    first.update(prev[:5], curr[:5])
+    second.update(prev[5:], curr[5:])
+    # Each half is the whole tensor's coverage 1 by itself: scale the coverage to halves.
+    first.step_statistics[..., -1] = 0.5
+    second.step_statistics[..., -1] = 0.5
+    first.merge_state(second)
+    assert first.compute()["rms"].item() == pytest.approx(whole.compute()["rms"].item(), rel=1e-12)
+    other = AngularUpdate()
+    other.update(prev, curr)
+    other.update(prev, curr)
+    with pytest.raises(ValueError, match=r"same steps .* got \[1, 2\] steps"):
+        first.merge_state(other)
+    with pytest.raises(ValueError, match="`incoming_state` must be an AngularUpdate"):
+        first.merge_state(3)
+
+
+def test_plot_draws_the_rms_per_unit():
+    pytest.importorskip("matplotlib")
+    metric = AngularUpdate()
+    metric.update([torch.ones(3), torch.ones(2)], [torch.ones(3) + 0.1, torch.ones(2) - 0.2])
+    figure, axis = metric.plot()
+    assert figure is not None and axis is not None
 
 
 def test_nan_weight_gives_nan_for_that_unit_only():

@@ -69,3 +69,27 @@ def test_invalid_horizon():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="`horizon`"):
         SphericalMonitor(model, optimizer, [Unit("weight", ("weight",))], window=4, horizon=5)
+
+
+def test_unit_errors_are_named_before_any_step():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"`channel_dim`=5 is out of range .* shape \(4, 4\)"):
+        SphericalMonitor(
+            model, optimizer, [Unit("0.weight", ("0.weight",), channel_dim=5)], every_n_steps=2
+        )
+    complex_model = torch.nn.Module()
+    complex_model.w = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    complex_opt = torch.optim.SGD(complex_model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"'w' is torch.complex64; angular updates are defined"):
+        SphericalMonitor(complex_model, complex_opt, [Unit("w", ("w",))], every_n_steps=2)
+
+
+def test_functional_refuses_complex_and_integer_tensors():
+    from lightning_sdm.functional import angular_update
+
+    z = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"real floating-point tensors, got torch\.complex64"):
+        angular_update(z, z * 1j)
+    with pytest.raises(ValueError, match=r"got torch\.int64"):
+        angular_update(torch.arange(3), torch.arange(3) + 1)

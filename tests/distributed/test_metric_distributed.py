@@ -247,11 +247,25 @@ def _dtensor_worker() -> dict[str, Any]:
 # Fixtures: one 2-process run for all scenarios
 
 
+def _unequal_steps_worker() -> str:
+    """Rank 1 feeds one step fewer (a skipped optimizer step): the reduction must say so."""
+    metric = AngularUpdate()
+    w = torch.ones(4)
+    for _ in range(3 - dist.get_rank()):
+        metric.update(w, w + 0.1)
+    try:
+        metric.compute()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _all_scenarios(steps: int) -> dict[str, Any]:
     return {
         "ddp": _ddp_worker(steps),
         "fsdp": _fsdp_worker(steps),
         "dtensor": _dtensor_worker(),
+        "unequal": _unequal_steps_worker(),
     }
 
 
@@ -452,6 +466,12 @@ def test_unsynced_metric_sees_only_local_shards(fsdp_results):
 # The launcher itself: a failure in a child fails the test with the child's traceback. (The
 # children run library functions and a tiny script: importing this module in a child would cost
 # seconds.)
+
+
+def test_ranks_with_different_step_counts_get_a_clear_error(results):
+    for rank in results:
+        assert "[3, 2] steps" in rank["unequal"]
+        assert "every rank must call `update` once per optimizer step" in rank["unequal"]
 
 
 def test_launcher_reports_the_child_traceback():
