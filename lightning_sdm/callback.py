@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_sdm import _messages, integrations
 from lightning_sdm._discovery import UnitDiscovery
 from lightning_sdm._notices import Notices
+from lightning_sdm._resume import adopt_state
 from lightning_sdm.actions import (
     ActionContext,
     EquilibriumAction,
@@ -159,7 +160,6 @@ class SphericalDynamicsCallback(Callback):
         if not isinstance(prog_bar, bool):
             raise ValueError(f"`prog_bar` must be True or False, got {prog_bar!r}.")
         self.prog_bar = prog_bar
-        # Constructor values (setup() may resolve every_n_steps later): a stable state key.
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
         self._key_arguments = {"params": repr(params), **asdict(self.config), **self._detection()}
@@ -304,6 +304,18 @@ class SphericalDynamicsCallback(Callback):
             "history": [record.as_dict() for record in self.history],
             "estimate_announced": self._notices.estimate_announced,
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Adopt the state of this callback written with other settings (see ``_resume``)."""
+        classes = [c.__qualname__ for c in type(self).__mro__ if issubclass(c, Callback)]
+        claimed = [callback.state_key for callback in getattr(trainer, "callbacks", [])]
+        states = checkpoint.get("callbacks") or {}
+        message = adopt_state(states, self.state_key, self._key_arguments, classes, claimed)
+        if message is not None:
+            self._notices.warn_once("adopted", message)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

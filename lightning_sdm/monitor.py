@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sdm._engine import COVERAGE, BatchedStatistics, local_shard
+from lightning_sdm._engine import COVERAGE, BatchedStatistics, is_dtensor, local_shard
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
@@ -261,6 +261,10 @@ class SphericalMonitor:
             "optimizer_indices": [watch.optimizer_index for watch in self._watches],
             "steps_done": [watch.steps_done for watch in self._watches],
             "window_statistics": [watch.metric.step_statistics.cpu() for watch in self._watches],
+            "horizon_statistics": [
+                watch.horizon_metric.step_statistics.cpu() for watch in self._watches
+            ],
+            "anchors": [_saved_anchor(watch) for watch in self._watches],
             "window_predictions": [
                 [
                     [(p.angular_update, dict(p.hyperparameters), p.family) for p in step]
@@ -307,12 +311,31 @@ class SphericalMonitor:
             watch.predictions = [
                 [_restored_prediction(*saved) for saved in step] for step in predictions[index]
             ]
+            self._restore_horizon(watch, state, index)
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
         for watch in self._watches:
             for unit in watch.units:
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
                     unit.invariance, unit.max_abs_cosine = status, float(cosine)
+
+    def _restore_horizon(
+        self, watch: _OptimizerWatch, state: Mapping[str, Any], index: int
+    ) -> None:
+        """The open multi-step block: its statistics and the weights at its start."""
+        horizon_statistics = state.get("horizon_statistics", [])
+        if index < len(horizon_statistics):
+            for step in horizon_statistics[index]:
+                watch.horizon_metric.update(statistics=step)
+        anchors = state.get("anchors", [])
+        saved = anchors[index] if index < len(anchors) else None
+        shapes = [tuple(local_shard(t).shape) for t in watch.tensors]
+        if saved is None or [tuple(a.shape) for a in saved] != shapes:
+            return
+        with torch.no_grad():
+            watch.anchor = _copy_into(None, [t.detach() for t in watch.tensors])
+            for buffer, value in zip(watch.anchor, saved, strict=True):
+                local_shard(buffer).copy_(value)
 
     # ---------------------------------------------------------------- hooks
     # The hooks run on every optimizer step. On a step that is not measured they only read and
@@ -636,6 +659,17 @@ def _restored_prediction(
         hyperparameters=dict(hyperparameters),
         family=family,
     )
+
+
+def _saved_anchor(watch: _OptimizerWatch) -> list[Tensor] | None:
+    """The weights at the start of the open multi-step block, for a checkpoint.
+
+    Sharded (DTensor) weights are not saved: each rank holds another shard, and the callback's
+    state is one for all ranks; after a resume their open block restarts.
+    """
+    if watch.anchor is None or any(is_dtensor(t) for t in watch.tensors):
+        return None
+    return [a.detach().cpu().clone() for a in watch.anchor]
 
 
 def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tensor]:

@@ -163,3 +163,62 @@ def test_another_monitor_on_the_trainer_does_not_spoil_the_trace(tmp_path) -> No
     assert [unit.name for unit in automatic.report.units] == list(MEMBERS)
     steps = {(r.unit, r.global_step): r.angular_update for r in automatic.history}
     assert steps == {(r.unit, r.global_step): r.angular_update for r in explicit.history}
+
+
+def _fit_epochs(tmp_path, callback, epochs: int, ckpt_path=None, save=None) -> pl.Trainer:
+    torch.manual_seed(5)
+    run = trainer(
+        tmp_path / f"fit{epochs}{save is not None}", callbacks=[callback], max_epochs=epochs
+    )
+    run.fit(BNNet(), loader(noisy_classification_data(), shuffle=False), ckpt_path=ckpt_path)
+    if save is not None:
+        run.save_checkpoint(save)
+    return run
+
+
+def test_resume_mid_window_keeps_the_multi_step_horizon(tmp_path) -> None:
+    # 16 steps per epoch; windows of 6 steps every 6 with 3-step horizon blocks: the checkpoint
+    # at step 16 falls inside a window and inside a block.
+    settings = {"every_n_steps": 6, "window": 6, "horizon": 3}
+    full = SphericalDynamicsCallback(**settings)
+    _fit_epochs(tmp_path, full, epochs=2)
+    first = SphericalDynamicsCallback(**settings)
+    _fit_epochs(tmp_path, first, epochs=1, save=tmp_path / "mid.ckpt")
+    resumed = SphericalDynamicsCallback(**settings)
+    _fit_epochs(tmp_path, resumed, epochs=2, ckpt_path=tmp_path / "mid.ckpt")
+    pairs = list(zip(resumed.history, full.history, strict=True))
+    assert [r.global_step for r, _ in pairs] == [6, 6, 12, 12, 18, 18, 24, 24, 30, 30]
+    for mine, theirs in pairs:
+        assert mine.horizon_angular_update == pytest.approx(theirs.horizon_angular_update, rel=1e-9)
+        assert mine.angular_update == pytest.approx(theirs.angular_update, rel=1e-9)
+
+
+def test_resume_with_other_settings_keeps_the_history_and_says_what_restarts(tmp_path) -> None:
+    first = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    _fit_epochs(tmp_path, first, epochs=1, save=tmp_path / "mid.ckpt")
+    assert len(first.history) == 8
+    resumed = SphericalDynamicsCallback(every_n_steps=8, window=4)
+    messages = _warnings_of(
+        lambda: _fit_epochs(tmp_path, resumed, epochs=2, ckpt_path=tmp_path / "mid.ckpt")
+    )
+    adopted = [m for m in messages if "written with other settings" in m]
+    assert len(adopted) == 1
+    assert "every_n_steps 4 -> 8" in adopted[0] and "window 2 -> 4" in adopted[0]
+    assert "kept the history" in adopted[0] and "restarted the open window" in adopted[0]
+    # The first epoch's history is kept; the second epoch adds windows at the new interval.
+    steps = [r.optimizer_step for r in resumed.history if r.unit == "net.0.weight"]
+    assert steps == [4, 8, 12, 16, 24, 32]
+
+
+def test_resume_with_a_changed_action_keeps_everything(tmp_path) -> None:
+    first = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    _fit_epochs(tmp_path, first, epochs=1, save=tmp_path / "mid.ckpt")
+    resumed = SphericalDynamicsCallback(every_n_steps=4, window=2, on_equilibrium="stop")
+    messages = _warnings_of(
+        lambda: _fit_epochs(tmp_path, resumed, epochs=2, ckpt_path=tmp_path / "mid.ckpt")
+    )
+    adopted = [m for m in messages if "written with other settings" in m]
+    assert len(adopted) == 1 and "restarted" not in adopted[0]
+    assert resumed.detector.state_dict() != {}
+    steps = [r.optimizer_step for r in resumed.history if r.unit == "net.0.weight"]
+    assert steps == list(range(4, 33, 4))

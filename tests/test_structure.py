@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"config", "units", "functional", "theory", "rundata"},
     {"metric", "simulation", "invariance", "equilibrium", "plot", "_messages"},
     {"monitor", "cli", "validation"},
-    {"actions", "integrations", "_notices", "_discovery"},
+    {"actions", "integrations", "_notices", "_discovery", "_resume"},
     {"callback"},
     {"plugin"},
 ]
