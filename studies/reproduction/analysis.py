@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -48,6 +49,85 @@ def measured_equilibrium(
     return out
 
 
+def true_equilibrium_step(
+    series: Sequence[dict[str, Any]], tau: float, measure: int, ratio_exponent: float
+) -> int:
+    """When the weight norm settles, independently of any detector.
+
+    The norm is what relaxes (SMD Thm 2); the angular update follows it, ``omega`` being
+    proportional to ``|w|**-ratio_exponent`` at a fixed gradient scale (2 for SGD, 1 for
+    decoupled decay). A unit counts as settled from the first dense window after which the norm,
+    averaged over one relaxation time of trailing windows, stays within a band of its final value:
+    the norm deviation that moves the angular update by the detector's default tolerance
+    (``0.1 / ratio_exponent``), widened to three times the windows' own scatter over the
+    measured steps when the noise is larger than that. The final equilibrium can come after a
+    transient one (the gradient scale, hence the equilibrium norm, moves while the loss falls):
+    a flag before this step is not wrong by itself; :func:`flag_errors` checks each flag.
+    """
+    k = max(3, math.ceil(tau / EVERY))
+    steps = [e["step"] for e in series]
+    final = [e["weight_norm"] for e in series if e["step"] > steps[-1] - measure]
+    norm = statistics.fmean(final)
+    scatter = statistics.pstdev(final) / norm / math.sqrt(k) if len(final) > 1 else 0.0
+    band = max(0.1 / ratio_exponent, 3.0 * scatter)
+    settled = steps[-1]
+    for i in range(len(series) - 1, k - 2, -1):
+        mean_norm = statistics.fmean(e["weight_norm"] for e in series[i - k + 1 : i + 1])
+        if abs(mean_norm / norm - 1) > band:
+            break
+        settled = steps[i]
+    return settled
+
+
+def flag_errors(dense: Sequence[dict[str, Any]], flags: Sequence[int], span: float) -> list[float]:
+    """For each step the detector flagged in equilibrium: how far the angular update really
+    was from its prediction, ``|mean dense ratio - 1|`` over the trailing ``span`` steps (the
+    dense windows measure every step, 16 at a time; the detector saw 8 of every 50)."""
+    errors = []
+    for step in flags:
+        block = [e["ratio"] for e in dense if step - span < e["step"] <= step]
+        if block:
+            errors.append(abs(statistics.fmean(block) - 1.0))
+    return errors
+
+
+def detection_quality(result: dict[str, Any], tau: float) -> dict[str, dict[str, Any]]:
+    """Per unit: the default-settings detector against the dense windows' settling step."""
+    measure = result["spec"]["measure_steps"]
+    ratio_exponent = 2.0 if result["spec"]["optimizer"] == "sgd" else 1.0
+    out = {}
+    for unit in result["units"]:
+        dense = unit_series(result, unit)
+        truth = true_equilibrium_step(dense, tau, measure, ratio_exponent)
+        windows = [e for e in result.get("default_history", []) if e["unit"] == unit]
+        after = [e for e in windows if e["step"] > truth]
+        first = next((e["step"] for e in windows if e["in_equilibrium"]), None)
+        entered = [e for e in windows if first is not None and e["step"] >= first]
+        exits = sum(
+            1
+            for a, b in itertools.pairwise(entered)
+            if a["in_equilibrium"] and not b["in_equilibrium"]
+        )
+        early = [e["step"] for e in windows if e["in_equilibrium"] and e["step"] < truth - tau]
+        flagged = [e["step"] for e in windows if e["in_equilibrium"]]
+        errors = flag_errors(dense, flagged, max(tau, 3 * 50))
+        out[unit] = {
+            "true_step": truth,
+            "in_equilibrium_after_truth": (
+                statistics.fmean(float(e["in_equilibrium"]) for e in after) if after else None
+            ),
+            "windows_after_truth": len(after),
+            "first_detection": first,
+            "delay_in_tau": None if first is None else (first - truth) / tau,
+            "exits": exits,
+            "windows_in": len(entered),
+            "early_flags": early,
+            "flag_errors": errors,
+            "regimes_after_truth": sorted({e["regime"] for e in after}),
+        }
+    return out
+
+
 def _rms(values: Sequence[float]) -> float:
     return math.sqrt(statistics.fmean(v * v for v in values))
 
@@ -80,6 +160,7 @@ def analyse_grid(
                 "mean_ratio": statistics.fmean(ratios),
                 "max_abs_deviation": max(abs(r - 1) for r in ratios),
                 "train_loss": final_loss(result, spec.measure_steps),
+                "detection": detection_quality(result, spec.time_scale()),
                 "units": result["units"],
                 "seconds": result["seconds"],
             }

@@ -30,7 +30,7 @@ from studies.reproduction.analysis import (
     relaxation_model,
     unit_series,
 )
-from studies.reproduction.common import AUTO_WINDOW, EVERY
+from studies.reproduction.common import EVERY
 from studies.reproduction.data import DataConfig, load_data
 from studies.reproduction.figures import (
     _short,
@@ -71,8 +71,10 @@ def report_grid(rows: Sequence[dict[str, Any]]) -> str:
         "predicted",
         *[f"{_short(u)} ratio" for u in units],
         "drift",
-        "in eq.",
-        "first eq. step",
+        "settled at",
+        "in eq. after (default)",
+        "first detection (default)",
+        "exits",
         "loss",
     ]
     body = []
@@ -94,12 +96,59 @@ def report_grid(rows: Sequence[dict[str, Any]]) -> str:
                     for u in units
                 ],
                 f"{statistics.fmean(layers[u]['drift'] for u in units):+.3f}",
-                f"{statistics.fmean(layers[u]['in_equilibrium_fraction'] for u in units):.0%}",
-                ", ".join(str(layers[u]["first_equilibrium_step"] or "-") for u in units),
+                ", ".join(str(row["detection"][u]["true_step"]) for u in units),
+                _fraction(row, units),
+                ", ".join(str(row["detection"][u]["first_detection"] or "-") for u in units),
+                sum(row["detection"][u]["exits"] for u in units),
                 f"{row['train_loss']:.2f}",
             ]
         )
     return _table(header, body)
+
+
+def _fraction(row: dict[str, Any], units: Sequence[str]) -> str:
+    values = [row["detection"][u]["in_equilibrium_after_truth"] for u in units]
+    known = [v for v in values if v is not None]
+    return f"{statistics.fmean(known):.0%}" if known else "-"
+
+
+def detection_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Grid-wide quality of the default detector against the dense windows' settling steps."""
+    flagged = total = late = early = 0
+    errors: list[float] = []
+    worst_delay = -math.inf
+    exits = windows_in = 0
+    for row in rows:
+        tau = row["time_scale"]
+        for d in row["detection"].values():
+            n = d["windows_after_truth"]
+            if d["in_equilibrium_after_truth"] is not None:
+                flagged += round(d["in_equilibrium_after_truth"] * n)
+                total += n
+            # One relaxation time, or the 3 windows of 50 steps the default needs at least.
+            if d["first_detection"] is None or (
+                d["first_detection"] - d["true_step"] > max(tau, 150)
+            ):
+                late += 1
+            if d["delay_in_tau"] is not None:
+                worst_delay = max(worst_delay, d["delay_in_tau"])
+            early += len(d["early_flags"])
+            errors += d.get("flag_errors", [])
+            exits += d["exits"]
+            windows_in += d["windows_in"]
+    return {
+        "in_equilibrium_after": flagged / total if total else math.nan,
+        "unit_windows": total,
+        "late_detections": late,
+        "units": sum(len(row["detection"]) for row in rows),
+        "early_flags": early,
+        "exits": exits,
+        "windows_in": windows_in,
+        "worst_delay_in_tau": worst_delay,
+        "flags": len(errors),
+        "flags_off_by_tolerance": sum(e > 0.1 for e in errors),
+        "flag_error_p90": sorted(errors)[int(0.9 * (len(errors) - 1))] if errors else math.nan,
+    }
 
 
 def summary_stats(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -189,6 +238,23 @@ def write_report(
                 f"{summary['within_5pct']:.0%} within 5%, "
                 f"{summary['within_10pct']:.0%} within 10%, "
                 f"{summary['within_15pct']:.0%} within 15%.\n"
+            )
+            quality = detection_summary(rows)
+            analysis[f"{label.lower()}_detection"] = quality
+            parts.append(
+                f"Detector with the callback's default settings (windows of 8 steps every 50, "
+                f"tolerance 10%, patience 3). Each of its {quality['flags']} equilibrium flags "
+                "checked against the dense windows (every step measured) of the relaxation time "
+                f"before it: {quality['flags_off_by_tolerance']} had a mean ratio more than 10% "
+                f"from 1 (90% of the flags within {quality['flag_error_p90']:.1%}). Against the "
+                f"step where the norm settles for good: {quality['in_equilibrium_after']:.1%} of "
+                f"the {quality['unit_windows']} unit-windows after it in equilibrium; "
+                f"{quality['late_detections']} of {quality['units']} units first detected later "
+                "than one relaxation time (or 150 steps, three default windows) after it; "
+                f"{quality['early_flags']} flags more than one relaxation time before it (a "
+                "transient equilibrium while the loss still falls: the ratio check above is the "
+                f"one that counts); {quality['exits']} exits in {quality['windows_in']} windows "
+                "after the first detection.\n"
             )
         parts.append(f"![equilibrium grid](figures/{figure})\n")
         if plan.long:
@@ -657,15 +723,24 @@ def discussion(analysis: dict[str, Any]) -> str:
             statistics.fmean(v["in_equilibrium_fraction"] for v in r["layers"].values())
             for r in rows
         ]
+        quality = detection_summary(rows)
         items.append(
             f"**The detector and short windows.** In equilibrium, the RMS over one {EVERY}-step "
             f"window scatters around its mean by {_range(stds, 3)} (standard deviation of the "
             "window ratio, largest for the first layer, whose per-step angle is the noisiest). "
-            "With tolerance 10% and patience 3 the callback's detector therefore counted only "
-            f"{_pct_range(fractions)} of the measured windows of these stationary runs as "
-            "in equilibrium (column `in eq.`). The callback that decays the LR in experiment 2 "
-            f"therefore uses {AUTO_WINDOW}-step windows and patience 2. Detection wants windows of "
-            "~50 steps or more (the callback's default `window` is 8)."
+            "A decision on one window (or a few in a row) against a 10% tolerance would flicker "
+            "by construction; the detector pools the windows of one relaxation time, reads the "
+            "norm's trend as the ratio deviation it implies (exact to first order, and the norm "
+            "is measured without sampling noise), and leaves equilibrium only on clear evidence. "
+            f"With its default settings, {quality['flags_off_by_tolerance']} of its "
+            f"{quality['flags']} equilibrium flags came while the densely measured ratio of the "
+            "preceding relaxation time was more than 10% from 1 "
+            f"({detection_summary(adamw)['flags_off_by_tolerance']} of them in the AdamW grid, "
+            "where some layers settle 5-10% below the prediction at a stationary norm: the norm "
+            f"decides, by design); it counted {quality['in_equilibrium_after']:.1%} of the "
+            f"{quality['unit_windows']} unit-windows after the norm's settling step as in "
+            f"equilibrium (the dense 16-step callback: {_pct_range(fractions)} of the measured "
+            f"windows per run), with {quality['exits']} exits in {quality['windows_in']} windows."
         )
     ns = analysis.get("nonstationary")
     if ns:

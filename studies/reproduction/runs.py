@@ -203,7 +203,9 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
     x_train, y_train, *_ = load_data(data)
     model = BNConvNet(spec, x_train.shape[1], x_train.shape[-1])
     main = SphericalDynamicsCallback(every_n_steps=EVERY, window=EVERY, prog_bar=False)
-    callbacks: list[pl.Callback] = [main]
+    # The detector as users get it: the callback's defaults (every 50 steps, 8-step windows).
+    default = SphericalDynamicsCallback(prog_bar=False)
+    callbacks: list[pl.Callback] = [main, default]
     decider = None
     if spec.auto_decay:
         # The decision uses longer windows than the measurement: the RMS of 16 steps scatters by
@@ -213,7 +215,9 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
             window=AUTO_WINDOW,
             patience=2,
             prog_bar=False,
-            on_equilibrium=DecayLR(factor=spec.gamma, max_decays=1, rescale_weights=True),
+            on_equilibrium=DecayLR(
+                factor=spec.gamma, max_decays=1, rescale_weights=True, final_phase=None
+            ),
         )
         callbacks.append(decider)
     convs = model.convs()
@@ -260,6 +264,7 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
         "units": [unit.name for unit in (main.report.units if main.report else [])],
         "weight_decay_group": list(convs),
         "history": [_plain(entry) for entry in main.history],
+        "default_history": [_plain(entry) for entry in default.history],
         "events": [event.as_dict() for event in (decider or main).events],
         "losses": _block_means(model.losses, EVERY),
         "seconds": seconds,
@@ -391,6 +396,7 @@ def _plain(record: Any) -> dict[str, Any]:
     keys = ("unit", "angular_update", "theory", "ratio", "weight_norm", "lr")
     out = {"step": record.global_step, **{key: getattr(record, key) for key in keys}}
     out["in_equilibrium"] = bool(record.in_equilibrium)
+    out["regime"] = record.regime
     if record.channels:
         out["channels"] = dict(record.channels)
     return out
