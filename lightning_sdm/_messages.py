@@ -49,20 +49,45 @@ def skipped_units(skipped: Mapping[str, str]) -> str:
     return f"SphericalDynamicsCallback does not monitor: {listing}."
 
 
-def missing_predictions(predictions: Mapping[str, Prediction]) -> dict[str, str]:
-    """Per distinct reason: the units without a prediction and why (key -> message)."""
+def missing_predictions(
+    predictions: Mapping[str, Prediction], since: int | None = None
+) -> dict[str, str]:
+    """Per distinct reason: the units without a prediction and why (key -> message).
+
+    ``since``: the global step from which a prediction the units had is gone (a weight decay
+    set to 0, a learning rate that reached 0).
+    """
     reasons: dict[str, list[str]] = {}
     for name, prediction in predictions.items():
         if prediction.angular_update is None:
             reasons.setdefault(prediction.reason, []).append(name)
+    when = "" if since is None else f" from global step {since} on"
     return {
         f"no_prediction:{reason}": (
-            f"SphericalDynamicsCallback has no predicted equilibrium for {', '.join(names)}: "
-            f"{reason}. Measured angular updates are still logged; equilibrium is then judged "
-            "by stationarity alone."
+            f"SphericalDynamicsCallback has no predicted equilibrium for {', '.join(names)}"
+            f"{when}: {reason}. Measured angular updates are still logged; equilibrium is then "
+            "judged by stationarity alone."
         )
         for reason, names in reasons.items()
     }
+
+
+def moved_group(name: str, old: int, new: int, global_step: int) -> str:
+    """A monitored weight was moved to another param group of its optimizer."""
+    return (
+        f"SphericalDynamicsCallback: {name} moved from param group {old} to param group {new} "
+        f"(seen at global step {global_step}, when its window closed); from the window that "
+        f"started after the move, its learning rate and prediction are those of group {new}."
+    )
+
+
+def optimizer_replaced(global_step: int) -> str:
+    """The Trainer's optimizers are other objects than the monitored ones."""
+    return (
+        f"SphericalDynamicsCallback: the optimizer was replaced (seen at global step "
+        f"{global_step}); monitoring continues on the new one from the Trainer's step count, "
+        "with the history and the detector kept; the open window restarts."
+    )
 
 
 def not_orthogonal(name: str, cosine: float, threshold: float) -> str:

@@ -22,6 +22,7 @@ class Notices:
     def __init__(self) -> None:
         self.warned: set[str] = set()
         self.estimate_announced = False
+        self._without_prediction: set[str] | None = None
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -43,6 +44,20 @@ class Notices:
             self.warn_once("skipped", _messages.skipped_units(monitor.skipped))
         for key, message in _messages.missing_predictions(monitor.predictions()).items():
             self.warn_once(key, message)
+
+    def window_closed(self, monitor: SphericalMonitor, tolerance: float, global_step: int) -> None:
+        """What changed under the monitor: failed checks, moved units, lost predictions."""
+        self.verification(monitor, tolerance)
+        for name, (old, new) in monitor.moved.items():
+            message = _messages.moved_group(name, old, new, global_step)
+            self.warn_once(f"moved:{name}:{new}", message)
+        predictions = monitor.predictions()
+        without = {name for name, p in predictions.items() if p.angular_update is None}
+        if self._without_prediction is not None:
+            lost = {name: predictions[name] for name in sorted(without - self._without_prediction)}
+            for key, message in _messages.missing_predictions(lost, global_step).items():
+                self.warn_once(f"lost:{key}", message)
+        self._without_prediction = without
 
     def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:
         """Units whose gradient is not orthogonal to them (probably not scale-invariant)."""

@@ -252,13 +252,21 @@ class SphericalDynamicsCallback(Callback):
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log the windows the optimizer steps of this batch closed."""
-        if self.report is not None and not self._announced:
-            self._announce(pl_module, self._discovery.finish())
+        if self.report is not None and not self._announced:  # what the first batch's traces found
+            self._announced = True
+            self._discovery.finish()
+            self._notices.discovery(self.report, type(pl_module).__name__)
+            self._disabled = not self.report.units
         if self.monitor is None:
             return
+        if self.monitor.replaced_by(trainer.optimizers):  # a new optimizer object: follow it
+            self._notices.warn_once("replaced", _messages.optimizer_replaced(trainer.global_step))
+            self.monitor = self._monitor_state = None  # counters start again from the Trainer's
+            self._start_monitor(trainer, pl_module, self._units or [])
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
         if windows:
-            self._notices.verification(self.monitor, self.config.orthogonality_tolerance)
+            tolerance = self.config.orthogonality_tolerance
+            self._notices.window_closed(self.monitor, tolerance, trainer.global_step)
             self._log_windows(trainer, pl_module, windows)
         elif self.policy.action.deadline(trainer.global_step, budget_of(trainer)):
             metrics = self._act(trainer, pl_module, [])  # the budget's step, between windows
@@ -273,10 +281,12 @@ class SphericalDynamicsCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give logger integrations the final per-unit results."""
-        if self.monitor is not None and not self.history:
+        if self.monitor is None:
+            return
+        if not self.history:
             message = _messages.no_window_closed(trainer.global_step, self.config.every_n_steps)
             self._notices.warn_once("no_window", message)
-        if self.monitor is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             predictions = self.monitor.predictions()
             integrations.on_monitoring_finished(
                 trainer.loggers,
@@ -364,26 +374,15 @@ class SphericalDynamicsCallback(Callback):
                 trainer.loggers,
                 units=self.monitor.units,
                 channel_units=self.monitor.channel_units,
-                settings=self._settings(),
+                settings={**asdict(self.config), **self._detection()},
                 predictions={name: p.as_dict() for name, p in predictions.items()},
                 warned=self._integration_failures,
             )
-
-    def _announce(self, pl_module: pl.LightningModule, report: InvarianceReport | None) -> None:
-        """After the first batch: what the traces found, once."""
-        self._announced = True
-        if report is None:
-            return
-        self._notices.discovery(report, type(pl_module).__name__)
-        self._disabled = not report.units
 
     def _detection(self) -> dict[str, Any]:
         detector, action = self.detector, repr(self.policy.action)
         detection = {"tolerance": detector.tolerance, "patience": detector.patience}
         return {**detection, "quorum": detector.quorum, "action": action}
-
-    def _settings(self) -> dict[str, Any]:
-        return {**asdict(self.config), **self._detection()}
 
     def _log_windows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]

@@ -150,6 +150,8 @@ class SphericalMonitor:
         self.config = config
         self.sync_on_compute = sync_on_compute
         self.skipped: dict[str, str] = {}
+        # Units moved to another param group while monitored: name -> (old, new) group index.
+        self.moved: dict[str, tuple[int, int]] = {}
         self._windows: list[UnitWindow] = []
         self._measured_steps = 0
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
@@ -212,6 +214,11 @@ class SphericalMonitor:
                 watch.optimizer.register_step_post_hook(_bind(self._after_step, watch)),
             ]
         return self
+
+    def replaced_by(self, optimizers: Sequence[Optimizer]) -> bool:
+        """Whether a watched optimizer is no longer among ``optimizers`` (it was replaced)."""
+        current = {id(optimizer) for optimizer in optimizers}
+        return any(id(watch.optimizer) not in current for watch in self._watches)
 
     def catch_running_step(self) -> None:
         """Measure a step whose pre-hook ran before :meth:`attach` (attached from its closure).
@@ -363,6 +370,8 @@ class SphericalMonitor:
 
     @torch.no_grad()
     def _take_snapshot(self, watch: _OptimizerWatch) -> None:
+        if self.config.position_in_window(watch.steps_done) == 0:
+            self._follow_group_moves(watch)  # once per window, at its first measured step
         sources = [p.detach() for p in watch.tensors]
         watch.snapshot = _copy_into(watch.snapshot, sources)
         horizon = self.config.horizon
@@ -437,6 +446,20 @@ class SphericalMonitor:
             for unit in watch.units
         )
 
+    def _follow_group_moves(self, watch: _OptimizerWatch) -> None:
+        """A unit moved to another param group: the window starting now follows that group.
+
+        Checked once per window (a dictionary of parameter ids), not per step.
+        """
+        groups = _param_groups(watch.optimizer)
+        for unit in watch.units:
+            found = {groups.get(id(t)) for t in unit.tensors}
+            if len(found) == 1 and None not in found and unit.group_index not in found:
+                new_index = found.pop()
+                assert new_index is not None
+                self.moved[unit.spec.name] = (unit.group_index, new_index)
+                unit.group_index = new_index
+
     def _unit_window(
         self,
         watch: _OptimizerWatch,
@@ -448,9 +471,9 @@ class SphericalMonitor:
     ) -> UnitWindow:
         """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
         values = [p[unit.group_index].angular_update for p in predictions]
-        frozen = not any(t.requires_grad for t in unit.tensors)
+        frozen_now = not any(t.requires_grad for t in unit.tensors)
         theory = None
-        if not frozen and all(v is not None for v in values):
+        if not frozen_now and all(v is not None for v in values):
             theory = math.sqrt(sum(v * v for v in values if v is not None) / len(values))
         latest = predictions[-1][unit.group_index]
         lr = float(latest.hyperparameters.get("lr", math.nan))
@@ -472,6 +495,9 @@ class SphericalMonitor:
                 horizon_angle = result["horizon_rms"][unit.rows].square().mean().sqrt().item()
             channels = _summarize(rms)
             channel_ratios = _summarize(rms / theory) if theory else None
+        # Frozen: no gradient now and no rotation in the window. A unit frozen during the window
+        # moved in part of it: its angle is logged, without a prediction to compare it with.
+        frozen = frozen_now and angle == 0.0
         return UnitWindow(
             unit=unit.spec.name,
             optimizer_step=watch.steps_done,

@@ -222,3 +222,106 @@ def test_resume_with_a_changed_action_keeps_everything(tmp_path) -> None:
     assert resumed.detector.state_dict() != {}
     steps = [r.optimizer_step for r in resumed.history if r.unit == "net.0.weight"]
     assert steps == list(range(4, 33, 4))
+
+
+class TwoGroups(BNNet):
+    """net.0 in group 0 (weight decay 5e-3), the rest in group 1 (weight decay 2e-2)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(
+            [{"params": first, "weight_decay": 5e-3}, {"params": rest, "weight_decay": 2e-2}],
+            lr=0.1,
+            momentum=0.9,
+        )
+
+
+class EditAt(pl.Callback):
+    """Applies ``edit(trainer, pl_module)`` at the start of global step ``step``."""
+
+    def __init__(self, step: int, edit) -> None:
+        self.step, self.edit = step, edit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.edit(trainer, pl_module)
+
+
+def _move_first_layer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    groups = trainer.optimizers[0].param_groups
+    moving = groups[0]["params"]
+    groups[0]["params"] = []
+    groups[1]["params"] = [*moving, *groups[1]["params"]]
+
+
+def _sgdm(lr: float, wd: float) -> float:
+    return math.sqrt(2 * lr * wd / 1.9)
+
+
+def test_a_weight_moved_to_another_group_follows_that_group(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[callback, EditAt(8, _move_first_layer)])
+    messages = _warnings_of(lambda: run.fit(TwoGroups(), loader(noisy_classification_data())))
+    moved = [m for m in messages if "moved from param group 0 to param group 1" in m]
+    assert len(moved) == 1 and "net.0.weight" in moved[0]
+    theory = {r.global_step: r.theory for r in callback.history if r.unit == "net.0.weight"}
+    assert theory[4] == theory[8] == pytest.approx(_sgdm(0.1, 5e-3), rel=1e-12)
+    assert theory[12] == theory[16] == pytest.approx(_sgdm(0.1, 2e-2), rel=1e-12)
+
+
+def _replace_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    new = torch.optim.SGD(pl_module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
+    trainer.strategy.optimizers = [new]
+
+
+def test_a_replaced_optimizer_is_followed(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[callback, EditAt(8, _replace_optimizer)])
+    messages = _warnings_of(lambda: run.fit(BNNet(), loader(noisy_classification_data())))
+    assert sum("the optimizer was replaced" in m for m in messages) == 1
+    records = [r for r in callback.history if r.unit == "net.0.weight"]
+    assert [r.optimizer_step for r in records] == [4, 8, 12, 16]
+    assert records[1].theory == pytest.approx(_sgdm(0.1, 5e-3), rel=1e-12)
+    # The first step of the new optimizer (9) runs before the monitor sees it; the window that
+    # closes at 12 measures steps 10-12, all with the new optimizer's prediction.
+    assert records[2].theory == records[3].theory == pytest.approx(_sgdm(0.05, 5e-3), rel=1e-12)
+    assert all(r.angular_update > 0 for r in records)
+
+
+def _no_weight_decay(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    for group in trainer.optimizers[0].param_groups:
+        group["weight_decay"] = 0.0
+
+
+def test_a_prediction_that_vanishes_mid_run_is_reported_once(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[callback, EditAt(8, _no_weight_decay)])
+    messages = _warnings_of(lambda: run.fit(BNNet(), loader(noisy_classification_data())))
+    lost = [m for m in messages if "no predicted equilibrium" in m]
+    assert len(lost) == 1
+    assert "net.0.weight, net.3.weight from global step 12 on" in lost[0]
+    assert [r.theory is None for r in callback.history if r.unit == "net.0.weight"] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+
+
+def _freeze_first_layer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    for param in pl_module.net[0].parameters():
+        param.requires_grad_(False)
+        param.grad = None
+
+
+def test_a_unit_frozen_inside_a_window_is_not_labelled_frozen_for_it(tmp_path) -> None:
+    # Frozen at the start of step 10 (optimizer step 11): the window of steps 9-12 moved on its
+    # first two steps. It keeps its measured angle, without a prediction; the next is frozen.
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[callback, EditAt(10, _freeze_first_layer)])
+    run.fit(BNNet(momentum=0.0), loader(noisy_classification_data()))
+    records = {r.global_step: r for r in callback.history if r.unit == "net.0.weight"}
+    assert not records[12].frozen and records[12].angular_update > 0
+    assert records[12].theory is None
+    assert records[16].frozen and records[16].angular_update == 0.0
