@@ -1,0 +1,159 @@
+"""Bad input campaign: every public constructor and entry point, fed wrong values.
+
+Each case must fail at construction (or at ``Trainer()`` for the plugin), with a ``ValueError``
+whose message names the argument (or environment variable) and says what is expected; never a
+bare ``TypeError``/``IndexError``/``re.error`` from deep inside, and never silently accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sdm import AngularUpdate, SphericalDynamicsCallback, SphericalMonitor, Unit
+from lightning_sdm.actions import CallFunction, DecayLR
+from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.functional import angular_update
+from lightning_sdm.plugin import settings_from_env
+
+_MODEL = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+_OPT = torch.optim.SGD(_MODEL.parameters(), lr=0.1, weight_decay=1e-4)
+_UNIT = Unit("0.weight", ("0.weight", "0.bias"))
+
+
+def _callback(**kwargs: Any) -> Callable[[], Any]:
+    return lambda: SphericalDynamicsCallback(**kwargs)
+
+
+def _monitor(**kwargs: Any) -> Callable[[], Any]:
+    return lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT], **{"every_n_steps": 4, **kwargs})
+
+
+CASES: list[tuple[str, Callable[[], Any], str]] = [
+    # callback
+    ("params invalid regex", _callback(params="re:("), r"`params` .*invalid regular expression"),
+    ("params empty list", _callback(params=[]), r"`params`"),
+    ("params int", _callback(params=3), r"`params`"),
+    ("params mixed kinds", _callback(params=["0.weight", nn.Linear(2, 2)]), r"`params` mixes"),
+    ("granularity typo", _callback(granularity="channels"), r"`granularity`"),
+    ("every_n_steps 0", _callback(every_n_steps=0), r"`every_n_steps`"),
+    ("every_n_steps bool", _callback(every_n_steps=True), r"`every_n_steps`"),
+    ("every_n_steps float", _callback(every_n_steps=2.5), r"`every_n_steps`"),
+    ("window 0", _callback(window=0), r"`window`"),
+    ("window str", _callback(window="8"), r"`window`"),
+    ("horizon above window", _callback(window=4, horizon=8), r"`horizon`"),
+    ("horizon 0", _callback(horizon=0), r"`horizon`"),
+    ("tolerance str", _callback(tolerance="0.1"), r"`tolerance`"),
+    ("tolerance None", _callback(tolerance=None), r"`tolerance`"),
+    ("tolerance nan", _callback(tolerance=float("nan")), r"`tolerance`"),
+    ("tolerance 0", _callback(tolerance=0.0), r"`tolerance`"),
+    ("tolerance 2", _callback(tolerance=2.0), r"`tolerance`"),
+    ("patience 1", _callback(patience=1), r"`patience`"),
+    ("patience bool", _callback(patience=True), r"`patience`"),
+    ("quorum 0", _callback(quorum=0.0), r"`quorum`"),
+    ("quorum str", _callback(quorum="all"), r"`quorum`"),
+    ("on_equilibrium typo", _callback(on_equilibrium="decay"), r"`on_equilibrium`"),
+    ("on_equilibrium arity", _callback(on_equilibrium=lambda event: None), r"`on_equilibrium"),
+    ("on_equilibrium int", _callback(on_equilibrium=3), r"`on_equilibrium`"),
+    ("verify_steps -1", _callback(verify_steps=-1), r"`verify_steps`"),
+    ("orthogonality str", _callback(orthogonality_tolerance="x"), r"`orthogonality_tolerance`"),
+    ("orthogonality 0", _callback(orthogonality_tolerance=0.0), r"`orthogonality_tolerance`"),
+    ("prog_bar str", _callback(prog_bar="yes"), r"`prog_bar`"),
+    # monitor
+    ("monitor every_n_steps 0", _monitor(every_n_steps=0), r"`every_n_steps`"),
+    (
+        "monitor config and fields",
+        lambda: SphericalMonitor(
+            _MODEL, _OPT, [_UNIT], config=SphericalDynamicsCallback().config, window=2
+        ),
+        r"either `config` or its fields",
+    ),
+    (
+        "monitor units not Unit",
+        lambda: SphericalMonitor(_MODEL, _OPT, ["0.weight"], every_n_steps=4),
+        r"`units` must hold lightning_sdm.Unit",
+    ),
+    (
+        "monitor unknown parameter",
+        lambda: SphericalMonitor(_MODEL, _OPT, [Unit("x", ("x.weight",))], every_n_steps=4),
+        r"parameters the module does not have: \['x.weight'\]",
+    ),
+    (
+        "monitor channel_dim out of range",
+        lambda: SphericalMonitor(
+            _MODEL, _OPT, [Unit("0.weight", ("0.weight",), channel_dim=2)], every_n_steps=4
+        ),
+        r"`channel_dim`=2 is out of range",
+    ),
+    # unit
+    ("unit params str", lambda: Unit("w", "0.weight"), r"`params` must be a tuple"),
+    ("unit empty name", lambda: Unit("", ("0.weight",)), r"`name`"),
+    ("unit channel_dim bool", lambda: Unit("w", ("w",), channel_dim=True), r"`channel_dim`"),
+    ("unit channel_dim str", lambda: Unit("w", ("w",), channel_dim="0"), r"`channel_dim`"),
+    # actions and detector
+    ("decay factor str", lambda: DecayLR(factor="0.1"), r"`factor`"),
+    ("decay factor 1", lambda: DecayLR(factor=1.0), r"`factor`"),
+    ("decay min_lr -1", lambda: DecayLR(min_lr=-1.0), r"`min_lr`"),
+    ("decay max_decays -1", lambda: DecayLR(max_decays=-1), r"`max_decays`"),
+    ("decay cooldown 1.5", lambda: DecayLR(cooldown=1.5), r"`cooldown`"),
+    ("decay rescale str", lambda: DecayLR(rescale_weights="yes"), r"`rescale_weights`"),
+    ("decay final_phase 1", lambda: DecayLR(final_phase=1.0), r"`final_phase`"),
+    ("call not callable", lambda: CallFunction(3), r"`on_equilibrium` must be callable"),
+    ("detector confidence -1", lambda: EquilibriumDetector(confidence=-1.0), r"`confidence`"),
+    # metric and functional
+    ("metric dim str", lambda: AngularUpdate(dim="0"), r"`dim`"),
+    (
+        "functional complex",
+        lambda: angular_update(
+            torch.ones(2, dtype=torch.complex64), torch.ones(2, dtype=torch.complex64)
+        ),
+        r"real floating-point tensors",
+    ),
+    (
+        "functional int",
+        lambda: angular_update(torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long)),
+        r"torch\.int64",
+    ),
+    ("functional shapes", lambda: angular_update(torch.ones(2), torch.ones(3)), r"same shape"),
+    (
+        "functional dim range",
+        lambda: angular_update(torch.ones(2, 2), torch.ones(2, 2), dim=2),
+        r"`dim`=2 is out of range",
+    ),
+    # plugin (environment variables)
+    (
+        "env params regex",
+        lambda: settings_from_env({"LIGHTNING_SDM": "1", "LIGHTNING_SDM_PARAMS": "re:("}),
+        r"LIGHTNING_SDM_PARAMS",
+    ),
+    (
+        "env window word",
+        lambda: settings_from_env({"LIGHTNING_SDM": "1", "LIGHTNING_SDM_WINDOW": "eight"}),
+        r"LIGHTNING_SDM_WINDOW",
+    ),
+    (
+        "env tolerance word",
+        lambda: settings_from_env({"LIGHTNING_SDM": "1", "LIGHTNING_SDM_TOLERANCE": "loose"}),
+        r"LIGHTNING_SDM_TOLERANCE",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_a_message_naming_it(
+    case: str, make: Callable[[], Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        make()
+    assert re.search(message, str(raised.value)), str(raised.value)
+
+
+def test_a_misspelt_plugin_variable_is_named_in_a_warning() -> None:
+    # A warning, not an error: an unrelated variable with the prefix must not stop training.
+    with pytest.warns(UserWarning, match=r"Ignoring unknown variable\(s\) LIGHTNING_SDM_WINDOWS"):
+        assert settings_from_env({"LIGHTNING_SDM": "1", "LIGHTNING_SDM_WINDOWS": "8"}) == {}
