@@ -113,6 +113,25 @@ def test_callable_receives_trainer_module_and_event(tmp_path):
     assert callback.events[0].action == "callable"
 
 
+def test_a_failing_callable_is_named_after_its_window_and_event_are_recorded(tmp_path):
+    def broken_action(trainer, pl_module, event):
+        raise KeyError("lr")
+
+    callback = SphericalDynamicsCallback(on_equilibrium=broken_action, **FAST)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=4)
+    with pytest.raises(
+        RuntimeError,
+        match=r"on_equilibrium callable .*broken_action raised at "
+        r"global step \d+: KeyError: 'lr'",
+    ):
+        run.fit(BNNet(weight_decay=WEIGHT_DECAY), loader(noisy_classification_data()))
+    (event,) = callback.events
+    # The window that triggered the event is in the history and in the logs.
+    assert callback.history[-1].global_step == event.global_step
+    logged = [row for row in read_csv_metrics(run) if "sdm/equilibrium_fraction" in row]
+    assert logged[-1]["step"] == event.global_step
+
+
 class WithStepLR(BNNet):
     def __init__(self):
         super().__init__(weight_decay=WEIGHT_DECAY)
