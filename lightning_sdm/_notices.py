@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sdm import _messages
+from lightning_sdm._schedule import ScheduledLR
+from lightning_sdm.actions import budget_of
+from lightning_sdm.advice import Advice, advise
+from lightning_sdm.audit import Finding, audit_param_groups
 from lightning_sdm.equilibrium import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.monitor import SphericalMonitor, orthogonality_threshold
 from lightning_sdm.records import UnitWindow
 
 __all__ = ["Notices"]
+
+# Audit findings that break the predictions: warnings; the others are notes.
+_SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit")
+
+
+def _steps_per_epoch(trainer: Any) -> int | None:
+    """Optimizer steps per epoch (one optimizer), if the Trainer knows its epoch length."""
+    batches = getattr(trainer, "num_training_batches", None)
+    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+    if not isinstance(batches, int) or batches <= 0:
+        return None
+    return max(batches // accumulate, 1)
 
 
 class Notices:
@@ -38,6 +55,38 @@ class Notices:
         if not report.units:
             reasons = report.rejection_counts()
             self.warn_once("no_units", _messages.no_units_found(model, reasons))
+
+    def advise(
+        self, trainer: Any, monitor: SphericalMonitor, report: InvarianceReport | None
+    ) -> tuple[Advice, list[Finding]]:
+        """What the hyper-parameters and the schedule predict, and the param-group audit."""
+        optimizers = list(trainer.optimizers)
+        units = {
+            name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
+            for name, (opt, group) in monitor.parameter_groups().items()
+        }
+        schedulers = [
+            ScheduledLR(config.scheduler, config.interval, config.frequency)
+            for config in trainer.lr_scheduler_configs
+        ]
+        advice = advise(
+            optimizers, units, budget_of(trainer), _steps_per_epoch(trainer), schedulers
+        )
+        rank_zero_info(
+            f"{_messages.PREFIX} What theory predicts for these settings:\n{advice.table()}"
+        )
+        for line in advice.warnings():
+            self.warn_once(f"advice:{line}", f"{_messages.PREFIX} {line}")
+        module = trainer.lightning_module
+        invariant = report.units if report is not None else monitor.unit_specs
+        findings = audit_param_groups(module, optimizers, invariant, report)
+        for finding in findings:
+            text = f"{_messages.PREFIX} parameter groups: {finding.message}"
+            if finding.kind in _SERIOUS:
+                self.warn_once(f"audit:{finding.kind}", text)
+            else:
+                rank_zero_info(text)
+        return advice, findings
 
     def monitor_started(self, monitor: SphericalMonitor) -> None:
         if monitor.skipped:

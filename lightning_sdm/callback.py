@@ -33,11 +33,14 @@ from lightning_sdm.actions import (
     decays_of,
     describe_event,
 )
+from lightning_sdm.advice import Advice
+from lightning_sdm.audit import Finding
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.monitor import SphericalMonitor
 from lightning_sdm.records import (
+    SUMMARY_KEYS,
     ActionName,
     EquilibriumEvent,
     Granularity,
@@ -166,6 +169,8 @@ class SphericalDynamicsCallback(Callback):
         self.history: list[HistoryRecord] = []
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
+        self.advice: Advice | None = None  # what theory predicts for these settings, at start
+        self.audit: list[Finding] = []  # param-group set-ups at odds with the theory
         self._units: list[Unit] | None = None
         self._discovery = UnitDiscovery()
         self._announced = False
@@ -263,6 +268,7 @@ class SphericalDynamicsCallback(Callback):
             self._notices.warn_once("replaced", _messages.optimizer_replaced(trainer.global_step))
             self.monitor = self._monitor_state = None  # counters start again from the Trainer's
             self._start_monitor(trainer, pl_module, self._units or [])
+        assert self.monitor is not None  # (re)started above
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
         if windows:
             tolerance = self.config.orthogonality_tolerance
@@ -368,6 +374,8 @@ class SphericalDynamicsCallback(Callback):
             self.monitor = None
             return
         self._notices.monitor_started(self.monitor)
+        if self.advice is None:  # once: what the hyper-parameters and the schedule predict
+            self.advice, self.audit = self._notices.advise(trainer, self.monitor, self.report)
         predictions = self.monitor.predictions()
         if trainer.is_global_zero:
             integrations.on_monitoring_started(
@@ -412,6 +420,9 @@ class SphericalDynamicsCallback(Callback):
         finally:  # an action that fails still leaves the window in the logs
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            for key in SUMMARY_KEYS:  # for EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+                if math.isfinite(metrics[key]):
+                    pl_module.log(key, metrics[key], logger=False)
             median = metrics[Keys.MEDIAN_RATIO]
             if self.prog_bar and math.isfinite(median):
                 pl_module.log(Keys.PROGRESS_BAR, median, prog_bar=True, logger=False)

@@ -170,6 +170,11 @@ class SphericalMonitor:
         return [unit.spec.name for watch in self._watches for unit in watch.units]
 
     @property
+    def unit_specs(self) -> list[Unit]:
+        """The monitored units as given (names and parameters), in order."""
+        return [unit.spec for watch in self._watches for unit in watch.units]
+
+    @property
     def channel_units(self) -> list[str]:
         """The units summarised per channel (``granularity="channel"`` and channel-invariant)."""
         return [u.spec.name for watch in self._watches for u in watch.units if u.per_channel]

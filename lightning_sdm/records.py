@@ -310,6 +310,16 @@ def window_metrics(
     return metrics
 
 
+#: The run-level keys also put in ``trainer.callback_metrics`` (so ``EarlyStopping``,
+#: ``ModelCheckpoint`` and ``ReduceLROnPlateau`` can monitor them), regime counts included.
+SUMMARY_KEYS: tuple[str, ...] = (
+    Keys.MEDIAN_RATIO,
+    Keys.FRACTION,
+    Keys.STEPS_TO_EQUILIBRIUM,
+    *(f"{Keys.REGIME_COUNT}{regime}" for regime in REGIMES),
+)
+
+
 def summary_metrics(
     windows: list[UnitWindow],
     fraction: float,

@@ -1,0 +1,139 @@
+"""The learning rates a scheduler will give, sampled ahead on a stand-in optimizer.
+
+The live optimizer and scheduler are never stepped: the scheduler is deep-copied with its
+optimizer replaced by a :class:`_StandIn` (the same param-group values and defaults, one scalar
+parameter per group), so sampling costs neither memory nor a change of the user's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["LRTrajectory", "ScheduledLR", "sample_learning_rates"]
+
+#: At most this many scheduler steps are simulated (per-step schedules of very long runs are
+#: sampled up to there; the trajectory says so).
+MAX_SCHEDULER_STEPS = 200_000
+
+
+@dataclass(frozen=True)
+class ScheduledLR:
+    """A scheduler as the Trainer steps it: every ``frequency`` steps or epochs."""
+
+    scheduler: Any
+    interval: str = "epoch"  # "step" | "epoch"
+    frequency: int = 1
+
+
+@dataclass(frozen=True)
+class LRTrajectory:
+    """Per param group, the learning rate of each optimizer step, run-length encoded.
+
+    Attributes:
+        changes: per group, ``(first step, lr)`` for every step where the LR changes (the first
+            entry is step 0).
+        total_steps: the optimizer steps covered.
+        note: what could not be sampled (a ReduceLROnPlateau, a cap), else ``""``.
+    """
+
+    changes: tuple[tuple[tuple[int, float], ...], ...]
+    total_steps: int
+    note: str = ""
+
+    def lr_at(self, group: int, step: int) -> float:
+        """The LR of ``group`` at optimizer step ``step``."""
+        value = self.changes[group][0][1]
+        for start, lr in self.changes[group]:
+            if start > step:
+                break
+            value = lr
+        return value
+
+
+class _StandIn(Optimizer):
+    """An optimizer with the live one's param-group values and nothing else."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [torch.zeros(1)]}
+            for group in optimizer.param_groups
+        ]
+        super().__init__(groups, dict(optimizer.defaults))
+
+
+def sample_learning_rates(
+    optimizer: Optimizer,
+    schedulers: Sequence[ScheduledLR],
+    total_steps: int,
+    steps_per_epoch: int | None,
+) -> LRTrajectory:
+    """The LR of every param group at every optimizer step of the budget.
+
+    Args:
+        optimizer: the live optimizer (read, never changed).
+        schedulers: its schedulers, as the Trainer steps them.
+        total_steps: optimizer steps in the budget.
+        steps_per_epoch: optimizer steps per epoch (needed for epoch-interval schedulers).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.1)
+        >>> trajectory = sample_learning_rates(opt, [ScheduledLR(sched, "epoch")], 60, 10)
+        >>> [(step, round(lr, 6)) for step, lr in trajectory.changes[0]]
+        [(0, 0.1), (20, 0.01), (40, 0.001)]
+        >>> opt.param_groups[0]["lr"], sched.last_epoch  # the live ones did not move
+        (0.1, 0)
+    """
+    stand_in = _StandIn(optimizer)
+    copies, notes = [], []
+    for entry in schedulers:
+        if _needs_a_metric(entry.scheduler):
+            notes.append(f"{type(entry.scheduler).__name__} follows a metric: not sampled")
+            continue
+        if entry.interval == "epoch" and not steps_per_epoch:
+            notes.append(f"{type(entry.scheduler).__name__}: epoch length unknown, not sampled")
+            continue
+        clone = copy.deepcopy(entry.scheduler, {id(optimizer): stand_in})
+        unit = steps_per_epoch if entry.interval == "epoch" and steps_per_epoch else 1
+        period = max(1, entry.frequency) * unit
+        copies.append((clone, period))
+    steps = total_steps
+    scheduler_steps = sum(math.ceil(total_steps / period) for _, period in copies)
+    if scheduler_steps > MAX_SCHEDULER_STEPS:
+        steps = int(total_steps * MAX_SCHEDULER_STEPS / scheduler_steps)
+        notes.append(f"sampled for the first {steps} of {total_steps} steps")
+    changes: list[list[tuple[int, float]]] = [[(0, _lr(group))] for group in stand_in.param_groups]
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a copy
+        warnings.simplefilter("ignore")
+        for step in range(1, steps):
+            stepped = False
+            for clone, period in copies:
+                if step % period == 0:
+                    clone.step()
+                    stepped = True
+            if stepped:
+                for index, group in enumerate(stand_in.param_groups):
+                    lr = _lr(group)
+                    if lr != changes[index][-1][1]:
+                        changes[index].append((step, lr))
+    return LRTrajectory(tuple(tuple(c) for c in changes), steps, "; ".join(notes))
+
+
+def _lr(group: dict[str, Any]) -> float:
+    value = group["lr"]
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _needs_a_metric(scheduler: Any) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

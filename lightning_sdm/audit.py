@@ -1,0 +1,193 @@
+"""Parameter-group audit: weight-decay set-ups at odds with Spherical Motion Dynamics.
+
+Checked once, before the first step, from the optimizers' param groups and the invariance report:
+
+* ``invariant_without_decay``: scale-invariant weights in a group without weight decay. They
+  have no equilibrium: their norm grows like ``sqrt(t)``, so their effective learning rate
+  ``lr / |w|^2`` decays like ``1/t`` (Arora et al. 2019; SMD section 3) instead of settling.
+* ``decay_on_norm_affine``, ``decay_on_embedding``, ``decay_on_bias``: weight decay on
+  normalisation gains and shifts, embedding tables or biases. Not an error, but these are not
+  scale-invariant: decay only pulls them towards 0 (a frequent grouping bug, e.g. decaying
+  BatchNorm's gamma).
+* ``adam_coupled_l2``: ``torch.optim.Adam`` (or NAdam/RAdam without decoupling) with
+  ``weight_decay > 0`` adds ``wd * w`` to the gradient before the adaptive scaling, so the
+  decay of each weight depends on its gradient history and no prediction follows from the
+  hyper-parameters alone; ``AdamW`` decouples it.
+* ``split_unit``: a unit's weight and the bias before its norm in groups with different
+  hyper-parameters (the unit's angle has no single prediction).
+
+:func:`audit_param_groups` returns :class:`Finding` records; the callback prints each once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_sdm._optimizers import unwrap
+from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
+from lightning_sdm.units import Unit
+
+__all__ = ["Finding", "FindingKind", "audit_param_groups"]
+
+FindingKind = Literal[
+    "invariant_without_decay",
+    "decay_on_norm_affine",
+    "decay_on_embedding",
+    "decay_on_bias",
+    "adam_coupled_l2",
+    "split_unit",
+]
+
+# Names shown per finding before "and N more".
+_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One audit finding: what, for which parameters, and what to do."""
+
+    kind: FindingKind
+    params: tuple[str, ...]
+    message: str
+
+
+def audit_param_groups(
+    module: nn.Module,
+    optimizers: Sequence[Optimizer],
+    units: Iterable[Unit],
+    report: InvarianceReport | None = None,
+) -> list[Finding]:
+    """Findings about the param groups of ``optimizers`` (empty when nothing is wrong).
+
+    Args:
+        module: the model (parameter names are taken from it).
+        optimizers: its optimizers.
+        units: the scale-invariant units (monitored or found).
+        report: the invariance report, to recognise norm affine parameters and embeddings
+            (without it only names and units are used).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_sdm.invariance import find_scale_invariant_units
+        >>> net = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> report = find_scale_invariant_units(net, torch.randn(16, 4))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=1e-4)
+        >>> [f.kind for f in audit_param_groups(net, [opt], report.units, report)]
+        ['decay_on_norm_affine', 'decay_on_bias']
+    """
+    names = {id(p): name for name, p in module.named_parameters()}
+    unit_list = list(units)
+    in_units = {name for unit in unit_list for name in unit.params}
+    roles = _roles(report)
+    found: dict[FindingKind, list[str]] = {}
+    coupled: list[str] = []
+    group_of: dict[str, tuple[int, int, float]] = {}
+    for opt_index, optimizer in enumerate(optimizers):
+        optimizer = unwrap(optimizer)
+        for group_index, group in enumerate(optimizer.param_groups):
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            for param in group["params"]:
+                name = names.get(id(param))
+                if name is None:
+                    continue
+                group_of[name] = (opt_index, group_index, wd)
+                kind = _kind(name, wd, in_units, roles)
+                if kind is not None:
+                    found.setdefault(kind, []).append(name)
+            if wd > 0 and _couples_l2(optimizer, group):
+                coupled.extend(names[id(p)] for p in group["params"] if id(p) in names)
+    findings = [
+        Finding(kind, tuple(params), _MESSAGES[kind](params)) for kind, params in found.items()
+    ]
+    if coupled:
+        findings.append(Finding("adam_coupled_l2", tuple(coupled), _coupled_message(coupled)))
+    split = [unit.name for unit in unit_list if _is_split(unit, group_of)]
+    if split:
+        findings.append(Finding("split_unit", tuple(split), _split_message(split)))
+    order = [*_MESSAGES, "adam_coupled_l2", "split_unit"]
+    return sorted(findings, key=lambda f: order.index(f.kind))
+
+
+def _roles(report: InvarianceReport | None) -> dict[str, str]:
+    if report is None:
+        return {}
+    return {item.name: item.reason for item in report.rejected}
+
+
+def _kind(name: str, wd: float, in_units: set[str], roles: dict[str, str]) -> FindingKind | None:
+    if name in in_units:
+        return "invariant_without_decay" if wd == 0 else None
+    if wd == 0:
+        return None
+    reason = roles.get(name, "")
+    if reason == NORM_AFFINE_REASON:
+        return "decay_on_norm_affine"
+    if reason == EMBEDDING_REASON:
+        return "decay_on_embedding"
+    if name.rsplit(".", 1)[-1] == "bias":
+        return "decay_on_bias"
+    return None
+
+
+def _couples_l2(optimizer: Optimizer, group: dict) -> bool:
+    name = type(optimizer).__name__
+    if name == "Adam":
+        return not group.get("decoupled_weight_decay", False)
+    if name in ("NAdam", "RAdam"):
+        return not group.get("decoupled_weight_decay", False)
+    return name in ("Adagrad", "Adamax", "RMSprop")
+
+
+def _is_split(unit: Unit, group_of: dict[str, tuple[int, int, float]]) -> bool:
+    places = {group_of[name][:2] for name in unit.params if name in group_of}
+    return len(places) > 1
+
+
+def _listing(params: Sequence[str]) -> str:
+    shown = ", ".join(params[:_SHOWN])
+    more = f" and {len(params) - _SHOWN} more" if len(params) > _SHOWN else ""
+    return shown + more
+
+
+_MESSAGES = {
+    "invariant_without_decay": lambda p: (
+        f"scale-invariant weights without weight decay: {_listing(p)}. They have no "
+        "equilibrium: their norm grows like sqrt(t) and their effective learning rate "
+        "lr/|w|^2 decays like 1/t. Give their param group a weight decay (if that was meant)."
+    ),
+    "decay_on_norm_affine": lambda p: (
+        f"weight decay on normalization gains/shifts: {_listing(p)}. They are not "
+        "scale-invariant; decay only pulls them towards 0. Usual practice: a group with "
+        "weight_decay=0 for norm parameters and biases."
+    ),
+    "decay_on_embedding": lambda p: (
+        f"weight decay on embedding tables: {_listing(p)} (not scale-invariant; often "
+        "excluded from decay)."
+    ),
+    "decay_on_bias": lambda p: (
+        f"weight decay on biases that are not part of an invariant unit: {_listing(p)} "
+        "(not scale-invariant; often excluded from decay)."
+    ),
+}
+
+
+def _coupled_message(params: Sequence[str]) -> str:
+    return (
+        f"Adam-style optimizer with coupled L2 weight decay on {_listing(params)}: the decay is "
+        "rescaled by each weight's gradient history, so no equilibrium follows from the "
+        "hyper-parameters. Use torch.optim.AdamW (decoupled decay) to get a prediction."
+    )
+
+
+def _split_message(units: Sequence[str]) -> str:
+    return (
+        f"units whose weight and bias sit in different param groups: {_listing(units)}. Their "
+        "angle has no single prediction; they are not monitored. Put each unit in one group."
+    )

@@ -1,0 +1,280 @@
+"""Advice before step 1, the param-group audit, and the sdm/ keys in Lightning's callback_metrics.
+
+The expected values are computed here from the papers' formulas and closed-form derivatives of the
+schedules (not from the package's code), for the recipes users run: ImageNet ResNet-50's step
+schedule, a nanoGPT-style AdamW warm-up + cosine, a CIFAR cosine by epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm._schedule import ScheduledLR
+from lightning_sdm.advice import advise
+from lightning_sdm.audit import audit_param_groups
+from lightning_sdm.invariance import find_scale_invariant_units
+from tests.helpers import BNNet, loader, noisy_classification_data, trainer
+
+
+def _weight() -> nn.Parameter:
+    return nn.Parameter(torch.ones(8, 8))
+
+
+def _bisect(condition, low: float, high: float) -> float:
+    """The point in [low, high] where ``condition`` turns True (it is False at low)."""
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (low, middle) if condition(middle) else (middle, high)
+    return high
+
+
+def test_imagenet_resnet50_step_schedule() -> None:
+    # SGD m 0.9, lr 0.1, wd 1e-4, /10 at epochs 30 and 60 of 90, 5,005 steps per epoch.
+    opt = torch.optim.SGD([_weight()], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60], gamma=0.1)
+    advice = advise([opt], {"layer1.0.conv1.weight": (0, 0)}, 90 * 5005, 5005, [ScheduledLR(sched)])
+    (group,) = advice.groups
+    assert [(p.start, p.end) for p in group.phases] == [
+        (0, 150150),
+        (150150, 300300),
+        (300300, 450450),
+    ]
+    # SMD: |w|^4 relaxes with rate 4 lr wd / (1 - momentum).
+    for phase, lr in zip(group.phases, (0.1, 0.01, 0.001), strict=True):
+        assert phase.relaxation_time == pytest.approx(0.1 / (4 * lr * 1e-4), rel=1e-12)
+        assert phase.angular_update == pytest.approx(math.sqrt(2 * lr * 1e-4 / 1.9), rel=1e-12)
+    # SMD Cor. 3.1 after the second decay: ceil(ln(10) (1 - 0.9) / (2 * 1e-4 * 1e-3)).
+    third = group.phases[2]
+    assert third.smd_steps == pytest.approx(math.log(10) * 0.1 / (2e-4 * 1e-3), rel=1e-9)
+    assert third.needed == pytest.approx(third.smd_steps, rel=0.05)  # 5% band vs SMD's ~4.5%
+    assert [p.fits for p in group.phases] == [None, True, False]
+    (line,) = advice.warnings()
+    assert "after the LR jump at step 300,300 (0.01 -> 0.001)" in line
+    assert "SMD Cor. 3.1: 1,151,293 steps" in line and "the phase has 150,150 steps" in line
+    assert "7.4x short" in line and "DecayLR(rescale_weights=True)" in line
+    # EMA timescale at the peak LR: 1 / (0.1 * 1e-4) = 100,000 steps = 20 epochs.
+    assert group.ema_timescale == pytest.approx(1e5)
+    assert "20.0 epochs" in advice.table()
+    assert opt.param_groups[0]["lr"] == 0.1 and sched.last_epoch == 0  # the live ones untouched
+
+
+def test_nanogpt_adamw_warmup_cosine_lag_onset() -> None:
+    lr_max, wd, warmup, total = 6e-4, 0.1, 2000, 100_000
+    opt = torch.optim.AdamW([_weight()], lr=lr_max, weight_decay=wd)
+
+    def factor(step: int) -> float:
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / total))
+        return min(1.0, (step + 1) / warmup) * cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    advice = advise([opt], {"h.0.attn.weight": (0, 0)}, total, None, [ScheduledLR(sched, "step")])
+    (group,) = advice.groups
+    assert len(group.phases) == 1  # the warm-up ramp is smooth: no phase boundary
+
+    # AdamW: tau = 1 / (2 lr wd). The weights stop following when |d ln lr / dt| tau > 0.1.
+    def lagging(step: float) -> bool:
+        x = math.pi * step / total
+        lr = lr_max * (0.1 + 0.45 * (1 + math.cos(x)))
+        rate = 0.45 * math.sin(x) * math.pi / total / (0.1 + 0.45 * (1 + math.cos(x)))
+        return rate / (2 * lr * wd) > 0.1
+
+    onset = _bisect(lagging, warmup, total)
+    assert group.phases[0].lag_onset == pytest.approx(onset, abs=2)
+    assert f"from about step {group.phases[0].lag_onset:,} on" in advice.warnings()[0]
+    # The table's tau is at the phase's peak LR (after the warm-up): 1 / (2 lr wd).
+    peak = max(lr_max * factor(step) for step in range(total))
+    assert group.phases[0].relaxation_time == pytest.approx(1 / (2 * peak * wd), rel=1e-9)
+
+
+def test_cifar_cosine_by_epoch_lag_onset() -> None:
+    lr0, wd, epochs, per_epoch = 0.1, 5e-4, 200, 391
+    opt = torch.optim.SGD([_weight()], lr=lr0, momentum=0.9, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    advice = advise([opt], {"conv": (0, 0)}, epochs * per_epoch, per_epoch, [ScheduledLR(sched)])
+    (group,) = advice.groups
+
+    # lr(e) = lr0 (1 + cos(pi e / E)) / 2, tau = (1 - 0.9) / (4 lr wd) steps; lagging once
+    # |d ln lr / d step| tau > 0.1, with d ln lr / de = -(pi / E) tan(pi e / 2E).
+    def lagging(epoch: float) -> bool:
+        lr = lr0 * (1 + math.cos(math.pi * epoch / epochs)) / 2
+        rate = math.pi / epochs * math.tan(math.pi * epoch / (2 * epochs)) / per_epoch
+        return rate * 0.1 / (4 * lr * wd) > 0.1
+
+    onset_epoch = _bisect(lagging, 1, epochs - 1)
+    assert group.phases[0].lag_onset / per_epoch == pytest.approx(onset_epoch, abs=1.0)
+    # The last epochs step the LR down by more than 25% each: one annealing tail, no alarms.
+    assert group.phases[-1].tail and len(group.phases) == 2
+    assert not any("short" in line for line in advice.warnings())
+
+
+@pytest.mark.parametrize(
+    ("lr", "wd", "expected"),
+    [(1e-3, 10.0, "under one epoch"), (1e-2, 1e-7, "longer than the whole run")],
+    ids=["strong", "never_forgets"],
+)
+def test_ema_timescale_notes(lr: float, wd: float, expected: str) -> None:
+    opt = torch.optim.AdamW([_weight()], lr=lr, weight_decay=wd)
+    advice = advise([opt], {"w": (0, 0)}, 1000 * 391, 391)
+    assert advice.groups[0].ema_timescale == pytest.approx(1 / (lr * wd))
+    assert any(expected in line for line in advice.warnings())
+
+
+def test_a_metric_driven_scheduler_is_not_sampled_and_says_so() -> None:
+    opt = torch.optim.SGD([_weight()], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    advice = advise([opt], {"w": (0, 0)}, 1000, 100, [ScheduledLR(plateau)])
+    assert "ReduceLROnPlateau follows a metric: not sampled" in advice.note
+    assert len(advice.groups[0].phases) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Audit
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.conv = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(self.emb(ids)))))
+
+
+def _audit(groups: list[dict[str, Any]], optimizer: type = torch.optim.SGD):
+    torch.manual_seed(0)
+    net = Net()
+    report = find_scale_invariant_units(net, torch.randint(0, 10, (16,)))
+    named = dict(net.named_parameters())
+    opt = optimizer([{**g, "params": [named[n] for n in g["params"]]} for g in groups], lr=0.1)
+    return {f.kind: f.params for f in audit_param_groups(net, [opt], report.units, report)}
+
+
+def test_audit_flags_decay_on_everything() -> None:
+    everything = [{"params": ["emb.weight", "conv.weight", "conv.bias", "bn.weight", "bn.bias",
+                              "head.weight", "head.bias"], "weight_decay": 1e-4}]  # fmt: skip
+    assert _audit(everything) == {
+        "decay_on_norm_affine": ("bn.weight", "bn.bias"),
+        "decay_on_embedding": ("emb.weight",),
+        "decay_on_bias": ("head.bias",),
+    }
+
+
+def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
+    groups = [
+        {"params": ["conv.weight", "conv.bias"], "weight_decay": 0.0},
+        {"params": ["emb.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"],
+         "weight_decay": 0.0},
+    ]  # fmt: skip
+    assert _audit(groups) == {"invariant_without_decay": ("conv.weight", "conv.bias")}
+    adam = [{"params": ["conv.weight", "conv.bias"], "weight_decay": 1e-2},
+            {"params": ["emb.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"],
+             "weight_decay": 0.0}]  # fmt: skip
+    assert _audit(adam, torch.optim.Adam) == {"adam_coupled_l2": ("conv.weight", "conv.bias")}
+    assert _audit(adam, torch.optim.AdamW) == {}
+
+
+def test_audit_flags_a_unit_split_across_groups() -> None:
+    groups = [
+        {"params": ["conv.weight"], "weight_decay": 1e-4},
+        {"params": ["conv.bias"], "weight_decay": 1e-3},
+        {"params": ["emb.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"],
+         "weight_decay": 0.0},
+    ]  # fmt: skip
+    assert _audit(groups)["split_unit"] == ("conv.weight",)
+
+
+# --------------------------------------------------------------------------------------------
+# In the callback, and the sdm/ keys for Lightning's own callbacks
+
+
+class ShortPhases(BNNet):
+    """lr /10 at step 24 of 32: the last phase cannot re-equilibrate (tau = 0.1/(4*0.01*5e-3))."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [24], gamma=0.1)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_the_callback_gives_advice_and_audits_before_measuring(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(ShortPhases(), loader(noisy_classification_data()))
+    assert callback.advice is not None
+    (group,) = callback.advice.groups
+    assert set(group.units) == {"net.0.weight", "net.3.weight"}
+    assert [(p.start, p.end, p.fits) for p in group.phases] == [(0, 24, None), (24, 32, False)]
+    texts = [str(w.message) for w in caught]
+    assert sum("after the LR jump at step 24 (0.1 -> 0.01)" in t for t in texts) == 1
+    # BNNet decays everything: the audit notes the BatchNorm parameters and the classifier bias.
+    kinds = {finding.kind for finding in callback.audit}
+    assert kinds == {"decay_on_norm_affine", "decay_on_bias"}
+
+
+def _fit_with(tmp_path, callbacks, module=None, epochs: int = 3) -> pl.Trainer:
+    run = trainer(tmp_path, callbacks=callbacks, max_epochs=epochs, enable_checkpointing=True)
+    run.fit(module or BNNet(), loader(noisy_classification_data()))
+    return run
+
+
+def test_early_stopping_on_an_sdm_key(tmp_path) -> None:
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    stop = EarlyStopping(
+        monitor="sdm/angular_update_ratio", mode="max", stopping_threshold=0.0,
+        check_on_train_epoch_end=True,
+    )  # fmt: skip
+    run = _fit_with(tmp_path, [sdm, stop], epochs=5)
+    assert {"sdm/equilibrium_fraction", "sdm/regime_count/relaxing"} <= set(run.callback_metrics)
+    assert run.current_epoch == 1  # the threshold (ratio > 0) was reached at the first epoch's end
+    assert stop.stopped_epoch == 0
+
+
+def test_model_checkpoint_on_an_sdm_key(tmp_path) -> None:
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="sdm/angular_update_ratio", mode="max"
+    )
+    _fit_with(tmp_path, [sdm, best], epochs=2)
+
+    # Checked at each epoch's end (steps 16 and 32): the median over the two units' ratios of
+    # the window that closed there.
+    def median_at(step: int) -> float:
+        ratios = [r.ratio for r in sdm.history if r.global_step == step]
+        return sum(ratios) / 2
+
+    assert float(best.best_model_score) == pytest.approx(
+        max(median_at(16), median_at(32)), rel=1e-6
+    )
+
+
+def test_reduce_lr_on_plateau_on_an_sdm_key(tmp_path) -> None:
+    class Plateau(BNNet):
+        def configure_optimizers(self) -> Any:
+            optimizer = super().configure_optimizers()
+            # No epoch can improve by 1000%: after the first, every epoch halves the LR.
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=0, factor=0.5, threshold=10.0
+            )
+            scheduler = {"scheduler": plateau, "monitor": "sdm/angular_update_ratio"}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = _fit_with(tmp_path, [sdm], module=Plateau(), epochs=3)
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
