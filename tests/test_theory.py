@@ -616,3 +616,17 @@ def test_small_helpers() -> None:
     assert result.norms.shape == (6, 2)
     assert result.grad_sq_unit == 4.0
     assert result.norms[0].tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["Muon", "Adafactor"])
+def test_optimizers_without_a_published_equilibrium_say_so(name: str) -> None:
+    # No hyper-parameter-only prediction is derived and checked for these yet: an honest
+    # "unknown" with the reason, never a borrowed formula (Muon's orthogonalised step is not
+    # orthogonal to the weight, so the AdamW/Lion balance does not carry over unchecked).
+    cls = getattr(torch.optim, name, None)
+    if cls is None:
+        pytest.skip(f"torch.optim.{name} is not in this PyTorch")
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    (prediction,) = explain_equilibrium(cls([weight], lr=0.01, weight_decay=0.1))
+    assert prediction.angular_update is None and prediction.rule == "unknown"
+    assert f"no published equilibrium for {name}" in prediction.reason
