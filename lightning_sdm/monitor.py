@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_sdm._compile import outside_compile
 from lightning_sdm._engine import COVERAGE, BatchedStatistics, is_dtensor, local_shard
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
@@ -530,7 +531,7 @@ def _bind(method: Callable[[_OptimizerWatch], None], watch: _OptimizerWatch) -> 
     def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         method(watch)
 
-    return hook
+    return outside_compile(hook)  # a compiled optimizer step must not trace the bookkeeping
 
 
 def _param_groups(optimizer: Optimizer) -> dict[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_sdm._compile import outside_compile
 from lightning_sdm.invariance._analysis import _Analysis
 from lightning_sdm.invariance._graph import (
     _OPAQUE,
@@ -179,13 +181,15 @@ class ScaleInvarianceTracer:
                 if kind is not None:
                     self._kinds[id(sub)] = kind
                 self._handles.append(
-                    sub.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                    sub.register_forward_pre_hook(outside_compile(self._pre_hook), with_kwargs=True)
                 )
                 self._handles.append(
-                    sub.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)
+                    sub.register_forward_hook(
+                        outside_compile(self._post_hook), with_kwargs=True, always_call=True
+                    )
                 )
             self._index_parameters()
-            self._mode = _RecordingMode(self)
+            self._mode = _recording_mode_class()(self)
             self._mode.__enter__()
         except Exception as error:  # never break the user's forward: record nothing instead
             self._fail(error)
@@ -489,6 +493,19 @@ class ScaleInvarianceTracer:
         return InvarianceReport(tuple(units), tuple(rejected), TRACE, notes)
 
 
+def _recording_mode_class() -> type[_RecordingMode]:
+    """:class:`_RecordingMode`, with its handler kept out of dynamo when dynamo is in use."""
+    global _OUTSIDE_COMPILE_MODE
+    if "torch._dynamo" not in sys.modules:
+        return _RecordingMode
+    if _OUTSIDE_COMPILE_MODE is None:
+        handler = outside_compile(_RecordingMode.__torch_function__)
+        _OUTSIDE_COMPILE_MODE = type(
+            "_RecordingModeOutsideCompile", (_RecordingMode,), {"__torch_function__": handler}
+        )
+    return _OUTSIDE_COMPILE_MODE
+
+
 class _RecordingMode(TorchFunctionMode):
     """Records tensor operations run outside the opaque (hooked) modules."""
 
@@ -535,3 +552,7 @@ def _restore_buffer(module: nn.Module, name: str, value: Tensor) -> None:
         return
     if buffer is not None and buffer.shape == value.shape:
         buffer.copy_(value)
+
+
+# Built on first use when dynamo is in use (see _recording_mode_class).
+_OUTSIDE_COMPILE_MODE: type[_RecordingMode] | None = None
