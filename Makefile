@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck unit bench study clean
+.PHONY: demo test test-fast lint typecheck unit bench bench-gpu study clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ study: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py --lightning
 	$(BIN)/python benchmarks/bench_scaling.py
+
+# On a machine with a CUDA device (with a CUDA build of torch installed in the venv).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs

@@ -7,7 +7,13 @@ optimizer step (``w_t`` and ``w_{t+1}`` of every monitored tensor):
   window is open (layout cached, work buffer allocated);
 * ``functional``: :func:`lightning_sdm.angular_update_statistics` from scratch (validation,
   cached layout, work buffer allocated and freed by the call);
-* ``snapshot copy``: the ``_foreach_copy_`` of the weights taken before the step, for scale.
+* ``snapshot copy``: the ``_foreach_copy_`` of the weights taken before the step, for scale;
+* ``floor``: the cheapest eager measurement of the same step, the yardstick of the issue: the
+  snapshot copy plus the three sums the angle needs computed with the fewest eager passes
+  (``_foreach_norm`` of ``w_t`` and of ``w_{t+1}``, and ``<w_t, w_{t+1}>`` by ``torch.vdot``
+  per tensor), in float32, so less exact than the monitor's float64 partial sums. ``x floor`` is
+  (snapshot copy + monitor path) / floor: what a measured step costs in the hooks, relative to
+  that yardstick.
 
 CPU time of the calling thread (``time.thread_time``), median over ``--repeats``; ``ns/elem`` is
 that time per monitored element. Memory: ``work buffers`` are the bytes of the float64 buffers the
@@ -84,7 +90,12 @@ class Case:
         self.label, self.total, self.count, self.dim = label, total, count, dim
         self.prev, self.curr, self.snapshot = make_tensors(total, count)
         self.batched = BatchedStatistics([dim] * count)
-        self.times: dict[str, list[float]] = {"monitor": [], "functional": [], "copy": []}
+        self.times: dict[str, list[float]] = {
+            "monitor": [],
+            "functional": [],
+            "copy": [],
+            "floor": [],
+        }
 
     def run_once(self) -> None:
         prev, curr, dim = self.prev, self.curr, self.dim
@@ -96,6 +107,14 @@ class Case:
         self.times["copy"].append(
             cpu_seconds(lambda: torch._foreach_copy_(self.snapshot, self.prev))
         )
+        self.times["floor"].append(cpu_seconds(self._floor))
+
+    def _floor(self) -> None:
+        torch._foreach_copy_(self.snapshot, self.prev)
+        torch._foreach_norm(self.snapshot)
+        torch._foreach_norm(self.curr)
+        for before, after in zip(self.snapshot, self.curr, strict=True):
+            torch.vdot(before.view(-1), after.view(-1))
 
     def work_memory(self) -> int | None:
         prev, curr, dim = self.prev, self.curr, self.dim
@@ -118,8 +137,8 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
         f"### {title}",
         "",
         f"| {first_column} | monitor path (ms) | ns/elem | functional (ms) | ns/elem | "
-        "snapshot copy (ms) | work buffers | peak RSS added |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "snapshot copy (ms) | floor (ms) | x floor | work buffers | peak RSS added |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
         memory = case.work_memory()
@@ -131,7 +150,12 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
                 cells += [f"{seconds * 1e3:.2f}", f"{seconds * 1e9 / case.total:.2f}"]
             else:
                 cells += ["n/a", "n/a"]
-        cells.append(f"{statistics.median(case.times['copy']) * 1e3:.2f}")
+        copy, floor = (statistics.median(case.times[k]) for k in ("copy", "floor"))
+        cells.append(f"{copy * 1e3:.2f}")
+        cells.append(f"{floor * 1e3:.2f}")
+        monitor = case.times["monitor"]
+        ratio = (copy + statistics.median(monitor)) / floor if monitor and floor > 0 else None
+        cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
         workspace = getattr(case.batched, "workspace_bytes", None)
         cells.append("n/a" if workspace is None else f"{workspace / 2**20:.2f} MiB")
         cells.append("n/a" if memory is None else f"{memory / 2**20:.1f} MiB")

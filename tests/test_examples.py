@@ -248,3 +248,20 @@ def test_fsdp2_example(tmp_path: Path):
     assert "features.7.weight: DTensor, local shard [32, 64, 3, 3] of [64, 64, 3, 3]" in out
     metrics = tmp_path / "logs" / "fsdp2_example" / "version_0" / "metrics.csv"
     assert "sdm/angular_update/features.0.weight" in metrics.read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    # The GPU check is run where a device is lent; its CPU smoke run keeps it from rotting.
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "gpu.json")])
+    assert all(row["angle_rel_error"] < 1e-12 for row in results["exactness"])
+    assert results["no_sync"]["windows"] > 0
+    assert results["kernels_per_measurement"]["100"] > 0
+    assert set(results["overhead"]) == {"step_ms_no_monitor", "every step (1/1)", "default (50/8)"}
+    assert (tmp_path / "gpu.json").exists()
