@@ -10,16 +10,17 @@ TensorBoard (:class:`~lightning.pytorch.loggers.TensorBoardLogger`), when monito
 custom-scalars layout (the "Custom Scalars" dashboard) with
 
 * category ``SDM per unit``: one chart per unit with the measured angular update and the
-  prediction (with ``granularity="channel"``: the channels' median, 10th and 90th percentiles and
-  the prediction);
+  prediction; with ``granularity="channel"``, two per unit: a margin chart of the channels'
+  median with their 10th-90th percentile band, and the channels' median with the prediction;
 * category ``SDM overview``: every unit's ratio measured / predicted with the median ratio, and
   every unit's weight norm.
 
 Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
 
-* when monitoring starts: ``define_metric("sdm/*", step_metric="trainer/global_step")``, and the
-  theory's inputs in the run config under ``sdm`` (the callback's settings, and per unit the
-  optimizer, rule, hyper-parameters, prediction and source);
+* when monitoring starts: ``define_metric("sdm/*", step_metric=<the logger's step key>)`` (see
+  :func:`wandb_step_key`: ``trainer/global_step`` for Lightning's own logger), and the theory's
+  inputs in the run config under ``sdm`` (the callback's settings, and per unit the optimizer,
+  rule, hyper-parameters, prediction and source);
 * at the end of fit: run-summary entries per unit, ``sdm/summary/<unit>/equilibrium_step``
   (-1: never reached), ``final_ratio``, ``final_angular_update``, ``final_theory`` and
   ``final_weight_norm`` (the last window's values; ratio and theory are left out where theory
@@ -46,11 +47,13 @@ from lightning_sdm.theory import Prediction
 
 __all__ = [
     "TABLE_COLUMNS",
+    "WANDB_STEP_KEY_ATTRIBUTES",
     "UnitResult",
     "on_monitoring_finished",
     "on_monitoring_started",
     "tensorboard_layout",
     "unit_results",
+    "wandb_step_key",
 ]
 
 
@@ -117,8 +120,11 @@ def unit_results(
     return results
 
 
-# Percentiles shown per unit with granularity="channel" (keys of `CHANNEL_SUMMARIES`).
-_CHANNEL_LINES = ("median", "p10", "p90")
+# The margin chart of a unit with granularity="channel": value, lower and upper bound (keys of
+# `CHANNEL_SUMMARIES`).
+_CHANNEL_MARGIN = ("median", "p10", "p90")
+#: Where a WandbLogger may name the key it logs the step under (checked in this order).
+WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -170,8 +176,11 @@ def tensorboard_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     r"""The custom-scalars layout for ``units`` (the argument of ``add_custom_scalars``).
 
-    Tags are anchored, escaped regular expressions, so ``net.1.weight`` never matches
-    ``net.11.weight``. Units in ``channel_units`` show their channels' median, p10 and p90.
+    Multiline charts take anchored, escaped regular expressions, so ``net.1.weight`` never
+    matches ``net.11.weight``. A unit in ``channel_units`` gets a ``Margin`` chart, whose three
+    tags are exact tag names (TensorBoard's margin chart reads them literally): the channels'
+    median between their 10th and 90th percentiles; and a multiline chart of that median and
+    the prediction.
 
     Example::
 
@@ -181,6 +190,13 @@ def tensorboard_layout(
         ('Multiline', '^sdm/angular_update/net\\.0\\.weight$')
         >>> sorted(layout["SDM overview"])
         ['angular update / theory', 'weight norm']
+        >>> layout = tensorboard_layout(["net.0.weight"], channel_units=["net.0.weight"])
+        >>> band, median = layout["SDM per unit"].values()
+        >>> band  # doctest: +NORMALIZE_WHITESPACE
+        ['Margin', ['sdm/angular_update/net.0.weight/median',
+                    'sdm/angular_update/net.0.weight/p10', 'sdm/angular_update/net.0.weight/p90']]
+        >>> median[0]
+        'Multiline'
     """
 
     def tag(key: str) -> str:
@@ -190,15 +206,24 @@ def tensorboard_layout(
     ratios, norms = [], []
     by_channel = set(channel_units)
     for unit in units:
+        theory = tag(f"{Keys.THEORY}{unit}")
         if unit in by_channel:
-            lines = [tag(f"{Keys.ANGULAR_UPDATE}{unit}/{key}") for key in _CHANNEL_LINES]
+            band = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
+            per_unit[f"{unit}: angular update, channels' median and p10-p90 band (rad/step)"] = [
+                "Margin",
+                band,
+            ]
+            per_unit[f"{unit}: channels' median angular update and prediction (rad/step)"] = [
+                "Multiline",
+                [tag(f"{Keys.ANGULAR_UPDATE}{unit}/median"), theory],
+            ]
             ratios.append(tag(f"{Keys.RATIO}{unit}/median"))
-            title = f"{unit}: angular update, channels' median/p10/p90 (rad/step)"
         else:
-            lines = [tag(f"{Keys.ANGULAR_UPDATE}{unit}")]
+            per_unit[f"{unit}: angular update (rad/step)"] = [
+                "Multiline",
+                [tag(f"{Keys.ANGULAR_UPDATE}{unit}"), theory],
+            ]
             ratios.append(tag(f"{Keys.RATIO}{unit}"))
-            title = f"{unit}: angular update (rad/step)"
-        per_unit[title] = ["Multiline", [*lines, tag(f"{Keys.THEORY}{unit}")]]
         norms.append(tag(f"{Keys.WEIGHT_NORM}{unit}"))
     overview = {
         "angular update / theory": ["Multiline", [*ratios, tag(Keys.MEDIAN_RATIO)]],
@@ -255,9 +280,31 @@ def _tensorboard_layout(
     _LAYOUT_WRITTEN.add(writer)
 
 
-def _wandb_step_metric(logger: WandbLogger) -> str:
-    """The x axis Lightning logs W&B metrics against (``global_step`` when TB is synced)."""
-    synced = bool(getattr(logger, "_wandb_init", {}).get("sync_tensorboard"))
+def wandb_step_key(logger: Logger) -> str:
+    """The key a WandbLogger logs the step under, the x axis of the ``sdm/*`` metrics.
+
+    Read from the logger: the first of :data:`WANDB_STEP_KEY_ATTRIBUTES` that holds a non-empty
+    string (a subclass, or a Lightning release that makes the key configurable). Otherwise
+    Lightning's own (2.2 to 2.6 at least; ``lightning/pytorch/loggers/wandb.py``), which has no
+    such setting: ``log_metrics`` adds ``"trainer/global_step": step`` and ``experiment``
+    defines it as the axis of ``*``, except with ``sync_tensorboard=True``, where no step key is
+    logged and the axis is TensorBoard's ``global_step``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> wandb_step_key(SimpleNamespace(_wandb_init={}))
+        'trainer/global_step'
+        >>> wandb_step_key(SimpleNamespace(_wandb_init={"sync_tensorboard": True}))
+        'global_step'
+        >>> wandb_step_key(SimpleNamespace(_wandb_init={}, _step_key="step"))
+        'step'
+    """
+    for name in WANDB_STEP_KEY_ATTRIBUTES:
+        key = getattr(logger, name, None)
+        if isinstance(key, str) and key:
+            return key
+    synced = bool((getattr(logger, "_wandb_init", None) or {}).get("sync_tensorboard"))
     return "global_step" if synced else "trainer/global_step"
 
 
@@ -269,7 +316,7 @@ def _wandb_start(
     predictions: Mapping[str, Mapping[str, Any]],
 ) -> None:
     run = logger.experiment
-    step_metric = _wandb_step_metric(logger)
+    step_metric = wandb_step_key(logger)
     run.define_metric(f"{_prefix(logger)}{Keys.PREFIX}*", step_metric=step_metric, step_sync=True)
     config = {"sdm": {**settings, "units": {unit: dict(p) for unit, p in predictions.items()}}}
     run.config.update(config, allow_val_change=True)

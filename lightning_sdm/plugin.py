@@ -24,6 +24,14 @@ the Trainer (or the LightningModule's ``configure_callbacks``) already has a
 ``trainer.callbacks`` at ``setup``, before it measures anything. (Lightning calls the factory
 without the Trainer, so it cannot know earlier; the plugin's callback has its own ``state_key``
 so that the two can coexist until then: Lightning refuses two stateful callbacks with one key.)
+
+Fabric: ``Fabric()`` calls the factories of ``lightning.fabric.callbacks_factory``, where
+:func:`fabric_callbacks_factory` is registered. With ``LIGHTNING_SDM`` on it returns one
+:class:`~lightning_sdm._fabric_plugin.FabricSphericalDynamics`, configured from the same variables
+(an invalid one raises in ``Fabric()``; ``LIGHTNING_SDM_EVERY_N_STEPS`` defaults to 50, and an
+``LIGHTNING_SDM_ON_EQUILIBRIUM`` other than ``warn`` is reported, not carried out). Fabric calls
+few hooks by itself, so that object works differently from the callback: see
+:mod:`lightning_sdm._fabric_plugin`.
 """
 
 from __future__ import annotations
@@ -37,9 +45,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_sdm._fabric_plugin import FabricSphericalDynamics, fabric_callback
 from lightning_sdm.callback import SphericalDynamicsCallback
 
-__all__ = ["ENV_PREFIX", "EnvSphericalDynamicsCallback", "callbacks_factory", "settings_from_env"]
+__all__ = [
+    "ENV_PREFIX",
+    "EnvSphericalDynamicsCallback",
+    "FabricSphericalDynamics",
+    "callbacks_factory",
+    "fabric_callback",
+    "fabric_callbacks_factory",
+    "settings_from_env",
+]
 
 #: The switch; the settings are ``ENV_PREFIX + "_" + NAME``.
 ENV_PREFIX = "LIGHTNING_SDM"
@@ -165,3 +182,17 @@ def callbacks_factory() -> list[Callback]:
     if not enabled():
         return []
     return [EnvSphericalDynamicsCallback(**settings_from_env())]
+
+
+def fabric_callbacks_factory() -> list[Any]:
+    """Entry point ``lightning.fabric.callbacks_factory``: ``[]`` unless ``LIGHTNING_SDM`` is on.
+
+    With it on, one :class:`~lightning_sdm._fabric_plugin.FabricSphericalDynamics` configured
+    from the same variables; :func:`fabric_callback` finds it in a ``Fabric``.
+
+    Raises:
+        ValueError: for an invalid ``LIGHTNING_SDM*`` value (the message names the variable).
+    """
+    if not enabled():
+        return []
+    return [FabricSphericalDynamics(**settings_from_env())]

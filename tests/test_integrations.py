@@ -86,10 +86,19 @@ def _read_tensorboard(log_dir):
     layout = layout_pb2.Layout()
     layout.ParseFromString(events[0].tensor_proto.string_val[0])
     charts = {
-        category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+        category.title: {chart.title: _chart(chart) for chart in category.chart}
         for category in layout.category
     }
     return scalars, charts
+
+
+def _chart(chart):
+    """A multiline chart: its tag regexes; a margin chart: ("Margin", [(value, lower, upper)])."""
+    kind = chart.WhichOneof("content")
+    if kind == "margin":
+        return ("Margin", [(s.value, s.lower, s.upper) for s in chart.margin.series])
+    assert kind == "multiline", kind
+    return list(chart.multiline.tag)
 
 
 def _resolve(patterns, tags):
@@ -167,16 +176,34 @@ def test_csv_and_tensorboard_together_channel_granularity(tmp_path):
             assert f"sdm/angular_update/{unit}/{key}" in csv_scalars
             assert f"sdm/angular_update_ratio/{unit}/{key}" in csv_scalars
 
-    # Channel layout: median, p10, p90 and the prediction per unit; the channels' median ratio.
+    # Channel layout, per unit: a margin chart (the channels' median between p10 and p90) and the
+    # median with the prediction; in the overview, the channels' median ratio.
     tags = list(tb_scalars)
+    per_unit = charts["SDM per unit"]
+    assert list(per_unit) == [
+        title
+        for unit in UNITS
+        for title in (
+            f"{unit}: angular update, channels' median and p10-p90 band (rad/step)",
+            f"{unit}: channels' median angular update and prediction (rad/step)",
+        )
+    ]
     for unit in UNITS:
-        patterns = charts["SDM per unit"][
-            f"{unit}: angular update, channels' median/p10/p90 (rad/step)"
-        ]
+        band = f"{unit}: angular update, channels' median and p10-p90 band (rad/step)"
+        kind, series = per_unit[band]
+        # Margin tags are exact tag names (not regexes) of scalars that were logged.
+        value, lower, upper = keys = (
+            f"sdm/angular_update/{unit}/median",
+            f"sdm/angular_update/{unit}/p10",
+            f"sdm/angular_update/{unit}/p90",
+        )
+        assert (kind, series) == ("Margin", [keys])
+        assert all(sorted(tb_scalars[key]) == STEPS for key in keys)
+        for step in STEPS:  # the band holds the value
+            assert tb_scalars[lower][step] <= tb_scalars[value][step] <= tb_scalars[upper][step]
+        patterns = per_unit[f"{unit}: channels' median angular update and prediction (rad/step)"]
         assert _resolve(patterns, tags) == [
             [f"sdm/angular_update/{unit}/median"],
-            [f"sdm/angular_update/{unit}/p10"],
-            [f"sdm/angular_update/{unit}/p90"],
             [f"sdm/angular_update_theory/{unit}"],
         ]
     assert _resolve(charts["SDM overview"]["angular update / theory"], tags) == [
@@ -215,6 +242,34 @@ def test_tensorboard_layout_anchors_and_escapes():
         assert not re.match(measured, other)
     assert not re.match(measured, "run-sdm/angular_update/net.1.weight/median")
     assert re.match(theory, "run-sdm/angular_update_theory/net.1.weight")
+
+
+def test_tensorboard_margin_chart_tags_are_exact_names_with_the_prefix():
+    layout = integrations.tensorboard_layout(
+        ["net.1.weight", "net.2.weight"], channel_units=["net.1.weight"], prefix="run-"
+    )
+    per_unit = layout["SDM per unit"]
+    band = "net.1.weight: angular update, channels' median and p10-p90 band (rad/step)"
+    assert per_unit[band] == [
+        "Margin",
+        [f"run-sdm/angular_update/net.1.weight/{key}" for key in ("median", "p10", "p90")],
+    ]
+    # The unit logged whole keeps its one chart; and torch writes the layout as given.
+    assert [title for title in per_unit if title.startswith("net.2.weight")] == [
+        "net.2.weight: angular update (rad/step)"
+    ]
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    (value,) = custom_scalars(layout).value
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    parsed = layout_pb2.Layout()
+    parsed.ParseFromString(value.tensor.string_val[0])
+    (series,) = parsed.category[0].chart[0].margin.series
+    assert (series.value, series.lower, series.upper) == tuple(
+        f"run-sdm/angular_update/net.1.weight/{key}" for key in ("median", "p10", "p90")
+    )
 
 
 # ---------------------------------------------------------------------- Weights & Biases

@@ -32,6 +32,21 @@ def test_the_entry_point_is_registered():
     assert entry.load() is callbacks_factory
 
 
+def test_trainer_and_fabric_each_get_their_own_object(monkeypatch, tmp_path):
+    from lightning.fabric import Fabric
+
+    from lightning_sdm.plugin import FabricSphericalDynamics, fabric_callback
+
+    monkeypatch.setenv("LIGHTNING_SDM", "1")
+    run = pl.Trainer(default_root_dir=tmp_path, logger=False)
+    assert [type(cb) for cb in run.callbacks if "lightning_sdm" in type(cb).__module__] == [
+        EnvSphericalDynamicsCallback
+    ]
+    fabric = Fabric(accelerator="cpu", devices=1)
+    assert [type(cb) for cb in fabric._callbacks] == [FabricSphericalDynamics]
+    assert fabric_callback(fabric) is fabric._callbacks[0]
+
+
 @pytest.mark.parametrize("value", [None, "", "0", "false", "No", "off"])
 def test_off_adds_nothing(monkeypatch, tmp_path, value):
     if value is not None:

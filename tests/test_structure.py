@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"monitor", "cli", "validation", "audit"},
     {"actions", "integrations", "_discovery", "_resume"},
     {"_notices"},
-    {"callback"},
+    {"callback", "_fabric_plugin"},
     {"plugin"},
 ]
 # Entry points that only forward to other modules.
