@@ -147,6 +147,11 @@ class Advice:
             lines.append(f"Note: {self.note}")
         return "\n".join(lines)
 
+    def text(self) -> str:
+        """The table, then the actionable lines."""
+        warnings = self.warnings()
+        return self.table() + ("\n\n" + "\n".join(f"! {w}" for w in warnings) if warnings else "")
+
     def as_dict(self) -> dict[str, Any]:
         """Plain values (for run configs and summaries)."""
         return {

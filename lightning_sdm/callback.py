@@ -385,6 +385,8 @@ class SphericalDynamicsCallback(Callback):
                 settings={**asdict(self.config), **self._detection()},
                 predictions={name: p.as_dict() for name, p in predictions.items()},
                 warned=self._integration_failures,
+                advice=self.advice.as_dict() if self.advice else None,
+                advice_text=self.advice.text() if self.advice else "",
             )
 
     def _detection(self) -> dict[str, Any]:

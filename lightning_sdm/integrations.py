@@ -139,6 +139,8 @@ def on_monitoring_started(
     settings: Mapping[str, Any],
     predictions: Mapping[str, Mapping[str, Any]],
     warned: set[str],
+    advice: Mapping[str, Any] | None = None,
+    advice_text: str = "",
 ) -> None:
     """Once the monitored units are known: TensorBoard layout, W&B step axis and config.
 
@@ -149,12 +151,17 @@ def on_monitoring_started(
         settings: the callback's settings (for the W&B config).
         predictions: per unit, the theory's inputs and value (plain values).
         warned: the integrations that already reported a failure (updated).
+        advice: what theory predicts for these settings (:meth:`Advice.as_dict
+            <lightning_sdm.advice.Advice.as_dict>`): in the W&B config under ``sdm/advice``.
+        advice_text: the same as text (table and warnings): a TensorBoard text ``sdm/advice``.
     """
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             _tensorboard_layout(logger, warned, units, channel_units)
+            if advice_text:
+                _tensorboard_advice(logger, warned, advice_text)
         elif isinstance(logger, WandbLogger):
-            _wandb_start(logger, warned, settings, predictions)
+            _wandb_start(logger, warned, settings, predictions, advice)
 
 
 def on_monitoring_finished(
@@ -280,6 +287,13 @@ def _tensorboard_layout(
     _LAYOUT_WRITTEN.add(writer)
 
 
+@_guarded("TensorBoard advice text")
+def _tensorboard_advice(logger: TensorBoardLogger, warned: set[str], text: str) -> None:
+    # Markdown: indented by four spaces, the table keeps its columns.
+    body = "\n".join("    " + line for line in text.splitlines())
+    logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}advice", body, global_step=0)
+
+
 def wandb_step_key(logger: Logger) -> str:
     """The key a WandbLogger logs the step under, the x axis of the ``sdm/*`` metrics.
 
@@ -314,11 +328,14 @@ def _wandb_start(
     warned: set[str],
     settings: Mapping[str, Any],
     predictions: Mapping[str, Mapping[str, Any]],
+    advice: Mapping[str, Any] | None = None,
 ) -> None:
     run = logger.experiment
     step_metric = wandb_step_key(logger)
     run.define_metric(f"{_prefix(logger)}{Keys.PREFIX}*", step_metric=step_metric, step_sync=True)
     config = {"sdm": {**settings, "units": {unit: dict(p) for unit, p in predictions.items()}}}
+    if advice is not None:
+        config["sdm"]["advice"] = dict(advice)
     run.config.update(config, allow_val_change=True)
 
 

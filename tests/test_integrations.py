@@ -139,6 +139,19 @@ def test_tensorboard_scalars_and_layout(tmp_path):
     ]
     assert _resolve(overview["weight norm"], tags) == [[f"sdm/weight_norm/{u}"] for u in UNITS]
 
+    # The advice is a text summary, written once, equal to what the callback printed.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logger.log_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (event,) = accumulator.Tensors("sdm/advice/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert callback.advice is not None
+    assert [line.strip() for line in text.splitlines()] == [
+        line.strip() for line in callback.advice.text().splitlines()
+    ]
+    assert "tau (at peak lr)" in text and ", ".join(UNITS) in text
+
     # A second fit on the same logger (and writer) keeps the one layout.
     _fit(tmp_path, logger)
     _, charts_again = _read_tensorboard(logger.log_dir)
@@ -361,6 +374,10 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
     assert (entry["lr"], entry["weight_decay"], entry["momentum"]) == (0.1, 5e-3, 0.9)
     assert entry["prediction"] == pytest.approx(THEORY, rel=1e-12)
     assert "Spherical Motion Dynamics" in entry["source"]
+    advice = config["advice"]
+    assert [sorted(group["units"]) for group in advice["groups"]] == [[with_theory], [without]]
+    assert advice["groups"][0]["prediction"] == pytest.approx(THEORY, rel=1e-12)
+    assert advice["groups"][1]["prediction"] is None  # no weight decay: nothing predicted
     entry = config["units"][without]
     assert (entry["rule"], entry["weight_decay"], entry["prediction"]) == (
         "no_weight_decay",
