@@ -474,14 +474,7 @@ class EquilibriumPolicy:
         ``cooldown``.
         """
         event = _make_event(detector, windows, context.global_step, self.action.name)
-        self.events.append(event)
-        event = self.action(event, context)
-        self.events[-1] = event
-        if event.new_lrs or event.cooldown:
-            # The target moved: equilibrium is forgotten, and reaching it again is a new event.
-            detector.restart(event.cooldown)
-            self._quorum_reached = False
-        return event
+        return self._carry_out(event, detector, context)
 
     def fire_deadline(
         self,
@@ -491,11 +484,16 @@ class EquilibriumPolicy:
     ) -> EquilibriumEvent:
         """Carry out the action the budget calls for (its ``deadline``), equilibrium or not."""
         event = _make_event(detector, windows, context.global_step, self.action.name)
-        event = replace(event, criterion="budget")
-        self.events.append(event)
+        return self._carry_out(replace(event, criterion="budget"), detector, context)
+
+    def _carry_out(
+        self, event: EquilibriumEvent, detector: EquilibriumDetector, context: ActionContext
+    ) -> EquilibriumEvent:
+        self.events.append(event)  # recorded first: a failing user callable leaves it there
         event = self.action(event, context)
         self.events[-1] = event
         if event.new_lrs or event.cooldown:
+            # The target moved: equilibrium is forgotten, and reaching it again is a new event.
             detector.restart(event.cooldown)
             self._quorum_reached = False
         return event
