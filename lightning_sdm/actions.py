@@ -460,6 +460,38 @@ class EquilibriumPolicy:
         self._quorum_reached = reached
         return entered
 
+    def act(
+        self,
+        detector: EquilibriumDetector,
+        monitor: SphericalMonitor,
+        windows: Sequence[UnitWindow],
+        trainer: Any,
+        pl_module: Any,
+    ) -> EquilibriumEvent | None:
+        """The event of this batch of windows, if one is due, carried out; else ``None``.
+
+        Due when the quorum enters equilibrium (agreed across ranks with the strategy's
+        ``reduce_boolean_decision``: the values are identical on all ranks already, since the
+        statistics are reduced before any angle, and agreeing keeps the decision collective even
+        if that ever changed), or at the action's budget deadline. ``trainer`` is duck-typed:
+        ``strategy``, ``global_step``, ``lr_scheduler_configs``, ``should_stop``,
+        ``estimated_stepping_batches``.
+        """
+        reached = bool(trainer.strategy.reduce_boolean_decision(detector.reached(), all=True))
+        total = budget_of(trainer)
+        due = self.action.deadline(trainer.global_step, total)
+        entering = self.entering(reached)  # always: it tracks the quorum's state
+        if not (due or entering):
+            return None
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        context = ActionContext.from_monitor(
+            monitor, trainer.global_step, schedulers, trainer, pl_module, total
+        )
+        event = (self.fire_deadline if due else self.fire)(detector, windows, context)
+        if context.stop_requested:
+            trainer.should_stop = True
+        return event
+
     def fire(
         self,
         detector: EquilibriumDetector,

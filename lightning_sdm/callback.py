@@ -25,7 +25,6 @@ from lightning_sdm._discovery import UnitDiscovery
 from lightning_sdm._notices import Notices
 from lightning_sdm._resume import adopt_state
 from lightning_sdm.actions import (
-    ActionContext,
     EquilibriumAction,
     EquilibriumPolicy,
     as_action,
@@ -432,24 +431,11 @@ class SphericalDynamicsCallback(Callback):
     def _act(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
     ) -> dict[str, float]:
-        """One event when the quorum enters equilibrium, decided alike on every rank."""
-        # Values are identical on all ranks already (statistics are reduced before any angle);
-        # agreeing explicitly keeps the decision collective even if that ever changed.
-        reached = bool(trainer.strategy.reduce_boolean_decision(self.detector.reached(), all=True))
-        total = budget_of(trainer)
-        due = self.policy.action.deadline(trainer.global_step, total)
-        entering = self.policy.entering(reached)
-        if not (due or entering):
-            return {}
+        """The event of these windows, if one is due (decided alike on every rank)."""
         assert self.monitor is not None
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        context = ActionContext.from_monitor(
-            self.monitor, trainer.global_step, schedulers, trainer, pl_module, total
-        )
-        fire = self.policy.fire_deadline if due else self.policy.fire
-        event = fire(self.detector, windows, context)
-        if context.stop_requested:
-            trainer.should_stop = True
+        event = self.policy.act(self.detector, self.monitor, windows, trainer, pl_module)
+        if event is None:
+            return {}
         action = self.policy.action
         text = describe_event(event, decays_of(action))
         (rank_zero_warn if action.warns else rank_zero_info)(text)
