@@ -244,7 +244,11 @@ def test_a_failing_integration_warns_once_and_training_goes_on(tmp_path, monkeyp
     accumulator = EventAccumulator(loggers[1].log_dir)
     accumulator.Reload()
     assert "sdm/angular_update_ratio" in accumulator.Tags()["scalars"]
-    assert accumulator.Tags()["tensors"] == []  # no layout
+    assert "custom_scalars__config__" not in accumulator.Tags()["tensors"]  # no layout
+    with pytest.raises(KeyError, match="custom_scalars"):
+        accumulator.PluginTagToContent("custom_scalars")
+    # The other integrations of that logger still ran: the advice text is there.
+    assert "sdm/advice/text_summary" in accumulator.Tags()["tensors"]
 
 
 def test_tensorboard_layout_anchors_and_escapes():
