@@ -18,18 +18,31 @@ event files agree with the history to about 1e-7 relative; ``metrics.csv`` holds
 Logs hold only the overall ``sdm/equilibrium_fraction``, not which unit was in equilibrium: per
 unit, :meth:`RunData.equilibrium` is exact for the history (and for a run with one unit), and
 otherwise says what the fraction allows (never reached, or reached by all units by a step).
+
+Logs are read defensively (a :class:`RunDataWarning` says what was skipped): only regular files
+are opened; ``metrics.csv`` is parsed in blocks into arrays (by pandas' C parser for large files,
+when installed), without rows whose ``step`` is not a whole number from 0 to 2^53; a damaged event
+file (TensorBoard's reader stops silently at a bad record) is reported with the step it ends at.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import io
+import logging
 import math
 import os
 import re
+import stat
+import warnings
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import numpy as np
 
 from lightning_sdm.records import REGIME_CODES, REGIMES, HistoryRecord, Keys
 
@@ -37,6 +50,7 @@ __all__ = [
     "EquilibriumInfo",
     "RunData",
     "RunDataError",
+    "RunDataWarning",
     "RunLocation",
     "Series",
     "UnitSummary",
@@ -60,31 +74,61 @@ TENSORBOARD = "tensorboard"
 CSV = "csv"
 HISTORY = "history"
 
+_REGIME_NAMES = {float(code): name for name, code in REGIME_CODES.items()}
 _EVENTS_PREFIX = "events.out.tfevents."
 _METRICS_CSV = "metrics.csv"
 # LearningRateMonitor logs ``lr-<Optimizer>[/pg<i>]`` and, optionally, momentum / weight decay.
 _LR_KEY = re.compile(r"^lr-.*$")
 _NOT_LR_SUFFIXES = ("-momentum", "-weight_decay")
+# A CSVLogger line is a few KB even with thousands of units: a longer one is not a metrics log.
+_MAX_LINE = 8 << 20
+_BLOCK = 4 << 20  # metrics.csv is parsed in blocks of whole lines of about this size
+_PANDAS_FROM = 16 << 20  # pandas' C parser (when installed) for files from this size
+_MAX_STEP = 2**53  # steps are stored as float in the file: beyond this they are not exact
+# A cell that parses to -0.0: the fast parser uses -0 to stand for logged NaN (see _parse_fast).
+_NEGATIVE_ZERO = re.compile(rb"-(?:0+\.?0*|\.0+)(?:[eE][-+]?[0-9]+)?(?=[,\r\n]|\Z)")
+# What a path that is not a regular file is, by the first letter of `ls -l` (stat.filemode).
+_FILE_TYPES = {"d": "a directory", "p": "a FIFO", "c": "a character device", "s": "a socket"}
 
 
 class RunDataError(ValueError):
     """A run cannot be found or read, or holds no ``sdm/`` data (the message says which)."""
 
 
+class RunDataWarning(UserWarning):
+    """Part of a log was skipped or is damaged; what was readable is used (the message says)."""
+
+
 @dataclass(frozen=True)
 class Series:
-    """One scalar over training steps, in logging order."""
+    """One scalar over training steps, in logging order.
 
-    steps: tuple[int, ...]
-    values: tuple[float, ...]
+    ``steps`` and ``values`` are ``array("q")`` and ``array("d")`` (sequences given are converted):
+    16 MB per 2,000,000 values, not the 70 MB of tuples. Read-only: series may share their steps.
+    """
+
+    steps: Sequence[int] | np.ndarray
+    values: Sequence[float] | np.ndarray
+
+    def __post_init__(self) -> None:
+        for name, typecode, dtype in (("steps", "q", np.int64), ("values", "d", np.float64)):
+            data = getattr(self, name)
+            if not (isinstance(data, array) and data.typecode == typecode):
+                # Through numpy: 2,000,000 values one by one into an array take a second.
+                object.__setattr__(self, name, array(typecode, np.asarray(data, dtype).tobytes()))
+        if len(self.steps) != len(self.values):
+            raise ValueError(f"{len(self.steps)} steps but {len(self.values)} values")
 
     def __len__(self) -> int:
         return len(self.steps)
 
+    def __hash__(self) -> int:  # by the steps: NaN values hash by identity
+        return hash((len(self.steps), tuple(self.steps[:4]), tuple(self.steps[-4:])))
+
     @property
     def last(self) -> float:
         """The last value (NaN for an empty series)."""
-        return self.values[-1] if self.values else math.nan
+        return self.values[-1] if len(self.values) else math.nan
 
     def items(self) -> Iterator[tuple[int, float]]:
         """``(step, value)`` pairs."""
@@ -92,7 +136,7 @@ class Series:
 
     def finite(self) -> bool:
         """Whether any value is finite."""
-        return any(math.isfinite(v) for v in self.values)
+        return bool(np.isfinite(np.asarray(self.values)).any())
 
 
 @dataclass(frozen=True)
@@ -137,6 +181,8 @@ class RunLocation:
     path: Path
     kind: str
     mtime: float
+    #: The files read: the event files, or the ``metrics.csv`` (empty: listed when read).
+    files: tuple[Path, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -201,10 +247,7 @@ class RunData:
     def regimes(self, unit: str) -> list[tuple[int, str]]:
         """Per window, the detector's regime of the unit (empty where the source has none)."""
         codes = self.scalars.get(REGIME + unit)
-        if codes is None:
-            return []
-        names = {float(code): name for name, code in REGIME_CODES.items()}
-        return [(step, names.get(value, "unknown")) for step, value in codes.items()]
+        return [(s, _REGIME_NAMES.get(v, "unknown")) for s, v in codes.items()] if codes else []
 
     def equilibrium(self, unit: str) -> EquilibriumInfo:
         """When ``unit`` was first in equilibrium (see :class:`EquilibriumInfo`)."""
@@ -212,7 +255,7 @@ class RunData:
         if flags is None and len(self.units) == 1:
             flags = self.equilibrium_fraction()
         if flags is not None and len(flags):
-            first = next((s for s, v in flags.items() if v >= 0.5), None)
+            first = _first_step(flags, np.asarray(flags.values) >= 0.5)
             at_end = flags.last >= 0.5
             if first is None:
                 return EquilibriumInfo(None, True, False, False, "not reached")
@@ -221,9 +264,9 @@ class RunData:
         fraction = self.equilibrium_fraction()
         if fraction is None or not len(fraction):
             return EquilibriumInfo(None, False, None, None, "unknown (not logged)")
-        if not any(v > 0 for v in fraction.values):
+        if not (np.asarray(fraction.values) > 0).any():
             return EquilibriumInfo(None, True, False, False, "not reached")
-        every = next((s for s, v in fraction.items() if v >= 1 - 1e-9), None)
+        every = _first_step(fraction, np.asarray(fraction.values) >= 1 - 1e-9)
         end: bool | None = None  # a fraction strictly between 0 and 1 does not say which
         if fraction.last >= 1 - 1e-9 or fraction.last <= 0:
             end = fraction.last > 0
@@ -242,25 +285,27 @@ class RunData:
         for unit in self.units:
             measured = self.angular_update(unit)
             theory, ratio, norm = self.theory(unit), self.ratio(unit), self.weight_norm(unit)
+            codes = self.scalars.get(REGIME + unit)
             result.append(
                 UnitSummary(
                     unit=unit,
                     step=measured.steps[-1] if len(measured) else -1,
                     measured=measured.last,
-                    theory=_finite_or_none(theory.last if theory is not None else math.nan),
-                    ratio=_finite_or_none(ratio.last if ratio is not None else math.nan),
+                    # NaN (no value) is None; an infinite value is shown as such.
+                    theory=None if theory is None or math.isnan(theory.last) else theory.last,
+                    ratio=None if ratio is None or math.isnan(ratio.last) else ratio.last,
                     weight_norm=norm.last if norm is not None else math.nan,
                     granularity=self.granularity(unit),
                     equilibrium=self.equilibrium(unit),
-                    regime=regimes[-1][1] if (regimes := self.regimes(unit)) else None,
+                    regime=_REGIME_NAMES.get(codes.last, "unknown") if codes else None,
                 )
             )
         return result
 
     def steps(self) -> tuple[int, int]:
         """First and last step with an SDM window."""
-        steps = [s for unit in self.units for s in self.angular_update(unit).steps]
-        return (min(steps), max(steps)) if steps else (0, 0)
+        steps = [np.asarray(s.steps) for u in self.units if len(s := self.angular_update(u))]
+        return (int(min(map(np.min, steps))), int(max(map(np.max, steps)))) if steps else (0, 0)
 
 
 # ------------------------------------------------------------------ sources
@@ -288,8 +333,8 @@ def run_from_history(
         ...          "weight_norm": 3.2, "lr": 0.1, "in_equilibrium": True}
         >>> later = {**entry, "global_step": 20, "optimizer_step": 20, "in_equilibrium": False}
         >>> run = run_from_history([entry, later])
-        >>> run.units, run.angular_update("net.0.weight").steps
-        (['net.0.weight'], (10, 20))
+        >>> run.units, list(run.angular_update("net.0.weight").steps)
+        (['net.0.weight'], [10, 20])
         >>> run.equilibrium("net.0.weight").text
         'step 10 (left it by the end)'
     """
@@ -300,8 +345,8 @@ def run_from_history(
         )
     columns: dict[str, tuple[list[int], list[float]]] = {}
 
-    def add(key: str, step: int, value: Any) -> None:
-        steps, values = columns.setdefault(key, ([], []))
+    def add(key: str, step: int, value: Any, into: dict | None = None) -> None:
+        steps, values = (columns if into is None else into).setdefault(key, ([], []))
         steps.append(step)
         values.append(math.nan if value is None else float(value))
 
@@ -322,9 +367,7 @@ def run_from_history(
         add(IN_EQUILIBRIUM + unit, step, bool(entry.get("in_equilibrium")))
         if entry.get("regime") in REGIMES:
             add(REGIME + unit, step, REGIME_CODES[entry["regime"]])
-        lr_steps, lr_values = lrs.setdefault(unit, ([], []))
-        lr_steps.append(step)
-        lr_values.append(float(entry.get("lr", math.nan)))
+        add(unit, step, entry.get("lr"), into=lrs)
         # All units of a window share its step: the fraction after the last unit of the step.
         status[unit] = bool(entry.get("in_equilibrium"))
         fraction_steps, fraction_values = columns.setdefault(FRACTION, ([], []))
@@ -348,32 +391,46 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     """Every run under ``root`` (itself included), newest first.
 
     A run is a directory with TensorBoard event files, or a ``metrics.csv``. ``root`` may also be
-    one event file or one ``metrics.csv``.
+    one event file or one ``metrics.csv``. Files named like run files that are not regular files
+    (FIFOs, devices, broken links) are skipped with a :class:`RunDataWarning`.
 
     Raises:
-        RunDataError: if ``root`` does not exist.
+        RunDataError: if ``root`` does not exist, or is a file but not a regular one.
     """
     root_path = Path(root)
     if not root_path.exists():
         raise RunDataError(f"No such file or directory: {root_path}")
-    if root_path.is_file():
-        if root_path.name.startswith(_EVENTS_PREFIX):
-            return [RunLocation(root_path.parent, TENSORBOARD, root_path.stat().st_mtime)]
-        if root_path.suffix == ".csv":
-            return [RunLocation(root_path, CSV, root_path.stat().st_mtime)]
-        raise RunDataError(
-            f"{root_path} is neither a TensorBoard event file nor a CSVLogger metrics.csv."
-        )
+    if not root_path.is_dir():
+        info, what = _stat_regular(root_path)
+        event_file = root_path.name.startswith(_EVENTS_PREFIX)
+        if info is None or not (event_file or root_path.suffix == ".csv"):
+            what = f"{what}, not a regular file" if info is None else "not a run's file"
+            raise RunDataError(
+                f"{root_path} is {what}: give a log directory, a TensorBoard event file or a "
+                "CSVLogger metrics.csv."
+            )
+        kind, path = (TENSORBOARD, root_path.parent) if event_file else (CSV, root_path)
+        return [RunLocation(path, kind, info.st_mtime, (root_path,))]
     runs = []
     for directory, dirnames, filenames in os.walk(root_path):
         dirnames.sort()
-        events = [name for name in filenames if name.startswith(_EVENTS_PREFIX)]
+        events, tables = [], []
+        for name in sorted(filenames):
+            if name != _METRICS_CSV and not name.startswith(_EVENTS_PREFIX):
+                continue  # other files, broken links included, are none of our business
+            path = Path(directory, name)
+            info, what = _stat_regular(path)
+            if info is None:
+                text = f"skipping {path}: it is {what}, not a regular file"
+                warnings.warn(text, RunDataWarning, stacklevel=2)
+            elif name == _METRICS_CSV:
+                tables.append(RunLocation(path, CSV, info.st_mtime, (path,)))
+            else:
+                events.append((path, info.st_mtime))
         if events:
-            mtime = max(Path(directory, name).stat().st_mtime for name in events)
-            runs.append(RunLocation(Path(directory), TENSORBOARD, mtime))
-        if _METRICS_CSV in filenames:
-            csv_path = Path(directory, _METRICS_CSV)
-            runs.append(RunLocation(csv_path, CSV, csv_path.stat().st_mtime))
+            files = tuple(path for path, _ in events)
+            runs.append(RunLocation(Path(directory), TENSORBOARD, max(m for _, m in events), files))
+        runs += tables
     runs.sort(key=lambda run: run.mtime, reverse=True)
     return runs
 
@@ -444,10 +501,7 @@ def relative_path(path: Path, root: Path) -> str:
 
 
 def _read(location: RunLocation, require_sdm: bool = True) -> RunData:
-    if location.kind == TENSORBOARD:
-        raw = _read_tensorboard(location.path)
-    else:
-        raw = _read_csv(location.path)
+    raw = _read_tensorboard(location) if location.kind == TENSORBOARD else _read_csv(location.path)
     data = _from_scalars(str(location.path), location.kind, raw)
     if require_sdm and not data.units:
         raise RunDataError(
@@ -457,51 +511,216 @@ def _read(location: RunLocation, require_sdm: bool = True) -> RunData:
     return data
 
 
-def _read_tensorboard(directory: Path) -> dict[str, Series]:
+def _stat_regular(path: Path) -> tuple[os.stat_result | None, str]:
+    """``os.stat`` of a regular file (links followed), else ``None`` and what the path is."""
     try:
-        from tensorboard.backend.event_processing.event_accumulator import (
-            SCALARS,
-            EventAccumulator,
-        )
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None, "a broken symbolic link" if os.path.islink(path) else "missing"
+    except OSError as err:
+        return None, f"unreadable ({err.strerror or err})"
+    if stat.S_ISREG(info.st_mode):
+        return info, ""
+    what = _FILE_TYPES.get(stat.filemode(info.st_mode)[0], "a device or special file")
+    return None, f"{what} (via a link to {os.path.realpath(path)})" if path.is_symlink() else what
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open a regular file; FIFOs and devices are refused unopened (a FIFO would block)."""
+    info, what = _stat_regular(path)
+    if info is None:
+        raise RunDataError(f"Cannot read {path}: it is {what}, not a regular file.")
+    # O_NONBLOCK: should the path become a FIFO after the check, opening it does not hang.
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+
+
+def _read_tensorboard(location: RunLocation) -> dict[str, Series]:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "Reading TensorBoard event files needs the `tensorboard` package: "
             "pip install lightning-sdm[tensorboard]"
         ) from err
-    # size_guidance 0: keep every event (the default keeps a 10,000-point random sample).
-    accumulator = EventAccumulator(str(directory), size_guidance={SCALARS: 0})
+    files = location.files or tuple(sorted(location.path.glob(_EVENTS_PREFIX + "*")))
+    merged: dict[str, tuple[array[int], array[float]]] = {}
+    # One file at a time (in name order, as TensorBoard does): only regular files are opened,
+    # and damage is told per file.
+    for path in (f for f in files if _stat_regular(f)[0] is not None):
+        # size_guidance 0: keep every event (the default keeps a 10,000-point random sample).
+        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
+        losses, ends = _reload(accumulator, path), []
+        for tag in accumulator.Tags().get("scalars", []):
+            steps, values = merged.setdefault(tag, (array("q"), array("d")))
+            events = accumulator.Scalars(tag)
+            steps.extend(e.step for e in events)
+            values.extend(e.value for e in events)
+            ends += [e.step for e in events[-1:]]
+        if losses:
+            what = "a record fails its checksum" if "crc" in str(losses[0]).lower() else "truncated"
+            end = f"its data end at step {max(ends)}" if ends else "no step is readable"
+            text = f"{path}: the event file is damaged ({what}): {end}; the report shows the rest"
+            warnings.warn(text, RunDataWarning, stacklevel=3)
+    return {tag: Series(steps, values) for tag, (steps, values) in merged.items()}
+
+
+def _reload(accumulator: Any, path: Path) -> list[Exception]:
+    """``accumulator.Reload()``, and the read errors TensorBoard's loader swallowed.
+
+    At a truncated record or a failed checksum it logs a ``DataLossError`` at DEBUG and stops
+    reading the file, which would look like a shorter run: a filter on its logger catches it.
+    """
+    logger = logging.getLogger("tensorboard")
+    threshold, level, found = logger.getEffectiveLevel(), logger.level, list[Exception]()
+
+    def catch(record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        found.extend(a for a in args if isinstance(a, Exception) and "DataLoss" in type(a).__name__)
+        return record.levelno >= threshold  # what the user's logging set-up lets through
+
+    logger.addFilter(catch)
+    logger.setLevel(logging.DEBUG)
     try:
         accumulator.Reload()
     except Exception as err:
-        raise RunDataError(f"Cannot read the TensorBoard events in {directory}: {err}") from err
-    scalars = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        events = accumulator.Scalars(tag)
-        scalars[tag] = Series(
-            tuple(int(e.step) for e in events), tuple(float(e.value) for e in events)
-        )
-    return scalars
+        raise RunDataError(f"Cannot read the TensorBoard events in {path}: {err}") from err
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(catch)
+    return found
 
 
 def _read_csv(path: Path) -> dict[str, Series]:
-    columns: dict[str, tuple[list[int], list[float]]] = {}
+    table: _Columns | None = None
     try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                step_text = row.get("step") or ""
-                if not step_text:
-                    continue
-                step = int(float(step_text))
-                for key, text in row.items():
-                    if key in (None, "step") or text in (None, ""):
-                        continue
-                    steps, values = columns.setdefault(str(key), ([], []))
-                    steps.append(step)
-                    values.append(float(text))
-    except (OSError, ValueError, csv.Error) as err:
+        with _open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            use_pandas = size >= _PANDAS_FROM and importlib.util.find_spec("pandas") is not None
+            line = 1
+            while block := handle.read(_BLOCK):  # parsed in blocks of whole lines
+                tail = handle.readline(_MAX_LINE)
+                if len(tail) >= _MAX_LINE and not tail.endswith(b"\n"):
+                    long = line + block.count(b"\n")
+                    raise RunDataError(
+                        f"Cannot read {path}: line {long} is longer than {_MAX_LINE >> 20} MiB, "
+                        "so it is not a CSVLogger metrics.csv."
+                    )
+                whole = tail.endswith(b"\n") or (not tail and block.endswith(b"\n"))
+                block += tail if whole else tail + b"\n"  # the file's last line may have no end
+                if table is None:
+                    header, _, block = block.partition(b"\n")
+                    names = next(csv.reader([header.decode("utf-8-sig")]), [])
+                    if "step" not in names:
+                        return {}
+                    table, line = _Columns(names, path, use_pandas), 2
+                line += table.add(block, line)
+    except RunDataError:
+        raise
+    except (OSError, ValueError, csv.Error) as err:  # ValueError: a cell that is not a number
         raise RunDataError(f"Cannot read {path}: {err}") from err
-    return {key: Series(tuple(s), tuple(v)) for key, (s, v) in columns.items()}
+    return table.series() if table is not None else {}
+
+
+class _Columns:
+    """The columns of a ``metrics.csv``, built block by block into arrays.
+
+    Rows without a step are dropped (``CSVLogger`` writes none), rows whose step is not a whole
+    number from 0 to 2^53 are counted too. Columns present in every row share one steps array.
+    """
+
+    def __init__(self, header: list[str], path: Path, use_pandas: bool) -> None:
+        self.header, self.path, self.use_pandas = header, path, use_pandas
+        self.step_column = len(header) - 1 - header[::-1].index("step")
+        self.steps: array[int] = array("q")
+        self.values: list[array[float]] = [array("d") for _ in header]
+        self.present: dict[int, array[int]] = {}  # per column, row by row: has it a value
+        self.skipped, self.first_skipped = 0, ""
+        self.others = [column for column in range(len(header)) if column != self.step_column]
+
+    def add(self, block: bytes, line: int) -> int:
+        """Parse a block of whole lines from line number ``line``; returns its number of lines."""
+        if not (rows := block.count(b"\n")):
+            return 0
+        parsed = _parse_fast(block, rows, len(self.header), line) if self.use_pandas else None
+        matrix, missing, lines = parsed or _parse_rows(block, len(self.header), line)
+        step, have = matrix[:, self.step_column], ~missing[:, self.step_column]
+        with np.errstate(invalid="ignore"):
+            ok = have & (step >= 0) & (step <= _MAX_STEP) & (np.floor(step) == step)
+        if (bad := have & ~ok).any():
+            first = int(np.argmax(bad))
+            self.skipped += int(bad.sum())
+            self.first_skipped = self.first_skipped or f"{step[first]:g} on line {lines[first]}"
+        _extend(self.steps, step[ok].astype(np.int64))
+        for column in self.others:
+            kept = ~missing[ok, column]
+            _extend(self.present.setdefault(column, array("b")), kept.view(np.int8))
+            _extend(self.values[column], matrix[ok, column][kept])
+        return rows
+
+    def series(self) -> dict[str, Series]:
+        """Every column with a value, by name (a later column of the same name wins)."""
+        if self.skipped:
+            text = f"{self.path}: {self.skipped} rows whose step is not a whole number from 0 "
+            text += f"to 2^53 (first: {self.first_skipped})"
+            if not len(self.steps):
+                raise RunDataError(f"No usable row in {text}: is it a CSVLogger metrics.csv?")
+            warnings.warn(f"skipped {text}", RunDataWarning, stacklevel=3)
+        result = {}
+        for column in self.others:
+            values, present = self.values[column], np.asarray(self.present.pop(column), bool)
+            if len(values):
+                steps = self.steps if present.all() else np.asarray(self.steps)[present]
+                result[self.header[column]] = Series(steps, values)
+        return result
+
+
+def _extend(target: array[Any], data: np.ndarray) -> None:
+    target.frombytes(np.ascontiguousarray(data).data.cast("B"))
+
+
+def _parse_fast(block: bytes, rows: int, columns: int, line: int) -> tuple[np.ndarray, ...] | None:
+    """Values, missing-cell mask and line numbers of a block, with pandas' C parser, or ``None``.
+
+    Empty cells come back as NaN, so logged ``nan`` cells are first written as ``-0``. ``None`` (the
+    row-by-row parser takes over) for quotes, blank or long lines, a ``-0`` cell, or non-numbers.
+    """
+    import pandas as pd
+
+    nans = b"n" in block or b"N" in block  # nan / inf cells
+    if b'"' in block or (nans and _NEGATIVE_ZERO.search(block)):
+        return None
+    text = block.replace(b"nan", b"-0") if nans else block
+    try:
+        frame = pd.read_csv(io.BytesIO(text), header=None, dtype=np.float64, engine="c",
+                            keep_default_na=False, na_values=[""])  # fmt: skip
+    except ValueError:  # pandas' ParserError included
+        return None
+    # Blank lines are skipped and a long first line widens the frame: the shape tells.
+    if frame.shape != (rows, columns):
+        return None
+    matrix = frame.to_numpy(np.float64, copy=True)
+    missing = np.isnan(matrix)
+    if nans:
+        matrix[(matrix == 0) & np.signbit(matrix)] = math.nan
+    return matrix, missing, np.arange(line, line + rows)
+
+
+def _parse_rows(block: bytes, width: int, line: int) -> tuple[np.ndarray, ...]:
+    """Values, missing-cell mask and line numbers of a block, row by row with the csv module.
+
+    As ``csv.DictReader`` reads: blank lines skipped, a short row's missing cells empty, extra ones
+    ignored. A cell that is not a number raises ``ValueError``.
+    """
+    cells: list[str] = []
+    lines: list[int] = []
+    reader = csv.reader(io.StringIO(block.decode("utf-8"), newline=""))
+    for row in reader:
+        if row:
+            lines.append(line + reader.line_num - 1)
+            cells += (row + [""] * width)[:width]
+    values = np.fromiter((float(cell) if cell else 0.0 for cell in cells), np.float64, len(cells))
+    missing = np.fromiter((not cell for cell in cells), bool, len(cells))
+    return values.reshape(-1, width), missing.reshape(-1, width), np.array(lines, np.int64)
 
 
 def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
@@ -529,7 +748,7 @@ def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
             )
             continue
         # Population std over channels: mean^2 + std^2 is the mean square.
-        rms = _combine(mean, std, lambda m, s: math.sqrt(m * m + s * s))
+        rms = _combine(mean, std, lambda m, s: np.sqrt(m * m + s * s))
         scalars[ANGULAR_UPDATE + unit] = rms
         theory = scalars.get(THEORY + unit)
         if theory is not None:
@@ -543,28 +762,37 @@ def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
 
 
 def _history_learning_rates(lrs: Mapping[str, tuple[list[int], list[float]]]) -> dict[str, Series]:
-    series = {unit: Series(tuple(s), tuple(v)) for unit, (s, v) in lrs.items()}
-    distinct: dict[Series, list[str]] = {}
-    for unit, values in series.items():
-        distinct.setdefault(values, []).append(unit)
+    distinct: dict[bytes, tuple[Series, list[str]]] = {}
+    for unit, (steps, values) in lrs.items():
+        series = Series(steps, values)
+        # By bytes: equal NaN learning rates (none logged) are one series, not one per unit.
+        key = np.asarray(series.steps).tobytes() + np.asarray(series.values).tobytes()
+        distinct.setdefault(key, (series, []))[1].append(unit)
     if len(distinct) == 1:
-        return {"lr": next(iter(distinct))}
-    return {f"lr ({', '.join(units)})": values for values, units in distinct.items()}
+        return {"lr": next(iter(distinct.values()))[0]}
+    return {f"lr ({', '.join(units)})": series for series, units in distinct.values()}
 
 
-def _combine(a: Series, b: Series, fn: Callable[[float, float], float]) -> Series:
-    """``fn(a, b)`` at the steps both series have (each step's last value)."""
-    other = dict(b.items())
-    pairs = [(s, fn(v, other[s])) for s, v in a.items() if s in other]
-    return Series(tuple(s for s, _ in pairs), tuple(v for _, v in pairs))
+def _combine(a: Series, b: Series, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Series:
+    """``fn(a, b)`` at the steps both series have (``b``'s last value at each step)."""
+    sa, sb, va, vb = (np.asarray(x) for x in (a.steps, b.steps, a.values, b.values))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if sa.shape == sb.shape and (sa == sb).all() and (np.diff(sb) > 0).all():
+            return Series(a.steps, fn(va, vb))  # the usual case: one row per window, shared
+        order = np.argsort(sb, kind="stable")
+        last = order[np.r_[sb[order][1:] != sb[order][:-1], True]] if len(sb) else order
+        pos = np.searchsorted(sb[last], sa).clip(0, max(len(last) - 1, 0))
+        found = (sb[last][pos] == sa) if len(last) else np.zeros(len(sa), bool)
+        return Series(sa[found], fn(va[found], vb[last[pos[found]]]))
 
 
-def _safe_ratio(a: float, b: float) -> float:
-    return a / b if b and math.isfinite(b) else math.nan
+def _safe_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where((b != 0) & np.isfinite(b), a / b, math.nan)
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _first_step(series: Series, hits: np.ndarray) -> int | None:
+    index = np.flatnonzero(hits)
+    return int(series.steps[index[0]]) if index.size else None
 
 
 def _natural_key(text: str) -> list[Any]:
