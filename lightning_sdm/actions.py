@@ -470,14 +470,17 @@ class EquilibriumPolicy:
     ) -> EquilibriumEvent | None:
         """The event of this batch of windows, if one is due, carried out; else ``None``.
 
-        Due when the quorum enters equilibrium (agreed across ranks with the strategy's
-        ``reduce_boolean_decision``: the values are identical on all ranks already, since the
-        statistics are reduced before any angle, and agreeing keeps the decision collective even
-        if that ever changed), or at the action's budget deadline. ``trainer`` is duck-typed:
-        ``strategy``, ``global_step``, ``lr_scheduler_configs``, ``should_stop``,
+        Due when the quorum enters equilibrium, or at the action's budget deadline. The
+        verdict is agreed across ranks with :meth:`SphericalMonitor.agree
+        <lightning_sdm.monitor.SphericalMonitor.agree>`: the values are identical on all ranks
+        already (the statistics are reduced before any angle), and agreeing keeps the decision
+        collective even if that ever changed. Not with the strategy's
+        ``reduce_boolean_decision``: on the default group, a rank out of step would match it
+        with DDP's gradient all-reduce; on the monitor's group the wait is bounded.
+        ``trainer`` is duck-typed: ``global_step``, ``lr_scheduler_configs``, ``should_stop``,
         ``estimated_stepping_batches``.
         """
-        reached = bool(trainer.strategy.reduce_boolean_decision(detector.reached(), all=True))
+        reached = monitor.agree(detector.reached())
         total = budget_of(trainer)
         due = self.action.deadline(trainer.global_step, total)
         entering = self.entering(reached)  # always: it tracks the quorum's state

@@ -116,6 +116,8 @@ class SphericalDynamicsCallback(Callback):
         orthogonality_tolerance: the cross-check's threshold in units of ``1/sqrt(n)`` for a unit
             of ``n`` elements (see :class:`~lightning_sdm.config.MonitorConfig`).
         prog_bar: show the median ratio in the progress bar.
+        sync_timeout: seconds a rank waits for the others in the monitor's reductions; past it
+            (ranks out of step) monitoring stops there with one warning, training goes on.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -147,6 +149,7 @@ class SphericalDynamicsCallback(Callback):
         verify_steps: int = 3,
         orthogonality_tolerance: float = 0.1,
         prog_bar: bool = True,
+        sync_timeout: float = 300.0,
     ) -> None:
         self.params = check_params_spec(params)
         self.config = MonitorConfig(
@@ -156,6 +159,7 @@ class SphericalDynamicsCallback(Callback):
             horizon=horizon,
             verify_steps=verify_steps,
             orthogonality_tolerance=orthogonality_tolerance,
+            sync_timeout=sync_timeout,
         )
         self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         self.policy = EquilibriumPolicy(as_action(on_equilibrium))
@@ -164,20 +168,17 @@ class SphericalDynamicsCallback(Callback):
         self.prog_bar = prog_bar
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
-        self._key_arguments = {"params": repr(params), **asdict(self.config), **self._detection()}
+        self._key_arguments = {"params": repr(params), **self.config.key(), **self._detection()}
         self.history: list[HistoryRecord] = []
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
         self.advice: Advice | None = None  # what theory predicts for these settings, at start
         self.audit: list[Finding] = []  # param-group set-ups at odds with the theory
         self._units: list[Unit] | None = None
-        self._discovery = UnitDiscovery()
-        self._announced = False
+        self._discovery, self._announced = UnitDiscovery(), False
         self._reattach = False  # a monitor detached at the end of a fit
         self._monitor_state: dict[str, Any] | None = None
-        self._notices = Notices()
-        self._integration_failures: set[str] = set()
-        self._disabled = False
+        self._notices, self._integration_failures, self._disabled = Notices(), set[str](), False
 
     # ------------------------------------------------------------------ settings
 
@@ -288,7 +289,7 @@ class SphericalDynamicsCallback(Callback):
         """Give logger integrations the final per-unit results."""
         if self.monitor is None:
             return
-        if not self.history:
+        if not self.history and self.monitor.stopped is None:
             message = _messages.no_window_closed(trainer.global_step, self.config.every_n_steps)
             self._notices.warn_once("no_window", message)
         if trainer.is_global_zero:

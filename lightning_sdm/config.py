@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lightning_sdm.records import GRANULARITIES, Granularity
@@ -74,6 +74,10 @@ class MonitorConfig:
             sqrt(n)``. A scale-invariant unit gives float32 rounding (~1e-6), a weight that is not
             invariant about ``1/sqrt(n)`` or more: a size-free threshold such as 1e-2 would
             "verify" a random ``100 x 100`` weight. In ``(0, 10]``.
+        sync_timeout: seconds a rank waits in the monitor's reduction for the other ranks
+            (distributed runs; the monitor has a process group of its own). Past it, the
+            monitor stops on that rank with one warning and training goes on: ranks that
+            disagree on the number of optimizer steps cannot hang the job. In ``(0, 86400]``.
 
     Raises:
         ValueError: naming the first invalid argument.
@@ -96,6 +100,7 @@ class MonitorConfig:
     horizon: int = 1
     verify_steps: int = 3
     orthogonality_tolerance: float = 0.1
+    sync_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -113,6 +118,7 @@ class MonitorConfig:
             high=10.0,
             high_open=False,
         )
+        check_number("sync_timeout", self.sync_timeout, low=0.0, high=86400.0, high_open=False)
         if self.every_n_steps is not None and self.window > self.every_n_steps:
             object.__setattr__(self, "window", self.every_n_steps)
         if self.horizon > self.window:
@@ -125,6 +131,14 @@ class MonitorConfig:
                 )
                 + f"), got {self.horizon}."
             )
+
+    def key(self) -> dict[str, Any]:
+        """The settings that identify a callback's state (``state_key``), as given.
+
+        ``sync_timeout`` is left out: it changes how long ranks wait, not what is measured, and
+        a resume with a longer wait must still find its checkpointed state.
+        """
+        return {k: v for k, v in asdict(self).items() if k != "sync_timeout"}
 
     @property
     def resolved(self) -> bool:

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._compile import outside_compile
 from lightning_sdm._engine import COVERAGE, BatchedStatistics, is_dtensor, local_shard
+from lightning_sdm._sync import RanksOutOfStepError, monitor_group, run_collective
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
@@ -155,6 +156,9 @@ class SphericalMonitor:
         self.moved: dict[str, tuple[int, int]] = {}
         self._windows: list[UnitWindow] = []
         self._measured_steps = 0
+        # The monitor's own process group (see lightning_sdm._sync); None in one process.
+        self._group = monitor_group(config.sync_timeout)
+        self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         self._watches = _build_watches(module, optimizer_list, unit_list, self)
 
@@ -355,6 +359,8 @@ class SphericalMonitor:
     # increment a counter: no tensor op, no allocation, no host-device synchronisation.
 
     def _before_step(self, watch: _OptimizerWatch) -> None:
+        if self.stopped is not None:
+            return
         if watch.provisional:  # the real pre-hook: the snapshot taken for it is replaced
             watch.provisional = False
             watch.predictions.pop()
@@ -363,16 +369,70 @@ class SphericalMonitor:
             self._take_snapshot(watch)
 
     def _after_step(self, watch: _OptimizerWatch) -> None:
+        if self.stopped is not None:
+            return
         watch.provisional = False
-        if watch.measuring and watch.snapshot is not None:
-            self._measure(watch)
-        watch.measuring = False
-        watch.steps_done += 1
-        every = self.config.every_n_steps
-        assert every is not None
-        if watch.steps_done % every == 0 and watch.predictions:
-            with torch.no_grad():
-                self._close_window(watch)
+        try:
+            if watch.measuring and watch.snapshot is not None:
+                self._measure(watch)
+            watch.measuring = False
+            watch.steps_done += 1
+            every = self.config.every_n_steps
+            assert every is not None
+            if watch.steps_done % every == 0 and watch.predictions:
+                where = f"the window closing at optimizer step {watch.steps_done}"
+                with torch.no_grad():
+                    self._collective(lambda: self._close_window(watch), where)
+        except RanksOutOfStepError as err:
+            self._stop(err)
+
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (``flag`` itself in one process).
+
+        On the monitor's own process group, so that a decision taken at a window's end can
+        only meet the other ranks' decision (see :mod:`lightning_sdm._sync`); ``False`` once
+        monitoring has stopped, or if the ranks cannot agree in time (monitoring stops then).
+        """
+        if self.stopped is not None:
+            return False
+        if self._group is None:
+            return bool(flag)
+        import torch.distributed as dist
+
+        value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+
+        def reduce() -> bool:
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self._group)
+            return bool(value.item())
+
+        try:
+            return self._collective(reduce, "an equilibrium decision")
+        except RanksOutOfStepError as err:
+            self._stop(err)
+            return False
+
+    def _collective(self, fn: Callable[[], Any], where: str) -> Any:
+        if self._group is None:
+            return fn()
+        return run_collective(fn, where, self.config.sync_timeout)
+
+    def _stop(self, err: RanksOutOfStepError) -> None:
+        """Stop measuring on this rank (hooks stay registered, as no-ops) with one warning.
+
+        The hooks are not removed here: this runs inside one of them, while the optimizer
+        iterates over its hook dictionary. The windows closed before stay available.
+        """
+        import warnings
+
+        self.stopped = str(err)
+        for watch in self._watches:
+            watch.snapshot = watch.anchor = None
+            watch.statistics.release()
+            watch.measuring = watch.provisional = False
+            watch.predictions = []
+            watch.metric.reset()
+            watch.horizon_metric.reset()
+        warnings.warn(self.stopped, UserWarning, stacklevel=2)
 
     @torch.no_grad()
     def _take_snapshot(self, watch: _OptimizerWatch) -> None:
@@ -421,7 +481,9 @@ class SphericalMonitor:
         rows = angular_update_statistics(
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
-        per_tensor = _all_reduce_sum(rows)
+        per_tensor = self._collective(
+            lambda: _all_reduce_sum(rows, self._group), "the gradient-orthogonality check"
+        )
         tolerance = self.config.orthogonality_tolerance
         for unit, tensor_rows in zip(watch.units, _unit_tensor_rows(watch.units), strict=True):
             cosine = cosine_from_statistics(per_tensor[tensor_rows].sum(dim=0)).abs().item()
@@ -565,7 +627,7 @@ def _build_watches(
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     return [
-        _make_watch(index, opt, entries, monitor.granularity, monitor.sync_on_compute)
+        _make_watch(index, opt, entries, monitor.granularity, monitor._group)
         for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
         if entries
     ]
@@ -602,7 +664,7 @@ def _make_watch(
     optimizer: Optimizer,
     entries: list[tuple[Unit, list[nn.Parameter], int]],
     granularity: Granularity,
-    sync_on_compute: bool,
+    group: Any | None,
 ) -> _OptimizerWatch:
     units: list[_Unit] = []
     tensors: list[nn.Parameter] = []
@@ -633,7 +695,8 @@ def _make_watch(
         dims=dims,
         row_to_unit_row=row_to_unit_row,
         num_rows=row,
-        metric=AngularUpdate(sync_on_compute=sync_on_compute),
+        metric=AngularUpdate(process_group=group),
+        horizon_metric=AngularUpdate(process_group=group),
         statistics=BatchedStatistics(dims),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
@@ -655,11 +718,11 @@ def _unit_tensor_rows(units: list[_Unit]) -> list[slice]:
     return slices
 
 
-def _all_reduce_sum(stats: Tensor) -> Tensor:
+def _all_reduce_sum(stats: Tensor, group: Any | None) -> Tensor:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats)
+    if group is not None:
+        dist.all_reduce(stats, group=group)
     return stats
 
 

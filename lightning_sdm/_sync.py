@@ -1,0 +1,102 @@
+"""The monitor's collectives: a process group of their own, with a bounded wait.
+
+Why not the default group: the monitor reduces when *its* window closes, on each rank after that
+rank's N-th optimizer step. If ranks disagree on N (a user bug: one rank skips
+``optimizer.step()`` in manual optimization), one rank enters the monitor's reduction while the
+other enters DDP's gradient all-reduce of its next backward. On the default group the two
+collectives would be matched with each other: a hang until the default timeout (30 minutes in
+Lightning) or, worse, buffers of different meaning summed together. On a group of its own, the
+monitor's collective can only meet the monitor's collective, and its timeout (``sync_timeout``,
+5 minutes by default) bounds the wait.
+
+What happens then (measured with gloo, ``tests/distributed``): the waiting rank's collective
+times out and closes the group's connections; the other rank's next monitor collective fails at
+once ("connection closed by peer"). Each rank's monitor stops with one warning naming the
+optimizer step where it waited, and training goes on: the default group was never touched. With
+NCCL, a timed-out collective is handled by NCCL's watchdog (it ends the process after
+``sync_timeout`` instead of the default group's 30 minutes); that path has not been run here.
+
+One group per process and timeout, created on the first distributed monitor: ``new_group`` must
+be called by every rank in the same order, and every rank builds its monitor at the same point
+(the callback at the first training batch; a plain loop before it starts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["RanksOutOfStepError", "monitor_group", "run_collective"]
+
+T = TypeVar("T")
+
+_GROUPS: dict[tuple[int, float], Any] = {}
+
+
+class RanksOutOfStepError(RuntimeError):
+    """A monitor collective failed or timed out: the ranks did not reach it together."""
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def monitor_group(timeout_s: float) -> Any | None:
+    """The monitor's process group over all ranks, or ``None`` outside a distributed run.
+
+    Cached per default group (a new ``init_process_group`` gets a new one) and timeout.
+    """
+    if not _distributed():
+        return None
+    import torch.distributed as dist
+
+    key = (id(dist.group.WORLD), float(timeout_s))
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(timeout=timedelta(seconds=timeout_s))
+    return _GROUPS[key]
+
+
+def run_collective(fn: Callable[[], T], what: str, timeout_s: float) -> T:
+    """``fn()``, a collective on the monitor's group; its failure as :class:`RanksOutOfStepError`.
+
+    ``what`` names the point in training ("the window closing at optimizer step 8") for the
+    message. Errors that are not the backend's (a shape mismatch found by our own checks, a bug)
+    pass through unchanged.
+    """
+    try:
+        return fn()
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if isinstance(err, RanksOutOfStepError) or not _is_backend_error(err):
+            raise
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RanksOutOfStepError(
+            f"[lightning_sdm] rank {rank}: the monitor's reduction at {what} did not complete "
+            f"across ranks (a wait is bounded by sync_timeout={timeout_s:g} s; "
+            f"{_first_line(err)}). The ranks "
+            "disagree on the number of optimizer steps (does a rank skip `optimizer.step()`, "
+            "e.g. in manual optimization?), or one of them is stuck. Monitoring stops on this "
+            "rank; training goes on. Every rank must step its optimizers equally often; a "
+            "longer `sync_timeout` helps if a rank is only slow."
+        ) from err
+
+
+def _is_backend_error(err: BaseException) -> bool:
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err).lower()
+    markers = ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl")
+    return any(marker in text for marker in markers)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "] " in text and text.startswith("["):  # gloo prefixes the C++ source location
+        text = text.split("] ", 1)[1]
+    return text[:160]
