@@ -24,6 +24,17 @@ __all__ = ["Notices"]
 _SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit")
 
 
+def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) -> dict[str, str]:
+    """What the loggers keep as text: the advice, and the full detection report.
+
+    The console shows the detection report's short summary only; the full list goes here.
+    """
+    return {
+        "advice": advice.text() if advice is not None else "",
+        "detection": report.summary() if report is not None else "",
+    }
+
+
 def _steps_per_epoch(trainer: Any) -> int | None:
     """Optimizer steps per epoch (one optimizer), if the Trainer knows its epoch length."""
     batches = getattr(trainer, "num_training_batches", None)

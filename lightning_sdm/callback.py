@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_sdm import _messages, integrations
 from lightning_sdm._discovery import UnitDiscovery
-from lightning_sdm._notices import Notices
+from lightning_sdm._notices import Notices, texts_for_loggers
 from lightning_sdm._resume import adopt_state
 from lightning_sdm.actions import (
     EquilibriumAction,
@@ -386,7 +386,7 @@ class SphericalDynamicsCallback(Callback):
                 predictions={name: p.as_dict() for name, p in predictions.items()},
                 warned=self._integration_failures,
                 advice=self.advice.as_dict() if self.advice else None,
-                advice_text=self.advice.text() if self.advice else "",
+                texts=texts_for_loggers(self.advice, self.report),
             )
 
     def _detection(self) -> dict[str, Any]:

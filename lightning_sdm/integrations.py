@@ -140,7 +140,7 @@ def on_monitoring_started(
     predictions: Mapping[str, Mapping[str, Any]],
     warned: set[str],
     advice: Mapping[str, Any] | None = None,
-    advice_text: str = "",
+    texts: Mapping[str, str] | None = None,
 ) -> None:
     """Once the monitored units are known: TensorBoard layout, W&B step axis and config.
 
@@ -153,15 +153,19 @@ def on_monitoring_started(
         warned: the integrations that already reported a failure (updated).
         advice: what theory predicts for these settings (:meth:`Advice.as_dict
             <lightning_sdm.advice.Advice.as_dict>`): in the W&B config under ``sdm/advice``.
-        advice_text: the same as text (table and warnings): a TensorBoard text ``sdm/advice``.
+        texts: reports as text, by name: ``"advice"`` (the advice table and warnings) and
+            ``"detection"`` (the full unit-detection report, which the console only
+            summarises). TensorBoard texts ``sdm/<name>``; in the W&B config as
+            ``sdm/<name>_text``. Empty texts are skipped.
     """
+    texts = {name: text for name, text in (texts or {}).items() if text}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             _tensorboard_layout(logger, warned, units, channel_units)
-            if advice_text:
-                _tensorboard_advice(logger, warned, advice_text)
+            for name, text in texts.items():
+                _tensorboard_text(logger, warned, name, text)
         elif isinstance(logger, WandbLogger):
-            _wandb_start(logger, warned, settings, predictions, advice)
+            _wandb_start(logger, warned, settings, predictions, advice, texts)
 
 
 def on_monitoring_finished(
@@ -287,11 +291,11 @@ def _tensorboard_layout(
     _LAYOUT_WRITTEN.add(writer)
 
 
-@_guarded("TensorBoard advice text")
-def _tensorboard_advice(logger: TensorBoardLogger, warned: set[str], text: str) -> None:
+@_guarded("TensorBoard text (advice, detection report)")
+def _tensorboard_text(logger: TensorBoardLogger, warned: set[str], name: str, text: str) -> None:
     # Markdown: indented by four spaces, the table keeps its columns.
     body = "\n".join("    " + line for line in text.splitlines())
-    logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}advice", body, global_step=0)
+    logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}{name}", body, global_step=0)
 
 
 def wandb_step_key(logger: Logger) -> str:
@@ -329,6 +333,7 @@ def _wandb_start(
     settings: Mapping[str, Any],
     predictions: Mapping[str, Mapping[str, Any]],
     advice: Mapping[str, Any] | None = None,
+    texts: Mapping[str, str] | None = None,
 ) -> None:
     run = logger.experiment
     step_metric = wandb_step_key(logger)
@@ -336,6 +341,8 @@ def _wandb_start(
     config = {"sdm": {**settings, "units": {unit: dict(p) for unit, p in predictions.items()}}}
     if advice is not None:
         config["sdm"]["advice"] = dict(advice)
+    for name, text in (texts or {}).items():
+        config["sdm"][f"{name}_text"] = text
     run.config.update(config, allow_val_change=True)
 
 

@@ -151,6 +151,16 @@ def test_tensorboard_scalars_and_layout(tmp_path):
         line.strip() for line in callback.advice.text().splitlines()
     ]
     assert "tau (at peak lr)" in text and ", ".join(UNITS) in text
+    # The full detection report, every rejected parameter with its reason (the console has
+    # the short summary).
+    (event,) = accumulator.Tensors("sdm/detection/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert callback.report is not None
+    assert [line.strip() for line in text.splitlines()] == [
+        line.strip() for line in callback.report.summary().splitlines()
+    ]
+    for rejected in callback.report.rejected:
+        assert f"{rejected.name}: {rejected.reason}" in text
 
     # A second fit on the same logger (and writer) keeps the one layout.
     _fit(tmp_path, logger)
@@ -471,6 +481,9 @@ def test_wandb_offline_run(tmp_path, wandb_offline):
         for item in r.config.update
     }
     units = json.loads(config_items["sdm"])["units"]
+    detection = json.loads(config_items["sdm"])["detection_text"]
+    assert detection == callback.report.summary()
+    assert all(name in detection for name in UNITS)
     assert (units[with_theory]["rule"], units[without]["rule"]) == (
         "sgd_heavy_ball",
         "no_weight_decay",
