@@ -118,6 +118,8 @@ class SphericalDynamicsCallback(Callback):
         prog_bar: show the median ratio in the progress bar.
         sync_timeout: seconds a rank waits for the others in the monitor's reductions; past it
             (ranks out of step) monitoring stops there with one warning, training goes on.
+        alerts: also send each equilibrium event as a Weights & Biases alert (``run.alert``,
+            to the channels set up in W&B) when a ``WandbLogger`` is used.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -150,6 +152,7 @@ class SphericalDynamicsCallback(Callback):
         orthogonality_tolerance: float = 0.1,
         prog_bar: bool = True,
         sync_timeout: float = 300.0,
+        alerts: bool = False,
     ) -> None:
         self.params = check_params_spec(params)
         self.config = MonitorConfig(
@@ -163,9 +166,10 @@ class SphericalDynamicsCallback(Callback):
         )
         self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         self.policy = EquilibriumPolicy(as_action(on_equilibrium))
-        if not isinstance(prog_bar, bool):
-            raise ValueError(f"`prog_bar` must be True or False, got {prog_bar!r}.")
-        self.prog_bar = prog_bar
+        for name, flag in (("prog_bar", prog_bar), ("alerts", alerts)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
+        self.prog_bar, self.alerts = prog_bar, alerts
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
         self._key_arguments = {"params": repr(params), **self.config.key(), **self._detection()}
@@ -300,6 +304,7 @@ class SphericalDynamicsCallback(Callback):
                 fraction=self.detector.fraction(),
                 global_step=trainer.global_step,
                 warned=self._integration_failures,
+                predictions={name: p.hyperparameters for name, p in predictions.items()},
             )
 
     @override
@@ -413,6 +418,11 @@ class SphericalDynamicsCallback(Callback):
                 regime_note=state.note,
             )
             self.history.append(record)
+        if trainer.is_global_zero:
+            records, failures = self.history[-len(windows) :], self._integration_failures
+            integrations.on_windows_logged(
+                trainer.loggers, records=records, global_step=trainer.global_step, warned=failures
+            )
         detector = self.detector
         fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
         metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
@@ -440,6 +450,15 @@ class SphericalDynamicsCallback(Callback):
         action = self.policy.action
         text = describe_event(event, decays_of(action))
         (rank_zero_warn if action.warns else rank_zero_info)(text)
+        if trainer.is_global_zero:
+            changed = event.new_lrs != event.old_lrs or trainer.should_stop
+            integrations.on_equilibrium_event(
+                trainer.loggers,
+                message=text,
+                changed=changed,
+                alerts=self.alerts,
+                warned=self._integration_failures,
+            )
         return event_metrics(event, decays_of(action))
 
     def _shutdown(self) -> None:

@@ -25,7 +25,19 @@ Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
   (-1: never reached), ``final_ratio``, ``final_angular_update``, ``final_theory`` and
   ``final_weight_norm`` (the last window's values; ratio and theory are left out where theory
   gives no prediction), plus ``sdm/summary/equilibrium_fraction``; and a table ``sdm/units`` with
-  one row per unit (NaN where there is no value).
+  one row per unit (NaN where there is no value);
+* at every logged window: the rows of an incremental table ``sdm/unit_windows`` (one row per
+  unit and window, :data:`WINDOW_COLUMNS`; W&B uploads only the new rows);
+* with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event (the event's
+  message; level WARN when the LR changed or training stopped, else INFO).
+
+TensorBoard, at the end of fit: an hparams session (the "HParams" dashboard), in the run
+:data:`HPARAMS_RUN` under the logger's directory, holding the logger's hyper-parameters, the
+theory's inputs of the first monitored unit (``sdm/optimizer``, ``sdm/lr``,
+``sdm/weight_decay``, ``sdm/momentum``) and, as metrics,
+``sdm/hparams/equilibrium_step`` (the step the last unit reached equilibrium; absent if one
+never did), ``sdm/hparams/equilibrium_fraction`` and ``sdm/hparams/final_ratio`` (median over
+the units): runs compare by when they equilibrated.
 """
 
 from __future__ import annotations
@@ -46,11 +58,15 @@ from lightning_sdm.records import HistoryRecord, Keys
 from lightning_sdm.theory import Prediction
 
 __all__ = [
+    "HPARAMS_RUN",
     "TABLE_COLUMNS",
+    "WINDOW_COLUMNS",
     "WANDB_STEP_KEY_ATTRIBUTES",
     "UnitResult",
     "on_monitoring_finished",
+    "on_equilibrium_event",
     "on_monitoring_started",
+    "on_windows_logged",
     "tensorboard_layout",
     "unit_results",
     "wandb_step_key",
@@ -81,6 +97,20 @@ class UnitResult:
 
 #: Columns of the W&B table ``sdm/units``.
 TABLE_COLUMNS = [f.name for f in fields(UnitResult)]
+#: The TensorBoard run (a subdirectory of the logger's) that holds the hparams session.
+HPARAMS_RUN = "sdm_hparams"
+#: Columns of the incremental W&B table ``sdm/unit_windows`` (fields of ``HistoryRecord``).
+WINDOW_COLUMNS = [
+    "global_step",
+    "unit",
+    "angular_update",
+    "theory",
+    "ratio",
+    "weight_norm",
+    "lr",
+    "in_equilibrium",
+    "regime",
+]
 
 
 def unit_results(
@@ -127,6 +157,8 @@ _CHANNEL_MARGIN = ("median", "p10", "p90")
 WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+# The incremental table of each W&B run (rows are added to it, and it is logged again).
+_WINDOW_TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 _F = TypeVar("_F", bound=Callable[..., None])
 
@@ -168,6 +200,30 @@ def on_monitoring_started(
             _wandb_start(logger, warned, settings, predictions, advice, texts)
 
 
+def on_windows_logged(
+    loggers: Iterable[Logger],
+    *,
+    records: Sequence[HistoryRecord],
+    global_step: int,
+    warned: set[str],
+) -> None:
+    """After each batch of windows: the new rows of the W&B table ``sdm/unit_windows``."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and records:
+            _wandb_windows(logger, warned, records, global_step)
+
+
+def on_equilibrium_event(
+    loggers: Iterable[Logger], *, message: str, changed: bool, alerts: bool, warned: set[str]
+) -> None:
+    """An equilibrium event: a W&B alert if ``alerts`` (WARN if it ``changed`` the run)."""
+    if not alerts:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            _wandb_alert(logger, warned, message, changed)
+
+
 def on_monitoring_finished(
     loggers: Iterable[Logger],
     *,
@@ -175,11 +231,38 @@ def on_monitoring_finished(
     fraction: float,
     global_step: int,
     warned: set[str],
+    predictions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """At the end of fit: the W&B run summary and the per-unit table."""
+    """At the end of fit: the W&B run summary and per-unit table, the TensorBoard hparams."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             _wandb_finish(logger, warned, results, fraction, global_step)
+        elif isinstance(logger, TensorBoardLogger) and results:
+            _tensorboard_hparams(logger, warned, results, fraction, predictions or {}, global_step)
+
+
+def hparams_metrics(results: Sequence[UnitResult], fraction: float) -> dict[str, float]:
+    """The metrics of the TensorBoard hparams session (see the module docstring).
+
+    Example::
+
+        >>> nan = float("nan")
+        >>> row = dict(optimizer="SGD", rule="sgd", lr=0.1, weight_decay=5e-4, final_angular_update=0.02,
+        ...            final_theory=0.02, final_weight_norm=3.0, in_equilibrium=True, invariance="verified")
+        >>> results = [UnitResult(unit="a", final_ratio=0.98, equilibrium_step=400, **row),
+        ...            UnitResult(unit="b", final_ratio=1.02, equilibrium_step=700, **row)]
+        >>> hparams_metrics(results, 1.0)
+        {'sdm/hparams/equilibrium_fraction': 1.0, 'sdm/hparams/final_ratio': 1.0, 'sdm/hparams/equilibrium_step': 700.0}
+    """  # noqa: E501
+    ratios = sorted(r.final_ratio for r in results if math.isfinite(r.final_ratio))
+    metrics = {
+        f"{Keys.PREFIX}hparams/equilibrium_fraction": float(fraction),
+        f"{Keys.PREFIX}hparams/final_ratio": _median(ratios),
+    }
+    steps = [r.equilibrium_step for r in results]
+    if steps and min(steps) >= 0:  # every unit reached equilibrium: when the last one did
+        metrics[f"{Keys.PREFIX}hparams/equilibrium_step"] = float(max(steps))
+    return {key: value for key, value in metrics.items() if math.isfinite(value)}
 
 
 def tensorboard_layout(
@@ -369,6 +452,81 @@ def _wandb_finish(
     run.summary[f"{prefix}sdm/summary/equilibrium_fraction"] = fraction
     rows = [list(astuple(result)) for result in results]
     logger.log_table(key="sdm/units", columns=list(TABLE_COLUMNS), data=rows, step=global_step)
+
+
+@_guarded("Weights & Biases window table")
+def _wandb_windows(
+    logger: WandbLogger, warned: set[str], records: Sequence[HistoryRecord], global_step: int
+) -> None:
+    import wandb
+
+    run = logger.experiment
+    table = _WINDOW_TABLES.get(run)
+    if table is None:
+        columns: list[str | int] = list(WINDOW_COLUMNS)
+        table = _WINDOW_TABLES[run] = wandb.Table(columns=columns, log_mode="INCREMENTAL")
+    for record in records:
+        table.add_data(*(_cell(getattr(record, column)) for column in WINDOW_COLUMNS))
+    # Through the logger: its prefix and its step key, like the scalars of the same windows.
+    logger.log_metrics({f"{Keys.PREFIX}unit_windows": table}, step=global_step)  # type: ignore[dict-item]
+
+
+@_guarded("Weights & Biases alert")
+def _wandb_alert(logger: WandbLogger, warned: set[str], message: str, changed: bool) -> None:
+    from wandb import AlertLevel  # type: ignore[attr-defined]
+
+    level = AlertLevel.WARN if changed else AlertLevel.INFO
+    # wait_duration 0: every event alerts (W&B would otherwise drop repeats within a minute).
+    logger.experiment.alert(
+        title="lightning_sdm: equilibrium", text=message, level=level, wait_duration=0
+    )
+
+
+@_guarded("TensorBoard hparams")
+def _tensorboard_hparams(
+    logger: TensorBoardLogger,
+    warned: set[str],
+    results: Sequence[UnitResult],
+    fraction: float,
+    predictions: Mapping[str, Mapping[str, Any]],
+    global_step: int,
+) -> None:
+    first = results[0]
+    inputs = dict(predictions.get(first.unit, {}))
+    ours = {
+        f"{Keys.PREFIX}optimizer": first.optimizer,
+        f"{Keys.PREFIX}lr": first.lr,
+        f"{Keys.PREFIX}weight_decay": first.weight_decay,
+        f"{Keys.PREFIX}momentum": _number(inputs.get("momentum")),
+    }
+    ours = {k: v for k, v in ours.items() if not (isinstance(v, float) and math.isnan(v))}
+    # A run of its own (TensorBoard reads one session per run, the first: Lightning's, written
+    # at the start, stays as it is), with the logger's own hyper-parameters beside ours so that
+    # the dashboard compares runs on both.
+    params = {key: _hparam_value(value) for key, value in dict(logger.hparams).items()}
+    logger.experiment.add_hparams(
+        {**params, **ours},
+        hparams_metrics(results, fraction),
+        run_name=HPARAMS_RUN,
+        global_step=global_step,
+    )
+
+
+def _hparam_value(value: Any) -> Any:
+    """What ``add_hparams`` accepts: numbers, strings and booleans as they are, else text."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: ``None`` (no prediction) becomes NaN so the column keeps one type."""
+    return math.nan if value is None else value
+
+
+def _median(values: Sequence[float]) -> float:
+    if not values:
+        return math.nan
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def _number(value: Any) -> float:

@@ -1,0 +1,139 @@
+"""Dashboards beyond scalars, read back from what the loggers wrote.
+
+* W&B (offline run): the incremental table ``sdm/unit_windows`` (one row per unit and window,
+  only the new rows in each upload) equals ``callback.history``; with ``alerts=True`` every
+  equilibrium event is one ``run.alert`` with the event's message (WARN when the LR changed).
+* TensorBoard: an hparams session at the end of fit, with the module's own hyper-parameters kept,
+  the theory's inputs, and the equilibrium metrics whose scalars hold the callback's values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sdm import SphericalDynamicsCallback, integrations
+from lightning_sdm.actions import DecayLR, describe_event
+from tests.helpers import BNNet, loader, noisy_classification_data, trainer
+from tests.test_integrations import _wandb_records, wandb_offline  # noqa: F401 (fixture)
+
+# Strong weight decay and loose detector settings: events within a short CPU run (as in
+# tests/test_callback_actions.py); the point is where they go, not the detection.
+FAST = {"every_n_steps": 4, "window": 4, "tolerance": 0.3, "patience": 2}
+
+
+def _fit(tmp_path, logger, **settings):
+    torch.manual_seed(0)
+    callback = SphericalDynamicsCallback(**FAST, **settings)
+    run = trainer(tmp_path, logger=logger, callbacks=[callback], max_epochs=2, log_every_n_steps=4)
+    run.fit(BNNet(weight_decay=0.05), loader(noisy_classification_data()))
+    return run, callback
+
+
+def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):  # noqa: F811
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="lightning-sdm-tests")
+    action = DecayLR(factor=0.5, cooldown=8)
+    run, callback = _fit(tmp_path, logger, alerts=True, on_equilibrium=action)
+    assert callback.events, "the set-up must produce equilibrium events"
+    run_dir = Path(logger.experiment.dir).parent
+    wandb_offline.finish()
+
+    # The incremental table: each upload holds only the rows of its windows; together, history.
+    parts = sorted(
+        (run_dir / "files" / "media" / "table" / "sdm").glob("unit_windows_*.table.json"),
+        key=lambda path: int(path.name.split("_")[2]),
+    )
+    windows = sorted({record.global_step for record in callback.history})
+    assert len(parts) == len(windows)
+    rows = []
+    for path, step in zip(parts, windows, strict=True):
+        part = json.loads(path.read_text())
+        assert part["columns"] == integrations.WINDOW_COLUMNS
+        assert {row[0] for row in part["data"]} == {step}  # only the new rows
+        rows += part["data"]
+    expected = [
+        [getattr(record, column) for column in integrations.WINDOW_COLUMNS]
+        for record in callback.history
+    ]
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected, strict=True):
+        for got, value in zip(row, want, strict=True):
+            if (isinstance(value, float) and math.isnan(value)) or value is None:
+                assert got is None or (isinstance(got, float) and math.isnan(got))
+            else:
+                assert got == value
+
+    # One alert per event, with the event's message; decays are warnings.
+    records = _wandb_records(next(run_dir.glob("run-*.wandb")), until="exit")
+    alerts = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
+    assert len(alerts) == len(callback.events)
+    decays = 0
+    for alert, event in zip(alerts, callback.events, strict=True):
+        decays += event.new_lrs != event.old_lrs
+        assert alert.text == describe_event(event, decays)
+    assert all(a.title == "lightning_sdm: equilibrium" for a in alerts)
+    levels = ["WARN" if event.new_lrs != event.old_lrs else "INFO" for event in callback.events]
+    assert [a.level for a in alerts] == levels
+    assert "WARN" in levels  # at least one decay happened
+    assert run.global_step == 2 * 16
+
+
+def test_no_alerts_unless_asked(tmp_path, wandb_offline):  # noqa: F811
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="lightning-sdm-tests")
+    _, callback = _fit(tmp_path, logger)
+    assert callback.events
+    run_dir = Path(logger.experiment.dir).parent
+    wandb_offline.finish()
+    records = _wandb_records(next(run_dir.glob("run-*.wandb")), until="exit")
+    assert not [r for r in records if r.WhichOneof("record_type") == "alert"]
+
+
+def test_alerts_must_be_a_bool():
+    with pytest.raises(ValueError, match="`alerts` must be True or False"):
+        SphericalDynamicsCallback(alerts="yes")
+
+
+def test_tensorboard_hparams_session(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    run, callback = _fit(tmp_path, logger)
+    # A run of its own, beside Lightning's (whose session at the start stays untouched).
+    accumulator = EventAccumulator(str(Path(logger.log_dir) / integrations.HPARAMS_RUN))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    hparams = start.session_start_info.hparams
+    assert hparams["sdm/optimizer"].string_value == "SGD"
+    assert hparams["sdm/lr"].number_value == pytest.approx(0.1)
+    assert hparams["sdm/weight_decay"].number_value == pytest.approx(0.05)
+    assert hparams["sdm/momentum"].number_value == pytest.approx(0.9)
+    assert hparams["weight_decay"].number_value == pytest.approx(0.05)  # the module's own
+    metrics = {info.name.tag for info in experiment.experiment.metric_infos}
+    assert {"sdm/hparams/equilibrium_fraction", "sdm/hparams/final_ratio"} <= metrics
+    (fraction,) = accumulator.Scalars("sdm/hparams/equilibrium_fraction")
+    assert fraction.step == run.global_step
+    assert fraction.value == pytest.approx(callback.detector.fraction())
+    last = {record.unit: record.ratio for record in callback.history}
+    median = sorted(last.values())[len(last) // 2 - 1 : len(last) // 2 + 1]
+    final_ratio = accumulator.Scalars("sdm/hparams/final_ratio")[-1].value
+    assert final_ratio == pytest.approx(sum(median) / 2, rel=1e-6)
+    states = callback.detector.state
+    steps = [state.reached_global_step for state in states.values()]
+    if all(step is not None for step in steps):
+        equilibrium = accumulator.Scalars("sdm/hparams/equilibrium_step")[-1].value
+        assert equilibrium == max(steps)
+    else:
+        assert "sdm/hparams/equilibrium_step" not in accumulator.Tags()["scalars"]
