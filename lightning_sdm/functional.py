@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from lightning_sdm._engine import (
+    ACCELERATOR_CHUNK_NUMEL,
     COVERAGE,
     DEFAULT_CHUNK_NUMEL,
     DELTA_DOT,
@@ -64,6 +65,8 @@ __all__ = [
     "DELTA_DOT",
     "COVERAGE",
     "NUM_STATISTICS",
+    "DEFAULT_CHUNK_NUMEL",
+    "ACCELERATOR_CHUNK_NUMEL",
     "angular_update",
     "angular_update_statistics",
     "angles_from_statistics",
@@ -110,7 +113,7 @@ def angular_update_statistics(
     curr: Sequence[Tensor],
     *,
     dim: Dims = None,
-    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    chunk_numel: int | None = None,
     curr_is_delta: bool = False,
 ) -> Tensor:
     """Sufficient statistics of the angular updates of many tensors, in one batched pass.
@@ -125,7 +128,9 @@ def angular_update_statistics(
         curr: tensors after the update, pairwise the same shapes as ``prev``.
         dim: one value for all tensors, or one per tensor: ``None`` (tensor = one unit) or the
             dimension that indexes units (see the module docstring).
-        chunk_numel: upper bound on the elements upcast to float64 at once.
+        chunk_numel: upper bound on the elements upcast to float64 at once; ``None``: the
+            device's (2^17 on CPU, where the buffer stays in cache; 2^21 on accelerators, where
+            each chunk costs kernel launches).
         curr_is_delta: ``curr`` holds the step ``w_{t+1} - w_t`` itself (e.g. a gradient, to test
             ``<w, grad> = 0`` with :func:`cosine_from_statistics`) rather than ``w_{t+1}``.
 

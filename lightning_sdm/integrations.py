@@ -54,7 +54,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sdm.equilibrium import UnitEquilibrium
-from lightning_sdm.records import HistoryRecord, Keys
+from lightning_sdm.records import HPARAMS_RUN, HistoryRecord, Keys
 from lightning_sdm.theory import Prediction
 
 __all__ = [
@@ -97,8 +97,6 @@ class UnitResult:
 
 #: Columns of the W&B table ``sdm/units``.
 TABLE_COLUMNS = [f.name for f in fields(UnitResult)]
-#: The TensorBoard run (a subdirectory of the logger's) that holds the hparams session.
-HPARAMS_RUN = "sdm_hparams"
 #: Columns of the incremental W&B table ``sdm/unit_windows`` (fields of ``HistoryRecord``).
 WINDOW_COLUMNS = [
     "global_step",

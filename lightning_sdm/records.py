@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 __all__ = [
     "CHANNEL_SUMMARIES",
     "GRANULARITIES",
+    "HPARAMS_RUN",
     "ActionName",
     "Criterion",
     "EquilibriumEvent",
@@ -239,6 +240,11 @@ class EquilibriumEvent:
         for key in ("units", "old_lrs", "new_lrs"):
             kept[key] = tuple(kept.get(key, ()))
         return cls(**kept)
+
+
+#: The TensorBoard run (a subdirectory of the logger's directory) that holds the callback's
+#: hparams session at the end of fit; ``lightning-sdm report`` does not list it as a run.
+HPARAMS_RUN = "sdm_hparams"
 
 
 class Keys:

@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from lightning_sdm.records import REGIME_CODES, REGIMES, HistoryRecord, Keys
+from lightning_sdm.records import HPARAMS_RUN, REGIME_CODES, REGIMES, HistoryRecord, Keys
 
 __all__ = [
     "EquilibriumInfo",
@@ -413,7 +413,7 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
         return [RunLocation(path, kind, info.st_mtime, (root_path,))]
     runs = []
     for directory, dirnames, filenames in os.walk(root_path):
-        dirnames.sort()
+        dirnames[:] = sorted(name for name in dirnames if name != HPARAMS_RUN)  # not a run
         events, tables = [], []
         for name in sorted(filenames):
             if name != _METRICS_CSV and not name.startswith(_EVENTS_PREFIX):

@@ -130,6 +130,11 @@ def test_tensorboard_hparams_session(tmp_path):
     median = sorted(last.values())[len(last) // 2 - 1 : len(last) // 2 + 1]
     final_ratio = accumulator.Scalars("sdm/hparams/final_ratio")[-1].value
     assert final_ratio == pytest.approx(sum(median) / 2, rel=1e-6)
+    # The report command lists the training run, not the hparams session beside it.
+    from lightning_sdm.rundata import find_runs
+
+    (found,) = find_runs(tmp_path)
+    assert found.path == Path(logger.log_dir)
     states = callback.detector.state
     steps = [state.reached_global_step for state in states.values()]
     if all(step is not None for step in steps):

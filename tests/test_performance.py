@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sdm import SphericalMonitor, Unit
-from lightning_sdm._engine import BatchedStatistics
+from lightning_sdm._engine import ACCELERATOR_CHUNK_NUMEL, BatchedStatistics, chunk_numel_for
 from lightning_sdm.functional import DEFAULT_CHUNK_NUMEL, angular_update_statistics
 
 
@@ -73,6 +73,31 @@ def test_kernels_per_measurement_do_not_depend_on_the_number_of_tensors(dim):
     chunks = -(-(1 << 19) // DEFAULT_CHUNK_NUMEL)
     kernels, views, from_scratch = counts[4]
     assert kernels <= 5 * chunks + 4 and views <= 4 and from_scratch <= kernels + 2, counts
+
+
+def test_the_accelerator_path_launches_a_few_dozen_kernels_for_100_tensors():
+    """The CUDA settings (2^21-element chunks), forced on CPU tensors: the ops are the same.
+
+    Counted at the dispatcher: each op below is one kernel on CUDA, except ``_foreach_copy_``,
+    which CUDA's multi-tensor apply launches once per group of up to ~100 tensors.
+    """
+    assert chunk_numel_for(torch.device("cuda")) == ACCELERATOR_CHUNK_NUMEL
+    total, count = 10_000_000, 100
+    prev, curr = _tensors(count, total=total, seed=1)
+    dims = [0] * count
+    counts = {}
+    results = {}
+    for name, chunk in (("cpu", None), ("accelerator", ACCELERATOR_CHUNK_NUMEL)):
+        statistics = BatchedStatistics(dims, chunk_numel=chunk)
+        statistics(prev, curr)  # first call: layout and work buffer
+        with OpCounter() as ops:
+            results[name] = statistics(prev, curr)
+        counts[name] = len(ops.kernels)
+        assert ops.reads_back == 0
+    torch.testing.assert_close(results["accelerator"], results["cpu"], rtol=1e-12, atol=0)
+    chunks = -(-total // ACCELERATOR_CHUNK_NUMEL)  # 5
+    assert counts["accelerator"] <= 5 * chunks + 4, counts  # 29 at most
+    assert counts["cpu"] >= 10 * counts["accelerator"], counts  # 77 cache-sized chunks
 
 
 class _Net(nn.Module):
