@@ -365,7 +365,7 @@ def lightning_comparison(args: argparse.Namespace) -> str:
             self.hook_times.append(hooks.seconds - self._hooks)
 
     torch.manual_seed(0)
-    module = Module(ResNet18(width=args.width))
+    module = Module(ResNet18(width=args.width, stem=args.stem))
     batches = synthetic_batches(4, args.batch_size)
     data = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     loader = DataLoader(data, batch_size=args.batch_size)
@@ -440,6 +440,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=32, help="ResNet-18 base width (64: full)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--stem",
+        choices=("cifar", "imagenet"),
+        default="cifar",
+        help="cifar: 3x3 stem (compute-heavy); imagenet: torchvision's 7x7 + max-pool (light)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="steps per block (>= 50)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = ResNet18(width=args.width)
+    model = ResNet18(width=args.width, stem=args.stem)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     batches = synthetic_batches(4, args.batch_size)
     units = conv_units(model)
@@ -463,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     weights_bytes = sum(w.numel() * w.element_size() for w in weights)
     total = sum(p.numel() for p in model.parameters())
     header = (
-        f"ResNet-18 (CIFAR, width {args.width}): {total / 1e6:.2f}M parameters, {len(units)} "
+        f"ResNet-18 ({args.stem} stem, width {args.width}): {total / 1e6:.2f}M parameters, "
+        f"{len(units)} "
         f"monitored conv weights ({weights_bytes / 2**20:.1f} MiB); batch {args.batch_size} of "
         f"3x32x32, SGD; torch {torch.__version__}, {args.threads} thread(s); blocks of "
         f"{args.steps} steps, {args.repeats} interleaved repeats."

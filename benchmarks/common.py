@@ -36,12 +36,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """The CIFAR ResNet-18 (3x3 stem, no max-pool; 11.2M parameters at ``width=64``)."""
+    """ResNet-18 with BasicBlocks 2-2-2-2 (11.2M parameters at ``width=64``).
 
-    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+    ``stem="cifar"``: 3x3 stem, no max-pool (compute-heavy on 32x32 images: full resolution in
+    the first stage). ``stem="imagenet"``: torchvision's 7x7 stride-2 stem and 3x3 stride-2
+    max-pool, the model a user gets from ``torchvision.models.resnet18`` (on 32x32 images the
+    first stage runs at 8x8: compute-light, the monitor's worst case for its relative cost).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"`stem` must be 'cifar' or 'imagenet', got {stem!r}.")
         self.in_planes = width
-        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.layer1 = self._make_layer(width, 2, 1)
         self.layer2 = self._make_layer(2 * width, 2, 2)
@@ -57,7 +69,7 @@ class ResNet18(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.pool(F.relu(self.bn1(self.conv1(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)

@@ -392,6 +392,7 @@ class SphericalDynamicsCallback(Callback):
                 warned=self._integration_failures,
                 advice=self.advice.as_dict() if self.advice else None,
                 texts=texts_for_loggers(self.advice, self.report),
+                alerts=self.alerts,
             )
 
     def _detection(self) -> dict[str, Any]:

@@ -171,6 +171,7 @@ def on_monitoring_started(
     warned: set[str],
     advice: Mapping[str, Any] | None = None,
     texts: Mapping[str, str] | None = None,
+    alerts: bool = False,
 ) -> None:
     """Once the monitored units are known: TensorBoard layout, W&B step axis and config.
 
@@ -187,8 +188,16 @@ def on_monitoring_started(
             ``"detection"`` (the full unit-detection report, which the console only
             summarises). TensorBoard texts ``sdm/<name>``; in the W&B config as
             ``sdm/<name>_text``. Empty texts are skipped.
+        alerts: W&B alerts were asked for; without a ``WandbLogger`` that is said once.
     """
     texts = {name: text for name, text in (texts or {}).items() if text}
+    loggers = list(loggers)
+    if alerts and "alerts" not in warned and not any(isinstance(x, WandbLogger) for x in loggers):
+        warned.add("alerts")  # once, however often monitoring (re)starts
+        rank_zero_warn(
+            "SphericalDynamicsCallback(alerts=True): the Trainer has no WandbLogger, so no alert "
+            "will be sent (equilibrium events are still printed and logged)."
+        )
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             _tensorboard_layout(logger, warned, units, channel_units)

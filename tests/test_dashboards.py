@@ -96,6 +96,13 @@ def test_no_alerts_unless_asked(tmp_path, wandb_offline):  # noqa: F811
     assert not [r for r in records if r.WhichOneof("record_type") == "alert"]
 
 
+def test_alerts_without_a_wandb_logger_are_reported_once(tmp_path):
+    with pytest.warns(UserWarning, match="alerts=True.*no WandbLogger") as record:
+        _, callback = _fit(tmp_path, False, alerts=True)
+    assert callback.events  # events happened, and were printed, not alerted
+    assert sum("no WandbLogger" in str(w.message) for w in record) == 1
+
+
 def test_alerts_must_be_a_bool():
     with pytest.raises(ValueError, match="`alerts` must be True or False"):
         SphericalDynamicsCallback(alerts="yes")
