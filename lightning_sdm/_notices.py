@@ -108,6 +108,7 @@ class Notices:
     def window_closed(self, monitor: SphericalMonitor, tolerance: float, global_step: int) -> None:
         """What changed under the monitor: failed checks, moved units, lost predictions."""
         self.verification(monitor, tolerance)
+        self.cost(monitor)
         for name, (old, new) in monitor.moved.items():
             message = _messages.moved_group(name, old, new, global_step)
             self.warn_once(f"moved:{name}:{new}", message)
@@ -118,6 +119,24 @@ class Notices:
             for key, message in _messages.missing_predictions(lost, global_step).items():
                 self.warn_once(f"lost:{key}", message)
         self._without_prediction = without
+
+    def cost(self, monitor: SphericalMonitor, budget: float = 0.01) -> None:
+        """Once, after the first steady-state interval: the schedule costs over ``budget``.
+
+        CPU runs only: on an accelerator the hooks' host time is not what the measurement costs.
+        """
+        meter = monitor.cost
+        if "cost" in self.warned or not meter.ready:
+            return
+        self.warned.add("cost")  # judged once, whatever the verdict
+        params = [p for ps in monitor.unit_parameters().values() for p in ps]
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        assert meter.steady is not None
+        fraction, per_measured, per_step = meter.steady
+        if on_cpu and fraction > budget:
+            every, window = monitor.config.every_n_steps, monitor.config.window
+            assert every is not None
+            rank_zero_info(_messages.monitor_cost(fraction, per_measured, per_step, every, window))
 
     def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:
         """Units whose gradient is not orthogonal to them (probably not scale-invariant)."""

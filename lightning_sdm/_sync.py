@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["RanksOutOfStepError", "monitor_group", "run_collective"]
+__all__ = ["RanksOutOfStepError", "all_agree", "monitor_group", "run_collective"]
 
 T = TypeVar("T")
 
@@ -59,6 +59,15 @@ def monitor_group(timeout_s: float) -> Any | None:
     if key not in _GROUPS:
         _GROUPS[key] = dist.new_group(timeout=timedelta(seconds=timeout_s))
     return _GROUPS[key]
+
+
+def all_agree(flag: bool, group: Any, device: torch.device | None = None) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (a MIN all-reduce of one integer)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
 
 
 def run_collective(fn: Callable[[], T], what: str, timeout_s: float) -> T:

@@ -17,6 +17,7 @@ the units are :class:`~lightning_sdm.units.Unit`, and the prediction of every wi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -27,8 +28,9 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._compile import outside_compile
+from lightning_sdm._cost import CostMeter
 from lightning_sdm._engine import COVERAGE, BatchedStatistics, is_dtensor, local_shard
-from lightning_sdm._sync import RanksOutOfStepError, monitor_group, run_collective
+from lightning_sdm._sync import RanksOutOfStepError, all_agree, monitor_group, run_collective
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
@@ -159,6 +161,7 @@ class SphericalMonitor:
         # The monitor's own process group (see lightning_sdm._sync); None in one process.
         self._group = monitor_group(config.sync_timeout)
         self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
+        self.cost = CostMeter()  # hook time against step time (see lightning_sdm._cost)
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         self._watches = _build_watches(module, optimizer_list, unit_list, self)
 
@@ -361,28 +364,37 @@ class SphericalMonitor:
     def _before_step(self, watch: _OptimizerWatch) -> None:
         if self.stopped is not None:
             return
+        self.cost.step()  # pre-hook to pre-hook: one whole period (forward, backward, logging)
         if watch.provisional:  # the real pre-hook: the snapshot taken for it is replaced
             watch.provisional = False
             watch.predictions.pop()
         watch.measuring = self.config.is_measured(watch.steps_done)
         if watch.measuring:
+            start = time.perf_counter()
             self._take_snapshot(watch)
+            self.cost.add(time.perf_counter() - start, measured=False)
 
     def _after_step(self, watch: _OptimizerWatch) -> None:
         if self.stopped is not None:
             return
         watch.provisional = False
+        start, measured = time.perf_counter(), watch.measuring and watch.snapshot is not None
         try:
-            if watch.measuring and watch.snapshot is not None:
+            if measured:
                 self._measure(watch)
             watch.measuring = False
             watch.steps_done += 1
             every = self.config.every_n_steps
             assert every is not None
-            if watch.steps_done % every == 0 and watch.predictions:
+            closes = watch.steps_done % every == 0 and bool(watch.predictions)
+            if closes:
                 where = f"the window closing at optimizer step {watch.steps_done}"
                 with torch.no_grad():
                     self._collective(lambda: self._close_window(watch), where)
+            if measured or closes:
+                self.cost.add(time.perf_counter() - start, measured)
+            if closes:
+                self.cost.window_closed()
         except RanksOutOfStepError as err:
             self._stop(err)
 
@@ -393,20 +405,14 @@ class SphericalMonitor:
         only meet the other ranks' decision (see :mod:`lightning_sdm._sync`); ``False`` once
         monitoring has stopped, or if the ranks cannot agree in time (monitoring stops then).
         """
-        if self.stopped is not None:
-            return False
-        if self._group is None:
-            return bool(flag)
-        import torch.distributed as dist
-
-        value = torch.tensor([int(bool(flag))], dtype=torch.int32)
-
-        def reduce() -> bool:
-            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self._group)
-            return bool(value.item())
-
+        if self.stopped is not None or self._group is None:
+            return self.stopped is None and bool(flag)
+        # On the weights' device: an NCCL group reduces CUDA tensors only.
+        device = next((w.tensors[0].device for w in self._watches if w.tensors), None)
         try:
-            return self._collective(reduce, "an equilibrium decision")
+            return self._collective(
+                lambda: all_agree(flag, self._group, device), "an equilibrium decision"
+            )
         except RanksOutOfStepError as err:
             self._stop(err)
             return False
@@ -419,8 +425,7 @@ class SphericalMonitor:
     def _stop(self, err: RanksOutOfStepError) -> None:
         """Stop measuring on this rank (hooks stay registered, as no-ops) with one warning.
 
-        The hooks are not removed here: this runs inside one of them, while the optimizer
-        iterates over its hook dictionary. The windows closed before stay available.
+        Not removed: this runs inside a hook, while the optimizer iterates over its hooks.
         """
         import warnings
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_sdm"
 
 # Lowest first. `invariance` stands for the package and all its private modules.
 LAYERS: list[set[str]] = [
-    {"records", "_optimizers", "_engine", "_trends", "lr_control", "_compile", "_sync"},
+    {"records", "_optimizers", "_engine", "_trends", "lr_control", "_compile", "_sync", "_cost"},
     {"config", "units", "functional", "theory", "rundata", "_schedule"},
     {"metric", "simulation", "invariance", "equilibrium", "plot", "_messages", "advice"},
     {"monitor", "cli", "validation", "audit"},
