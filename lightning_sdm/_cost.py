@@ -31,8 +31,7 @@ class CostMeter:
         self.windows_closed = 0
         self._start: float | None = None
         self._last: float | None = None
-        self._freeze = False
-        #: The first steady-state interval's figures, kept as they were when it ended:
+        #: The first steady-state interval's figures, as they were when its window closed:
         #: ``(fraction, seconds per measured step, seconds per step)``; ``None`` until then.
         self.steady: tuple[float, float, float] | None = None
 
@@ -48,18 +47,16 @@ class CostMeter:
             self._start = now
         self._last = now
         self.steps += 1
-        if self._freeze and self.steps > 1 and self.measured_steps:
-            self.steady = (self.fraction, self.seconds_per_measured_step, self.step_seconds)
-            self._freeze = False
 
     def window_closed(self) -> None:
-        """The first close restarts the meter: the steady state begins after it."""
+        """The first close restarts the meter; the second one keeps :attr:`steady`."""
         self.windows_closed += 1
         if self.windows_closed == 1:
             self.hook_seconds, self.measured_steps, self.steps = 0.0, 0, 0
             self._start = self._last = None
-        elif self.steady is None:
-            self._freeze = True  # at the next step's start (this step's hook time is in)
+        elif self.steady is None and self.steps and self.measured_steps:
+            # Called at the end of the closing step's hook: its period is (nearly) complete.
+            self.steady = self._figures(time.perf_counter(), self.steps)
 
     @property
     def ready(self) -> bool:
@@ -68,11 +65,8 @@ class CostMeter:
 
     @property
     def step_seconds(self) -> float:
-        """Mean wall time of one optimizer step without the monitor's share."""
-        if self._start is None or self._last is None or self.steps < 2:
-            return math.nan
-        elapsed = self._last - self._start
-        return max(elapsed - self.hook_seconds, 0.0) / (self.steps - 1)
+        """Mean wall time of one optimizer step without the monitor's share (so far)."""
+        return self._figures(self._last, self.steps - 1)[2]
 
     @property
     def seconds_per_measured_step(self) -> float:
@@ -80,9 +74,15 @@ class CostMeter:
 
     @property
     def fraction(self) -> float:
-        """Hook time over the step time without it (0.036: the monitor adds 3.6%)."""
-        base = self.step_seconds * max(self.steps - 1, 1)
-        return self.hook_seconds / base if base > 0 else math.nan
+        """Hook time over the step time without it (0.036: the monitor adds 3.6%), so far."""
+        return self._figures(self._last, self.steps - 1)[0]
+
+    def _figures(self, end: float | None, periods: int) -> tuple[float, float, float]:
+        if self._start is None or end is None or periods < 1:
+            return math.nan, self.seconds_per_measured_step, math.nan
+        base = max(end - self._start - self.hook_seconds, 0.0)
+        fraction = self.hook_seconds / base if base > 0 else math.nan
+        return fraction, self.seconds_per_measured_step, base / periods
 
 
 def schedule_within(
