@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from lightning_sdm.records import EquilibriumEvent, HistoryRecord, UnitWindow
     from lightning_sdm.theory import equilibrium_angular_update, explain_equilibrium
     from lightning_sdm.units import Unit
+    from lightning_sdm.weight_decay import CorrectedWeightDecay
 
 _EXPORTS = {
     "AngularUpdate": "lightning_sdm.metric",
+    "CorrectedWeightDecay": "lightning_sdm.weight_decay",
     "DecayLR": "lightning_sdm.actions",
     "EquilibriumDetector": "lightning_sdm.equilibrium",
     "EquilibriumEvent": "lightning_sdm.records",
@@ -41,6 +43,7 @@ _EXPORTS = {
 
 __all__ = [
     "AngularUpdate",
+    "CorrectedWeightDecay",
     "DecayLR",
     "EquilibriumDetector",
     "EquilibriumEvent",

@@ -120,13 +120,26 @@ def sample_learning_rates(
             stepped = False
             for clone, period in copies:
                 if step % period == 0:
-                    clone.step()
+                    try:
+                        clone.step()
+                    except Exception as error:  # e.g. OneCycleLR past its total_steps
+                        notes.append(
+                            f"{type(clone).__name__} raised at step {step} ({error}): "
+                            "sampled up to there"
+                        )
+                        return _trajectory(changes, step, notes)
                     stepped = True
             if stepped:
                 for index, group in enumerate(stand_in.param_groups):
                     lr = _lr(group)
                     if lr != changes[index][-1][1]:
                         changes[index].append((step, lr))
+    return _trajectory(changes, steps, notes)
+
+
+def _trajectory(
+    changes: list[list[tuple[int, float]]], steps: int, notes: list[str]
+) -> LRTrajectory:
     return LRTrajectory(tuple(tuple(c) for c in changes), steps, "; ".join(notes))
 
 

@@ -278,3 +278,20 @@ def test_reduce_lr_on_plateau_on_an_sdm_key(tmp_path) -> None:
     sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
     run = _fit_with(tmp_path, [sdm], module=Plateau(), epochs=3)
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_scheduler_that_raises_ahead_is_sampled_up_to_there():
+    """A resumed OneCycleLR sampled for the whole budget used to crash the resumed fit."""
+    from lightning_sdm._schedule import ScheduledLR, sample_learning_rates
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=40)
+    for _ in range(30):  # as restored from a checkpoint at step 30
+        optimizer.step()
+        schedule.step()
+    before = (optimizer.param_groups[0]["lr"], schedule.last_epoch)
+    trajectory = sample_learning_rates(optimizer, [ScheduledLR(schedule, "step")], 40, None)
+    assert trajectory.total_steps == 11  # steps 0 to 10: the schedule has 10 more
+    assert "OneCycleLR raised at step 11" in trajectory.note
+    assert (optimizer.param_groups[0]["lr"], schedule.last_epoch) == before  # live one untouched

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"actions", "integrations", "_discovery", "_resume"},
     {"_notices"},
     {"callback", "_fabric_plugin"},
-    {"plugin"},
+    {"plugin", "weight_decay"},
 ]
 # Entry points that only forward to other modules.
 FACADES = {"__init__", "__main__"}
