@@ -1,4 +1,4 @@
-"""The LR-decay benchmark runs (quick version): every task and schedule, a well-formed table."""
+"""The benchmarks of LR decay and corrected weight decay run (quick versions), with their tables."""
 
 import importlib.util
 from pathlib import Path
@@ -34,3 +34,16 @@ def test_the_benchmark_runs_every_task_and_schedule(capsys, tmp_path):
     table = capsys.readouterr().out
     assert "| digits (target 98%) | auto | 44 |" in table and "| noisy (target 97%) |" in table
     assert out.exists()
+
+
+def test_the_corrected_weight_decay_benchmark_runs(capsys):
+    path = SCRIPT.parent / "bench_corrected_wd.py"
+    spec = importlib.util.spec_from_file_location("bench_corrected_wd", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--epochs", "3", "--seeds", "0"])
+    assert list(results) == ["fixed", "corrected"]
+    for (row,) in results.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["grad_rise"] >= 1.0
+    table = capsys.readouterr().out
+    assert "| fixed |" in table and "| corrected |" in table
