@@ -7,7 +7,8 @@ CPU pays ~4% at the default schedule, a compute-heavy one ~0.3%). So the monitor
 the hooks only count), and the wall time from one step's pre-hook to the next (a whole period:
 forward, backward, update, the loop's callbacks). The first window is left out (the tracing
 step, the first allocation of the work buffers, the first logging): the figure covers the second
-interval, the steady state.
+interval, from the pre-hook after the first window closes to the pre-hook after the second
+(whole periods), the steady state.
 
 Host time is the cost only when the tensors are on the CPU; on an accelerator the hooks enqueue
 kernels and return, so the callback reports this figure for CPU runs only.
@@ -31,6 +32,7 @@ class CostMeter:
         self.windows_closed = 0
         self._start: float | None = None
         self._last: float | None = None
+        self._freeze = False
         #: The first steady-state interval's figures, as they were when its window closed:
         #: ``(fraction, seconds per measured step, seconds per step)``; ``None`` until then.
         self.steady: tuple[float, float, float] | None = None
@@ -40,23 +42,35 @@ class CostMeter:
         self.hook_seconds += seconds
         self.measured_steps += int(measured)
 
-    def step(self) -> None:
-        """An optimizer step begins (its pre-hook): the time between two calls is one period."""
+    def step(self, first: bool = True) -> None:
+        """An optimizer step begins (its pre-hook): the time between two calls is one period.
+
+        ``first``: the step is the first optimizer's. With several optimizers only its steps
+        open and close the interval, so that the interval is made of whole batches.
+        """
         now = time.perf_counter()
         if self._start is None:
+            if not first:
+                return
             self._start = now
         self._last = now
         self.steps += 1
+        if self._freeze and first and self.measured_steps:  # whole periods since the start
+            self.steady = self._figures(now, self.steps - 1)
+            self._freeze = False
 
     def window_closed(self) -> None:
-        """The first close restarts the meter; the second one keeps :attr:`steady`."""
+        """The first close restarts the meter; the second one keeps :attr:`steady`.
+
+        Called for the first optimizer's windows only: with several optimizers, their windows
+        close in the same batch, and one close must not end the interval another one began.
+        """
         self.windows_closed += 1
         if self.windows_closed == 1:
             self.hook_seconds, self.measured_steps, self.steps = 0.0, 0, 0
             self._start = self._last = None
-        elif self.steady is None and self.steps and self.measured_steps:
-            # Called at the end of the closing step's hook: its period is (nearly) complete.
-            self.steady = self._figures(time.perf_counter(), self.steps)
+        elif self.steady is None:
+            self._freeze = True  # at the next step's pre-hook: whole periods only
 
     @property
     def ready(self) -> bool:
@@ -87,10 +101,11 @@ class CostMeter:
 
 def schedule_within(
     budget: float, every_n_steps: int, window: int, per_measured: float, per_step: float
-) -> tuple[int, int]:
+) -> tuple[int | None, int]:
     """Schedules that keep the cost within ``budget`` (a fraction of the step time).
 
-    Returns ``(window, every_n_steps)``: the window that fits at this ``every_n_steps``, and the
+    Returns ``(window, every_n_steps)``: the largest window that fits at this
+    ``every_n_steps`` (``None`` if not even one measured step does), and the smallest
     ``every_n_steps`` that fits with this ``window``. The cost is linear in the measured steps:
     ``window * per_measured / (every_n_steps * per_step)``.
 
@@ -98,7 +113,9 @@ def schedule_within(
 
         >>> schedule_within(0.01, 50, 8, per_measured=0.033, per_step=0.154)  # 33 vs 154 ms
         (2, 172)
+        >>> schedule_within(0.01, 4, 4, per_measured=0.0051, per_step=0.009)  # 1 of 4: 14%
+        (None, 227)
     """
     fitting_window = math.floor(budget * every_n_steps * per_step / per_measured)
     fitting_every = math.ceil(window * per_measured / (budget * per_step))
-    return max(fitting_window, 1), max(fitting_every, every_n_steps)
+    return (fitting_window if fitting_window >= 1 else None), max(fitting_every, every_n_steps)

@@ -41,12 +41,14 @@ def monitor_cost(
     from lightning_sdm._cost import schedule_within
 
     fitting_window, fitting_every = schedule_within(0.01, every, window, per_measured, per_step)
+    remedy = f"`every_n_steps={fitting_every}`"
+    if fitting_window is not None:
+        remedy = f"`window={fitting_window}` or {remedy}"
     return (
         f"{PREFIX} measuring {window} of every {every} optimizer steps costs {fraction:.1%} of "
         f"the step time in this run ({per_measured * 1e3:.1f} ms per measured step against "
-        f"{per_step * 1e3:.1f} ms per step, on the CPU). `window={fitting_window}` or "
-        f"`every_n_steps={fitting_every}` would keep it under 1%, with fewer samples per "
-        "relaxation time for the detector."
+        f"{per_step * 1e3:.1f} ms per step, on the CPU). {remedy} would keep it under 1%, with "
+        "fewer samples per relaxation time for the detector."
     )
 
 

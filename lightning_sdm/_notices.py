@@ -108,7 +108,6 @@ class Notices:
     def window_closed(self, monitor: SphericalMonitor, tolerance: float, global_step: int) -> None:
         """What changed under the monitor: failed checks, moved units, lost predictions."""
         self.verification(monitor, tolerance)
-        self.cost(monitor)
         for name, (old, new) in monitor.moved.items():
             message = _messages.moved_group(name, old, new, global_step)
             self.warn_once(f"moved:{name}:{new}", message)

@@ -274,6 +274,7 @@ class SphericalDynamicsCallback(Callback):
             self._start_monitor(trainer, pl_module, self._units or [])
         assert self.monitor is not None  # (re)started above
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
+        self._notices.cost(self.monitor)  # once its first steady interval has been timed
         if windows:
             tolerance = self.config.orthogonality_tolerance
             self._notices.window_closed(self.monitor, tolerance, trainer.global_step)

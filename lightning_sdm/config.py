@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -34,12 +35,13 @@ def check_number(
     high_open: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number in range."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    number = float(value) if real else math.nan
     ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high)
+        real
+        and math.isfinite(number)
+        and (number > low if low_open else number >= low)
+        and (number < high if high_open else number <= high)
     )
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
@@ -77,7 +79,7 @@ class MonitorConfig:
         sync_timeout: seconds a rank waits in the monitor's reduction for the other ranks
             (distributed runs; the monitor has a process group of its own). Past it, the
             monitor stops on that rank with one warning and training goes on: ranks that
-            disagree on the number of optimizer steps cannot hang the job. In ``(0, 86400]``.
+            disagree on the number of optimizer steps cannot hang the job. In ``[1, 86400]``.
 
     Raises:
         ValueError: naming the first invalid argument.
@@ -118,7 +120,9 @@ class MonitorConfig:
             high=10.0,
             high_open=False,
         )
-        check_number("sync_timeout", self.sync_timeout, low=0.0, high=86400.0, high_open=False)
+        # At least a second: gloo rounds a shorter wait to 0 ms and fails to create the group.
+        timeout = self.sync_timeout
+        check_number("sync_timeout", timeout, low=1, high=86400, low_open=False, high_open=False)
         if self.every_n_steps is not None and self.window > self.every_n_steps:
             object.__setattr__(self, "window", self.every_n_steps)
         if self.horizon > self.window:

@@ -510,7 +510,12 @@ def _tensorboard_hparams(
     # A run of its own (TensorBoard reads one session per run, the first: Lightning's, written
     # at the start, stays as it is), with the logger's own hyper-parameters beside ours so that
     # the dashboard compares runs on both.
-    params = {key: _hparam_value(value) for key, value in dict(logger.hparams).items()}
+    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
+    # scalars as numbers), so the columns of both sessions line up; then what remains as text.
+    from lightning.fabric.utilities.logger import _flatten_dict
+
+    flat = logger._sanitize_params(_flatten_dict(dict(logger.hparams)))
+    params = {key: _hparam_value(value) for key, value in flat.items()}
     logger.experiment.add_hparams(
         {**params, **ours},
         hparams_metrics(results, fraction),
@@ -520,7 +525,12 @@ def _tensorboard_hparams(
 
 
 def _hparam_value(value: Any) -> Any:
-    """What ``add_hparams`` accepts: numbers, strings and booleans as they are, else text."""
+    """What ``add_hparams`` accepts: numbers, strings and booleans as they are, else text.
+
+    A one-element tensor becomes its number, as Lightning's session shows it.
+    """
+    if hasattr(value, "numel") and value.numel() == 1:
+        return value.item()
     return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 

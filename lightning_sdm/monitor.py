@@ -364,7 +364,7 @@ class SphericalMonitor:
     def _before_step(self, watch: _OptimizerWatch) -> None:
         if self.stopped is not None:
             return
-        self.cost.step()  # pre-hook to pre-hook: one whole period (forward, backward, logging)
+        self.cost.step(watch is self._watches[0])  # pre-hook to pre-hook: one whole period
         if watch.provisional:  # the real pre-hook: the snapshot taken for it is replaced
             watch.provisional = False
             watch.predictions.pop()
@@ -393,7 +393,7 @@ class SphericalMonitor:
                     self._collective(lambda: self._close_window(watch), where)
             if measured or closes:
                 self.cost.add(time.perf_counter() - start, measured)
-            if closes:
+            if closes and watch is self._watches[0]:
                 self.cost.window_closed()
         except RanksOutOfStepError as err:
             self._stop(err)

@@ -21,7 +21,7 @@ Two clocks, named everywhere (a bare "step" is ambiguous once there are several 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -269,6 +269,28 @@ class Keys:
     LR_AFTER_EVENT = "sdm/lr_after_event"
     #: Shown in the progress bar (the median ratio).
     PROGRESS_BAR = "sdm_ratio"
+
+    @staticmethod
+    def without_logger_prefix(keys: Iterable[str], join: str = "-") -> dict[str, str]:
+        """Logged key -> the key without a logger's ``prefix`` (``"pre-sdm/..."``: ``"sdm/..."``).
+
+        Lightning loggers put ``prefix + join`` before every key. Only when no ``sdm/`` key is
+        unprefixed and one prefix covers them; it is then taken off every key that has it.
+
+        Example::
+
+            >>> Keys.without_logger_prefix(["run-sdm/angular_update/w", "run-loss"])
+            {'run-sdm/angular_update/w': 'sdm/angular_update/w', 'run-loss': 'loss'}
+        """
+        keys = list(keys)
+        marker = join + Keys.PREFIX
+        if any(key.startswith(Keys.PREFIX) for key in keys):
+            return {key: key for key in keys}
+        prefixes = {key.split(marker, 1)[0] for key in keys if marker in key}
+        if len(prefixes) != 1:
+            return {key: key for key in keys}
+        head = prefixes.pop() + join
+        return {key: key[len(head) :] if key.startswith(head) else key for key in keys}
 
     @staticmethod
     def unit_of(key: str, prefix: str) -> str:

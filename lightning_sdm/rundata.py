@@ -390,9 +390,9 @@ def run_from_history(
 def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     """Every run under ``root`` (itself included), newest first.
 
-    A run is a directory with TensorBoard event files, or a ``metrics.csv``. ``root`` may also be
-    one event file or one ``metrics.csv``. Files named like run files that are not regular files
-    (FIFOs, devices, broken links) are skipped with a :class:`RunDataWarning`.
+    A run is a directory with TensorBoard event files (not a run's ``sdm_hparams``, the callback's
+    HParams session), or a ``metrics.csv``; ``root`` may be one such file. Files named like run
+    files that are not regular files (FIFOs, devices, broken links) are skipped with a warning.
 
     Raises:
         RunDataError: if ``root`` does not exist, or is a file but not a regular one.
@@ -413,7 +413,6 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
         return [RunLocation(path, kind, info.st_mtime, (root_path,))]
     runs = []
     for directory, dirnames, filenames in os.walk(root_path):
-        dirnames[:] = sorted(name for name in dirnames if name != HPARAMS_RUN)  # not a run
         events, tables = [], []
         for name in sorted(filenames):
             if name != _METRICS_CSV and not name.startswith(_EVENTS_PREFIX):
@@ -427,6 +426,7 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
                 tables.append(RunLocation(path, CSV, info.st_mtime, (path,)))
             else:
                 events.append((path, info.st_mtime))
+        dirnames[:] = sorted(d for d in dirnames if not (events and d == HPARAMS_RUN))  # ours
         if events:
             files = tuple(path for path, _ in events)
             runs.append(RunLocation(Path(directory), TENSORBOARD, max(m for _, m in events), files))
@@ -724,6 +724,7 @@ def _parse_rows(block: bytes, width: int, line: int) -> tuple[np.ndarray, ...]:
 
 
 def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
+    raw = {plain: raw[key] for key, plain in Keys.without_logger_prefix(raw).items()}
     scalars = dict(raw)
     units: list[str] = []
     for key in raw:

@@ -64,6 +64,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("orthogonality str", _callback(orthogonality_tolerance="x"), r"`orthogonality_tolerance`"),
     ("orthogonality 0", _callback(orthogonality_tolerance=0.0), r"`orthogonality_tolerance`"),
     ("sync_timeout 0", _callback(sync_timeout=0), r"`sync_timeout`"),
+    ("sync_timeout 1 ms", _callback(sync_timeout=1e-3), r"`sync_timeout`"),
     ("sync_timeout inf", _callback(sync_timeout=float("inf")), r"`sync_timeout`"),
     ("sync_timeout str", _callback(sync_timeout="60"), r"`sync_timeout`"),
     ("prog_bar str", _callback(prog_bar="yes"), r"`prog_bar`"),

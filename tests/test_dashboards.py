@@ -149,3 +149,23 @@ def test_tensorboard_hparams_session(tmp_path):
         assert equilibrium == max(steps)
     else:
         assert "sdm/hparams/equilibrium_step" not in accumulator.Tags()["scalars"]
+
+
+def test_the_report_reads_a_prefixed_logger_and_a_run_named_like_ours(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_sdm.cli import main
+    from lightning_sdm.rundata import find_runs, load_run
+
+    prefixed = TensorBoardLogger(tmp_path / "prefixed", name="tb", prefix="pre")
+    _, callback = _fit(tmp_path, prefixed)
+    data = load_run(tmp_path / "prefixed")  # keys logged as pre-sdm/...
+    assert sorted(data.units) == sorted({record.unit for record in callback.history})
+    assert main(["report", str(tmp_path / "prefixed"), "-o", str(tmp_path / "p.png")]) == 0
+    # A user's own run called sdm_hparams (not inside a run directory) is a run like any other.
+    named = TensorBoardLogger(tmp_path / "named", name="exp", version="sdm_hparams")
+    _fit(tmp_path, named)
+    (found,) = find_runs(tmp_path / "named")
+    assert found.path == Path(named.log_dir)
+    capsys.readouterr()
