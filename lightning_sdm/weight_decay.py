@@ -74,7 +74,6 @@ class CorrectedWeightDecay(Callback):
         # (optimizer index, group index) -> (base weight decay, lr_max)
         self._bases: dict[tuple[int, int], tuple[float, float]] = {}
         self._restored: dict[tuple[int, int], tuple[float, float]] | None = None
-        self._provisional: set[tuple[int, int]] = set()  # scaled before the units were known
 
     @property
     def bases(self) -> dict[tuple[int, int], tuple[float, float]]:
@@ -139,17 +138,16 @@ class CorrectedWeightDecay(Callback):
         self._restored = {(int(o), int(g)): (float(wd), float(peak)) for o, g, wd, peak in rows}
 
     def _targets(self, trainer: pl.Trainer) -> set[tuple[int, int]]:
-        decayed = {key for key, (wd, _) in self._bases.items() if wd != 0.0}
         if self.groups == "all":
-            return decayed
+            return {key for key, (wd, _) in self._bases.items() if wd != 0.0}
         callback = _monitoring_callback(trainer)
         monitor = getattr(callback, "monitor", None)
         if monitor is None:
-            # Before the first forward pass the units are not known yet: every decayed group,
-            # provisionally (so the first step's prediction already reads the corrected value);
-            # the groups that turn out to hold no unit get their base back before the update.
-            self._provisional |= decayed
-            return decayed
+            # Before the first forward pass the units are not known: nothing is scaled yet, so
+            # the advice and audit the monitoring callback prints then see the base weight decay
+            # (a provisional scaling would make a warm-up from lr 0 read as "no weight decay").
+            # The first update is corrected all the same (on_before_optimizer_step).
+            return set()
         index = {id(optimizer): i for i, optimizer in enumerate(trainer.optimizers)}
         return {
             (index[id(optimizer)], group)
@@ -163,9 +161,6 @@ class CorrectedWeightDecay(Callback):
             if key not in self._bases:
                 continue
             if key not in targets:
-                if key in self._provisional:
-                    group["weight_decay"] = self._bases[key][0]
-                    self._provisional.discard(key)
                 continue
             base, peak = self._bases[key]
             lr = float(group["lr"])

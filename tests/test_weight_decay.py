@@ -70,11 +70,14 @@ def test_the_weight_decay_follows_a_one_cycle_schedule_from_its_peak(tmp_path):
     for (lr, wd), *_ in recorder.rows:
         assert wd == pytest.approx(5e-3 * lr / 0.2, rel=1e-12)
     # The first steps run at max_lr / 25: the decay is 25x weaker there, full at the peak.
+    assert sdm.history[0].global_step == 5 and len({r.unit for r in sdm.history[:2]}) == 2
     assert recorder.rows[0][0][1] == pytest.approx(5e-3 / 25, rel=1e-9)
     assert max(row[0][1] for row in recorder.rows) == pytest.approx(5e-3, rel=1e-3)
     # The theory reads the live group: per step lr_t sqrt(2 wd / (lr_max (1 + m_t))) (OneCycle
-    # cycles the momentum too), and a window's prediction is the RMS of its steps'.
-    for record in sdm.history:
+    # cycles the momentum too), and a window's prediction is the RMS of its steps'. Not the
+    # first window: its first step's prediction is read before the units are known, when the
+    # weight decay is still the base (the update itself is corrected, see the rows above).
+    for record in sdm.history[2:]:
         window = slice(record.global_step - 5, record.global_step)
         per_step = [
             lr * (2 * 5e-3 / (0.2 * (1 + m))) ** 0.5
@@ -155,3 +158,24 @@ def test_all_groups_without_the_monitor_and_the_errors(tmp_path):
         CorrectedWeightDecay(groups="some")
     with pytest.raises(MisconfigurationException, match="groups='all'"):
         _fit(tmp_path, OneCycle(), [CorrectedWeightDecay()], 5)
+
+
+class WarmUpFromZero(BNNet):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 8))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_warm_up_from_zero_is_not_audited_as_no_weight_decay(tmp_path, recwarn):
+    sdm, recorder = SphericalDynamicsCallback(every_n_steps=4, window=4), Recorder()
+    _fit(tmp_path, WarmUpFromZero(weight_decay=5e-3), [sdm, CorrectedWeightDecay(), recorder], 12)
+    # The audit and the advice at the first batch saw the base weight decay ...
+    assert not [w for w in recwarn if "without weight decay" in str(w.message)]
+    assert sdm.advice is not None
+    # ... while every update, the first (lr 0) included, had the corrected one.
+    assert [row[0] for row in recorder.rows[:3]] == [
+        (0.0, 0.0),
+        (pytest.approx(0.1 / 8), pytest.approx(5e-3 / 8)),
+        (pytest.approx(0.1 / 4), pytest.approx(5e-3 / 4)),
+    ]
