@@ -41,7 +41,7 @@ def _steps_per_epoch(trainer: Any) -> int | None:
     accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
     if not isinstance(batches, int) or batches <= 0:
         return None
-    return max(batches // accumulate, 1)
+    return max(math.ceil(batches / accumulate), 1)  # Lightning steps at an epoch's end too
 
 
 class Notices:

@@ -14,7 +14,7 @@ Checked once, before the first step, from the optimizers' param groups and the i
   decay of each weight depends on its gradient history and no prediction follows from the
   hyper-parameters alone; ``AdamW`` decouples it.
 * ``split_unit``: a unit's weight and the bias before its norm in groups with different
-  hyper-parameters (the unit's angle has no single prediction).
+  hyper-parameters: monitored with the weight's group prediction (approximate).
 
 :func:`audit_param_groups` returns :class:`Finding` records; the callback prints each once.
 """
@@ -188,6 +188,8 @@ def _coupled_message(params: Sequence[str]) -> str:
 
 def _split_message(units: Sequence[str]) -> str:
     return (
-        f"units whose weight and bias sit in different param groups: {_listing(units)}. Their "
-        "angle has no single prediction; they are not monitored. Put each unit in one group."
+        f"units whose weight and bias sit in different param groups: {_listing(units)}. They "
+        "are monitored with the prediction of the weight's group (lr, weight decay): close when "
+        "the bias is small or its gradient is 0 (a bias right before a BatchNorm), approximate "
+        "otherwise. Put each unit in one group for a prediction that holds as it is."
     )

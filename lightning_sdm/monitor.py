@@ -628,7 +628,7 @@ def _build_watches(
         _check_unit_tensors(spec, tensors)
         owner = _owning_optimizer(tensors, group_of)
         if owner is None:
-            monitor.skipped[spec.name] = "not updated by any optimizer (or split across groups)"
+            monitor.skipped[spec.name] = "not updated by one optimizer"
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     return [
@@ -659,8 +659,8 @@ def _owning_optimizer(
 ) -> tuple[int, int] | None:
     for index, groups in enumerate(group_of):
         found = {groups.get(id(t)) for t in tensors}
-        if len(found) == 1 and None not in found:
-            return index, found.pop()  # type: ignore[return-value]
+        if None not in found:  # one optimizer; split across its groups: the weight's group
+            return index, groups[id(tensors[0])]  # (the usual no-decay group for biases)
     return None
 
 

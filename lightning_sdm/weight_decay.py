@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -38,6 +38,8 @@ __all__ = ["CorrectedWeightDecay"]
 
 Groups = Literal["invariant", "all"]
 _GROUPS = ("invariant", "all")
+#: Optimizer steps of the schedule sampled for ``lr_max`` when the Trainer has no budget.
+UNKNOWN_BUDGET_HORIZON = 20_000
 
 
 class CorrectedWeightDecay(Callback):
@@ -74,6 +76,7 @@ class CorrectedWeightDecay(Callback):
         # (optimizer index, group index) -> (base weight decay, lr_max)
         self._bases: dict[tuple[int, int], tuple[float, float]] = {}
         self._restored: dict[tuple[int, int], tuple[float, float]] | None = None
+        self._raised: set[tuple[int, int]] = set()  # groups whose lr_max rose (said once)
 
     @property
     def bases(self) -> dict[tuple[int, int], tuple[float, float]]:
@@ -129,6 +132,20 @@ class CorrectedWeightDecay(Callback):
         self._restore(trainer)
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The optimizer state in the file holds the base weight decay, not this step's value.
+
+        So that a run resumed or fine-tuned from the file without this callback starts from
+        the weight decay the user set; with the callback, the correction resumes from its state.
+        """
+        for o, state in enumerate(checkpoint.get("optimizer_states", [])):
+            for g, group in enumerate(state.get("param_groups", [])):
+                if (o, g) in self._bases and "weight_decay" in group:
+                    group["weight_decay"] = self._bases[(o, g)][0]
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "bases": [[*k, *v] for k, v in self._bases.items()]}
 
@@ -164,10 +181,18 @@ class CorrectedWeightDecay(Callback):
                 continue
             base, peak = self._bases[key]
             lr = float(group["lr"])
-            if lr > peak:  # a schedule that could not be sampled (ReduceLROnPlateau) went up
+            if lr > peak:  # a schedule that could not be sampled ahead went higher
                 self._bases[key] = (base, lr)
                 peak = lr
-                rank_zero_info(f"CorrectedWeightDecay: lr_max of group {key} raised to {lr:g}.")
+                if key not in self._raised:
+                    self._raised.add(key)
+                    rank_zero_warn(
+                        f"CorrectedWeightDecay: the LR of optimizer {key[0]} group {key[1]} rose "
+                        f"to {lr:g}, above the schedule's sampled peak; lr_max follows it now "
+                        "(until then the weight decay was corrected against a lower peak). "
+                        "Schedulers the Trainer does not step (manual optimization) cannot be "
+                        "sampled ahead."
+                    )
             group["weight_decay"] = base * lr / peak if peak > 0 else base
 
     def _restore(self, trainer: pl.Trainer) -> None:
@@ -197,12 +222,16 @@ def _schedule_peaks(trainer: pl.Trainer) -> dict[tuple[int, int], float]:
     """The largest LR of every group over the run, sampled ahead on copies of the schedulers."""
     estimated = float(getattr(trainer, "estimated_stepping_batches", 0) or 0)
     peaks: dict[tuple[int, int], float] = {}
-    if not math.isfinite(estimated) or estimated <= 0:
-        return peaks  # no budget known: lr_max is the starting LR, raised if the LR goes higher
-    total = int(estimated) - int(getattr(trainer, "global_step", 0))  # the schedulers' state is now
+    if math.isfinite(estimated) and estimated > 0:  # from the schedulers' state now
+        total = int(estimated) - int(getattr(trainer, "global_step", 0))
+    else:  # no budget (max_steps=-1 and no epoch limit): a horizon that covers warm-ups
+        total = UNKNOWN_BUDGET_HORIZON
     batches = getattr(trainer, "num_training_batches", None)
     accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    per_epoch = max(batches // accumulate, 1) if isinstance(batches, int) and batches > 0 else None
+    # Lightning steps at the last batch of an epoch too: ceil, not floor.
+    per_epoch = None
+    if isinstance(batches, int) and batches > 0:
+        per_epoch = max(math.ceil(batches / accumulate), 1)
     for o, optimizer in enumerate(trainer.optimizers):
         own = [
             ScheduledLR(config.scheduler, config.interval, config.frequency)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.actions import DecayLR
-from tests.helpers import BNNet, loader, noisy_classification_data, trainer
+from tests.helpers import BNNet, loader, noisy_classification_data, sgdm_prediction, trainer
 
 
 def test_exact_state_key() -> None:
@@ -165,3 +165,34 @@ def test_restore_from_a_mid_run_model_checkpoint(tmp_path) -> None:
     for mine, theirs in zip(resumed.history, full.history, strict=True):
         assert mine.angular_update == pytest.approx(theirs.angular_update, rel=1e-9)
         assert mine.regime == theirs.regime
+
+
+class NoDecayOnBiases(BNNet):
+    """The usual recipe: weights decayed, biases and norm parameters in a group without decay."""
+
+    def configure_optimizers(self):
+        named = list(self.named_parameters())
+        decayed = [p for n, p in named if n.endswith("weight") and p.ndim > 1]
+        others = [p for n, p in named if not (n.endswith("weight") and p.ndim > 1)]
+        return torch.optim.SGD(
+            [{"params": decayed, "weight_decay": 5e-3}, {"params": others, "weight_decay": 0.0}],
+            lr=0.1,
+            momentum=0.9,
+        )
+
+
+def test_units_split_by_a_no_decay_group_for_biases_are_monitored(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    with pytest.warns(UserWarning, match="weight and bias sit in different param groups"):
+        trainer(tmp_path, callbacks=[callback], max_steps=8).fit(
+            NoDecayOnBiases(), loader(noisy_classification_data())
+        )
+    # The weight + bias units (Linear before BatchNorm) were skipped before, silently.
+    assert callback.monitor is not None
+    assert set(callback.monitor.units) == {"net.0.weight", "net.3.weight"}
+    (_, group) = callback.monitor.parameter_groups()["net.0.weight"]
+    assert group == 0  # the weight's group gives the prediction
+    records = [r for r in callback.history if r.global_step == 8]
+    assert len(records) == 2
+    for record in records:
+        assert record.theory == pytest.approx(sgdm_prediction(0.1, 5e-3, 0.9), rel=1e-9)

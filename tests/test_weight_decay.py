@@ -128,8 +128,9 @@ def test_resume_keeps_the_bases_of_the_first_fit(tmp_path):
     run.fit(OneCycle(weight_decay=5e-3), loader(noisy_classification_data(samples=512)))
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     saved = torch.load(path, weights_only=False)
-    # The optimizer in the checkpoint holds the corrected (smaller) value of step 20...
-    assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] < 5e-3
+    # The optimizer state in the file holds the base (a resume without the callback starts
+    # from what the user set), the callback's state the bases and peaks...
+    assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 5e-3
     recorder, resumed = Recorder(), CorrectedWeightDecay()
     again = trainer(
         tmp_path,
@@ -140,7 +141,7 @@ def test_resume_keeps_the_bases_of_the_first_fit(tmp_path):
     )
     again.fit(OneCycle(weight_decay=5e-3), loader(noisy_classification_data(samples=512)),
               ckpt_path=path)  # fmt: skip
-    # ... but the base comes back from the callback's state, not from that value.
+    # ... which the resumed run uses (the module below could say anything).
     assert resumed.bases == first.bases
     for (lr, wd), *_ in recorder.rows:
         assert wd == pytest.approx(5e-3 * lr / 0.2, rel=1e-12)
@@ -179,3 +180,57 @@ def test_a_warm_up_from_zero_is_not_audited_as_no_weight_decay(tmp_path, recwarn
         (pytest.approx(0.1 / 8), pytest.approx(5e-3 / 8)),
         (pytest.approx(0.1 / 4), pytest.approx(5e-3 / 4)),
     ]
+
+
+class PerEpochRise(BNNet):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1 + epoch)]
+
+
+def test_lr_max_with_accumulation_that_does_not_divide_the_epoch(tmp_path):
+    # 8 batches per epoch, accumulate 3: Lightning steps 3 times per epoch (2 + the last one).
+    run = trainer(
+        tmp_path,
+        callbacks=[CorrectedWeightDecay("all")],
+        max_epochs=3,
+        accumulate_grad_batches=3,
+        logger=False,
+    )
+    corrected = run.callbacks[0]
+    torch.manual_seed(0)
+    run.fit(PerEpochRise(weight_decay=5e-3), loader(noisy_classification_data(samples=256)))
+    assert run.global_step == 9
+    assert corrected.bases[(0, 0)] == (pytest.approx(5e-3), pytest.approx(0.3))  # epoch 2's LR
+
+
+class WarmUp(BNNet):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, total_iters=30)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class StopAfter(pl.Callback):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.global_step >= self.steps
+
+
+def test_a_warm_up_without_a_budget_is_corrected_from_its_first_step(tmp_path):
+    recorder, corrected = Recorder(), CorrectedWeightDecay("all")
+    run = trainer(
+        tmp_path,
+        callbacks=[corrected, recorder, StopAfter(12)],
+        max_steps=-1,
+        max_epochs=-1,
+        logger=False,
+    )
+    torch.manual_seed(0)
+    run.fit(WarmUp(weight_decay=5e-3), loader(noisy_classification_data(samples=1024)))
+    assert run.estimated_stepping_batches == float("inf")
+    assert corrected.bases[(0, 0)][1] == pytest.approx(0.1)  # the warm-up's end, sampled ahead
+    (lr, wd), *_ = recorder.rows[0]
+    assert (lr, wd) == (pytest.approx(0.01), pytest.approx(5e-4))
