@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sdm import _messages
-from lightning_sdm._schedule import ScheduledLR
+from lightning_sdm._schedule import steps_per_epoch, trainer_schedules
 from lightning_sdm.actions import budget_of
 from lightning_sdm.advice import Advice, advise
 from lightning_sdm.audit import Finding, audit_param_groups
@@ -33,15 +33,6 @@ def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) ->
         "advice": advice.text() if advice is not None else "",
         "detection": report.summary() if report is not None else "",
     }
-
-
-def _steps_per_epoch(trainer: Any) -> int | None:
-    """Optimizer steps per epoch (one optimizer), if the Trainer knows its epoch length."""
-    batches = getattr(trainer, "num_training_batches", None)
-    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    if not isinstance(batches, int) or batches <= 0:
-        return None
-    return max(math.ceil(batches / accumulate), 1)  # Lightning steps at an epoch's end too
 
 
 class Notices:
@@ -76,13 +67,8 @@ class Notices:
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
             for name, (opt, group) in monitor.parameter_groups().items()
         }
-        schedulers = [
-            ScheduledLR(config.scheduler, config.interval, config.frequency)
-            for config in trainer.lr_scheduler_configs
-        ]
-        advice = advise(
-            optimizers, units, budget_of(trainer), _steps_per_epoch(trainer), schedulers
-        )
+        schedulers = trainer_schedules(trainer)
+        advice = advise(optimizers, units, budget_of(trainer), steps_per_epoch(trainer), schedulers)
         rank_zero_info(
             f"{_messages.PREFIX} What theory predicts for these settings:\n{advice.table()}"
         )

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_sdm._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm._schedule import sample_learning_rates, steps_per_epoch, trainer_schedules
 
 __all__ = ["CorrectedWeightDecay"]
 
@@ -226,18 +226,9 @@ def _schedule_peaks(trainer: pl.Trainer) -> dict[tuple[int, int], float]:
         total = int(estimated) - int(getattr(trainer, "global_step", 0))
     else:  # no budget (max_steps=-1 and no epoch limit): a horizon that covers warm-ups
         total = UNKNOWN_BUDGET_HORIZON
-    batches = getattr(trainer, "num_training_batches", None)
-    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    # Lightning steps at the last batch of an epoch too: ceil, not floor.
-    per_epoch = None
-    if isinstance(batches, int) and batches > 0:
-        per_epoch = max(math.ceil(batches / accumulate), 1)
+    per_epoch, schedules = steps_per_epoch(trainer), trainer_schedules(trainer)
     for o, optimizer in enumerate(trainer.optimizers):
-        own = [
-            ScheduledLR(config.scheduler, config.interval, config.frequency)
-            for config in trainer.lr_scheduler_configs
-            if config.scheduler.optimizer is optimizer
-        ]
+        own = [entry for entry in schedules if entry.scheduler.optimizer is optimizer]
         trajectory = sample_learning_rates(optimizer, own, total, per_epoch)
         for g, changes in enumerate(trajectory.changes):
             peaks[(o, g)] = max(lr for _, lr in changes)
