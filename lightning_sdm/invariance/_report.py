@@ -98,10 +98,7 @@ class InvarianceReport:
               0.weight + 0.bias  <-  1 (BatchNorm1d); per output channel
             Rejected parameters: 4 (normalization affine: 2, reaches the output: 1, bias of a rejected weight: 1); report.summary() lists them
         """  # noqa: E501
-        lines = [f"Scale-invariant units (method: {self.method}): {len(self.units)}"]
-        for unit in self.units:
-            grain = "per output channel" if unit.channel_invariant else "whole unit only"
-            lines.append(f"  {' + '.join(unit.params)}  <-  {unit.norm}; {grain}")
+        lines = self._unit_lines(with_dim=False)
         counts = ", ".join(f"{key}: {n}" for key, n in self.rejection_counts().items())
         listing = f" ({counts}); report.summary() lists them" if counts else ""
         lines.append(f"Rejected parameters: {len(self.rejected)}{listing}")
@@ -175,15 +172,18 @@ class InvarianceReport:
               3.weight: output does not reach a normalization: it is returned by the model
               3.bias: bias of '3.weight', which is not scale-invariant
         """
-        lines = [f"Scale-invariant units (method: {self.method}): {len(self.units)}"]
-        for unit in self.units:
-            grain = (
-                f"per output channel (dim {unit.channel_dim})"
-                if unit.channel_invariant
-                else "whole unit only"
-            )
-            lines.append(f"  {' + '.join(unit.params)}  <-  {unit.norm}; {grain}")
+        lines = self._unit_lines(with_dim=True)
         lines.append(f"Rejected parameters: {len(self.rejected)}")
         lines.extend(f"  {item.name}: {item.reason}" for item in self.rejected)
         lines.extend(f"Note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+    def _unit_lines(self, with_dim: bool) -> list[str]:
+        """The header and one line per unit (shared by :meth:`summary` and the short one)."""
+        lines = [f"Scale-invariant units (method: {self.method}): {len(self.units)}"]
+        for unit in self.units:
+            grain = "whole unit only"
+            if unit.channel_invariant:
+                grain = "per output channel" + (f" (dim {unit.channel_dim})" if with_dim else "")
+            lines.append(f"  {' + '.join(unit.params)}  <-  {unit.norm}; {grain}")
+        return lines
