@@ -7,6 +7,7 @@ this module must import without the package being on ``sys.path``: :func:`ensure
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -20,6 +21,16 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 def ensure_repo_on_path() -> None:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+
+
+def script_arguments(*paths: str) -> argparse.Namespace:
+    """A script's command line: ``--out DIR`` and the other required paths; one torch thread."""
+    parser = argparse.ArgumentParser()
+    for name in ("out", *paths):
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # 2 ranks on a 2-core machine
+    return args
 
 
 ensure_repo_on_path()

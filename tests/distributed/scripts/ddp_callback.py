@@ -6,19 +6,17 @@ re-executing this command). Writes ``DIR/ddp_rank{0,1}.json`` and the CSVLogger'
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DistributedSampler
 
 from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.actions import DecayLR
-from tests.distributed.scripts.common import HistoryDump
+from tests.distributed.scripts.common import HistoryDump, script_arguments
 from tests.helpers import BNNet, loader, noisy_classification_data
 
 # Fast-equilibrating hyperparameters: the detector has decisions to make within a few windows.
@@ -44,10 +42,7 @@ class DataCheck(pl.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = script_arguments()
     pl.seed_everything(0, workers=True, verbose=False)
 
     sdm = SphericalDynamicsCallback(

@@ -11,7 +11,6 @@ Run: ``python tests/distributed/scripts/ddp_out_of_step.py --out DIR``. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
+from tests.distributed.scripts.common import script_arguments
 from tests.helpers import BNNet, loader, noisy_classification_data
 
 SKIPPED_BATCH = 5  # rank 1 does not step its optimizer on this batch
@@ -49,10 +49,7 @@ class SkipsOneStepOnRankOne(BNNet):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = script_arguments()
     pl.seed_everything(0, workers=True, verbose=False)
     sdm = SphericalDynamicsCallback(every_n_steps=EVERY, window=WINDOW, sync_timeout=SYNC_TIMEOUT)
     trainer = pl.Trainer(

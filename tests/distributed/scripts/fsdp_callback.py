@@ -8,14 +8,12 @@ parameters really are sharded DTensors.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
@@ -24,6 +22,7 @@ from tests.distributed.scripts.common import (
     HistoryDump,
     LNNet,
     rank_loader,
+    script_arguments,
     sdm_callbacks,
 )
 
@@ -58,11 +57,7 @@ class ShardCheck(pl.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--init", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = script_arguments("init")
 
     sdm = sdm_callbacks()
     dump = HistoryDump(args.out, "fsdp", sdm)
