@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ResNet18, conv_units, median, synthetic_batches
 
 from lightning_sdm import SphericalMonitor
+from lightning_sdm.config import MonitorConfig
 
 # ----------------------------------------------------------------------------- memory
 
@@ -396,7 +397,8 @@ def lightning_comparison(args: argparse.Namespace) -> str:
             lambda: [SphericalDynamicsCallback(every_n_steps=1, window=1, prog_bar=False)],
         ),
         (
-            "callback, default (every_n_steps=50, window=8)",
+            f"callback, default (every_n_steps={MonitorConfig().every_n_steps}, "
+            f"window={MonitorConfig().window})",
             lambda: [SphericalDynamicsCallback(prog_bar=False)],
         ),
     ]
@@ -436,6 +438,28 @@ def lightning_comparison(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def _default_schedule() -> str:
+    config = MonitorConfig()
+    return f"{config.every_n_steps}/{config.window}"
+
+
+def _parse_schedule(text: str) -> tuple[int, int]:
+    every, _, window = text.partition("/")
+    if not (every.isdigit() and window.isdigit()) or int(window) > int(every) or int(window) < 1:
+        raise SystemExit(
+            f"--schedules: expected EVERY/WINDOW with 1 <= WINDOW <= EVERY, got {text}"
+        )
+    return int(every), int(window)
+
+
+def _schedule_name(every: int, window: int) -> str:
+    if f"{every}/{window}" == _default_schedule():
+        return f"SDM default ({every}/{window})"
+    if every == window == 1:
+        return "SDM every step (1/1)"
+    return f"SDM {window} of every {every} ({every}/{window})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=32, help="ResNet-18 base width (64: full)")
@@ -452,6 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-wandb", action="store_true", help="leave wandb.watch out")
     parser.add_argument(
         "--no-single-step", action="store_true", help="leave the 50/1 monitor schedule out"
+    )
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["1/1", _default_schedule()],
+        help="monitor schedules EVERY/WINDOW to time (default: every step and the default)",
     )
     parser.add_argument("--lightning", action="store_true", help="also run the Trainer check")
     parser.add_argument("--lightning-only", action="store_true")
@@ -479,9 +509,12 @@ def main(argv: list[str] | None = None) -> None:
     sections = []
     if not args.lightning_only:
         with contextlib.ExitStack() as stack:
-            schedules = [("SDM every step (1/1)", 1, 1), ("SDM default (50/8)", 50, 8)]
-            if not args.no_single_step:
-                schedules.append(("SDM every 50, one step (50/1)", 50, 1))
+            schedules = [
+                (_schedule_name(every, window), every, window)
+                for every, window in (_parse_schedule(text) for text in args.schedules)
+            ]
+            if not args.no_single_step and (50, 1) not in [s[1:] for s in schedules]:
+                schedules.append((_schedule_name(50, 1), 50, 1))
             configs = [none_config()] + [
                 monitor_config(name, model, optimizer, every, window)
                 for name, every, window in schedules

@@ -156,7 +156,7 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
         monitor = case.times["monitor"]
         ratio = (copy + statistics.median(monitor)) / floor if monitor and floor > 0 else None
         cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
-        workspace = getattr(case.batched, "workspace_bytes", None)
+        workspace = getattr(case.batched, "peak_workspace_bytes", None)
         cells.append("n/a" if workspace is None else f"{workspace / 2**20:.2f} MiB")
         cells.append("n/a" if memory is None else f"{memory / 2**20:.1f} MiB")
         lines.append("| " + " | ".join(cells) + " |")

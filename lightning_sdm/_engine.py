@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -198,15 +199,57 @@ class _Plan:
         return chunks, row_blocks
 
 
+# Devices whose storages can be freed and allocated again under live views (what FSDP does with
+# its unsharded parameters: ``torch.distributed.utils._free_storage``).
+_RESIZABLE_DEVICES = ("cpu", "cuda")
+
+
 class Workspace:
-    """The float64 work buffer of a plan and its views (destination of every piece's copy)."""
+    """The float64 work buffer of a plan and its views (destination of every piece's copy).
+
+    The views are built once (their Python cost is ~5% of a measurement); the memory under them
+    exists only inside :meth:`allocated`: between two measured steps the monitor holds its
+    snapshot and nothing else. Outside that context the views must not be touched (their
+    storage is empty). Devices other than CPU and CUDA keep the memory.
+    """
 
     def __init__(self, plan: _Plan) -> None:
         self.plan = plan
         numel = plan.buffer_numel
-        self.buffer = torch.zeros(2, numel, dtype=plan.dtype, device=plan.device)
+        # Uninitialised: a chunk's copies fill every element it uses (padding is zeroed first).
+        self.buffer = torch.empty(2, numel, dtype=plan.dtype, device=plan.device)
         self.gram = torch.empty(plan.total_blocks, 2, 2, dtype=plan.dtype, device=plan.device)
         self.views = [self._chunk_views(chunk) for chunk in plan.chunks]
+        self._bytes = [t.untyped_storage().nbytes() for t in (self.buffer, self.gram)]
+        self._releasable = plan.device.type in _RESIZABLE_DEVICES
+        self._free()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes allocated now (0 between measurements where the device allows it)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.buffer, self.gram))
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes allocated while a measurement runs."""
+        return sum(self._bytes)
+
+    @contextmanager
+    def allocated(self) -> Iterator[Workspace]:
+        """The buffer's memory for the duration of one measurement."""
+        for tensor, nbytes in zip((self.buffer, self.gram), self._bytes, strict=True):
+            storage = tensor.untyped_storage()
+            if storage.nbytes() != nbytes:
+                storage.resize_(nbytes)
+        try:
+            yield self
+        finally:
+            self._free()
+
+    def _free(self) -> None:
+        if self._releasable:
+            for tensor in (self.buffer, self.gram):
+                tensor.untyped_storage().resize_(0)
 
     def _chunk_views(self, chunk: _Chunk) -> _ChunkViews:
         buffer, numel = self.buffer, self.plan.buffer_numel
@@ -346,34 +389,52 @@ def compute(
     prev: Sequence[Tensor],
     curr: Sequence[Tensor],
     curr_is_delta: bool,
+    refresh: bool = False,
 ) -> Tensor:
-    """The ``[units, 4]`` statistics of plain (local) tensors laid out as ``plan`` says."""
-    with torch.no_grad():
+    """The ``[units, 4]`` statistics of plain (local) tensors laid out as ``plan`` says.
+
+    ``refresh``: also copy ``curr`` into ``prev`` (the next step's snapshot), chunk by chunk
+    while both are in the cache, instead of in one more pass over memory before the next step.
+    """
+    with torch.no_grad(), workspace.allocated():
         flat_prev = {t: _unit_major(prev[t], plan.geometries[t]) for t in plan.needs_flat}
         flat_curr = {t: _unit_major(curr[t], plan.geometries[t]) for t in plan.needs_flat}
         for chunk, views in zip(plan.chunks, workspace.views, strict=True):
             if chunk.padded:
                 views.used.zero_()
-            torch._foreach_copy_(views.prev, _piece_sources(plan, chunk, prev, flat_prev))
-            torch._foreach_copy_(views.delta, _piece_sources(plan, chunk, curr, flat_curr))
+            prev_sources = _piece_sources(plan, chunk, prev, flat_prev)
+            curr_sources = _piece_sources(plan, chunk, curr, flat_curr)
+            torch._foreach_copy_(views.prev, prev_sources)
+            torch._foreach_copy_(views.delta, curr_sources)
+            if refresh:
+                torch._foreach_copy_(prev_sources, curr_sources)
             if not curr_is_delta:
                 # Exact: the difference of two float32 values is representable in float64.
                 views.used_delta.sub_(views.used_prev)
             torch.bmm(views.matrices, views.matrices_t, out=views.gram)
+        if refresh:  # flattened copies (a non-contiguous tensor) did not write into ``prev``
+            stale = [t for t, flat in flat_prev.items() if not _shares_memory(flat, prev[t])]
+            if stale:
+                torch._foreach_copy_([prev[t] for t in stale], [curr[t] for t in stale])
         block_sums = workspace.gram.view(-1, 4).index_select(1, plan.gram_entries)
-        if plan.blocks_per_row is not None:
-            sums = block_sums.view(plan.local_rows, plan.blocks_per_row, 3).sum(dim=1)
-        elif plan.total_blocks:
-            sums = torch.segment_reduce(
-                block_sums, "sum", lengths=plan.row_block_counts, axis=0, unsafe=True
-            )
-        else:
-            sums = block_sums.new_zeros(plan.local_rows, 3)
-        local = torch.cat([sums, plan.coverage], dim=1)
-        if plan.rows is None:
-            return local
-        stats = local.new_zeros(plan.total_units, NUM_STATISTICS)
-        return stats.index_copy_(0, plan.rows, local)
+    if plan.blocks_per_row is not None:
+        sums = block_sums.view(plan.local_rows, plan.blocks_per_row, 3).sum(dim=1)
+    elif plan.total_blocks:
+        sums = torch.segment_reduce(
+            block_sums, "sum", lengths=plan.row_block_counts, axis=0, unsafe=True
+        )
+    else:
+        sums = block_sums.new_zeros(plan.local_rows, 3)
+    local = torch.cat([sums, plan.coverage], dim=1)
+    if plan.rows is None:
+        return local
+    stats = local.new_zeros(plan.total_units, NUM_STATISTICS)
+    return stats.index_copy_(0, plan.rows, local)
+
+
+def _shares_memory(view: Tensor, tensor: Tensor) -> bool:
+    """Whether ``view`` (from :func:`_unit_major`) is a view of ``tensor``, not a copy."""
+    return view.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
 
 
 def _unit_major(tensor: Tensor, geometry: _Geometry) -> Tensor:
@@ -399,8 +460,14 @@ class BatchedStatistics:
         self._shapes: list[torch.Size] | None = None
 
     def __call__(
-        self, prev: Sequence[Tensor], curr: Sequence[Tensor], *, curr_is_delta: bool = False
+        self,
+        prev: Sequence[Tensor],
+        curr: Sequence[Tensor],
+        *,
+        curr_is_delta: bool = False,
+        refresh: bool = False,
     ) -> Tensor:
+        """The statistics of one step; ``refresh`` also copies ``curr`` into ``prev`` in place."""
         plan = self._plan
         if (
             plan is None
@@ -421,19 +488,26 @@ class BatchedStatistics:
                 self._shapes = [t.shape for t in curr]
         if self._workspace is None:
             self._workspace = Workspace(plan)
-        return compute(plan, self._workspace, prev, curr, curr_is_delta)
+        return compute(plan, self._workspace, prev, curr, curr_is_delta, refresh)
 
     @property
     def workspace_bytes(self) -> int:
-        """Bytes of the work buffers currently held."""
-        workspace = self._workspace
-        if workspace is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (workspace.buffer, workspace.gram))
+        """Bytes of the work buffers held now (between measurements: 0 on CPU and CUDA)."""
+        return 0 if self._workspace is None else self._workspace.held_bytes
+
+    @property
+    def peak_workspace_bytes(self) -> int:
+        """Bytes of the work buffers while a measurement runs."""
+        return 0 if self._workspace is None else self._workspace.peak_bytes
 
     def release(self) -> None:
-        """Free the work buffer (the plan, a few index tensors, is kept)."""
-        self._workspace = None
+        """Free the work buffer's memory (the plan, a few index tensors, is kept).
+
+        On CPU and CUDA the buffer holds no memory between calls anyway; its views are kept, so
+        that the next window does not build them again.
+        """
+        if self._workspace is not None and self._workspace.held_bytes:
+            self._workspace = None
 
 
 def _broadcast_dims(dim: Dims, count: int) -> list[int | None]:
@@ -540,3 +614,31 @@ def all_reduce_if_sharded(stats: Tensor, reference: Tensor) -> Tensor:
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
     # MPS has no float64; its float32 sums are the best that device offers.
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tensor]:
+    """Copy ``sources`` into reusable ``buffers`` (allocated on first use)."""
+    if buffers is None:
+        return [source.clone() for source in sources]
+    # DTensor has no sharding rule for _foreach_copy_: copy the local shards (views) instead.
+    torch._foreach_copy_([local_shard(b) for b in buffers], [local_shard(s) for s in sources])
+    return buffers
+
+
+def reshard_fsdp(module: torch.nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state before reading their parameters.
+
+    Between forward and backward FSDP2 keeps the root module's unsharded parameters registered;
+    ``named_parameters()`` would then return tensors the optimizer does not hold. Backward
+    gathers them again, so resharding here changes nothing for training.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()

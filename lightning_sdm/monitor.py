@@ -29,7 +29,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._compile import outside_compile
 from lightning_sdm._cost import CostMeter
-from lightning_sdm._engine import COVERAGE, BatchedStatistics, is_dtensor, local_shard
+from lightning_sdm._engine import (
+    COVERAGE,
+    BatchedStatistics,
+    copy_into,
+    is_dtensor,
+    local_shard,
+    reshard_fsdp,
+)
 from lightning_sdm._sync import RanksOutOfStepError, all_agree, monitor_group, run_collective
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
@@ -88,9 +95,20 @@ class _OptimizerWatch:
     provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)
     optimizer_index: int = 0  # position among the optimizers given to the monitor
 
+    # Version counters of the tensors when the snapshot was last refreshed to their values (at
+    # a measured step followed by another): the next pre-step copy is skipped while they hold.
+    snapshot_versions: list[int] | None = None
+
     @property
     def unit_rows(self) -> int:
         return self.units[-1].rows.stop if self.units else 0
+
+    def free_buffers(self, keep_anchor: bool = False) -> None:
+        """Drop the snapshot, the work buffer and (unless ``keep_anchor``) the horizon anchor."""
+        self.snapshot = self.snapshot_versions = None
+        if not keep_anchor:
+            self.anchor = None
+        self.statistics.release()
 
 
 class SphericalMonitor:
@@ -253,8 +271,7 @@ class SphericalMonitor:
             for handle in watch.handles:
                 handle.remove()
             watch.handles = []
-            watch.snapshot = None
-            watch.statistics.release()
+            watch.free_buffers(keep_anchor=True)  # the open horizon block, for a checkpoint
             if watch.provisional:  # a snapshot for a step that never ran
                 watch.predictions.pop()
                 watch.provisional = watch.measuring = False
@@ -311,8 +328,7 @@ class SphericalMonitor:
         for watch in self._watches:
             watch.metric.reset()
             watch.horizon_metric.reset()
-            watch.snapshot = watch.anchor = None
-            watch.statistics.release()
+            watch.free_buffers()
             watch.predictions = []
             watch.measuring = watch.provisional = False
             if watch.optimizer_index not in saved_indices:
@@ -353,7 +369,7 @@ class SphericalMonitor:
         if saved is None or [tuple(a.shape) for a in saved] != shapes:
             return
         with torch.no_grad():
-            watch.anchor = _copy_into(None, [t.detach() for t in watch.tensors])
+            watch.anchor = copy_into(None, [t.detach() for t in watch.tensors])
             for buffer, value in zip(watch.anchor, saved, strict=True):
                 local_shard(buffer).copy_(value)
 
@@ -431,8 +447,7 @@ class SphericalMonitor:
 
         self.stopped = str(err)
         for watch in self._watches:
-            watch.snapshot = watch.anchor = None
-            watch.statistics.release()
+            watch.free_buffers()
             watch.measuring = watch.provisional = False
             watch.predictions = []
             watch.metric.reset()
@@ -444,25 +459,33 @@ class SphericalMonitor:
         if self.config.position_in_window(watch.steps_done) == 0:
             self._follow_group_moves(watch)  # once per window, at its first measured step
         sources = [p.detach() for p in watch.tensors]
-        watch.snapshot = _copy_into(watch.snapshot, sources)
+        versions, watch.snapshot_versions = watch.snapshot_versions, None
+        # Refreshed by the previous measurement: still the weights unless something wrote into
+        # them since (an in-place write bumps a tensor's version; through ``.data`` it does not).
+        if versions is None or versions != [p._version for p in watch.tensors]:
+            watch.snapshot = copy_into(watch.snapshot, sources)
         horizon = self.config.horizon
         if horizon > 1 and self.config.position_in_window(watch.steps_done) % horizon == 0:
-            watch.anchor = _copy_into(watch.anchor, sources)
+            watch.anchor = copy_into(watch.anchor, sources)
         watch.predictions.append(explain_equilibrium(watch.optimizer))
 
     @torch.no_grad()
     def _measure(self, watch: _OptimizerWatch) -> None:
         assert watch.snapshot is not None
+        if self._measured_steps < self.config.verify_steps:
+            self._verify_orthogonality(watch)  # first: it needs the snapshot of w_t
         currents = [p.detach() for p in watch.tensors]
-        rows = watch.statistics(watch.snapshot, currents)
+        # The next step measured too: its snapshot is these weights, copied in this pass.
+        refresh = self.config.is_measured(watch.steps_done + 1)
+        rows = watch.statistics(watch.snapshot, currents, refresh=refresh)
+        if refresh:
+            watch.snapshot_versions = [p._version for p in watch.tensors]
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
         position = self.config.position_in_window(watch.steps_done)
         horizon = self.config.horizon
         if watch.anchor is not None and position % horizon == horizon - 1:
             rows = watch.statistics(watch.anchor, currents)
             watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
-        if self._measured_steps < self.config.verify_steps:
-            self._verify_orthogonality(watch)
 
     def _to_unit_rows(self, watch: _OptimizerWatch, rows: Tensor) -> Tensor:
         """Sum member tensors' rows into unit rows (a weight and its bias are one unit)."""
@@ -510,8 +533,7 @@ class SphericalMonitor:
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
         if self.config.every_n_steps != self.config.window:
-            watch.snapshot = watch.anchor = None  # no extra memory between windows
-            watch.statistics.release()
+            watch.free_buffers()  # no extra memory between windows
         rows = {key: value.tolist() for key, value in result.items()}
         global_step = sum(w.steps_done for w in self._watches)
         self._windows.extend(
@@ -613,7 +635,7 @@ def _build_watches(
     specs: Sequence[Unit],
     monitor: SphericalMonitor,
 ) -> list[_OptimizerWatch]:
-    _reshard_fsdp(module)
+    reshard_fsdp(module)
     named = dict(module.named_parameters())
     group_of = [_param_groups(opt) for opt in optimizers]
     assigned: list[list[tuple[Unit, list[nn.Parameter], int]]] = [[] for _ in optimizers]
@@ -770,31 +792,3 @@ def _saved_anchor(watch: _OptimizerWatch) -> list[Tensor] | None:
     if watch.anchor is None or any(is_dtensor(t) for t in watch.tensors):
         return None
     return [a.detach().cpu().clone() for a in watch.anchor]
-
-
-def _copy_into(buffers: list[Tensor] | None, sources: list[Tensor]) -> list[Tensor]:
-    """Copy ``sources`` into reusable ``buffers`` (allocated on first use)."""
-    if buffers is None:
-        return [source.clone() for source in sources]
-    # DTensor has no sharding rule for _foreach_copy_: copy the local shards (views) instead.
-    torch._foreach_copy_([local_shard(b) for b in buffers], [local_shard(s) for s in sources])
-    return buffers
-
-
-def _reshard_fsdp(module: nn.Module) -> None:
-    """Put FSDP2 modules back in their sharded state before reading their parameters.
-
-    Between forward and backward FSDP2 keeps the root module's unsharded parameters registered;
-    ``named_parameters()`` would then return tensors the optimizer does not hold. Backward
-    gathers them again, so resharding here changes nothing for training.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return
-    for submodule in module.modules():
-        if isinstance(submodule, FSDPModule):
-            submodule.reshard()

@@ -145,10 +145,10 @@ def test_steps_that_are_not_measured_cost_a_counter_only(granularity):
         assert measured == (step % 10 >= 8)
         if measured:
             _step(model, optimizer)
-            if step % 10 == 8:  # window open: one copy of the weights and a bounded buffer
-                snapshot, workspace = _held_bytes(monitor)
-                assert snapshot == weights
-                assert 0 < workspace <= 2 * 8 * DEFAULT_CHUNK_NUMEL + weights
+            if step % 10 == 8:  # window open: one copy of the weights (1.0x), nothing else
+                assert _held_bytes(monitor) == (weights, 0)
+                peak = watch.statistics.peak_workspace_bytes  # only inside the measurement
+                assert 0 < peak <= 2 * 8 * DEFAULT_CHUNK_NUMEL + weights
             continue
         steps_done = watch.steps_done
         with OpCounter() as ops:  # the hooks alone, as the optimizer calls them
@@ -238,3 +238,87 @@ def test_chunked_layout_matches_a_plain_float64_computation(chunk_numel):
     batched = BatchedStatistics(dims, chunk_numel=chunk_numel)
     for _ in range(2):  # the cached layout and buffer give the same again
         torch.testing.assert_close(batched(prev, curr), expected, rtol=1e-12, atol=1e-12)
+
+
+def _recorded_angles(model, optimizer, monitor, steps, between=None):
+    """Step ``steps`` times; an independent float64 recorder gives each step's true angles."""
+    from tests.reference import reference_angle
+
+    weights = [model.net[0].weight, model.net[3].weight]
+    biases = [model.net[0].bias, model.net[3].bias]
+    angles = []
+    for step in range(steps):
+        before = [
+            torch.cat([w.detach().reshape(-1), b.detach()]).double()
+            for w, b in zip(weights, biases)
+        ]
+        _step(model, optimizer)
+        after = [
+            torch.cat([w.detach().reshape(-1), b.detach()]).double()
+            for w, b in zip(weights, biases)
+        ]
+        angles.append([reference_angle(p, c) for p, c in zip(before, after)])
+        if between is not None:
+            between(step)
+    return angles
+
+
+def test_consecutive_measured_steps_reuse_the_refreshed_snapshot():
+    model, optimizer, monitor = _monitored(4, 4, verify_steps=0)
+    (watch,) = monitor._watches
+    _step(model, optimizer)  # first measured step: snapshot taken before it, refreshed after it
+    assert watch.snapshot_versions is not None
+    with OpCounter() as ops:
+        monitor._before_step(watch)  # the next pre-step: no copy, no kernel at all
+    assert ops.kernels == []
+    for snapshot, tensor in zip(watch.snapshot, watch.tensors):
+        assert torch.equal(snapshot, tensor.detach())
+    watch.predictions.pop()  # undo the pre-step run by hand (the optimizer did not step)
+    watch.measuring = False
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_refreshed_snapshots_give_the_true_angle_of_every_step(write):
+    """Angles equal an independent float64 recorder's, also when the weights are written between
+    two measured steps (the write is not counted as part of the next step)."""
+    model, optimizer, monitor = _monitored(4, 4, verify_steps=0)
+
+    def between(step):
+        if write and step % 4 in (0, 1):  # inside a window, between two measured steps
+            with torch.no_grad():
+                model.net[0].weight.add_(0.05 * torch.randn_like(model.net[0].weight))
+                model.net[3].weight.mul_(2.0)
+
+    angles = _recorded_angles(model, optimizer, monitor, 8, between)
+    windows = monitor.pop_windows()
+    assert [(w.unit, w.optimizer_step) for w in windows] == [
+        ("net.0.weight", 4),
+        ("net.3.weight", 4),
+        ("net.0.weight", 8),
+        ("net.3.weight", 8),
+    ]
+    for window in windows:
+        unit = 0 if window.unit == "net.0.weight" else 1
+        steps = range(window.optimizer_step - 4, window.optimizer_step)
+        rms = (sum(angles[s][unit] ** 2 for s in steps) / 4) ** 0.5
+        assert window.angular_update == pytest.approx(rms, rel=1e-9)
+        assert window.last == pytest.approx(angles[steps[-1]][unit], rel=1e-9)
+
+
+def test_refresh_writes_the_snapshot_also_through_flattened_copies():
+    """A channels_last tensor split across chunks is flattened by a copy: refreshed after it."""
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.randn(64, 32, 3, 3, generator=generator).to(memory_format=torch.channels_last)
+    prev = [conv.clone(), torch.randn(300, generator=generator)]
+    curr = [p + 1e-3 * torch.randn(p.shape, generator=generator) for p in prev]
+    for dim in (None, 0):
+        plain = BatchedStatistics([dim, dim], chunk_numel=1024)
+        refreshing = BatchedStatistics([dim, dim], chunk_numel=1024)
+        snapshot = [p.clone() for p in prev]
+        expected = plain(prev, curr)
+        got = refreshing(snapshot, curr, refresh=True)
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+        for s, c in zip(snapshot, curr):
+            assert torch.equal(s, c)
+        if dim is None:  # rows longer than a chunk: the split-row (flattened) path ran
+            assert refreshing._plan.needs_flat
