@@ -116,7 +116,7 @@ class FabricSphericalDynamics:
         params: ParamsSpec = "auto",
         granularity: Granularity = "layer",
         every_n_steps: int | None = None,
-        window: int = 8,
+        window: int = MonitorConfig.window,
         tolerance: float = 0.1,
         patience: int = 3,
         on_equilibrium: Any = "warn",

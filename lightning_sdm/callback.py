@@ -142,7 +142,7 @@ class SphericalDynamicsCallback(Callback):
         params: ParamsSpec = "auto",
         granularity: Granularity = "layer",
         every_n_steps: int | None = None,
-        window: int = 8,
+        window: int = MonitorConfig.window,
         tolerance: float = 0.1,
         patience: int = 3,
         quorum: float = 1.0,

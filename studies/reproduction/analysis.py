@@ -82,7 +82,7 @@ def true_equilibrium_step(
 def flag_errors(dense: Sequence[dict[str, Any]], flags: Sequence[int], span: float) -> list[float]:
     """For each step the detector flagged in equilibrium: how far the angular update really
     was from its prediction, ``|mean dense ratio - 1|`` over the trailing ``span`` steps (the
-    dense windows measure every step, 16 at a time; the detector saw 8 of every 50)."""
+    dense windows measure every step, 16 at a time; the detector saw the default schedule)."""
     errors = []
     for step in flags:
         block = [e["ratio"] for e in dense if step - span < e["step"] <= step]

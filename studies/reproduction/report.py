@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_sdm.config import MonitorConfig
 from lightning_sdm.theory import (
     relaxation_steps,
 )
@@ -218,7 +219,10 @@ def write_report(
         parts.append(
             "## 1. Equilibrium angular update: measured vs predicted\n\n"
             + TEXTS["grid"].format(
-                measure=measure, windows=measure // EVERY, minimum=160 if plan.quick else 320
+                measure=measure,
+                windows=measure // EVERY,
+                minimum=160 if plan.quick else 320,
+                default=_default_schedule(),
             )
         )
         for label, rows, summary in (
@@ -242,7 +246,7 @@ def write_report(
             quality = detection_summary(rows)
             analysis[f"{label.lower()}_detection"] = quality
             parts.append(
-                f"Detector with the callback's default settings (windows of 8 steps every 50, "
+                f"Detector with the callback's default settings ({_default_schedule()}, "
                 f"tolerance 10%, patience 3). Each of its {quality['flags']} equilibrium flags "
                 "checked against the dense windows (every step measured) of the relaxation time "
                 f"before it: {quality['flags_off_by_tolerance']} had a mean ratio more than 10% "
@@ -902,6 +906,12 @@ def discussion(analysis: dict[str, Any]) -> str:
         + "\n\n".join(f"- {item}" for item in items)
         + "\n"
     )
+
+
+def _default_schedule() -> str:
+    """The callback's default schedule in words (the study checks the detector users get)."""
+    config = MonitorConfig()
+    return f"windows of {config.window} steps every {config.every_n_steps}"
 
 
 def _load_texts() -> dict[str, str]:

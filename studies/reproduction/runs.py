@@ -203,7 +203,7 @@ def _run_one(spec: RunSpec, data: DataConfig) -> dict[str, Any]:
     x_train, y_train, *_ = load_data(data)
     model = BNConvNet(spec, x_train.shape[1], x_train.shape[-1])
     main = SphericalDynamicsCallback(every_n_steps=EVERY, window=EVERY, prog_bar=False)
-    # The detector as users get it: the callback's defaults (every 50 steps, 8-step windows).
+    # The detector as users get it: the callback's defaults (MonitorConfig).
     default = SphericalDynamicsCallback(prog_bar=False)
     callbacks: list[pl.Callback] = [main, default]
     decider = None
