@@ -18,9 +18,9 @@ script cannot rot where no GPU is lent). Parts:
    tensors (``torch.profiler``), against the number of tensors.
 4. **Overhead.** Training step time of a ResNet-50-sized model (bottleneck blocks, synthetic
    224x224 images, bf16 autocast, channels_last, SGD) with no monitor, the monitor at every step,
-   at the default (8 of every 50 steps), and ``wandb.watch(log="parameters")`` when ``wandb`` is
-   installed (offline). Interleaved blocks of 50 steps, median of ``--repeats``, CUDA-synchronised
-   wall clock.
+   at the default schedule (``MonitorConfig``: 2 of every 50 steps), and
+   ``wandb.watch(log="parameters")`` when ``wandb`` is installed (offline). Interleaved blocks
+   of 50 steps, median of ``--repeats``, CUDA-synchronised wall clock.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from common import conv_units
 
 from lightning_sdm import SphericalMonitor
 from lightning_sdm._engine import BatchedStatistics
+from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angles_from_statistics, norms_from_statistics
 
 
@@ -231,7 +232,11 @@ def measure_overhead(device: torch.device, quick: bool, repeats: int) -> dict[st
         return start
 
     configs["every step (1/1)"] = monitored(1, 1)
-    configs["default (50/8)"] = monitored(50, 8)
+    default = MonitorConfig()
+    assert default.every_n_steps is not None
+    configs[f"default ({default.every_n_steps}/{default.window})"] = monitored(
+        default.every_n_steps, default.window
+    )
     try:
         import wandb
     except ImportError:

@@ -22,6 +22,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from lightning_sdm.config import MonitorConfig
 from tests.distributed.launch import run_script
 
 # End-to-end runs of the examples: the slow lane (`make test-fast` skips them).
@@ -263,5 +264,6 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert all(row["angle_rel_error"] < 1e-12 for row in results["exactness"])
     assert results["no_sync"]["windows"] > 0
     assert results["kernels_per_measurement"]["100"] > 0
-    assert set(results["overhead"]) == {"step_ms_no_monitor", "every step (1/1)", "default (50/8)"}
+    default = f"default ({MonitorConfig().every_n_steps}/{MonitorConfig().window})"
+    assert set(results["overhead"]) == {"step_ms_no_monitor", "every step (1/1)", default}
     assert (tmp_path / "gpu.json").exists()

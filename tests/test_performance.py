@@ -4,8 +4,12 @@
 * a step that is not measured runs no tensor op in the hooks and holds no monitor buffer;
 * a measured step that does not close a window never reads a value back to the host (no
   ``.item()``: on a GPU that would be a synchronisation);
-* while a window is open the monitor holds one copy of the monitored weights plus a work buffer
-  of bounded size, and nothing once the window is closed;
+* while a window is open the monitor holds one copy of the monitored weights (1.0x) and nothing
+  else: its float64 work buffer, of bounded size, exists only inside a measurement; nothing once
+  the window is closed;
+* consecutive measured steps share the snapshot: the measurement refreshes it in its own pass,
+  the next pre-step copies nothing, and the angles stay those of an independent float64
+  recorder, also when something writes into the weights between two measured steps;
 * the cached, chunked layout gives the same statistics as a plain float64 computation for every
   kind of tensor and chunk size.
 """
