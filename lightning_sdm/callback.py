@@ -173,14 +173,15 @@ class SphericalDynamicsCallback(Callback):
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
         self._key_arguments = {"params": repr(params), **self.config.key(), **self._detection()}
+        self._state_key = self._generate_state_key(**self._key_arguments)
         self.history: list[HistoryRecord] = []
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
         self.advice: Advice | None = None  # what theory predicts for these settings, at start
         self.audit: list[Finding] = []  # param-group set-ups at odds with the theory
         self._units: list[Unit] | None = None
-        self._discovery, self._announced = UnitDiscovery(), False
-        self._reattach = False  # a monitor detached at the end of a fit
+        # _reattach: the monitor was detached at the end of a fit (a second fit attaches it again)
+        self._discovery, self._announced, self._reattach = UnitDiscovery(), False, False
         self._monitor_state: dict[str, Any] | None = None
         self._notices, self._integration_failures, self._disabled = Notices(), set[str](), False
 
@@ -199,7 +200,7 @@ class SphericalDynamicsCallback(Callback):
     @property
     def state_key(self) -> str:
         """Unique per configuration, so that several instances can share a Trainer."""
-        return self._generate_state_key(**self._key_arguments)
+        return self._state_key  # Lightning reads it for every hook call: built once
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -397,9 +398,7 @@ class SphericalDynamicsCallback(Callback):
             )
 
     def _detection(self) -> dict[str, Any]:
-        detector, action = self.detector, repr(self.policy.action)
-        detection = {"tolerance": detector.tolerance, "patience": detector.patience}
-        return {**detection, "quorum": detector.quorum, "action": action}
+        return {**self.detector.settings, "action": repr(self.policy.action)}
 
     def _log_windows(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]

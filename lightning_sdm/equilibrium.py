@@ -232,6 +232,11 @@ class EquilibriumDetector:
                 unit.relax_until, unit.last_optimizer_step + math.ceil(relax_steps)
             )
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (they identify a callback's state, see ``state_key``)."""
+        return {"tolerance": self.tolerance, "patience": self.patience, "quorum": self.quorum}
+
     def state_dict(self) -> dict[str, Any]:
         """Detector state, for checkpoints (plain types only)."""
         return {name: asdict(u) for name, u in self.state.items()}

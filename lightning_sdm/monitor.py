@@ -39,7 +39,7 @@ from lightning_sdm._engine import (
 )
 from lightning_sdm._sync import RanksOutOfStepError, all_agree, monitor_group, run_collective
 from lightning_sdm.config import MonitorConfig
-from lightning_sdm.functional import angular_update_statistics, cosine_from_statistics
+from lightning_sdm.functional import cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
 from lightning_sdm.theory import (
@@ -506,7 +506,8 @@ class SphericalMonitor:
         grads = [p.grad for p in watch.tensors]
         if watch.snapshot is None or any(g is None for g in grads):
             return
-        rows = angular_update_statistics(
+        # The measurement's own layout and buffer: a from-scratch call would build them again.
+        rows = watch.statistics(
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
         per_tensor = self._collective(

@@ -315,14 +315,14 @@ def test_refresh_writes_the_snapshot_also_through_flattened_copies():
     conv = torch.randn(64, 32, 3, 3, generator=generator).to(memory_format=torch.channels_last)
     prev = [conv.clone(), torch.randn(300, generator=generator)]
     curr = [p + 1e-3 * torch.randn(p.shape, generator=generator) for p in prev]
-    for dim in (None, 0):
-        plain = BatchedStatistics([dim, dim], chunk_numel=1024)
-        refreshing = BatchedStatistics([dim, dim], chunk_numel=1024)
+    for dim, chunk_numel in ((None, 1024), (0, 1024), (0, 128), (1, 1024), (1, 256)):
+        plain = BatchedStatistics([dim, 0 if dim == 1 else dim], chunk_numel=chunk_numel)
+        refreshing = BatchedStatistics([dim, 0 if dim == 1 else dim], chunk_numel=chunk_numel)
         snapshot = [p.clone() for p in prev]
         expected = plain(prev, curr)
         got = refreshing(snapshot, curr, refresh=True)
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
         for s, c in zip(snapshot, curr):
             assert torch.equal(s, c)
-        if dim is None:  # rows longer than a chunk: the split-row (flattened) path ran
+        if dim is None or chunk_numel < 512:  # rows longer than a chunk: split-row path
             assert refreshing._plan.needs_flat
