@@ -13,10 +13,7 @@ optimizer step (``w_t`` and ``w_{t+1}`` of every monitored tensor):
   (``_foreach_norm`` of ``w_t`` and of ``w_{t+1}``, and ``<w_t, w_{t+1}>`` by ``torch.vdot``
   per tensor), in float32, so less exact than the monitor's float64 partial sums. ``x floor`` is
   (snapshot copy + monitor path) / floor: what a measured step costs in the hooks, relative to
-  that yardstick;
-* ``refreshing``: the monitor path of a measured step followed by another one, which also copies
-  ``w_{t+1}`` into the snapshot inside its chunks (the next step then takes no snapshot);
-  ``x floor, next`` is refreshing / floor, for every measured step of a window but the last.
+  that yardstick.
 
 CPU time of the calling thread (``time.thread_time``), median over ``--repeats``; ``ns/elem`` is
 that time per monitored element. Memory: ``work buffers`` are the bytes of the float64 buffers the
@@ -93,11 +90,8 @@ class Case:
         self.label, self.total, self.count, self.dim = label, total, count, dim
         self.prev, self.curr, self.snapshot = make_tensors(total, count)
         self.batched = BatchedStatistics([dim] * count)
-        self.refreshed = [p.clone() for p in self.prev]
-        self.refreshing = BatchedStatistics([dim] * count)
         self.times: dict[str, list[float]] = {
             "monitor": [],
-            "refreshing": [],
             "functional": [],
             "copy": [],
             "floor": [],
@@ -107,10 +101,6 @@ class Case:
         prev, curr, dim = self.prev, self.curr, self.dim
         if self.batched is not None:
             self.times["monitor"].append(cpu_seconds(lambda: self.batched(prev, curr)))
-            refreshing, snapshot = self.refreshing, self.refreshed
-            self.times["refreshing"].append(
-                cpu_seconds(lambda: refreshing(snapshot, curr, refresh=True))
-            )
         self.times["functional"].append(
             cpu_seconds(lambda: functional.angular_update_statistics(prev, curr, dim=dim))
         )
@@ -131,8 +121,8 @@ class Case:
         return peak_added_bytes(lambda: functional.angular_update_statistics(prev, curr, dim=dim))
 
     def release(self) -> None:
-        self.prev = self.curr = self.snapshot = self.refreshed = []
-        self.batched = self.refreshing = None
+        self.prev = self.curr = self.snapshot = []
+        self.batched = None
 
 
 def run_table(cases: list[Case], repeats: int, title: str, first_column: str) -> str:
@@ -147,9 +137,8 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
         f"### {title}",
         "",
         f"| {first_column} | monitor path (ms) | ns/elem | functional (ms) | ns/elem | "
-        "snapshot copy (ms) | floor (ms) | x floor | refreshing (ms) | x floor, next | "
-        "work buffers | peak RSS added |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "snapshot copy (ms) | floor (ms) | x floor | work buffers | peak RSS added |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
         memory = case.work_memory()
@@ -167,12 +156,6 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
         monitor = case.times["monitor"]
         ratio = (copy + statistics.median(monitor)) / floor if monitor and floor > 0 else None
         cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
-        refreshing = case.times["refreshing"]
-        if refreshing and floor > 0:
-            seconds = statistics.median(refreshing)
-            cells += [f"{seconds * 1e3:.2f}", f"{seconds / floor:.2f}x"]
-        else:
-            cells += ["n/a", "n/a"]
         workspace = getattr(case.batched, "peak_workspace_bytes", None)
         cells.append("n/a" if workspace is None else f"{workspace / 2**20:.2f} MiB")
         cells.append("n/a" if memory is None else f"{memory / 2**20:.1f} MiB")

@@ -221,8 +221,7 @@ class Workspace:
         self.gram = torch.empty(plan.total_blocks, 2, 2, dtype=plan.dtype, device=plan.device)
         self.views = [self._chunk_views(chunk) for chunk in plan.chunks]
         self._bytes = [t.untyped_storage().nbytes() for t in (self.buffer, self.gram)]
-        self._releasable = plan.device.type in _RESIZABLE_DEVICES
-        self._free()
+        self._releasable = plan.device.type in _RESIZABLE_DEVICES  # freed after the first use
 
     @property
     def held_bytes(self) -> int:
@@ -237,11 +236,11 @@ class Workspace:
     @contextmanager
     def allocated(self) -> Iterator[Workspace]:
         """The buffer's memory for the duration of one measurement."""
-        for tensor, nbytes in zip((self.buffer, self.gram), self._bytes, strict=True):
-            storage = tensor.untyped_storage()
-            if storage.nbytes() != nbytes:
-                storage.resize_(nbytes)
         try:
+            for tensor, nbytes in zip((self.buffer, self.gram), self._bytes, strict=True):
+                storage = tensor.untyped_storage()
+                if storage.nbytes() != nbytes:
+                    storage.resize_(nbytes)
             yield self
         finally:
             self._free()
@@ -389,33 +388,20 @@ def compute(
     prev: Sequence[Tensor],
     curr: Sequence[Tensor],
     curr_is_delta: bool,
-    refresh: bool = False,
 ) -> Tensor:
-    """The ``[units, 4]`` statistics of plain (local) tensors laid out as ``plan`` says.
-
-    ``refresh``: also copy ``curr`` into ``prev`` (the next step's snapshot), chunk by chunk
-    while both are in the cache, instead of in one more pass over memory before the next step.
-    """
+    """The ``[units, 4]`` statistics of plain (local) tensors laid out as ``plan`` says."""
     with torch.no_grad(), workspace.allocated():
         flat_prev = {t: _unit_major(prev[t], plan.geometries[t]) for t in plan.needs_flat}
         flat_curr = {t: _unit_major(curr[t], plan.geometries[t]) for t in plan.needs_flat}
         for chunk, views in zip(plan.chunks, workspace.views, strict=True):
             if chunk.padded:
                 views.used.zero_()
-            prev_sources = _piece_sources(plan, chunk, prev, flat_prev)
-            curr_sources = _piece_sources(plan, chunk, curr, flat_curr)
-            torch._foreach_copy_(views.prev, prev_sources)
-            torch._foreach_copy_(views.delta, curr_sources)
-            if refresh:
-                torch._foreach_copy_(prev_sources, curr_sources)
+            torch._foreach_copy_(views.prev, _piece_sources(plan, chunk, prev, flat_prev))
+            torch._foreach_copy_(views.delta, _piece_sources(plan, chunk, curr, flat_curr))
             if not curr_is_delta:
                 # Exact: the difference of two float32 values is representable in float64.
                 views.used_delta.sub_(views.used_prev)
             torch.bmm(views.matrices, views.matrices_t, out=views.gram)
-        if refresh:  # flattened copies (a non-contiguous tensor) did not write into ``prev``
-            stale = [t for t, flat in flat_prev.items() if not _shares_memory(flat, prev[t])]
-            if stale:
-                torch._foreach_copy_([prev[t] for t in stale], [curr[t] for t in stale])
         block_sums = workspace.gram.view(-1, 4).index_select(1, plan.gram_entries)
     if plan.blocks_per_row is not None:
         sums = block_sums.view(plan.local_rows, plan.blocks_per_row, 3).sum(dim=1)
@@ -430,11 +416,6 @@ def compute(
         return local
     stats = local.new_zeros(plan.total_units, NUM_STATISTICS)
     return stats.index_copy_(0, plan.rows, local)
-
-
-def _shares_memory(view: Tensor, tensor: Tensor) -> bool:
-    """Whether ``view`` (from :func:`_unit_major`) is a view of ``tensor``, not a copy."""
-    return view.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
 
 
 def _unit_major(tensor: Tensor, geometry: _Geometry) -> Tensor:
@@ -465,9 +446,8 @@ class BatchedStatistics:
         curr: Sequence[Tensor],
         *,
         curr_is_delta: bool = False,
-        refresh: bool = False,
     ) -> Tensor:
-        """The statistics of one step; ``refresh`` also copies ``curr`` into ``prev`` in place."""
+        """The ``[units, 4]`` statistics of one step (see :mod:`lightning_sdm.functional`)."""
         plan = self._plan
         if (
             plan is None
@@ -488,7 +468,7 @@ class BatchedStatistics:
                 self._shapes = [t.shape for t in curr]
         if self._workspace is None:
             self._workspace = Workspace(plan)
-        return compute(plan, self._workspace, prev, curr, curr_is_delta, refresh)
+        return compute(plan, self._workspace, prev, curr, curr_is_delta)
 
     @property
     def workspace_bytes(self) -> int:
@@ -499,6 +479,11 @@ class BatchedStatistics:
     def peak_workspace_bytes(self) -> int:
         """Bytes of the work buffers while a measurement runs."""
         return 0 if self._workspace is None else self._workspace.peak_bytes
+
+    def __getstate__(self) -> dict[str, object]:
+        # The work buffer's views do not survive pickling as views (torch.save, deepcopy,
+        # spawned processes): the copy builds its own buffer at its first call.
+        return {**self.__dict__, "_workspace": None}
 
     def release(self) -> None:
         """Free the work buffer's memory (the plan, a few index tensors, is kept).

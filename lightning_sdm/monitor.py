@@ -83,6 +83,7 @@ class _OptimizerWatch:
     num_rows: int
     metric: AngularUpdate
     statistics: BatchedStatistics  # cached layout and work buffer of the per-step statistics
+    tensor_statistics: BatchedStatistics  # one row per tensor: the orthogonality check's
     member_counts: Tensor  # tensors per unit row (their coverages are averaged)
     rows_are_units: bool  # one tensor row per unit row, in order: no summing needed
     steps_done: int = 0
@@ -95,20 +96,17 @@ class _OptimizerWatch:
     provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)
     optimizer_index: int = 0  # position among the optimizers given to the monitor
 
-    # Version counters of the tensors when the snapshot was last refreshed to their values (at
-    # a measured step followed by another): the next pre-step copy is skipped while they hold.
-    snapshot_versions: list[int] | None = None
-
     @property
     def unit_rows(self) -> int:
         return self.units[-1].rows.stop if self.units else 0
 
     def free_buffers(self, keep_anchor: bool = False) -> None:
-        """Drop the snapshot, the work buffer and (unless ``keep_anchor``) the horizon anchor."""
-        self.snapshot = self.snapshot_versions = None
+        """Drop the snapshot, the work buffer's memory and (unless ``keep_anchor``) the anchor."""
+        self.snapshot = None
         if not keep_anchor:
             self.anchor = None
         self.statistics.release()
+        self.tensor_statistics.release()
 
 
 class SphericalMonitor:
@@ -459,11 +457,11 @@ class SphericalMonitor:
         if self.config.position_in_window(watch.steps_done) == 0:
             self._follow_group_moves(watch)  # once per window, at its first measured step
         sources = [p.detach() for p in watch.tensors]
-        versions, watch.snapshot_versions = watch.snapshot_versions, None
-        # Refreshed by the previous measurement: still the weights unless something wrote into
-        # them since (an in-place write bumps a tensor's version; through ``.data`` it does not).
-        if versions is None or versions != [p._version for p in watch.tensors]:
-            watch.snapshot = copy_into(watch.snapshot, sources)
+        # Taken before every measured step, also right after a measured one: reusing that step's
+        # weights would count whatever writes into them between steps (weight clipping, pruning
+        # masks, Lookahead) as part of the next step, and writes through ``.data`` leave no trace
+        # (version counters do not move) to detect them by.
+        watch.snapshot = copy_into(watch.snapshot, sources)
         horizon = self.config.horizon
         if horizon > 1 and self.config.position_in_window(watch.steps_done) % horizon == 0:
             watch.anchor = copy_into(watch.anchor, sources)
@@ -475,11 +473,7 @@ class SphericalMonitor:
         if self._measured_steps < self.config.verify_steps:
             self._verify_orthogonality(watch)  # first: it needs the snapshot of w_t
         currents = [p.detach() for p in watch.tensors]
-        # The next step measured too: its snapshot is these weights, copied in this pass.
-        refresh = self.config.is_measured(watch.steps_done + 1)
-        rows = watch.statistics(watch.snapshot, currents, refresh=refresh)
-        if refresh:
-            watch.snapshot_versions = [p._version for p in watch.tensors]
+        rows = watch.statistics(watch.snapshot, currents)
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
         position = self.config.position_in_window(watch.steps_done)
         horizon = self.config.horizon
@@ -506,8 +500,9 @@ class SphericalMonitor:
         grads = [p.grad for p in watch.tensors]
         if watch.snapshot is None or any(g is None for g in grads):
             return
-        # The measurement's own layout and buffer: a from-scratch call would build them again.
-        rows = watch.statistics(
+        # One row per tensor (``dim=None``), whatever the units' granularity: the cosine is the
+        # whole unit's. Its own cached layout: a from-scratch call would build it again.
+        rows = watch.tensor_statistics(
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
         per_tensor = self._collective(
@@ -726,6 +721,7 @@ def _make_watch(
         metric=AngularUpdate(process_group=group),
         horizon_metric=AngularUpdate(process_group=group),
         statistics=BatchedStatistics(dims),
+        tensor_statistics=BatchedStatistics([None] * len(dims)),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
         optimizer_index=optimizer_index,

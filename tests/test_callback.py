@@ -264,10 +264,12 @@ def test_explicit_selection_by_names_globs_regex(tmp_path, params):
     assert callback.report is None
 
 
-def test_explicit_modules_and_non_invariant_selection_warns(tmp_path):
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_explicit_modules_and_non_invariant_selection_warns(tmp_path, granularity):
+    # The cosine of the gradient-orthogonality check is a whole unit's, whatever the granularity.
     module = BNNet()
     callback = SphericalDynamicsCallback(
-        params=[module.net[0], module.net[6]], every_n_steps=4, window=2
+        params=[module.net[0], module.net[6]], every_n_steps=4, window=2, granularity=granularity
     )
     with pytest.warns(UserWarning, match=r"net\.6\.weight is monitored but its gradient is not"):
         _fit(tmp_path, callback, module=module)
