@@ -137,7 +137,8 @@ class MonitorConfig:
                     if self.every_n_steps == self.window
                     else ""
                 )
-                + f"), got {self.horizon}."
+                + f"), got {self.horizon}: pass `window` (and `every_n_steps`) of at least "
+                f"{self.horizon} too."
             )
 
     def key(self) -> dict[str, Any]:
