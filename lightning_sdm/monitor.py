@@ -470,8 +470,6 @@ class SphericalMonitor:
     @torch.no_grad()
     def _measure(self, watch: _OptimizerWatch) -> None:
         assert watch.snapshot is not None
-        if self._measured_steps < self.config.verify_steps:
-            self._verify_orthogonality(watch)  # first: it needs the snapshot of w_t
         currents = [p.detach() for p in watch.tensors]
         rows = watch.statistics(watch.snapshot, currents)
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
@@ -480,6 +478,8 @@ class SphericalMonitor:
         if watch.anchor is not None and position % horizon == horizon - 1:
             rows = watch.statistics(watch.anchor, currents)
             watch.horizon_metric.update(statistics=self._to_unit_rows(watch, rows))
+        if self._measured_steps < self.config.verify_steps:
+            self._verify_orthogonality(watch)
 
     def _to_unit_rows(self, watch: _OptimizerWatch, rows: Tensor) -> Tensor:
         """Sum member tensors' rows into unit rows (a weight and its bias are one unit)."""
@@ -711,6 +711,9 @@ def _make_watch(
         units.append(_Unit(spec, unit_tensors, group_index, rows, per_channel))
         row += channels
     row_to_unit_row = torch.cat(row_map)
+    statistics = BatchedStatistics(dims)
+    # Whole-tensor units already have one row per tensor: the check shares their layout.
+    whole = all(d is None for d in dims)
     return _OptimizerWatch(
         optimizer=optimizer,
         units=units,
@@ -720,8 +723,8 @@ def _make_watch(
         num_rows=row,
         metric=AngularUpdate(process_group=group),
         horizon_metric=AngularUpdate(process_group=group),
-        statistics=BatchedStatistics(dims),
-        tensor_statistics=BatchedStatistics([None] * len(dims)),
+        statistics=statistics,
+        tensor_statistics=statistics if whole else BatchedStatistics([None] * len(dims)),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
         rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
         optimizer_index=optimizer_index,
