@@ -22,7 +22,6 @@ sampled ahead on a copy of the schedulers (warm-up included).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_sdm._schedule import sample_learning_rates, steps_per_epoch, trainer_schedules
+from lightning_sdm.actions import budget_of
 
 __all__ = ["CorrectedWeightDecay"]
 
@@ -175,9 +175,7 @@ class CorrectedWeightDecay(Callback):
     def _apply(self, trainer: pl.Trainer) -> None:
         targets = self._targets(trainer)
         for key, group in _groups(trainer):
-            if key not in self._bases:
-                continue
-            if key not in targets:
+            if key not in self._bases or key not in targets:
                 continue
             base, peak = self._bases[key]
             lr = float(group["lr"])
@@ -220,10 +218,10 @@ def _monitoring_callback(trainer: pl.Trainer) -> Any | None:
 
 def _schedule_peaks(trainer: pl.Trainer) -> dict[tuple[int, int], float]:
     """The largest LR of every group over the run, sampled ahead on copies of the schedulers."""
-    estimated = float(getattr(trainer, "estimated_stepping_batches", 0) or 0)
+    budget = budget_of(trainer)
     peaks: dict[tuple[int, int], float] = {}
-    if math.isfinite(estimated) and estimated > 0:  # from the schedulers' state now
-        total = int(estimated) - int(getattr(trainer, "global_step", 0))
+    if budget is not None and budget > 0:  # from the schedulers' state now
+        total = budget - int(getattr(trainer, "global_step", 0))
     else:  # no budget (max_steps=-1 and no epoch limit): a horizon that covers warm-ups
         total = UNKNOWN_BUDGET_HORIZON
     per_epoch, schedules = steps_per_epoch(trainer), trainer_schedules(trainer)
