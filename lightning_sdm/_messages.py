@@ -35,20 +35,20 @@ def no_window_closed(steps: int, every_n_steps: int | None) -> str:
 
 
 def monitor_cost(
-    fraction: float, per_measured: float, per_step: float, every: int, window: int
+    fraction: float, per_measured: float, per_step: float, every: int, window: int, budget: float
 ) -> str:
-    """The default schedule costs more than 1% of this run's CPU steps: how to bring it down."""
+    """The schedule costs more than ``budget`` of this run's CPU steps: how to bring it down."""
     from lightning_sdm._cost import schedule_within
 
-    fitting_window, fitting_every = schedule_within(0.01, every, window, per_measured, per_step)
+    fitting_window, fitting_every = schedule_within(budget, every, window, per_measured, per_step)
     remedy = f"`every_n_steps={fitting_every}`"
     if fitting_window is not None:
         remedy = f"`window={fitting_window}` or {remedy}"
     return (
         f"{PREFIX} measuring {window} of every {every} optimizer steps costs {fraction:.1%} of "
         f"the step time in this run ({per_measured * 1e3:.1f} ms per measured step against "
-        f"{per_step * 1e3:.1f} ms per step, on the CPU). {remedy} would keep it under 1%, with "
-        "fewer samples per relaxation time for the detector."
+        f"{per_step * 1e3:.1f} ms per step, on the CPU). {remedy} would keep it under "
+        f"{budget:.0%}, with fewer samples per relaxation time for the detector."
     )
 
 

@@ -121,7 +121,8 @@ class Notices:
         if on_cpu and fraction > budget:
             every, window = monitor.config.every_n_steps, monitor.config.window
             assert every is not None
-            rank_zero_info(_messages.monitor_cost(fraction, per_measured, per_step, every, window))
+            figures = (fraction, per_measured, per_step, every, window, budget)
+            rank_zero_info(_messages.monitor_cost(*figures))
 
     def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:
         """Units whose gradient is not orthogonal to them (probably not scale-invariant)."""
