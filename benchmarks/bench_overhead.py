@@ -372,7 +372,7 @@ def lightning_comparison(args: argparse.Namespace) -> str:
     loader = DataLoader(data, batch_size=args.batch_size)
     steps = args.lightning_steps
     skip = 2  # the first step of a fit traces the model (auto-detection) and warms up
-    first_window = 50  # log_every_n_steps below: the default callback's first window closes here
+    first_window = 50  # the Trainer's log_every_n_steps: the default callback's windows close here
 
     def fit(callbacks: list[pl.Callback]) -> tuple[float, float]:
         timer = StepTimer()
@@ -385,7 +385,7 @@ def lightning_comparison(args: argparse.Namespace) -> str:
             enable_model_summary=False,
             num_sanity_val_steps=0,
             accelerator="cpu",
-            log_every_n_steps=50,
+            log_every_n_steps=first_window,
         )
         trainer.fit(module, loader)
         times, hook_times = timer.times[skip:], timer.hook_times[skip:]
