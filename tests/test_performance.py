@@ -244,23 +244,21 @@ def test_chunked_layout_matches_a_plain_float64_computation(chunk_numel):
         torch.testing.assert_close(batched(prev, curr), expected, rtol=1e-12, atol=1e-12)
 
 
-def _recorded_angles(model, optimizer, monitor, steps, between=None):
+def _recorded_angles(model, optimizer, steps, between=None):
     """Step ``steps`` times; an independent float64 recorder gives each step's true angles."""
     from tests.reference import reference_angle
 
-    weights = [model.net[0].weight, model.net[3].weight]
-    biases = [model.net[0].bias, model.net[3].bias]
+    def units():  # each unit's weight and bias as one float64 vector, as the monitor sees it
+        layers = (model.net[0], model.net[3])
+        return [
+            torch.cat([m.weight.detach().reshape(-1), m.bias.detach()]).double() for m in layers
+        ]
+
     angles = []
     for step in range(steps):
-        before = [
-            torch.cat([w.detach().reshape(-1), b.detach()]).double()
-            for w, b in zip(weights, biases)
-        ]
+        before = units()
         _step(model, optimizer)
-        after = [
-            torch.cat([w.detach().reshape(-1), b.detach()]).double()
-            for w, b in zip(weights, biases)
-        ]
+        after = units()
         angles.append([reference_angle(p, c) for p, c in zip(before, after)])
         if between is not None:
             between(step)
@@ -289,7 +287,7 @@ def test_every_measured_step_gets_its_own_angle(write):
             else:
                 weight.data = weight.data + noise
 
-    angles = _recorded_angles(model, optimizer, monitor, 8, between)
+    angles = _recorded_angles(model, optimizer, 8, between)
     windows = monitor.pop_windows()
     assert [(w.unit, w.optimizer_step) for w in windows] == [
         ("net.0.weight", 4),
@@ -313,7 +311,7 @@ def test_a_monitor_copied_mid_window_measures_on(how, tmp_path):
     import copy
 
     model, optimizer, monitor = _monitored(4, 4, verify_steps=0)
-    before = _recorded_angles(model, optimizer, monitor, 2)  # inside the first window
+    before = _recorded_angles(model, optimizer, 2)  # inside the first window
     monitor.detach()
     if how == "deepcopy":
         model, optimizer, monitor = copy.deepcopy((model, optimizer, monitor))
@@ -321,7 +319,7 @@ def test_a_monitor_copied_mid_window_measures_on(how, tmp_path):
         torch.save((model, optimizer, monitor), tmp_path / "copy.pt")
         model, optimizer, monitor = torch.load(tmp_path / "copy.pt", weights_only=False)
     monitor.attach()
-    after = _recorded_angles(model, optimizer, monitor, 6)
+    after = _recorded_angles(model, optimizer, 6)
     windows = monitor.pop_windows()
     assert [(w.unit, w.optimizer_step) for w in windows] == [
         ("net.0.weight", 4), ("net.3.weight", 4), ("net.0.weight", 8), ("net.3.weight", 8)
