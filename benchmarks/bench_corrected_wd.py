@@ -3,7 +3,7 @@
 Every run trains the digits demo's BatchNorm convnet with AdamW and a per-step cosine schedule to
 0 over the budget, the same seeds, and differs only in the weight decay: fixed, or scaled with
 ``lr_t / lr_max`` (Defazio et al. 2025). What the theory says should differ (see
-``lightning_sdm.weight_decay``): with a fixed weight decay the equilibrium norm of the
+``lightning_sdm.lightning``): with a fixed weight decay the equilibrium norm of the
 scale-invariant conv weights shrinks with the LR and the weights lag behind it, so their norm
 keeps falling late in training and their gradient norm (proportional to ``1/|w|``) rises; with
 the corrected one the equilibrium norm stays put.

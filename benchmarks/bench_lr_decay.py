@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits_demo import DigitsConvNet, digits_datasets
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import DecayLR
+from lightning_sdm.actions._actions import DecayLR
 
 SCHEDULES = ("auto", "auto_rescale", "step", "cosine")
 TASKS = {"digits": 0.0, "noisy": 0.2}  # task -> fraction of labels redrawn per batch

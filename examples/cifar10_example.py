@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.fit(model, train_loader, DataLoader(test, batch_size=512, num_workers=args.num_workers))
 
-    from lightning_sdm.cli import format_summary
-    from lightning_sdm.plot import plot_run
-    from lightning_sdm.rundata import run_from_history
+    from lightning_sdm.report._cli import format_summary
+    from lightning_sdm.report._plot import plot_run
+    from lightning_sdm.report._rundata import run_from_history
 
     if not sdm.history:
         print("No SDM window closed (fewer steps than --every-n-steps).")

@@ -144,7 +144,7 @@ def write_report(callback: SphericalDynamicsCallback, path: Path) -> None:
     if not callback.history:
         print("No SDM window closed (fewer steps than --every-n-steps): no report figure.")
         return
-    from lightning_sdm.plot import plot_run
+    from lightning_sdm.report._plot import plot_run
 
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_run(callback, path=path, title="Spherical Motion Dynamics: digits demo")

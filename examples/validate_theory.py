@@ -2,7 +2,7 @@
 
 No network and no data: every row of a ``[rows, dim]`` parameter gets, at every step, a gradient of
 fresh Gaussian noise projected orthogonal to the row and divided by its norm (a scale-invariant
-loss under stationary gradient noise, see ``lightning_sdm.simulation.simulate_scale_invariant``).
+loss under stationary gradient noise, see ``lightning_sdm.theory.simulate_scale_invariant``).
 Each optimizer starts near the equilibrium norm theory predicts, runs a burn-in of three relaxation
 times (so a wrong formula would show almost in full), and the RMS of the per-step, per-row angle
 is then compared with ``equilibrium_angular_update``.
@@ -10,7 +10,7 @@ is then compared with ``equilibrium_angular_update``.
     python examples/validate_theory.py            # full grid, ~30 s on one CPU core
     python examples/validate_theory.py --quick    # a few cases
 
-The grid, the burn-in rule and the reference Lion live in :mod:`lightning_sdm.validation`;
+The grid, the burn-in rule and the reference Lion live in :mod:`lightning_sdm.theory.check_grid`;
 ``tests/test_theory.py`` asserts measured/predicted within 3% on the same grid, except the
 documented ``KNOWN_DEVIATIONS``.
 """
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_sdm.validation import CASES, KNOWN_DEVIATIONS, QUICK, Row, measure
+from lightning_sdm.theory.check_grid import CASES, KNOWN_DEVIATIONS, QUICK, Row, measure
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -11,27 +11,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_sdm.actions import DecayLR
-    from lightning_sdm.callback import SphericalDynamicsCallback
+    from lightning_sdm.actions._actions import DecayLR
     from lightning_sdm.config import MonitorConfig
-    from lightning_sdm.equilibrium import EquilibriumDetector
+    from lightning_sdm.equilibrium._detector import EquilibriumDetector
     from lightning_sdm.functional import angular_update, angular_update_statistics
+    from lightning_sdm.lightning._callback import SphericalDynamicsCallback
+    from lightning_sdm.lightning._weight_decay import CorrectedWeightDecay
     from lightning_sdm.metric import AngularUpdate
-    from lightning_sdm.monitor import SphericalMonitor
+    from lightning_sdm.monitor._monitor import SphericalMonitor
     from lightning_sdm.records import EquilibriumEvent, HistoryRecord, UnitWindow
-    from lightning_sdm.theory import equilibrium_angular_update, explain_equilibrium
+    from lightning_sdm.theory._predictions import equilibrium_angular_update, explain_equilibrium
     from lightning_sdm.units import Unit
-    from lightning_sdm.weight_decay import CorrectedWeightDecay
 
 _EXPORTS = {
     "AngularUpdate": "lightning_sdm.metric",
-    "CorrectedWeightDecay": "lightning_sdm.weight_decay",
+    "CorrectedWeightDecay": "lightning_sdm.lightning",
     "DecayLR": "lightning_sdm.actions",
     "EquilibriumDetector": "lightning_sdm.equilibrium",
     "EquilibriumEvent": "lightning_sdm.records",
     "HistoryRecord": "lightning_sdm.records",
     "MonitorConfig": "lightning_sdm.config",
-    "SphericalDynamicsCallback": "lightning_sdm.callback",
+    "SphericalDynamicsCallback": "lightning_sdm.lightning",
     "SphericalMonitor": "lightning_sdm.monitor",
     "Unit": "lightning_sdm.units",
     "UnitWindow": "lightning_sdm.records",

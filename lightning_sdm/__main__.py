@@ -1,5 +1,5 @@
-"""``python -m lightning_sdm`` runs the ``lightning-sdm`` command (see :mod:`lightning_sdm.cli`)."""
+"""``python -m lightning_sdm`` runs the ``lightning-sdm`` command (:mod:`lightning_sdm.report`)."""
 
-from lightning_sdm.cli import main
+from lightning_sdm.report._cli import main
 
 raise SystemExit(main())

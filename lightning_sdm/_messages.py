@@ -1,10 +1,21 @@
-"""The texts the callback shows users, in one place (each is shown once per run)."""
+"""Every text the package shows users, in one place, with its prefix.
+
+Each function returns one message; the callers decide how it is shown (the adapters of
+:mod:`lightning_sdm.lightning` show each once per run, on rank zero, through Lightning's
+``rank_zero_warn``/``rank_zero_info``). Kept free of torch and of the sub-packages, so that
+every layer may use it.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from lightning_sdm.theory import Prediction
+from lightning_sdm.records import EquilibriumEvent
+
+if TYPE_CHECKING:
+    from lightning_sdm.theory import Prediction
 
 PREFIX = "[lightning_sdm]"
 
@@ -35,12 +46,20 @@ def no_window_closed(steps: int, every_n_steps: int | None) -> str:
 
 
 def monitor_cost(
-    fraction: float, per_measured: float, per_step: float, every: int, window: int, budget: float
+    fraction: float,
+    per_measured: float,
+    per_step: float,
+    every: int,
+    window: int,
+    budget: float,
+    fitting: tuple[int | None, int],
 ) -> str:
-    """The schedule costs more than ``budget`` of this run's CPU steps: how to bring it down."""
-    from lightning_sdm._cost import schedule_within
+    """The schedule costs more than ``budget`` of this run's CPU steps: how to bring it down.
 
-    fitting_window, fitting_every = schedule_within(budget, every, window, per_measured, per_step)
+    ``fitting``: a ``(window, every_n_steps)`` that would fit the budget (``window`` ``None``
+    when no window fits at this ``every_n_steps``).
+    """
+    fitting_window, fitting_every = fitting
     remedy = f"`every_n_steps={fitting_every}`"
     if fitting_window is not None:
         remedy = f"`window={fitting_window}` or {remedy}"
@@ -49,6 +68,14 @@ def monitor_cost(
         f"the step time in this run ({per_measured * 1e3:.1f} ms per measured step against "
         f"{per_step * 1e3:.1f} ms per step, on the CPU). {remedy} would keep it under "
         f"{budget:.0%}, with fewer samples per relaxation time for the detector."
+    )
+
+
+def window_too_long(error: Exception, every: int) -> str:
+    """The Trainer's ``log_every_n_steps`` is shorter than the window asked for."""
+    return (
+        f"SphericalDynamicsCallback: {error} The window follows the Trainer's "
+        f"log_every_n_steps={every}; pass every_n_steps/window explicitly."
     )
 
 
@@ -145,3 +172,88 @@ def steps_to_equilibrium(global_step: int, estimate: float, quorum: float) -> st
         f"{quorum:.0%} of the units reach equilibrium (theory's relaxation time, refined by the "
         "measured trend)."
     )
+
+
+def describe_event(event: EquilibriumEvent, decays: int | None = None) -> str:
+    """The one-line message of an event.
+
+    Example::
+
+        >>> event = EquilibriumEvent(300, ("w",), 1.0, {"w": 0.0101}, {"w": 0.01}, "theory")
+        >>> describe_event(event)
+        '[lightning_sdm] global step 300: 100% of the units are in equilibrium (criterion: theory): w: 0.0101 rad/step vs 0.01 predicted.'
+    """  # noqa: E501
+    figures = ", ".join(
+        f"{name}: {event.measured.get(name, math.nan):.3g} rad/step vs "
+        f"{_format_prediction(event.predicted.get(name))}"
+        for name in event.units
+    )
+    text = (
+        f"{PREFIX} global step {event.global_step}: {event.fraction:.0%} of the units are "
+        f"in equilibrium (criterion: {event.criterion}): {figures}."
+    )
+    if event.criterion == "budget":
+        text = (
+            f"{PREFIX} global step {event.global_step}: the last phase of the budget "
+            f"starts ({event.fraction:.0%} of the units in equilibrium)."
+        )
+    if event.new_lrs:
+        pairs = zip(event.old_lrs, event.new_lrs, strict=True)
+        lrs = ", ".join(f"{old:.3g} -> {new:.3g}" for old, new in pairs)
+        count = f", decay #{decays}" if decays is not None else ""
+        text += f" Learning rate decayed ({lrs}){count}; cooldown {event.cooldown} steps."
+    elif event.note:
+        text += f" No decay: {event.note}."
+    elif event.action == "none":
+        text += " No decay: min_lr or max_decays reached."
+    elif event.action == "stop":
+        text += " Asking the Trainer to stop."
+    return text
+
+
+def _format_prediction(value: float | None) -> str:
+    return "no prediction" if value is None else f"{value:.3g} predicted"
+
+
+def plugin_not_used(switch: str) -> str:
+    """The environment switch is on, but the Trainer has its own callback."""
+    return (
+        f"{PREFIX} {switch} is set but the Trainer already has a SphericalDynamicsCallback; the "
+        "plugin's callback is not used."
+    )
+
+
+# ---------------------------------------------------------------------- under Fabric
+
+FABRIC_PREFIX = f"{PREFIX} Fabric:"
+
+
+def fabric_warn_only(on_equilibrium: object) -> str:
+    """Fabric leaves the loop and the schedule to the user: events are warnings only."""
+    return (
+        f"{FABRIC_PREFIX} on_equilibrium={on_equilibrium!r} needs a Trainer; under Fabric the "
+        "loop and the LR schedule are yours, so an equilibrium event is a warning only."
+    )
+
+
+def fabric_not_traced() -> str:
+    """An optimizer stepped before its model's training forward was seen."""
+    return (
+        f"{FABRIC_PREFIX} an optimizer stepped before a training forward of its model was "
+        "seen: call the module that fabric.setup returned (in train mode), or "
+        'fabric.call("sdm_attach", model, example=x). Waiting for it.'
+    )
+
+
+def fabric_measuring(units: Sequence[str], optimizers: int, every: int, waiting: int) -> str:
+    """What the plugin measures, once it started."""
+    more = f"; {waiting} more unit(s) when their optimizer steps." if waiting else "."
+    return (
+        f"{FABRIC_PREFIX} measuring {', '.join(units)} at the steps of {optimizers} "
+        f"optimizer(s), one window every {every} steps{more}"
+    )
+
+
+def fabric_stand_down(why: str) -> str:
+    """The plugin stops for good (from inside a step)."""
+    return f"{FABRIC_PREFIX} {why}; nothing more is measured."

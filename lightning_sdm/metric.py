@@ -19,7 +19,7 @@ from lightning_sdm.functional import (
 
 __all__ = ["AngularUpdate"]
 
-TensorOrCollection = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+_TensorOrCollection = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
 class AngularUpdate(Metric):
@@ -181,8 +181,8 @@ class AngularUpdate(Metric):
 
     def update(
         self,
-        prev: TensorOrCollection | None = None,
-        curr: TensorOrCollection | None = None,
+        prev: _TensorOrCollection | None = None,
+        curr: _TensorOrCollection | None = None,
         *,
         statistics: Tensor | None = None,
     ) -> None:
@@ -265,7 +265,7 @@ def _check_same_steps(shapes: Sequence[Sequence[int]], where: str) -> None:
         )
 
 
-def _as_named_list(tensors: TensorOrCollection, argument: str) -> tuple[list[str], list[Tensor]]:
+def _as_named_list(tensors: _TensorOrCollection, argument: str) -> tuple[list[str], list[Tensor]]:
     if isinstance(tensors, Tensor):
         return ["0"], [tensors]
     if isinstance(tensors, Mapping):

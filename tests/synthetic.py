@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_sdm import SphericalMonitor, Unit
 from lightning_sdm.records import UnitWindow
-from lightning_sdm.theory import adamw_equilibrium_weight_norm, equilibrium_weight_norm
+from lightning_sdm.theory._predictions import adamw_equilibrium_weight_norm, equilibrium_weight_norm
 
 
 def orthogonal_noise(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm._schedule import ScheduledLR
-from lightning_sdm.advice import advise
-from lightning_sdm.audit import audit_param_groups
+from lightning_sdm.advice._advice import advise
+from lightning_sdm.advice._audit import audit_param_groups
+from lightning_sdm.advice._schedule import ScheduledLR
 from lightning_sdm.invariance import find_scale_invariant_units
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
@@ -282,7 +282,7 @@ def test_reduce_lr_on_plateau_on_an_sdm_key(tmp_path) -> None:
 
 def test_a_scheduler_that_raises_ahead_is_sampled_up_to_there():
     """A resumed OneCycleLR sampled for the whole budget used to crash the resumed fit."""
-    from lightning_sdm._schedule import ScheduledLR, sample_learning_rates
+    from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)

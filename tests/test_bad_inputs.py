@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from lightning_sdm import AngularUpdate, SphericalDynamicsCallback, SphericalMonitor, Unit
-from lightning_sdm.actions import CallFunction, DecayLR
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.actions._actions import CallFunction, DecayLR
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.functional import angular_update
-from lightning_sdm.plugin import settings_from_env
+from lightning_sdm.lightning._plugin import settings_from_env
 
 _MODEL = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 _OPT = torch.optim.SGD(_MODEL.parameters(), lr=0.1, weight_decay=1e-4)

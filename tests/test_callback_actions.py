@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import ActionContext, DecayLR, describe_event
+from lightning_sdm._messages import describe_event
+from lightning_sdm.actions._actions import ActionContext, DecayLR
 from lightning_sdm.records import EquilibriumEvent
-from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
+from lightning_sdm.theory._predictions import lr_change_relaxation_steps, relaxation_steps
 from tests import synthetic
 from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 

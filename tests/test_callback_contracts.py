@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import DecayLR
+from lightning_sdm.actions._actions import DecayLR
 from tests.helpers import BNNet, loader, noisy_classification_data, sgdm_prediction, trainer
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_sdm.cli import main
-from lightning_sdm.plot import plot_run, unit_title
-from lightning_sdm.records import Keys
-from lightning_sdm.rundata import load_run
+from lightning_sdm.keys import Keys
+from lightning_sdm.report._cli import main
+from lightning_sdm.report._plot import plot_run, unit_title
+from lightning_sdm.report._rundata import load_run
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
@@ -452,7 +452,7 @@ def test_two_million_rows_in_seconds_and_bounded_memory(tmp_path: Path):
     probe = textwrap.dedent(
         f"""
         import sys
-        from lightning_sdm.cli import main
+        from lightning_sdm.report import main
         code = main(["report", {str(tmp_path)!r}, "-o", {str(tmp_path / "r.png")!r}])
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would report
         # the test process's own peak; the high-water mark belongs to this new address space.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm._cost import CostMeter, schedule_within
+from lightning_sdm.monitor._cost import CostMeter, schedule_within
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
 COST_TEXT = "of the step time in this run"

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sdm import SphericalDynamicsCallback, integrations
-from lightning_sdm.actions import DecayLR, describe_event
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm._messages import describe_event
+from lightning_sdm.actions._actions import DecayLR
+from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 from tests.test_integrations import _wandb_records, wandb_offline  # noqa: F401 (fixture)
 
@@ -138,7 +140,7 @@ def test_tensorboard_hparams_session(tmp_path):
     final_ratio = accumulator.Scalars("sdm/hparams/final_ratio")[-1].value
     assert final_ratio == pytest.approx(sum(median) / 2, rel=1e-6)
     # The report command lists the training run, not the hparams session beside it.
-    from lightning_sdm.rundata import find_runs
+    from lightning_sdm.report._rundata import find_runs
 
     (found,) = find_runs(tmp_path)
     assert found.path == Path(logger.log_dir)
@@ -155,8 +157,8 @@ def test_the_report_reads_a_prefixed_logger_and_a_run_named_like_ours(tmp_path, 
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_sdm.cli import main
-    from lightning_sdm.rundata import find_runs, load_run
+    from lightning_sdm.report._cli import main
+    from lightning_sdm.report._rundata import find_runs, load_run
 
     prefixed = TensorBoardLogger(tmp_path / "prefixed", name="tb", prefix="pre")
     _, callback = _fit(tmp_path, prefixed)

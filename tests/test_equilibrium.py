@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.records import UnitWindow
-from lightning_sdm.theory import lr_change_relaxation_steps, relaxation_steps
+from lightning_sdm.theory._predictions import lr_change_relaxation_steps, relaxation_steps
 from tests import synthetic
 
 TAU = relaxation_steps(0.1, 1e-3, 0.9)  # 250 steps: the default synthetic SGD run

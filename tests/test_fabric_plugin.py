@@ -21,7 +21,7 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks, register_optimize
 
 from lightning_sdm import SphericalMonitor, UnitWindow
 from lightning_sdm.invariance import find_scale_invariant_units
-from lightning_sdm.plugin import (
+from lightning_sdm.lightning._plugin import (
     FabricSphericalDynamics,
     fabric_callback,
     fabric_callbacks_factory,
@@ -100,7 +100,7 @@ def _csv_rows(logger):
 
 def test_the_fabric_entry_point_is_registered_and_loaded_by_fabric(monkeypatch):
     (entry,) = [e for e in entry_points(group=GROUP) if e.name == "lightning_sdm"]
-    assert entry.value == "lightning_sdm.plugin:fabric_callbacks_factory"
+    assert entry.value == "lightning_sdm.lightning:fabric_callbacks_factory"
     assert entry.load() is fabric_callbacks_factory
     # Fabric's own loader (what `Fabric.__init__` calls).
     assert [

@@ -17,7 +17,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_sdm import SphericalDynamicsCallback, integrations
+from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import (
     BNNet,
     loader,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import DecayLR, Stop
+from lightning_sdm.actions._actions import DecayLR, Stop
 
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")

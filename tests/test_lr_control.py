@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from lightning_sdm.actions import DecayLR
-from lightning_sdm.functional import angular_update
-from lightning_sdm.lr_control import (
+from lightning_sdm.actions._actions import DecayLR
+from lightning_sdm.actions._lr_control import (
     check_schedulers_supported,
     decay_param_groups,
     rescale_for_lr_decay,
 )
-from lightning_sdm.theory import (
+from lightning_sdm.functional import angular_update
+from lightning_sdm.theory._predictions import (
     equilibrium_angular_update,
     equilibrium_norm_exponent,
     explain_equilibrium,

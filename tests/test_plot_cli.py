@@ -22,8 +22,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.cli import main
-from lightning_sdm.plot import (
+from lightning_sdm.records import REGIMES, HistoryRecord
+from lightning_sdm.report._cli import main
+from lightning_sdm.report._plot import (
     EQUILIBRIUM_TITLE,
     LEARNING_RATE_TITLE,
     RATIO_TITLE,
@@ -31,8 +32,7 @@ from lightning_sdm.plot import (
     plot_run,
     unit_title,
 )
-from lightning_sdm.records import REGIMES, HistoryRecord
-from lightning_sdm.rundata import RunDataError, load_run, run_from_history
+from lightning_sdm.report._rundata import RunDataError, load_run, run_from_history
 from tests.helpers import BNNet, loader, noisy_classification_data
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -300,7 +300,7 @@ def test_console_script_is_registered():
     found = [e for e in scripts if e.name == "lightning-sdm"]
     if not found:
         pytest.skip("lightning-sdm is not installed (pip install -e .)")
-    assert found[0].value == "lightning_sdm.cli:main"
+    assert found[0].value == "lightning_sdm.report:main"
 
 
 # ------------------------------------------------------------------ figure and data

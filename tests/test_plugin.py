@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.plugin import EnvSphericalDynamicsCallback, callbacks_factory
+from lightning_sdm.lightning._plugin import EnvSphericalDynamicsCallback, callbacks_factory
 from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 
 
@@ -28,14 +28,14 @@ def test_the_entry_point_is_registered():
         for e in entry_points(group="lightning.pytorch.callbacks_factory")
         if e.name == "lightning_sdm"
     ]
-    assert entry.value == "lightning_sdm.plugin:callbacks_factory"
+    assert entry.value == "lightning_sdm.lightning:callbacks_factory"
     assert entry.load() is callbacks_factory
 
 
 def test_trainer_and_fabric_each_get_their_own_object(monkeypatch, tmp_path):
     from lightning.fabric import Fabric
 
-    from lightning_sdm.plugin import FabricSphericalDynamics, fabric_callback
+    from lightning_sdm.lightning._plugin import FabricSphericalDynamics, fabric_callback
 
     monkeypatch.setenv("LIGHTNING_SDM", "1")
     run = pl.Trainer(default_root_dir=tmp_path, logger=False)

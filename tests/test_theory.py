@@ -3,7 +3,7 @@
 The formulas against a synthetic scale-invariant problem integrated with the real torch
 optimizers, the recognition of optimizers, and the argument checks.
 
-The grid of optimizer settings and the burn-in rule live in lightning_sdm.validation, so the
+The grid of optimizer settings and the burn-in rule live in lightning_sdm.theory.check_grid, so the
 table examples/validate_theory.py prints is exactly what is asserted here.
 """
 
@@ -17,9 +17,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from lightning_sdm import validation
-from lightning_sdm.simulation import simulate_scale_invariant
-from lightning_sdm.theory import (
+from lightning_sdm.theory import check_grid as validation
+from lightning_sdm.theory._predictions import (
     Prediction,
     adamw_equilibrium_weight_norm,
     decoupled_relaxation_steps,
@@ -33,6 +32,7 @@ from lightning_sdm.theory import (
     relaxation_time,
     steps_to_equilibrium,
 )
+from lightning_sdm.theory._simulation import simulate_scale_invariant
 
 validate = validation
 Lion = validation.Lion
@@ -378,7 +378,7 @@ def test_adam_with_decoupled_weight_decay_is_adamw() -> None:
     ],
     ids=["Adam", "RAdam"],
 )
-def test_coupled_l2_has_no_prediction(make: validate.MakeOptimizer) -> None:
+def test_coupled_l2_has_no_prediction(make: validate._MakeOptimizer) -> None:
     prediction = explain_equilibrium(make([_param()]))[0]
     assert prediction.angular_update is None and not prediction.available
     assert prediction.rule == "adam_coupled_l2"
@@ -395,7 +395,7 @@ def test_coupled_l2_has_no_prediction(make: validate.MakeOptimizer) -> None:
     ],
     ids=["SGD", "Adam", "AdamW", "Lion"],
 )
-def test_no_weight_decay_has_no_prediction(make: validate.MakeOptimizer) -> None:
+def test_no_weight_decay_has_no_prediction(make: validate._MakeOptimizer) -> None:
     prediction = explain_equilibrium(make([_param()]))[0]
     assert prediction.angular_update is None
     assert prediction.rule == "no_weight_decay"
@@ -474,7 +474,7 @@ class _OverridingSubclass(torch.optim.SGD):
     ],
     ids=["RMSprop", "Adagrad", "custom", "overriding-subclass", "NAdam"],
 )
-def test_unknown_optimizers_have_no_prediction(make: validate.MakeOptimizer, name: str) -> None:
+def test_unknown_optimizers_have_no_prediction(make: validate._MakeOptimizer, name: str) -> None:
     prediction = explain_equilibrium(make([_param()]))[0]
     assert prediction.angular_update is None
     assert prediction.optimizer == name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_sdm.theory import (
+from lightning_sdm.theory._predictions import (
     relaxation_steps,
 )
 

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sdm.config import MonitorConfig
-from lightning_sdm.theory import (
+from lightning_sdm.theory._predictions import (
     relaxation_steps,
 )
 from studies.reproduction.analysis import (

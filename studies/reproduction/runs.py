@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from lightning_sdm import SphericalDynamicsCallback, angular_update
-from lightning_sdm.actions import DecayLR
-from lightning_sdm.simulation import simulate_scale_invariant
-from lightning_sdm.theory import (
+from lightning_sdm.actions._actions import DecayLR
+from lightning_sdm.theory._predictions import (
     adamw_equilibrium_weight_norm,
     equilibrium_angular_update,
     relaxation_steps,
 )
+from lightning_sdm.theory._simulation import simulate_scale_invariant
 from studies.reproduction.common import AUTO_WINDOW, EVERY
 from studies.reproduction.data import DataConfig, load_data, train_loader
 

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DistributedSampler
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm.actions import DecayLR
+from lightning_sdm.actions._actions import DecayLR
 from tests.distributed.scripts.common import HistoryDump, script_arguments
 from tests.helpers import BNNet, loader, noisy_classification_data
 

@@ -1,6 +1,6 @@
 """The validation grid of :mod:`lightning_sdm.theory`: optimizer settings, and how to measure them.
 
-Every formula of the theory is checked against :func:`~lightning_sdm.simulation.
+Every formula of the theory is checked against :func:`~lightning_sdm.theory.
 simulate_scale_invariant` on this grid of real torch optimizers (and a reference Lion, which has
 no torch class): ``tests/test_theory.py`` asserts measured/predicted within 3% except the
 documented :data:`KNOWN_DEVIATIONS`, and ``examples/validate_theory.py`` prints the table that
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_sdm.simulation import simulate_scale_invariant
-from lightning_sdm.theory import (
+from lightning_sdm.theory._predictions import (
     Prediction,
     adamw_equilibrium_weight_norm,
     decoupled_relaxation_steps,
@@ -27,6 +26,7 @@ from lightning_sdm.theory import (
     explain_equilibrium,
     relaxation_time,
 )
+from lightning_sdm.theory._simulation import simulate_scale_invariant
 
 __all__ = [
     "CASES",
@@ -39,7 +39,7 @@ __all__ = [
     "start_and_burn_in",
 ]
 
-MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+_MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 class Lion(torch.optim.Optimizer):
@@ -82,7 +82,7 @@ class Case:
 
     name: str  # short id (also the pytest id)
     label: str  # optimizer and hyper-parameters, for the table
-    make: MakeOptimizer
+    make: _MakeOptimizer
 
 
 @dataclass(frozen=True)
@@ -102,20 +102,20 @@ class Row:
         return self.measured / predicted if predicted else None
 
 
-def _sgd(**kw: float | bool) -> MakeOptimizer:
+def _sgd(**kw: float | bool) -> _MakeOptimizer:
     return lambda params: torch.optim.SGD(params, **kw)  # type: ignore[arg-type]
 
 
-def _adamw(**kw: float | bool | tuple[float, float]) -> MakeOptimizer:
+def _adamw(**kw: float | bool | tuple[float, float]) -> _MakeOptimizer:
     return lambda params: torch.optim.AdamW(params, **kw)  # type: ignore[arg-type]
 
 
-def _adam_decoupled(**kw: float | tuple[float, float]) -> MakeOptimizer:
+def _adam_decoupled(**kw: float | tuple[float, float]) -> _MakeOptimizer:
     # Adam(decoupled_weight_decay=True) exists in recent torch only; the case is left out otherwise.
     return lambda params: torch.optim.Adam(params, decoupled_weight_decay=True, **kw)  # type: ignore[arg-type]
 
 
-def _lion(**kw: float | tuple[float, float]) -> MakeOptimizer:
+def _lion(**kw: float | tuple[float, float]) -> _MakeOptimizer:
     return lambda params: Lion(params, **kw)  # type: ignore[arg-type]
 
 

@@ -1,8 +1,6 @@
-"""What to do when the monitored units reach equilibrium: the policy and the actions.
+"""What to do at an :class:`~lightning_sdm.records.EquilibriumEvent`: the actions.
 
-:class:`EquilibriumPolicy` turns the detector's verdicts into events: one
-:class:`~lightning_sdm.records.EquilibriumEvent` each time the quorum of units *enters*
-equilibrium, handed to an action. The actions:
+The policy (``_policy``) hands each event to one of them:
 
 * :class:`Warn` (``"warn"``): one message per event;
 * :class:`DecayLR` (``"decay_lr"``): multiply the LR schedule of the param groups that hold
@@ -32,17 +30,15 @@ from typing import Any, ClassVar
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sdm._optimizers import family_of, recognise, unwrap
-from lightning_sdm.config import check_fraction, check_integer, check_number
-from lightning_sdm.equilibrium import EquilibriumDetector
-from lightning_sdm.lr_control import (
+from lightning_sdm._checks import check_fraction, check_integer, check_number
+from lightning_sdm.actions._lr_control import (
     check_schedulers_supported,
     decay_param_groups,
     rescale_for_lr_decay,
 )
-from lightning_sdm.monitor import SphericalMonitor
-from lightning_sdm.records import ActionName, EquilibriumEvent, UnitWindow
-from lightning_sdm.theory import (
+from lightning_sdm.records import ActionName, EquilibriumEvent
+from lightning_sdm.theory._optimizers import family_of, recognise, unwrap
+from lightning_sdm.theory._predictions import (
     Prediction,
     equilibrium_norm_exponent,
     lr_change_relaxation_steps,
@@ -56,13 +52,9 @@ __all__ = [
     "CallFunction",
     "DecayLR",
     "EquilibriumAction",
-    "EquilibriumPolicy",
     "Stop",
     "Warn",
     "as_action",
-    "budget_of",
-    "decays_of",
-    "describe_event",
 ]
 
 #: Relative distance to the new prediction at which a decay counts as relaxed (the default
@@ -96,28 +88,6 @@ class ActionContext:
     pl_module: Any = None
     total_steps: int | None = None
     stop_requested: bool = False
-
-    @classmethod
-    def from_monitor(
-        cls,
-        monitor: SphericalMonitor,
-        global_step: int,
-        schedulers: Sequence[Any] = (),
-        trainer: Any = None,
-        pl_module: Any = None,
-        total_steps: int | None = None,
-    ) -> ActionContext:
-        """The context of the units a monitor watches."""
-        return cls(
-            global_step=global_step,
-            unit_groups=monitor.parameter_groups(),
-            unit_parameters=monitor.unit_parameters(),
-            predictions=monitor.predictions(),
-            schedulers=schedulers,
-            trainer=trainer,
-            pl_module=pl_module,
-            total_steps=total_steps,
-        )
 
 
 class EquilibriumAction:
@@ -176,7 +146,7 @@ class DecayLR(EquilibriumAction):
     """Multiply the LR schedule of the param groups holding monitored units by ``factor``.
 
     The whole remaining schedule is scaled (the group's ``lr`` and what schedulers recompute it
-    from, see :mod:`lightning_sdm.lr_control`), so each later LR is ``factor`` times what the
+    from, see :mod:`lightning_sdm.actions`), so each later LR is ``factor`` times what the
     schedule alone would give. After a decay the detector waits ``cooldown`` optimizer steps
     before it may declare equilibrium again.
 
@@ -433,180 +403,6 @@ def as_action(spec: ActionName | EquilibriumAction | Callable[..., Any]) -> Equi
     )
 
 
-class EquilibriumPolicy:
-    """One event each time the quorum of units enters equilibrium, carried out by ``action``.
-
-    After each batch of windows, call :meth:`entering` with ``detector.reached()`` (agreed on
-    across ranks); when it returns ``True``, call :meth:`fire`.
-
-    Args:
-        action: what to do at an event.
-
-    Example::
-
-        >>> policy = EquilibriumPolicy(Warn())
-        >>> [policy.entering(reached) for reached in (False, True, True, False, True)]
-        [False, True, False, False, True]
-    """
-
-    def __init__(self, action: EquilibriumAction) -> None:
-        self.action = action
-        self.events: list[EquilibriumEvent] = []
-        self._quorum_reached = False
-
-    def entering(self, reached: bool) -> bool:
-        """Whether the quorum has just entered equilibrium (one event per entry)."""
-        entered = reached and not self._quorum_reached
-        self._quorum_reached = reached
-        return entered
-
-    def act(
-        self,
-        detector: EquilibriumDetector,
-        monitor: SphericalMonitor,
-        windows: Sequence[UnitWindow],
-        trainer: Any,
-        pl_module: Any,
-    ) -> EquilibriumEvent | None:
-        """The event of this batch of windows, if one is due, carried out; else ``None``.
-
-        Due when the quorum enters equilibrium, or at the action's budget deadline. The
-        verdict is agreed across ranks with :meth:`SphericalMonitor.agree
-        <lightning_sdm.monitor.SphericalMonitor.agree>`: the values are identical on all ranks
-        already (the statistics are reduced before any angle), and agreeing keeps the decision
-        collective even if that ever changed. Not with the strategy's
-        ``reduce_boolean_decision``: on the default group, a rank out of step would match it
-        with DDP's gradient all-reduce; on the monitor's group the wait is bounded.
-        ``trainer`` is duck-typed: ``global_step``, ``lr_scheduler_configs``, ``should_stop``,
-        ``estimated_stepping_batches``.
-        """
-        reached = monitor.agree(detector.reached())
-        total = budget_of(trainer)
-        due = self.action.deadline(trainer.global_step, total)
-        entering = self.entering(reached)  # always: it tracks the quorum's state
-        if not (due or entering):
-            return None
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        context = ActionContext.from_monitor(
-            monitor, trainer.global_step, schedulers, trainer, pl_module, total
-        )
-        event = (self.fire_deadline if due else self.fire)(detector, windows, context)
-        if context.stop_requested:
-            trainer.should_stop = True
-        return event
-
-    def fire(
-        self,
-        detector: EquilibriumDetector,
-        windows: Sequence[UnitWindow],
-        context: ActionContext,
-    ) -> EquilibriumEvent:
-        """Build the event of this batch of windows and carry it out.
-
-        The event is recorded (:attr:`events`) before the action runs, so a failing user
-        callable leaves it in the record; the error propagates. After an action that moved the
-        target (new learning rates), the detector forgets equilibrium and waits the event's
-        ``cooldown``.
-        """
-        event = _make_event(detector, windows, context.global_step, self.action.name)
-        return self._carry_out(event, detector, context)
-
-    def fire_deadline(
-        self,
-        detector: EquilibriumDetector,
-        windows: Sequence[UnitWindow],
-        context: ActionContext,
-    ) -> EquilibriumEvent:
-        """Carry out the action the budget calls for (its ``deadline``), equilibrium or not."""
-        event = _make_event(detector, windows, context.global_step, self.action.name)
-        return self._carry_out(replace(event, criterion="budget"), detector, context)
-
-    def _carry_out(
-        self, event: EquilibriumEvent, detector: EquilibriumDetector, context: ActionContext
-    ) -> EquilibriumEvent:
-        self.events.append(event)  # recorded first: a failing user callable leaves it there
-        event = self.action(event, context)
-        self.events[-1] = event
-        if event.new_lrs or event.cooldown:
-            # The target moved: equilibrium is forgotten, and reaching it again is a new event.
-            detector.restart(event.cooldown)
-            self._quorum_reached = False
-        return event
-
-    def state_dict(self) -> dict[str, Any]:
-        """Events, the quorum flag and the action's own state."""
-        return {
-            "events": [event.as_dict() for event in self.events],
-            "quorum_reached": self._quorum_reached,
-            "action": self.action.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.events = [EquilibriumEvent.from_dict(e) for e in state.get("events", [])]
-        self._quorum_reached = bool(state.get("quorum_reached", False))
-        self.action.load_state_dict(state.get("action", {}))
-
-
-def budget_of(trainer: Any) -> int | None:
-    """The training budget in global steps, if the Trainer knows it (finite); duck-typed.
-
-    Example::
-
-        >>> class Run:
-        ...     estimated_stepping_batches = 880
-        >>> budget_of(Run()), budget_of(object())
-        (880, None)
-    """
-    try:
-        total = trainer.estimated_stepping_batches
-    except Exception:  # no Trainer, an iterable dataset without a length, ...
-        return None
-    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
-
-
-def decays_of(action: EquilibriumAction) -> int | None:
-    """LR decays an action has made so far (``None`` for actions that do not decay)."""
-    return action.decays if isinstance(action, DecayLR) else None
-
-
-def describe_event(event: EquilibriumEvent, decays: int | None = None) -> str:
-    """The one-line message of an event.
-
-    Example::
-
-        >>> event = EquilibriumEvent(300, ("w",), 1.0, {"w": 0.0101}, {"w": 0.01}, "theory")
-        >>> describe_event(event)
-        '[lightning_sdm] global step 300: 100% of the units are in equilibrium (criterion: theory): w: 0.0101 rad/step vs 0.01 predicted.'
-    """  # noqa: E501
-    figures = ", ".join(
-        f"{name}: {event.measured.get(name, math.nan):.3g} rad/step vs "
-        f"{_format_prediction(event.predicted.get(name))}"
-        for name in event.units
-    )
-    text = (
-        f"[lightning_sdm] global step {event.global_step}: {event.fraction:.0%} of the units are "
-        f"in equilibrium (criterion: {event.criterion}): {figures}."
-    )
-    if event.criterion == "budget":
-        text = (
-            f"[lightning_sdm] global step {event.global_step}: the last phase of the budget "
-            f"starts ({event.fraction:.0%} of the units in equilibrium)."
-        )
-    if event.new_lrs:
-        pairs = zip(event.old_lrs, event.new_lrs, strict=True)
-        lrs = ", ".join(f"{old:.3g} -> {new:.3g}" for old, new in pairs)
-        count = f", decay #{decays}" if decays is not None else ""
-        text += f" Learning rate decayed ({lrs}){count}; cooldown {event.cooldown} steps."
-    elif event.note:
-        text += f" No decay: {event.note}."
-    elif event.action == "none":
-        text += " No decay: min_lr or max_decays reached."
-    elif event.action == "stop":
-        text += " Asking the Trainer to stop."
-    return text
-
-
 # ---------------------------------------------------------------------- internals
 
 
@@ -640,26 +436,5 @@ def _time_constant_after(context: ActionContext, decay: float) -> int:
     return math.ceil(longest)
 
 
-def _make_event(
-    detector: EquilibriumDetector, windows: Sequence[UnitWindow], global_step: int, action: str
-) -> EquilibriumEvent:
-    units = tuple(name for name, u in detector.state.items() if u.in_equilibrium)
-    by_unit = {w.unit: w for w in windows}
-    criteria = {detector.state[name].criterion for name in units}
-    return EquilibriumEvent(
-        global_step=global_step,
-        units=units,
-        fraction=detector.fraction(),
-        measured={n: by_unit[n].angular_update for n in units if n in by_unit},
-        predicted={n: by_unit[n].theory for n in units if n in by_unit},
-        criterion="stationary" if "stationary" in criteria else "theory",
-        action=action,
-    )
-
-
 def _label(function: Any) -> str:
     return getattr(function, "__qualname__", None) or repr(function)
-
-
-def _format_prediction(value: float | None) -> str:
-    return "no prediction" if value is None else f"{value:.3g} predicted"

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
 
 from lightning_sdm import _messages
-from lightning_sdm._schedule import steps_per_epoch, trainer_schedules
-from lightning_sdm.actions import budget_of
-from lightning_sdm.advice import Advice, advise
-from lightning_sdm.audit import Finding, audit_param_groups
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.advice._advice import Advice, advise
+from lightning_sdm.advice._audit import Finding, audit_param_groups
+from lightning_sdm.advice._schedule import ScheduledLR
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
-from lightning_sdm.monitor import SphericalMonitor, orthogonality_threshold
+from lightning_sdm.monitor._cost import schedule_within
+from lightning_sdm.monitor._monitor import SphericalMonitor, orthogonality_threshold
 from lightning_sdm.records import UnitWindow
 
 __all__ = ["Notices"]
@@ -59,22 +60,28 @@ class Notices:
             self.warn_once("no_units", _messages.no_units_found(model, reasons))
 
     def advise(
-        self, trainer: Any, monitor: SphericalMonitor, report: InvarianceReport | None
+        self,
+        *,
+        optimizers: Sequence[Optimizer],
+        module: nn.Module,
+        monitor: SphericalMonitor,
+        report: InvarianceReport | None,
+        budget: int | None,
+        steps_per_epoch: int | None,
+        schedules: Sequence[ScheduledLR],
     ) -> tuple[Advice, list[Finding]]:
-        """What the hyper-parameters and the schedule predict, and the param-group audit."""
-        optimizers = list(trainer.optimizers)
+        """What the hyper-parameters and the schedule predict, shown once, and the audit."""
+        optimizers = list(optimizers)
         units = {
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
             for name, (opt, group) in monitor.parameter_groups().items()
         }
-        schedulers = trainer_schedules(trainer)
-        advice = advise(optimizers, units, budget_of(trainer), steps_per_epoch(trainer), schedulers)
+        advice = advise(optimizers, units, budget, steps_per_epoch, list(schedules))
         rank_zero_info(
             f"{_messages.PREFIX} What theory predicts for these settings:\n{advice.table()}"
         )
         for line in advice.warnings():
             self.warn_once(f"advice:{line}", f"{_messages.PREFIX} {line}")
-        module = trainer.lightning_module
         invariant = report.units if report is not None else monitor.unit_specs
         findings = audit_param_groups(module, optimizers, invariant, report)
         for finding in findings:
@@ -121,7 +128,8 @@ class Notices:
         if on_cpu and fraction > budget:
             every, window = monitor.config.every_n_steps, monitor.config.window
             assert every is not None
-            figures = (fraction, per_measured, per_step, every, window, budget)
+            fitting = schedule_within(budget, every, window, per_measured, per_step)
+            figures = (fraction, per_measured, per_step, every, window, budget, fitting)
             rank_zero_info(_messages.monitor_cost(*figures))
 
     def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:

@@ -53,9 +53,10 @@ from typing import Any, TypeVar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_sdm.equilibrium import UnitEquilibrium
-from lightning_sdm.records import HPARAMS_RUN, HistoryRecord, Keys
-from lightning_sdm.theory import Prediction
+from lightning_sdm.equilibrium._detector import UnitEquilibrium
+from lightning_sdm.keys import HPARAMS_RUN, Keys
+from lightning_sdm.records import HistoryRecord
+from lightning_sdm.theory._predictions import Prediction
 
 __all__ = [
     "HPARAMS_RUN",

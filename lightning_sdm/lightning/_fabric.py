@@ -47,33 +47,25 @@ from typing import Any
 
 import torch
 from lightning.fabric.wrappers import _FabricModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm import _messages
-from lightning_sdm._notices import Notices
-from lightning_sdm.actions import ActionContext, EquilibriumPolicy, Warn, describe_event
-from lightning_sdm.config import MonitorConfig
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.actions._actions import Warn
+from lightning_sdm.actions._policy import EquilibriumPolicy
+from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport, SharedTrace, find_scale_invariant_units
-from lightning_sdm.monitor import SphericalMonitor
-from lightning_sdm.records import (
-    Granularity,
-    HistoryRecord,
-    UnitWindow,
-    summary_metrics,
-    window_metrics,
-)
+from lightning_sdm.lightning._notices import Notices
+from lightning_sdm.lightning._session import Host, Session
+from lightning_sdm.monitor._monitor import SphericalMonitor
+from lightning_sdm.records import EquilibriumEvent, Granularity, HistoryRecord, UnitWindow
 from lightning_sdm.units import ParamsSpec, Unit, check_params_spec, select_units
 
-__all__ = ["DEFAULT_EVERY_N_STEPS", "FabricSphericalDynamics", "fabric_callback"]
-
-#: ``every_n_steps`` when none is given (Fabric has no ``log_every_n_steps`` to follow).
-DEFAULT_EVERY_N_STEPS = 50
-_PREFIX = f"{_messages.PREFIX} Fabric:"
+__all__ = ["FabricSphericalDynamics", "fabric_callback"]
 
 
 @dataclass(eq=False)
@@ -100,7 +92,8 @@ class FabricSphericalDynamics:
     Args:
         params: ``"auto"`` (trace the training forward) or a selection, as for the callback.
         granularity: ``"layer"`` or ``"channel"``.
-        every_n_steps: optimizer steps between windows (default :data:`DEFAULT_EVERY_N_STEPS`).
+        every_n_steps: optimizer steps between windows (default ``MonitorConfig.every_n_steps``:
+            Fabric has no ``log_every_n_steps`` to follow).
         window: measured steps per window.
         tolerance: the detector's tolerance.
         patience: the detector's patience.
@@ -117,19 +110,17 @@ class FabricSphericalDynamics:
         granularity: Granularity = "layer",
         every_n_steps: int | None = None,
         window: int = MonitorConfig.window,
-        tolerance: float = 0.1,
-        patience: int = 3,
+        tolerance: float = EquilibriumDetector.DEFAULT_TOLERANCE,
+        patience: int = EquilibriumDetector.DEFAULT_PATIENCE,
         on_equilibrium: Any = "warn",
     ) -> None:
         self.params = check_params_spec(params)
         every = DEFAULT_EVERY_N_STEPS if every_n_steps is None else every_n_steps
-        self.config = MonitorConfig(granularity=granularity, every_n_steps=every, window=window)
-        self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
-        self.policy = EquilibriumPolicy(Warn())
-        self.history: list[HistoryRecord] = []
+        config = MonitorConfig(granularity=granularity, every_n_steps=every, window=window)
+        detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
+        self.session = Session(config, detector, EquilibriumPolicy(Warn()))
         self.monitor: SphericalMonitor | None = None
         self.fabric: Any = None
-        self._notices = Notices()
         self._models: list[_Model] = []  # candidates, until one is chosen
         self._chosen: _Model | None = None
         self._units: list[Unit] = []
@@ -140,11 +131,36 @@ class FabricSphericalDynamics:
         self._step_hook: RemovableHandle | None = None
         self._disabled = False
         if on_equilibrium != "warn":
-            self._notices.warn_once(
-                "on_equilibrium",
-                f"{_PREFIX} on_equilibrium={on_equilibrium!r} needs a Trainer; under Fabric the "
-                "loop and the LR schedule are yours, so an equilibrium event is a warning only.",
-            )
+            self._notices.warn_once("on_equilibrium", _messages.fabric_warn_only(on_equilibrium))
+
+    @property
+    def config(self) -> MonitorConfig:
+        """The monitor's settings."""
+        return self.session.config
+
+    @property
+    def detector(self) -> EquilibriumDetector:
+        """The equilibrium detector."""
+        return self.session.detector
+
+    @property
+    def policy(self) -> EquilibriumPolicy:
+        """Turns the detector's verdicts into events (a warning each, under Fabric)."""
+        return self.session.policy
+
+    @property
+    def history(self) -> list[HistoryRecord]:
+        """One record per unit and window, in order."""
+        return self.session.history
+
+    @property
+    def events(self) -> list[EquilibriumEvent]:
+        """Every equilibrium event so far."""
+        return self.session.events
+
+    @property
+    def _notices(self) -> Notices:
+        return self.session.notices
 
     @property
     def report(self) -> InvarianceReport | None:
@@ -275,12 +291,7 @@ class FabricSphericalDynamics:
         if self.params != "auto":
             units = select_units(model.module, self.params)
         elif model.report is None:
-            self._notices.warn_once(
-                "not_traced",
-                f"{_PREFIX} an optimizer stepped before a training forward of its model was "
-                "seen: call the module that fabric.setup returned (in train mode), or "
-                'fabric.call("sdm_attach", model, example=x). Waiting for it.',
-            )
+            self._notices.warn_once("not_traced", _messages.fabric_not_traced())
             return False
         else:
             self._notices.discovery(model.report, type(model.module).__name__)
@@ -311,11 +322,10 @@ class FabricSphericalDynamics:
         for key, message in _messages.missing_predictions(monitor.predictions()).items():
             self._notices.warn_once(key, message)
         waiting = len(self._units) - len(monitor.units)
+        every = self.config.every_n_steps
+        assert every is not None
         rank_zero_info(
-            f"{_PREFIX} measuring {', '.join(monitor.units)} at the steps of "
-            f"{len(self._optimizers)} optimizer(s), one window every "
-            f"{self.config.every_n_steps} steps"
-            + (f"; {waiting} more unit(s) when their optimizer steps." if waiting else ".")
+            _messages.fabric_measuring(monitor.units, len(self._optimizers), every, waiting)
         )
 
     def _publish(self) -> None:
@@ -323,34 +333,14 @@ class FabricSphericalDynamics:
         windows, self._pending = self._pending + (monitor.pop_windows() if monitor else []), []
         if not windows or monitor is None:
             return
-        step = windows[-1].global_step
-        self._notices.window_closed(monitor, self.config.orthogonality_tolerance, step)
-        detector = self.detector
-        entered = detector.update(windows)
-        invariance = monitor.invariance
-        metrics: dict[str, float] = {}
-        for window in windows:
-            state = detector.state[window.unit]
-            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
-            checked = invariance.get(window.unit, ("unverified", 0.0))[0]
-            self.history.append(
-                HistoryRecord.from_window(
-                    window,
-                    in_equilibrium=state.in_equilibrium,
-                    criterion=state.criterion,
-                    invariance=checked,
-                    regime=state.regime,
-                    regime_note=state.note,
-                )
-            )
-        fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
-        metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
-        self._notices.windows(windows, detector, entered, step)
-        if self.fabric is not None:
-            self.fabric.log_dict(metrics, step=step)
-        if self.policy.entering(detector.reached()):
-            event = self.policy.fire(detector, windows, ActionContext.from_monitor(monitor, step))
-            rank_zero_warn(describe_event(event))
+        fabric = self.fabric
+        host = Host(
+            global_step=windows[-1].global_step,
+            log=partial(fabric.log_dict, step=windows[-1].global_step) if fabric else _no_log,
+            loggers=list(getattr(fabric, "loggers", None) or []),
+            is_global_zero=bool(getattr(fabric, "is_global_zero", True)),
+        )
+        self.session.windows(monitor, windows, host)
 
     def _stand_down(self, why: str) -> None:
         """Stop for good, from inside a step.
@@ -359,11 +349,15 @@ class FabricSphericalDynamics:
         would break the step. ``sdm_detach`` removes it.
         """
         self._disabled = True
-        self._notices.warn_once("stand_down", f"{_PREFIX} {why}; nothing more is measured.")
+        self._notices.warn_once("stand_down", _messages.fabric_stand_down(why))
         if self.monitor is not None:
             self.monitor.detach()
         for model in self._models:
             model.close()
+
+
+def _no_log(metrics: dict[str, float]) -> None:
+    """No Fabric to log to (``sdm_attach`` without one): the history keeps the windows."""
 
 
 def _updates(optimizer: Optimizer, param_ids: set[int]) -> bool:

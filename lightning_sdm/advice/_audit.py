@@ -28,8 +28,8 @@ from typing import Literal
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_sdm._optimizers import unwrap
 from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
+from lightning_sdm.theory._optimizers import unwrap
 from lightning_sdm.units import Unit
 
 __all__ = ["Finding", "FindingKind", "audit_param_groups"]

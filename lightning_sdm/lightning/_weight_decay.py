@@ -22,7 +22,6 @@ sampled ahead on a copy of the schedulers (warm-up included).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,8 +30,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_sdm._schedule import sample_learning_rates, steps_per_epoch, trainer_schedules
-from lightning_sdm.actions import budget_of
+from lightning_sdm.advice._schedule import sample_learning_rates
+from lightning_sdm.lightning._trainer import (
+    budget_of,
+    param_group_count,
+    param_groups,
+    steps_per_epoch,
+    trainer_schedules,
+)
 
 __all__ = ["CorrectedWeightDecay"]
 
@@ -62,7 +67,7 @@ class CorrectedWeightDecay(Callback):
 
         >>> from lightning.pytorch import Trainer
         >>> from lightning_sdm import SphericalDynamicsCallback
-        >>> from lightning_sdm.weight_decay import CorrectedWeightDecay
+        >>> from lightning_sdm.lightning import CorrectedWeightDecay
         >>> callbacks = [SphericalDynamicsCallback(), CorrectedWeightDecay()]
         >>> trainer = Trainer(callbacks=callbacks)  # doctest: +SKIP
         >>> CorrectedWeightDecay(groups="all").groups
@@ -100,8 +105,8 @@ class CorrectedWeightDecay(Callback):
             self._bases, self._restored = dict(self._restored), None
         else:
             self._bases = {}
-        peaks = _schedule_peaks(trainer) if len(self._bases) < _count(trainer) else {}
-        for key, group in _groups(trainer):
+        peaks = _schedule_peaks(trainer) if len(self._bases) < param_group_count(trainer) else {}
+        for key, group in param_groups(trainer):
             if key not in self._bases:
                 lr = float(group["lr"])
                 base = float(group.get("weight_decay", 0.0))
@@ -174,7 +179,7 @@ class CorrectedWeightDecay(Callback):
 
     def _apply(self, trainer: pl.Trainer) -> None:
         targets = self._targets(trainer)
-        for key, group in _groups(trainer):
+        for key, group in param_groups(trainer):
             if key not in self._bases or key not in targets:
                 continue
             base, peak = self._bases[key]
@@ -194,23 +199,13 @@ class CorrectedWeightDecay(Callback):
             group["weight_decay"] = base * lr / peak if peak > 0 else base
 
     def _restore(self, trainer: pl.Trainer) -> None:
-        for key, group in _groups(trainer):
+        for key, group in param_groups(trainer):
             if key in self._bases:
                 group["weight_decay"] = self._bases[key][0]
 
 
-def _groups(trainer: pl.Trainer) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
-    for o, optimizer in enumerate(trainer.optimizers):
-        for g, group in enumerate(optimizer.param_groups):
-            yield (o, g), group
-
-
-def _count(trainer: pl.Trainer) -> int:
-    return sum(len(optimizer.param_groups) for optimizer in trainer.optimizers)
-
-
 def _monitoring_callback(trainer: pl.Trainer) -> Any | None:
-    from lightning_sdm.callback import SphericalDynamicsCallback
+    from lightning_sdm.lightning._callback import SphericalDynamicsCallback
 
     callbacks = getattr(trainer, "callbacks", [])
     return next((c for c in callbacks if isinstance(c, SphericalDynamicsCallback)), None)

@@ -4,52 +4,36 @@ The Lightning plumbing only: measuring is :class:`~lightning_sdm.monitor.Spheric
 finding the units :mod:`lightning_sdm.invariance` / :mod:`lightning_sdm.units`, the verdict
 :class:`~lightning_sdm.equilibrium.EquilibriumDetector`, what happens at equilibrium
 :mod:`lightning_sdm.actions`, the keys and records :mod:`lightning_sdm.records`, and the logger
-extras :mod:`lightning_sdm.integrations`.
+extras :mod:`lightning_sdm.lightning`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_sdm import _messages, integrations
-from lightning_sdm._discovery import UnitDiscovery
-from lightning_sdm._notices import Notices, texts_for_loggers
-from lightning_sdm._resume import adopt_state
-from lightning_sdm.actions import (
-    EquilibriumAction,
-    EquilibriumPolicy,
-    as_action,
-    budget_of,
-    decays_of,
-    describe_event,
-)
-from lightning_sdm.advice import Advice
-from lightning_sdm.audit import Finding
-from lightning_sdm.config import MonitorConfig
-from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm import _messages
+from lightning_sdm.actions._actions import EquilibriumAction, as_action
+from lightning_sdm.actions._policy import EquilibriumPolicy
+from lightning_sdm.advice._advice import Advice
+from lightning_sdm.advice._audit import Finding
+from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
-from lightning_sdm.monitor import SphericalMonitor
-from lightning_sdm.records import (
-    SUMMARY_KEYS,
-    ActionName,
-    EquilibriumEvent,
-    Granularity,
-    HistoryRecord,
-    Keys,
-    UnitWindow,
-    event_metrics,
-    summary_metrics,
-    window_metrics,
-)
+from lightning_sdm.keys import SUMMARY_KEYS, Keys
+from lightning_sdm.lightning import _loggers, _trainer
+from lightning_sdm.lightning._discovery import UnitDiscovery
+from lightning_sdm.lightning._notices import Notices, texts_for_loggers
+from lightning_sdm.lightning._resume import adopt_state
+from lightning_sdm.lightning._session import Host, Session, finite
+from lightning_sdm.monitor._monitor import SphericalMonitor
+from lightning_sdm.records import ActionName, EquilibriumEvent, Granularity, HistoryRecord
 from lightning_sdm.units import ParamsSpec, Unit, check_params_spec, select_units
 
 __all__ = ["SphericalDynamicsCallback"]
@@ -143,19 +127,19 @@ class SphericalDynamicsCallback(Callback):
         granularity: Granularity = "layer",
         every_n_steps: int | None = None,
         window: int = MonitorConfig.window,
-        tolerance: float = 0.1,
-        patience: int = 3,
-        quorum: float = 1.0,
+        tolerance: float = EquilibriumDetector.DEFAULT_TOLERANCE,
+        patience: int = EquilibriumDetector.DEFAULT_PATIENCE,
+        quorum: float = EquilibriumDetector.DEFAULT_QUORUM,
         on_equilibrium: OnEquilibrium = "warn",
-        horizon: int = 1,
-        verify_steps: int = 3,
-        orthogonality_tolerance: float = 0.1,
+        horizon: int = MonitorConfig.horizon,
+        verify_steps: int = MonitorConfig.verify_steps,
+        orthogonality_tolerance: float = MonitorConfig.orthogonality_tolerance,
         prog_bar: bool = True,
-        sync_timeout: float = 300.0,
+        sync_timeout: float = MonitorConfig.sync_timeout,
         alerts: bool = False,
     ) -> None:
         self.params = check_params_spec(params)
-        self.config = MonitorConfig(
+        config = MonitorConfig(
             granularity=granularity,
             every_n_steps=every_n_steps,
             window=window,
@@ -164,17 +148,17 @@ class SphericalDynamicsCallback(Callback):
             orthogonality_tolerance=orthogonality_tolerance,
             sync_timeout=sync_timeout,
         )
-        self.detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
-        self.policy = EquilibriumPolicy(as_action(on_equilibrium))
+        detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
+        policy = EquilibriumPolicy(as_action(on_equilibrium))
         for name, flag in (("prog_bar", prog_bar), ("alerts", alerts)):
             if not isinstance(flag, bool):
                 raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
-        self.prog_bar, self.alerts = prog_bar, alerts
+        self.prog_bar = prog_bar
+        self.session = Session(config, detector, policy, alerts=alerts)
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
-        self._key_arguments = {"params": repr(params), **self.config.key(), **self._detection()}
+        self._key_arguments = {"params": repr(params), **config.key(), **self.session.settings()}
         self._state_key = self._generate_state_key(**self._key_arguments)
-        self.history: list[HistoryRecord] = []
         self.report: InvarianceReport | None = None
         self.monitor: SphericalMonitor | None = None
         self.advice: Advice | None = None  # what theory predicts for these settings, at start
@@ -183,19 +167,52 @@ class SphericalDynamicsCallback(Callback):
         # _reattach: the monitor was detached at the end of a fit (a second fit attaches it again)
         self._discovery, self._announced, self._reattach = UnitDiscovery(), False, False
         self._monitor_state: dict[str, Any] | None = None
-        self._notices, self._integration_failures, self._disabled = Notices(), set[str](), False
+        self._disabled = False
 
     # ------------------------------------------------------------------ settings
 
     @property
+    def config(self) -> MonitorConfig:
+        """The monitor's settings (``every_n_steps`` resolved at setup)."""
+        return self.session.config
+
+    @property
+    def detector(self) -> EquilibriumDetector:
+        """The equilibrium detector."""
+        return self.session.detector
+
+    @property
+    def policy(self) -> EquilibriumPolicy:
+        """Turns the detector's verdicts into events."""
+        return self.session.policy
+
+    @property
+    def alerts(self) -> bool:
+        """Equilibrium events are also sent as W&B alerts."""
+        return self.session.alerts
+
+    @property
     def on_equilibrium(self) -> EquilibriumAction:
         """The action carried out at equilibrium events."""
-        return self.policy.action
+        return self.session.action
 
     @property
     def events(self) -> list[EquilibriumEvent]:
         """Every equilibrium event so far, with what was done."""
-        return self.policy.events
+        return self.session.events
+
+    @property
+    def history(self) -> list[HistoryRecord]:
+        """One record per unit and window, in order."""
+        return self.session.history
+
+    @history.setter
+    def history(self, records: list[HistoryRecord]) -> None:
+        self.session.history = records
+
+    @property
+    def _notices(self) -> Notices:
+        return self.session.notices
 
     @property
     def state_key(self) -> str:
@@ -210,21 +227,17 @@ class SphericalDynamicsCallback(Callback):
         if stage == "fit" and self._units is None:  # a later fit may bring another model
             self.report, self._announced, self._disabled = None, False, False
         if stage == "fit" and not self.config.resolved:
-            # `Trainer.log_every_n_steps` is set dynamically (0 in barebones mode: use 50).
-            every = int(getattr(trainer, "log_every_n_steps", 0)) or 50
+            # `Trainer.log_every_n_steps` is set dynamically (0 in barebones mode: the default).
+            every = int(getattr(trainer, "log_every_n_steps", 0)) or DEFAULT_EVERY_N_STEPS
             try:
-                self.config = self.config.resolve(every)
+                self.session.config = self.config.resolve(every)
             except ValueError as error:
-                raise MisconfigurationException(
-                    f"SphericalDynamicsCallback: {error} The window follows the Trainer's "
-                    f"log_every_n_steps={every}; pass every_n_steps/window explicitly."
-                ) from None
+                raise MisconfigurationException(_messages.window_too_long(error, every)) from None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check that the action can be carried out with these optimizers and schedulers."""
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        self.policy.action.setup(trainer.optimizers, schedulers)
+        self.policy.action.setup(trainer.optimizers, _trainer.lr_schedulers(trainer))
 
     @override
     def on_train_batch_start(
@@ -276,14 +289,11 @@ class SphericalDynamicsCallback(Callback):
         assert self.monitor is not None  # (re)started above
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
         self._notices.cost(self.monitor)  # once its first steady interval has been timed
+        host = self._host(trainer, pl_module, windows=bool(windows))
         if windows:
-            tolerance = self.config.orthogonality_tolerance
-            self._notices.window_closed(self.monitor, tolerance, trainer.global_step)
-            self._log_windows(trainer, pl_module, windows)
-        elif self.policy.action.deadline(trainer.global_step, budget_of(trainer)):
-            metrics = self._act(trainer, pl_module, [])  # the budget's step, between windows
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            self.session.windows(self.monitor, windows, host)
+        else:  # the budget's deadline may fall between windows
+            self.session.between_windows(self.monitor, host)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
@@ -300,12 +310,12 @@ class SphericalDynamicsCallback(Callback):
             self._notices.warn_once("no_window", message)
         if trainer.is_global_zero:
             predictions = self.monitor.predictions()
-            integrations.on_monitoring_finished(
+            _loggers.on_monitoring_finished(
                 trainer.loggers,
-                results=integrations.unit_results(self.history, predictions, self.detector.state),
+                results=_loggers.unit_results(self.history, predictions, self.detector.state),
                 fraction=self.detector.fraction(),
                 global_step=trainer.global_step,
-                warned=self._integration_failures,
+                warned=self.session.logger_failures,
                 predictions={name: p.hyperparameters for name, p in predictions.items()},
             )
 
@@ -322,10 +332,7 @@ class SphericalDynamicsCallback(Callback):
         return {
             "monitor": monitor_state or self._monitor_state,
             "units": [unit.as_dict() for unit in self._units] if self._units else None,
-            "detector": self.detector.state_dict(),
-            "policy": self.policy.state_dict(),
-            "history": [record.as_dict() for record in self.history],
-            "estimate_announced": self._notices.estimate_announced,
+            **self.session.state_dict(),
         }
 
     @override
@@ -343,10 +350,7 @@ class SphericalDynamicsCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the monitor state applies once it starts)."""
-        self.detector.load_state_dict(state_dict.get("detector", {}))
-        self.policy.load_state_dict(state_dict.get("policy", {}))
-        self.history = [HistoryRecord.from_dict(r) for r in state_dict.get("history", [])]
-        self._notices.estimate_announced = bool(state_dict.get("estimate_announced", False))
+        self.session.load_state_dict(state_dict)
         units = state_dict.get("units")
         if units:
             self._units = [Unit.from_dict(unit) for unit in units]
@@ -382,85 +386,67 @@ class SphericalDynamicsCallback(Callback):
             return
         self._notices.monitor_started(self.monitor)
         if self.advice is None:  # once: what the hyper-parameters and the schedule predict
-            self.advice, self.audit = self._notices.advise(trainer, self.monitor, self.report)
+            self.advice, self.audit = self._advise(trainer, self.monitor)
         predictions = self.monitor.predictions()
         if trainer.is_global_zero:
-            integrations.on_monitoring_started(
+            _loggers.on_monitoring_started(
                 trainer.loggers,
                 units=self.monitor.units,
                 channel_units=self.monitor.channel_units,
-                settings={**asdict(self.config), **self._detection()},
+                settings={**asdict(self.config), **self.session.settings()},
                 predictions={name: p.as_dict() for name, p in predictions.items()},
-                warned=self._integration_failures,
+                warned=self.session.logger_failures,
                 advice=self.advice.as_dict() if self.advice else None,
                 texts=texts_for_loggers(self.advice, self.report),
                 alerts=self.alerts,
             )
 
-    def _detection(self) -> dict[str, Any]:
-        return {**self.detector.settings, "action": repr(self.policy.action)}
+    def _host(self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: bool) -> Host:
+        """What the Trainer offers the session at this batch's end."""
 
-    def _log_windows(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
-    ) -> None:
-        assert self.monitor is not None
-        entered = self.detector.update(windows)
-        invariance = self.monitor.invariance
-        metrics: dict[str, float] = {}
-        for window in windows:
-            state = self.detector.state[window.unit]
-            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
-            record = HistoryRecord.from_window(
-                window,
-                in_equilibrium=state.in_equilibrium,
-                criterion=state.criterion,
-                invariance=invariance[window.unit][0],
-                regime=state.regime,
-                regime_note=state.note,
-            )
-            self.history.append(record)
-        if trainer.is_global_zero:
-            records, failures = self.history[-len(windows) :], self._integration_failures
-            integrations.on_windows_logged(
-                trainer.loggers, records=records, global_step=trainer.global_step, warned=failures
-            )
-        detector = self.detector
-        fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
-        metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
-        self._notices.windows(windows, detector, entered, trainer.global_step)
-        try:
-            metrics.update(self._act(trainer, pl_module, windows))
-        finally:  # an action that fails still leaves the window in the logs
+        def log(metrics: dict[str, float]) -> None:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            for key in SUMMARY_KEYS:  # for EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
-                if math.isfinite(metrics[key]):
-                    pl_module.log(key, metrics[key], logger=False)
-            median = metrics[Keys.MEDIAN_RATIO]
-            if self.prog_bar and math.isfinite(median):
-                pl_module.log(Keys.PROGRESS_BAR, median, prog_bar=True, logger=False)
+            if not windows:
+                return
+            # For EarlyStopping, ModelCheckpoint and ReduceLROnPlateau (logger=False: the
+            # loggers have them already).
+            for key, value in finite(metrics, SUMMARY_KEYS).items():
+                pl_module.log(key, value, logger=False)
+            median = finite(metrics, [Keys.MEDIAN_RATIO])
+            if self.prog_bar and median:
+                pl_module.log(
+                    Keys.PROGRESS_BAR, median[Keys.MEDIAN_RATIO], prog_bar=True, logger=False
+                )
 
-    def _act(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, windows: list[UnitWindow]
-    ) -> dict[str, float]:
-        """The event of these windows, if one is due (decided alike on every rank)."""
-        assert self.monitor is not None
-        event = self.policy.act(self.detector, self.monitor, windows, trainer, pl_module)
-        if event is None:
-            return {}
-        action = self.policy.action
-        text = describe_event(event, decays_of(action))
-        (rank_zero_warn if action.warns else rank_zero_info)(text)
-        if trainer.is_global_zero:
-            changed = event.new_lrs != event.old_lrs or trainer.should_stop
-            integrations.on_equilibrium_event(
-                trainer.loggers,
-                message=text,
-                changed=changed,
-                alerts=self.alerts,
-                warned=self._integration_failures,
-            )
-        return event_metrics(event, decays_of(action))
+        def stop() -> None:
+            trainer.should_stop = True
+
+        return Host(
+            global_step=trainer.global_step,
+            log=log,
+            loggers=trainer.loggers,
+            is_global_zero=trainer.is_global_zero,
+            total_steps=_trainer.budget_of(trainer),
+            schedulers=_trainer.lr_schedulers(trainer),
+            trainer=trainer,
+            pl_module=pl_module,
+            request_stop=stop,
+        )
+
+    def _advise(
+        self, trainer: pl.Trainer, monitor: SphericalMonitor
+    ) -> tuple[Advice, list[Finding]]:
+        """What the hyper-parameters and the schedule predict, and the param-group audit."""
+        return self._notices.advise(
+            optimizers=list(trainer.optimizers),
+            module=trainer.lightning_module,
+            monitor=monitor,
+            report=self.report,
+            budget=_trainer.budget_of(trainer),
+            steps_per_epoch=_trainer.steps_per_epoch(trainer),
+            schedules=_trainer.trainer_schedules(trainer),
+        )
 
     def _shutdown(self) -> None:
         self._discovery.close()

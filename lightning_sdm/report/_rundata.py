@@ -44,7 +44,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from lightning_sdm.records import HPARAMS_RUN, REGIME_CODES, REGIMES, HistoryRecord, Keys
+from lightning_sdm.keys import HPARAMS_RUN, REGIME_CODES, Keys
+from lightning_sdm.records import REGIMES, HistoryRecord
 
 __all__ = [
     "EquilibriumInfo",

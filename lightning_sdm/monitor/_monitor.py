@@ -28,7 +28,6 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._compile import outside_compile
-from lightning_sdm._cost import CostMeter
 from lightning_sdm._engine import (
     COVERAGE,
     BatchedStatistics,
@@ -37,12 +36,18 @@ from lightning_sdm._engine import (
     local_shard,
     reshard_fsdp,
 )
-from lightning_sdm._sync import RanksOutOfStepError, all_agree, monitor_group, run_collective
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import cosine_from_statistics
 from lightning_sdm.metric import AngularUpdate
+from lightning_sdm.monitor._cost import CostMeter
+from lightning_sdm.monitor._sync import (
+    RanksOutOfStepError,
+    all_agree,
+    monitor_group,
+    run_collective,
+)
 from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
-from lightning_sdm.theory import (
+from lightning_sdm.theory._predictions import (
     Prediction,
     equilibrium_norm_exponent,
     explain_equilibrium,
@@ -174,10 +179,10 @@ class SphericalMonitor:
         self.moved: dict[str, tuple[int, int]] = {}
         self._windows: list[UnitWindow] = []
         self._measured_steps = 0
-        # The monitor's own process group (see lightning_sdm._sync); None in one process.
+        # The monitor's own process group (see lightning_sdm.monitor); None in one process.
         self._group = monitor_group(config.sync_timeout)
         self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
-        self.cost = CostMeter()  # hook time against step time (see lightning_sdm._cost)
+        self.cost = CostMeter()  # hook time against step time (see lightning_sdm.monitor)
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         self._watches = _build_watches(module, optimizer_list, unit_list, self)
 
@@ -416,7 +421,7 @@ class SphericalMonitor:
         """Whether ``flag`` holds on every rank (``flag`` itself in one process).
 
         On the monitor's own process group, so that a decision taken at a window's end can
-        only meet the other ranks' decision (see :mod:`lightning_sdm._sync`); ``False`` once
+        only meet the other ranks' decision (see :mod:`lightning_sdm.monitor`); ``False`` once
         monitoring has stopped, or if the ranks cannot agree in time (monitoring stops then).
         """
         if self.stopped is not None or self._group is None:

@@ -39,12 +39,17 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from lightning_sdm._trends import mean_with_error, oscillation, slope_with_error, t_quantile
-from lightning_sdm.config import check_fraction, check_integer, check_number
+from lightning_sdm._checks import check_fraction, check_integer, check_number
+from lightning_sdm.equilibrium._trends import (
+    mean_with_error,
+    oscillation,
+    slope_with_error,
+    t_quantile,
+)
 from lightning_sdm.records import Criterion, Regime, UnitWindow
-from lightning_sdm.theory import lr_change_relaxation_steps
+from lightning_sdm.theory._predictions import lr_change_relaxation_steps
 
 __all__ = ["EquilibriumDetector", "UnitEquilibrium"]
 
@@ -151,11 +156,16 @@ class EquilibriumDetector:
         ('equilibrium', 1.0, True)
     """
 
+    #: The defaults, declared here only: the adapters' signatures read them.
+    DEFAULT_TOLERANCE: ClassVar[float] = 0.1
+    DEFAULT_PATIENCE: ClassVar[int] = 3
+    DEFAULT_QUORUM: ClassVar[float] = 1.0
+
     def __init__(
         self,
-        tolerance: float = 0.1,
-        patience: int = 3,
-        quorum: float = 1.0,
+        tolerance: float = DEFAULT_TOLERANCE,
+        patience: int = DEFAULT_PATIENCE,
+        quorum: float = DEFAULT_QUORUM,
         confidence: float = 1.64,
     ) -> None:
         check_fraction("tolerance", tolerance)

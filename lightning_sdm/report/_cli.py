@@ -3,7 +3,7 @@
 ``lightning-sdm report LOG_DIR -o report.png`` finds a run written with
 :class:`~lightning_sdm.SphericalDynamicsCallback` under ``LOG_DIR`` (TensorBoard event files or a
 CSVLogger ``metrics.csv``, in subdirectories too; the newest run with ``sdm/`` keys unless
-``--run`` names one), draws the report figure (:func:`lightning_sdm.plot.plot_run`), and prints
+``--run`` names one), draws the report figure (:func:`lightning_sdm.report.plot_run`), and prints
 per unit the last measured RMS angular update, the prediction, their ratio and the equilibrium
 step. ``--summary FILE.md`` also writes that table as Markdown (GitHub-flavoured: unit names in
 code spans, ``|`` escaped).
@@ -30,8 +30,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lightning_sdm.plot import MAX_UNIT_PANELS, printable
-from lightning_sdm.rundata import (
+from lightning_sdm.report._plot import MAX_UNIT_PANELS, printable
+from lightning_sdm.report._rundata import (
     RunData,
     RunDataError,
     RunLocation,
@@ -172,7 +172,7 @@ def _report(args: argparse.Namespace) -> int:
     _check_outputs(output, summary, _inputs(log_dir, runs))
     data = load_run(log_dir, run=args.run)
 
-    from lightning_sdm.plot import plot_run, select_units
+    from lightning_sdm.report._plot import plot_run, select_units
 
     units = select_units(data, args.units)
     output.parent.mkdir(parents=True, exist_ok=True)

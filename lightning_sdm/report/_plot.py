@@ -1,6 +1,6 @@
 """Figures of a run's Spherical Motion Dynamics, in the spirit of Wan et al. (2020).
 
-:func:`plot_run` draws, for a run read with :mod:`lightning_sdm.rundata` (a log directory, a
+:func:`plot_run` draws, for a run read with :mod:`lightning_sdm.report` (a log directory, a
 ``metrics.csv``, or ``callback.history``), one panel per scale-invariant unit with the measured RMS
 angular update against the predicted equilibrium (log scale; with ``granularity="channel"`` the
 10th-90th percentile band of the channels), then the ratios of all units, their weight norms, the
@@ -24,7 +24,7 @@ returned figure.
 
 Example::
 
-    from lightning_sdm.plot import plot_run
+    from lightning_sdm.report import plot_run
 
     fig = plot_run(callback.history, path="report.png")      # in-process
     fig = plot_run("lightning_logs/", path="report.png")       # newest run under a log root
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_sdm.records import REGIME_CODES, Keys
-from lightning_sdm.rundata import (
+from lightning_sdm.keys import REGIME_CODES, Keys
+from lightning_sdm.report._rundata import (
     RunData,
     RunDataError,
     RunDataWarning,
@@ -135,8 +135,8 @@ def plot_run(
     """Draw the report figure of a run, and save it when ``path`` is given.
 
     Args:
-        run: a :class:`~lightning_sdm.rundata.RunData`, a log directory / event file /
-            ``metrics.csv`` (read with :func:`~lightning_sdm.rundata.load_run`), a callback's
+        run: a :class:`~lightning_sdm.report.RunData`, a log directory / event file /
+            ``metrics.csv`` (read with :func:`~lightning_sdm.report.load_run`), a callback's
             ``history`` list, or the callback itself.
         units: the units to draw a panel for (names or glob patterns); all by default. The
             overview panels always show these units only.
@@ -147,7 +147,7 @@ def plot_run(
         dpi: resolution of the saved figure, lowered (with a warning) to keep it within 40
             megapixels and 16,384 pixels a side.
         max_unit_panels: at most this many unit panels, for the first units selected (``None``:
-            no limit); with more, a :class:`~lightning_sdm.rundata.RunDataWarning` says so.
+            no limit); with more, a :class:`~lightning_sdm.report.RunDataWarning` says so.
 
     Returns:
         The Matplotlib figure. Its axes are, in order: one per unit (titled
@@ -212,7 +212,7 @@ def _capped_dpi(figure: Figure, dpi: float) -> float:
 
 
 def as_run(run: RunData | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | Any) -> RunData:
-    """Turn any accepted source into :class:`~lightning_sdm.rundata.RunData`."""
+    """Turn any accepted source into :class:`~lightning_sdm.report.RunData`."""
     if isinstance(run, RunData):
         return run
     if isinstance(run, (str, os.PathLike)):

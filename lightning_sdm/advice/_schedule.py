@@ -17,13 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = [
-    "LRTrajectory",
-    "ScheduledLR",
-    "sample_learning_rates",
-    "steps_per_epoch",
-    "trainer_schedules",
-]
+__all__ = ["LRTrajectory", "ScheduledLR", "sample_learning_rates"]
 
 #: At most this many scheduler steps are simulated (per-step schedules of very long runs are
 #: sampled up to there; the trajectory says so).
@@ -147,27 +141,6 @@ def _trajectory(
     changes: list[list[tuple[int, float]]], steps: int, notes: list[str]
 ) -> LRTrajectory:
     return LRTrajectory(tuple(tuple(c) for c in changes), steps, "; ".join(notes))
-
-
-def trainer_schedules(trainer: Any) -> list[ScheduledLR]:
-    """The Trainer's schedulers as it steps them (``lr_scheduler_configs``)."""
-    return [
-        ScheduledLR(config.scheduler, config.interval, config.frequency)
-        for config in trainer.lr_scheduler_configs
-    ]
-
-
-def steps_per_epoch(trainer: Any) -> int | None:
-    """Optimizer steps per epoch (one optimizer), if the Trainer knows its epoch length.
-
-    Lightning also steps at the last batch of an epoch when the accumulation does not divide
-    it: ``ceil``, not ``floor``.
-    """
-    batches = getattr(trainer, "num_training_batches", None)
-    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    if not isinstance(batches, int) or batches <= 0:
-        return None
-    return max(math.ceil(batches / accumulate), 1)
 
 
 def _lr(group: dict[str, Any]) -> float:

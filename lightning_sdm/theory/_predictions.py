@@ -23,12 +23,12 @@ Kosson, B. Messmer, M. Jaggi, "Rotational Equilibrium: How Weight Decay Balances
 Neural Networks", ICML 2024, arXiv:2305.17212, with its official code github.com/epfml/REQ (REQ).
 "Derived" formulas come from the same random-walk argument applied to PyTorch's exact update and
 are published nowhere; they were checked against
-:func:`lightning_sdm.simulation.simulate_scale_invariant`.
+:func:`lightning_sdm.theory.simulate_scale_invariant`.
 
 Compare a prediction with the ROOT-MEAN-SQUARE of the measured per-step angle over a window, not
 with its mean (the mean of a fluctuating angle is lower than its RMS).
 
-How the predictions were validated: :func:`~lightning_sdm.simulation.simulate_scale_invariant`
+How the predictions were validated: :func:`~lightning_sdm.theory.simulate_scale_invariant`
 integrates a scale-invariant problem with no network (the gradient of each row is fresh Gaussian
 noise projected orthogonal to the row and divided by its norm) with the real ``torch.optim``
 classes, and measures the RMS angle per row with :func:`lightning_sdm.functional.angular_update`.
@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from lightning_sdm._optimizers import (
+from lightning_sdm.theory._optimizers import (
     Family,
     basic_hyperparameters,
     family_of,
@@ -234,7 +234,7 @@ def relaxation_steps(lr: float, weight_decay: float, momentum: float = 0.0) -> f
     ``|w|^4`` follows a linear recursion with rate ``4 eta lam`` (``/(1-alpha)`` with momentum,
     whose buffer applies each term ``1/(1-alpha)`` times over).
 
-    Checked with :func:`~lightning_sdm.simulation.simulate_scale_invariant`: fitted time constants
+    Checked with :func:`~lightning_sdm.theory.simulate_scale_invariant`: fitted time constants
     of ``|w|^4`` were within 5%
     of this value (momentum 0, 0.5, 0.9, dampening and Nesterov, starting at 0.3x and 3x the
     equilibrium norm), as long as the time is long against the momentum memory ``1/(1-alpha)``.
@@ -427,7 +427,7 @@ def lr_change_relaxation_steps(
     SMD's Cor. 3.1 gives ``ceil(ln(k) (1 - alpha) / (2 lam eta))``, i.e. ``2 tau ln k`` with SGD's
     ``tau``: the same as this function at ``tolerance ~ (k - 1) / (2 k^2)`` (4.5% for ``k = 10``).
     Both are counted with the LR after the change (with the old LR the estimate is ``k`` times too
-    short). ``tests/test_theory.py`` checks this against :mod:`lightning_sdm.simulation` for SGD
+    short). ``tests/test_theory.py`` checks this against :mod:`lightning_sdm.theory` for SGD
     with momentum and AdamW, decays and increases.
 
     Args:

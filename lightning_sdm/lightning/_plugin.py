@@ -27,11 +27,11 @@ so that the two can coexist until then: Lightning refuses two stateful callbacks
 
 Fabric: ``Fabric()`` calls the factories of ``lightning.fabric.callbacks_factory``, where
 :func:`fabric_callbacks_factory` is registered. With ``LIGHTNING_SDM`` on it returns one
-:class:`~lightning_sdm._fabric_plugin.FabricSphericalDynamics`, configured from the same variables
+:class:`~lightning_sdm.lightning.FabricSphericalDynamics`, configured from the same variables
 (an invalid one raises in ``Fabric()``; ``LIGHTNING_SDM_EVERY_N_STEPS`` defaults to 50, and an
 ``LIGHTNING_SDM_ON_EQUILIBRIUM`` other than ``warn`` is reported, not carried out). Fabric calls
 few hooks by itself, so that object works differently from the callback: see
-:mod:`lightning_sdm._fabric_plugin`.
+:mod:`lightning_sdm.lightning`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sdm._fabric_plugin import FabricSphericalDynamics, fabric_callback
-from lightning_sdm.callback import SphericalDynamicsCallback
+from lightning_sdm import _messages
+from lightning_sdm.lightning._callback import SphericalDynamicsCallback
+from lightning_sdm.lightning._fabric import FabricSphericalDynamics, fabric_callback
 
 __all__ = [
     "ENV_PREFIX",
@@ -104,10 +105,7 @@ class EnvSphericalDynamicsCallback(SphericalDynamicsCallback):
             # A new list: Lightning is iterating over the current one to call `setup`.
             remaining = [cb for cb in trainer.callbacks if cb is not self]  # type: ignore[attr-defined]
             trainer.callbacks = remaining  # type: ignore[attr-defined]
-            rank_zero_info(
-                f"[lightning_sdm] {ENV_PREFIX} is set but the Trainer already has a "
-                "SphericalDynamicsCallback; the plugin's callback is not used."
-            )
+            rank_zero_info(_messages.plugin_not_used(ENV_PREFIX))
             return
         super().setup(trainer, pl_module, stage)
 
@@ -187,7 +185,7 @@ def callbacks_factory() -> list[Callback]:
 def fabric_callbacks_factory() -> list[Any]:
     """Entry point ``lightning.fabric.callbacks_factory``: ``[]`` unless ``LIGHTNING_SDM`` is on.
 
-    With it on, one :class:`~lightning_sdm._fabric_plugin.FabricSphericalDynamics` configured
+    With it on, one :class:`~lightning_sdm.lightning.FabricSphericalDynamics` configured
     from the same variables; :func:`fabric_callback` finds it in a ``Fabric``.
 
     Raises:

@@ -33,10 +33,14 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from lightning_sdm._optimizers import unwrap
-from lightning_sdm._schedule import ScheduledLR, sample_learning_rates
-from lightning_sdm.theory import Prediction, lr_change_relaxation_steps, predict_param_group
-from lightning_sdm.theory import relaxation_time as _relaxation_time
+from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.theory._optimizers import unwrap
+from lightning_sdm.theory._predictions import (
+    Prediction,
+    lr_change_relaxation_steps,
+    predict_param_group,
+)
+from lightning_sdm.theory._predictions import relaxation_time as _relaxation_time
 
 __all__ = ["Advice", "GroupAdvice", "Phase", "advise"]
 
@@ -205,7 +209,7 @@ def advise(
         angular update needs 1,105,635 steps (220.9 epochs) to get within 5% of its new
         equilibrium (SMD Cor. 3.1: 1,151,293 steps), and the phase has 150,150 steps (30.0
         epochs): it ends 7.4x short. To fit: rescale the invariant weights at the jump
-        (DecayLR(rescale_weights=True), or lightning_sdm.lr_control.rescale_for_lr_decay), or a
+        (DecayLR(rescale_weights=True), or lightning_sdm.actions.rescale_for_lr_decay), or a
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     by_group: dict[tuple[int, int], list[str]] = {}
@@ -355,7 +359,7 @@ def _phase_note(phase: Phase, previous: Phase, wd: float, epoch: int | None) -> 
         f"to get within 5% of its new equilibrium{smd}, and the phase has "
         f"{_steps(phase.length, epoch)}: it ends {short:.1f}x short. To fit: rescale the "
         "invariant weights at the jump (DecayLR(rescale_weights=True), or "
-        "lightning_sdm.lr_control.rescale_for_lr_decay), or a weight decay "
+        "lightning_sdm.actions.rescale_for_lr_decay), or a weight decay "
         f"{short:.1f}x larger ({wd * short:.2g}), or a phase of {phase.needed:,.0f} steps."
     )
 

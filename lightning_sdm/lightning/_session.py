@@ -1,0 +1,225 @@
+"""The window pipeline, once for both adapters: windows -> detector -> history -> metrics -> event.
+
+Lightning's ``SpikeDetection`` keeps its logic in a core that knows no Trainer
+(``lightning/fabric/utilities/spike.py``) under a 32-line Trainer adapter; this is that core for
+the monitor. A :class:`Session` owns the settings (:class:`~lightning_sdm.config.MonitorConfig`),
+the :class:`~lightning_sdm.equilibrium.EquilibriumDetector`, the
+:class:`~lightning_sdm.actions.EquilibriumPolicy`, the one-time notices and the ``history``. The
+Trainer callback and the Fabric plugin hand it the windows a
+:class:`~lightning_sdm.monitor.SphericalMonitor` closed, with a :class:`Host`: what the framework
+offers at that moment (the step, the loggers, how to log and how to stop). The session knows
+neither a Trainer nor Fabric.
+
+What it does with a batch of windows (:meth:`Session.windows`):
+
+1. notices of what changed under the monitor (failed orthogonality checks, moved groups, lost
+   predictions);
+2. the detector's verdicts, one :class:`~lightning_sdm.records.HistoryRecord` per window;
+3. the W&B window table (rank zero);
+4. the ``sdm/...`` metrics of the windows and the summary;
+5. the event, if one is due (the quorum enters equilibrium, agreed across ranks, or the action's
+   budget deadline): carried out, announced, sent to the loggers' alerts;
+6. the metrics to ``host.log``, also when the action failed (the error then propagates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_sdm import _messages
+from lightning_sdm.actions._actions import ActionContext, EquilibriumAction
+from lightning_sdm.actions._policy import EquilibriumPolicy, decays_of
+from lightning_sdm.config import MonitorConfig
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
+from lightning_sdm.keys import event_metrics, summary_metrics, window_metrics
+from lightning_sdm.lightning import _loggers
+from lightning_sdm.lightning._notices import Notices
+from lightning_sdm.monitor._monitor import SphericalMonitor
+from lightning_sdm.records import EquilibriumEvent, HistoryRecord, UnitWindow
+
+__all__ = ["Host", "Session"]
+
+
+@dataclass
+class Host:
+    """What the framework offers the session at one call.
+
+    Attributes:
+        global_step: the framework's step count (the x-axis of the logs).
+        log: takes the metrics of this call (every logger of the run).
+        loggers: the run's logger objects, for their extras (TensorBoard layouts, W&B tables
+            and alerts); loggers the extras do not know are left alone.
+        is_global_zero: this process is rank zero (the extras run there only).
+        total_steps: the budget in global steps, ``None`` when unknown.
+        schedulers: the LR schedulers an action may scale.
+        trainer: handed to user callables (``None`` outside the Trainer).
+        pl_module: handed to user callables.
+        request_stop: asks the loop to stop; ``None`` where the loop is the user's (Fabric).
+    """
+
+    global_step: int
+    log: Callable[[dict[str, float]], None]
+    loggers: Sequence[Any] = ()
+    is_global_zero: bool = True
+    total_steps: int | None = None
+    schedulers: Sequence[Any] = ()
+    trainer: Any = None
+    pl_module: Any = None
+    request_stop: Callable[[], None] | None = None
+
+
+@dataclass
+class Session:
+    """Settings, detector, policy, notices and history of one monitored run.
+
+    Args:
+        config: the monitor's settings.
+        detector: judges each unit's windows.
+        policy: turns the detector's verdicts into events and carries out its action.
+        alerts: send each event to W&B as an alert.
+    """
+
+    config: MonitorConfig
+    detector: EquilibriumDetector
+    policy: EquilibriumPolicy
+    alerts: bool = False
+    history: list[HistoryRecord] = field(default_factory=list)
+    notices: Notices = field(default_factory=Notices)
+    #: Logger extras that already reported a failure (each is reported once).
+    logger_failures: set[str] = field(default_factory=set)
+
+    @property
+    def action(self) -> EquilibriumAction:
+        """The action carried out at equilibrium events."""
+        return self.policy.action
+
+    @property
+    def events(self) -> list[EquilibriumEvent]:
+        """Every equilibrium event so far, with what was done."""
+        return self.policy.events
+
+    def settings(self) -> dict[str, Any]:
+        """The detection settings and the action, as logged and as keyed in checkpoints."""
+        return {**self.detector.settings, "action": repr(self.policy.action)}
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def windows(self, monitor: SphericalMonitor, windows: Sequence[UnitWindow], host: Host) -> None:
+        """Judge, record and log a batch of windows the monitor closed; act if an event is due."""
+        step = host.global_step
+        self.notices.window_closed(monitor, self.config.orthogonality_tolerance, step)
+        detector = self.detector
+        entered = detector.update(windows)
+        invariance = monitor.invariance
+        metrics: dict[str, float] = {}
+        for window in windows:
+            state = detector.state[window.unit]
+            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
+            self.history.append(
+                HistoryRecord.from_window(
+                    window,
+                    in_equilibrium=state.in_equilibrium,
+                    criterion=state.criterion,
+                    invariance=invariance.get(window.unit, ("unverified", 0.0))[0],
+                    regime=state.regime,
+                    regime_note=state.note,
+                )
+            )
+        if host.is_global_zero:
+            _loggers.on_windows_logged(
+                host.loggers,
+                records=self.history[-len(windows) :],
+                global_step=step,
+                warned=self.logger_failures,
+            )
+        fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
+        metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
+        self.notices.windows(windows, detector, entered, step)
+        try:
+            metrics.update(self._act(monitor, windows, host))
+        finally:  # an action that fails still leaves the window in the logs
+            host.log(metrics)
+
+    def between_windows(self, monitor: SphericalMonitor, host: Host) -> None:
+        """A step that closed no window: the action's budget deadline may still fall on it."""
+        if self.policy.action.deadline(host.global_step, host.total_steps):
+            metrics = self._act(monitor, [], host)
+            if metrics:
+                host.log(metrics)
+
+    def _act(
+        self, monitor: SphericalMonitor, windows: Sequence[UnitWindow], host: Host
+    ) -> dict[str, float]:
+        """The event of these windows, if one is due (decided alike on every rank).
+
+        The verdict is agreed across ranks with :meth:`SphericalMonitor.agree
+        <lightning_sdm.monitor.SphericalMonitor.agree>`: the values are identical on all ranks
+        already (the statistics are reduced before any angle), and agreeing keeps the decision
+        collective even if that ever changed. Not with a strategy's ``reduce_boolean_decision``:
+        on the default group a rank out of step would match it with DDP's gradient all-reduce;
+        on the monitor's group the wait is bounded.
+        """
+        reached = monitor.agree(self.detector.reached())
+        due = self.policy.due(reached, host.global_step, host.total_steps)
+        if due is None:
+            return {}
+        context = action_context(monitor, host)
+        fire = self.policy.fire_deadline if due == "deadline" else self.policy.fire
+        event = fire(self.detector, windows, context)
+        if context.stop_requested and host.request_stop is not None:
+            host.request_stop()
+        action = self.policy.action
+        text = _messages.describe_event(event, decays_of(action))
+        (rank_zero_warn if action.warns else rank_zero_info)(text)
+        if host.is_global_zero:
+            stopped = context.stop_requested and host.request_stop is not None
+            _loggers.on_equilibrium_event(
+                host.loggers,
+                message=text,
+                changed=event.new_lrs != event.old_lrs or stopped,
+                alerts=self.alerts,
+                warned=self.logger_failures,
+            )
+        return event_metrics(event, decays_of(action))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Detector, policy, history and which one-time notes were shown."""
+        return {
+            "detector": self.detector.state_dict(),
+            "policy": self.policy.state_dict(),
+            "history": [record.as_dict() for record in self.history],
+            "estimate_announced": self.notices.estimate_announced,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.detector.load_state_dict(state.get("detector", {}))
+        self.policy.load_state_dict(state.get("policy", {}))
+        self.history = [HistoryRecord.from_dict(r) for r in state.get("history", [])]
+        self.notices.estimate_announced = bool(state.get("estimate_announced", False))
+
+
+def action_context(monitor: SphericalMonitor, host: Host) -> ActionContext:
+    """What an action may read and change: the monitor's units, the host's schedulers."""
+    return ActionContext(
+        global_step=host.global_step,
+        unit_groups=monitor.parameter_groups(),
+        unit_parameters=monitor.unit_parameters(),
+        predictions=monitor.predictions(),
+        schedulers=list(host.schedulers),
+        trainer=host.trainer,
+        pl_module=host.pl_module,
+        total_steps=host.total_steps,
+    )
+
+
+def finite(metrics: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+    """The entries of ``keys`` that are in ``metrics`` and finite."""
+    return {k: metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])}
