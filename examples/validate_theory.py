@@ -11,7 +11,7 @@ is then compared with ``equilibrium_angular_update``.
     python examples/validate_theory.py --quick    # a few cases
 
 The grid, the burn-in rule and the reference Lion live in :mod:`lightning_sdm.theory.check_grid`;
-``tests/test_theory.py`` asserts measured/predicted within 3% on the same grid, except the
+``tests/theory/test_theory.py`` asserts measured/predicted within 3% on the same grid, except the
 documented ``KNOWN_DEVIATIONS``.
 """
 

@@ -3,9 +3,9 @@
 Every row of a ``[rows, dim]`` weight gets, at every step, Gaussian noise projected orthogonal to
 the row and divided by its norm as its gradient: exactly the stationary gradient noise of a
 scale-invariant loss, so the equilibrium norm, the relaxation time and the angular update are
-those of :mod:`lightning_sdm.theory` (checked in ``tests/test_theory.py``). Knobs: the starting
-norm (approach from below or above), an LR schedule, and the noise scale over time (a loss going
-to zero, or oscillating gradient statistics).
+those of :mod:`lightning_sdm.theory` (checked in ``tests/theory/test_theory.py``). Knobs: the
+starting norm (approach from below or above), an LR schedule, and the noise scale over time (a
+loss going to zero, or oscillating gradient statistics).
 """
 
 from __future__ import annotations

@@ -22,6 +22,6 @@ bundled 8x8 digits (or on CIFAR-10 read from ``--cifar-dir``, the standard
     python -m studies.reproduction --cifar-dir ~/data/cifar-10-batches-py --out cifar_report
 
 Writes ``<out>/reproduction.md`` (tables and discussion), ``<out>/figures/*.png`` and
-``<out>/results.json`` (every number, per run and per layer). ``tests/test_reproduce_paper.py``
-runs ``--quick`` and asserts the claims with tolerances.
+``<out>/results.json`` (every number, per run and per layer).
+``tests/theory/test_reproduce_paper.py`` runs ``--quick`` and asserts the claims with tolerances.
 """

@@ -30,7 +30,7 @@ from lightning_sdm.report._rundata import load_run
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = (10, 20, 30, 40, 50)
 
 

@@ -21,10 +21,10 @@ from lightning_sdm._messages import describe_event
 from lightning_sdm.actions._actions import DecayLR
 from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
-from tests.test_integrations import _wandb_records, wandb_offline  # noqa: F401 (fixture)
+from tests.lightning.test_loggers import _wandb_records, wandb_offline  # noqa: F401 (fixture)
 
 # Strong weight decay and loose detector settings: events within a short CPU run (as in
-# tests/test_callback_actions.py); the point is where they go, not the detection.
+# tests/lightning/test_callback_actions.py); the point is where they go, not the detection.
 FAST = {"every_n_steps": 4, "window": 4, "tolerance": 0.3, "patience": 2}
 
 

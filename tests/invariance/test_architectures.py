@@ -25,7 +25,7 @@ from lightning_sdm.invariance import (
     NORM_AFFINE_REASON,
     find_scale_invariant_units,
 )
-from tests.invariance_checks import assert_complete, check_numerically, names, reasons
+from tests.invariance.checks import assert_complete, check_numerically, names, reasons
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from lightning_sdm.invariance import (
     find_scale_invariant_units,
     structural_candidates,
 )
-from tests.invariance_checks import (
+from tests.invariance.checks import (
     assert_complete,
     check_numerically,
     names,

@@ -16,7 +16,7 @@ from lightning_sdm.actions._actions import DecayLR, Stop
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "cli" / "train.py"
 CONFIG = ROOT / "examples" / "cli" / "config.yaml"
 UNITS = ["features.0.weight", "features.3.weight", "features.7.weight"]

@@ -13,7 +13,8 @@ from tests import synthetic
 from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 
 # Loose detector settings so that short CPU runs see events: the point here is what the
-# callback does when equilibrium is reached, not the detection itself (tests/test_equilibrium.py).
+# callback does when equilibrium is reached, not the detection itself
+# (tests/equilibrium/test_equilibrium.py).
 # Strong weight decay: equilibrium within ~10 steps ((1 - 0.9) / (4 * 0.1 * 0.05) = 5 steps).
 WEIGHT_DECAY = 0.05
 FAST = {"every_n_steps": 4, "window": 4, "tolerance": 0.3, "patience": 2}
