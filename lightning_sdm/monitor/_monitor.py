@@ -19,32 +19,36 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._compile import outside_compile
 from lightning_sdm._engine import (
     COVERAGE,
-    BatchedStatistics,
     copy_into,
     is_dtensor,
     local_shard,
-    reshard_fsdp,
 )
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import cosine_from_statistics
-from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.monitor._cost import CostMeter
 from lightning_sdm.monitor._sync import (
     RanksOutOfStepError,
     all_agree,
+    all_reduce_sum,
     monitor_group,
     run_collective,
+)
+from lightning_sdm.monitor._watch import (
+    _OptimizerWatch,
+    _Unit,
+    build_watches,
+    param_groups,
+    unit_tensor_rows,
 )
 from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
 from lightning_sdm.theory._predictions import (
@@ -63,55 +67,6 @@ class _HasUnits(Protocol):
 
     @property
     def units(self) -> Sequence[Unit]: ...
-
-
-@dataclass
-class _Unit:
-    spec: Unit
-    tensors: list[nn.Parameter]
-    group_index: int
-    rows: slice  # rows of this unit in the optimizer watch's statistics
-    per_channel: bool  # summarised over its channels (granularity "channel", channel-invariant)
-    invariance: Invariance = "unverified"
-    max_abs_cosine: float = 0.0
-
-
-@dataclass
-class _OptimizerWatch:
-    """Everything about the units updated by one optimizer."""
-
-    optimizer: Optimizer
-    units: list[_Unit]
-    tensors: list[nn.Parameter]
-    dims: list[int | None]
-    row_to_unit_row: Tensor
-    num_rows: int
-    metric: AngularUpdate
-    statistics: BatchedStatistics  # cached layout and work buffer of the per-step statistics
-    tensor_statistics: BatchedStatistics  # one row per tensor: the orthogonality check's
-    member_counts: Tensor  # tensors per unit row (their coverages are averaged)
-    rows_are_units: bool  # one tensor row per unit row, in order: no summing needed
-    steps_done: int = 0
-    snapshot: list[Tensor] | None = None
-    anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
-    horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)
-    predictions: list[list[Prediction]] = field(default_factory=list)
-    handles: list[RemovableHandle] = field(default_factory=list)
-    measuring: bool = False
-    provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)
-    optimizer_index: int = 0  # position among the optimizers given to the monitor
-
-    @property
-    def unit_rows(self) -> int:
-        return self.units[-1].rows.stop if self.units else 0
-
-    def free_buffers(self, keep_anchor: bool = False) -> None:
-        """Drop the snapshot, the work buffer's memory and (unless ``keep_anchor``) the anchor."""
-        self.snapshot = None
-        if not keep_anchor:
-            self.anchor = None
-        self.statistics.release()
-        self.tensor_statistics.release()
 
 
 class SphericalMonitor:
@@ -174,7 +129,6 @@ class SphericalMonitor:
             )
         self.config = config
         self.sync_on_compute = sync_on_compute
-        self.skipped: dict[str, str] = {}
         # Units moved to another param group while monitored: name -> (old, new) group index.
         self.moved: dict[str, tuple[int, int]] = {}
         self._windows: list[UnitWindow] = []
@@ -184,7 +138,9 @@ class SphericalMonitor:
         self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
         self.cost = CostMeter()  # hook time against step time (see lightning_sdm.monitor)
         optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
-        self._watches = _build_watches(module, optimizer_list, unit_list, self)
+        self._watches, self.skipped = build_watches(
+            module, optimizer_list, unit_list, config.granularity, self._group
+        )
 
     # ---------------------------------------------------------------- public API
 
@@ -511,10 +467,10 @@ class SphericalMonitor:
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
         per_tensor = self._collective(
-            lambda: _all_reduce_sum(rows, self._group), "the gradient-orthogonality check"
+            lambda: all_reduce_sum(rows, self._group), "the gradient-orthogonality check"
         )
         tolerance = self.config.orthogonality_tolerance
-        for unit, tensor_rows in zip(watch.units, _unit_tensor_rows(watch.units), strict=True):
+        for unit, tensor_rows in zip(watch.units, unit_tensor_rows(watch.units), strict=True):
             cosine = cosine_from_statistics(per_tensor[tensor_rows].sum(dim=0)).abs().item()
             if math.isnan(cosine):
                 continue
@@ -547,7 +503,7 @@ class SphericalMonitor:
 
         Checked once per window (a dictionary of parameter ids), not per step.
         """
-        groups = _param_groups(watch.optimizer)
+        groups = param_groups(watch.optimizer)
         for unit in watch.units:
             found = {groups.get(id(t)) for t in unit.tensors}
             if len(found) == 1 and None not in found and unit.group_index not in found:
@@ -624,138 +580,9 @@ def _bind(method: Callable[[_OptimizerWatch], None], watch: _OptimizerWatch) -> 
     return outside_compile(hook)  # a compiled optimizer step must not trace the bookkeeping
 
 
-def _param_groups(optimizer: Optimizer) -> dict[int, int]:
-    return {
-        id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]
-    }
-
-
-def _build_watches(
-    module: nn.Module,
-    optimizers: list[Optimizer],
-    specs: Sequence[Unit],
-    monitor: SphericalMonitor,
-) -> list[_OptimizerWatch]:
-    reshard_fsdp(module)
-    named = dict(module.named_parameters())
-    group_of = [_param_groups(opt) for opt in optimizers]
-    assigned: list[list[tuple[Unit, list[nn.Parameter], int]]] = [[] for _ in optimizers]
-    for spec in specs:
-        missing = [name for name in spec.params if name not in named]
-        if missing:
-            raise ValueError(
-                f"Unit {spec.name!r} names parameters the module does not have: {missing}. "
-                "Use names from `module.named_parameters()`."
-            )
-        tensors = [named[name] for name in spec.params]
-        _check_unit_tensors(spec, tensors)
-        owner = _owning_optimizer(tensors, group_of)
-        if owner is None:
-            monitor.skipped[spec.name] = "not updated by one optimizer"
-            continue
-        assigned[owner[0]].append((spec, tensors, owner[1]))
-    return [
-        _make_watch(index, opt, entries, monitor.granularity, monitor._group)
-        for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
-        if entries
-    ]
-
-
-def _check_unit_tensors(spec: Unit, tensors: list[nn.Parameter]) -> None:
-    """Errors a user can fix, named, before any step (not a crash inside the optimizer hook)."""
-    for name, tensor in zip(spec.params, tensors, strict=True):
-        if tensor.is_complex() or not tensor.is_floating_point():
-            raise ValueError(
-                f"Unit {spec.name!r}: parameter {name!r} is {tensor.dtype}; angular updates are "
-                "defined for real floating-point tensors. Leave it out of `params`."
-            )
-    ndim = tensors[0].dim()
-    if not -max(ndim, 1) <= spec.channel_dim < max(ndim, 1):
-        raise ValueError(
-            f"Unit {spec.name!r}: `channel_dim`={spec.channel_dim} is out of range for its weight "
-            f"of shape {tuple(tensors[0].shape)}; use a dimension in [0, {max(ndim, 1) - 1}]."
-        )
-
-
-def _owning_optimizer(
-    tensors: list[nn.Parameter], group_of: list[dict[int, int]]
-) -> tuple[int, int] | None:
-    for index, groups in enumerate(group_of):
-        found = {groups.get(id(t)) for t in tensors}
-        if None not in found:  # one optimizer; split across its groups: the weight's group
-            return index, groups[id(tensors[0])]  # (the usual no-decay group for biases)
-    return None
-
-
-def _make_watch(
-    optimizer_index: int,
-    optimizer: Optimizer,
-    entries: list[tuple[Unit, list[nn.Parameter], int]],
-    granularity: Granularity,
-    group: Any | None,
-) -> _OptimizerWatch:
-    units: list[_Unit] = []
-    tensors: list[nn.Parameter] = []
-    dims: list[int | None] = []
-    row_map: list[Tensor] = []
-    row = 0
-    for spec, unit_tensors, group_index in entries:
-        # A unit invariant only as a whole (LayerNorm) has no per-channel angle: one row.
-        per_channel = granularity == "channel" and spec.channel_invariant
-        channels = unit_tensors[0].shape[spec.channel_dim] if per_channel else 1
-        for position, tensor in enumerate(unit_tensors):
-            tensors.append(tensor)
-            if per_channel:
-                # The weight's output channels, and the bias's elements, map to the same rows.
-                dims.append(spec.channel_dim if position == 0 else 0)
-                row_map.append(torch.arange(row, row + channels))
-            else:
-                dims.append(None)
-                row_map.append(torch.tensor([row]))
-        rows = slice(row, row + channels)
-        units.append(_Unit(spec, unit_tensors, group_index, rows, per_channel))
-        row += channels
-    row_to_unit_row = torch.cat(row_map)
-    statistics = BatchedStatistics(dims)
-    # Whole-tensor units already have one row per tensor: the check shares their layout.
-    whole = all(d is None for d in dims)
-    return _OptimizerWatch(
-        optimizer=optimizer,
-        units=units,
-        tensors=tensors,
-        dims=dims,
-        row_to_unit_row=row_to_unit_row,
-        num_rows=row,
-        metric=AngularUpdate(process_group=group),
-        horizon_metric=AngularUpdate(process_group=group),
-        statistics=statistics,
-        tensor_statistics=statistics if whole else BatchedStatistics([None] * len(dims)),
-        member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),
-        rows_are_units=torch.equal(row_to_unit_row, torch.arange(row)),
-        optimizer_index=optimizer_index,
-    )
-
-
 def orthogonality_threshold(tensors: Sequence[Tensor], tolerance: float) -> float:
     """``tolerance / sqrt(n)`` for a unit of ``n`` elements (global ones for sharded tensors)."""
     return tolerance / math.sqrt(max(sum(t.numel() for t in tensors), 1))
-
-
-def _unit_tensor_rows(units: list[_Unit]) -> list[slice]:
-    """Rows of the per-tensor (``dim=None``) statistics that belong to each unit."""
-    slices, start = [], 0
-    for unit in units:
-        slices.append(slice(start, start + len(unit.tensors)))
-        start += len(unit.tensors)
-    return slices
-
-
-def _all_reduce_sum(stats: Tensor, group: Any | None) -> Tensor:
-    import torch.distributed as dist
-
-    if group is not None:
-        dist.all_reduce(stats, group=group)
-    return stats
 
 
 def _summarize(values: Tensor) -> dict[str, float]:
