@@ -29,11 +29,11 @@ from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.keys import SUMMARY_KEYS, Keys
 from lightning_sdm.lightning import _loggers, _trainer
 from lightning_sdm.lightning._discovery import UnitDiscovery
-from lightning_sdm.lightning._notices import Notices, texts_for_loggers
+from lightning_sdm.lightning._notices import texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
-from lightning_sdm.lightning._session import Host, Session, finite
+from lightning_sdm.lightning._session import Host, Session, SessionViews, finite
 from lightning_sdm.monitor._monitor import SphericalMonitor
-from lightning_sdm.records import ActionName, EquilibriumEvent, Granularity, HistoryRecord
+from lightning_sdm.records import ActionName, EquilibriumEvent, Granularity
 from lightning_sdm.units import ParamsSpec, Unit, check_params_spec, select_units
 
 __all__ = ["SphericalDynamicsCallback"]
@@ -41,7 +41,7 @@ __all__ = ["SphericalDynamicsCallback"]
 OnEquilibrium = ActionName | EquilibriumAction | Callable[[Any, Any, EquilibriumEvent], Any]
 
 
-class SphericalDynamicsCallback(Callback):
+class SphericalDynamicsCallback(SessionViews, Callback):
     r"""Log per-layer angular updates, their predicted equilibrium and equilibrium status.
 
     With the defaults, the callback finds the scale-invariant units of the LightningModule by
@@ -172,47 +172,9 @@ class SphericalDynamicsCallback(Callback):
     # ------------------------------------------------------------------ settings
 
     @property
-    def config(self) -> MonitorConfig:
-        """The monitor's settings (``every_n_steps`` resolved at setup)."""
-        return self.session.config
-
-    @property
-    def detector(self) -> EquilibriumDetector:
-        """The equilibrium detector."""
-        return self.session.detector
-
-    @property
-    def policy(self) -> EquilibriumPolicy:
-        """Turns the detector's verdicts into events."""
-        return self.session.policy
-
-    @property
     def alerts(self) -> bool:
         """Equilibrium events are also sent as W&B alerts."""
         return self.session.alerts
-
-    @property
-    def on_equilibrium(self) -> EquilibriumAction:
-        """The action carried out at equilibrium events."""
-        return self.session.action
-
-    @property
-    def events(self) -> list[EquilibriumEvent]:
-        """Every equilibrium event so far, with what was done."""
-        return self.session.events
-
-    @property
-    def history(self) -> list[HistoryRecord]:
-        """One record per unit and window, in order."""
-        return self.session.history
-
-    @history.setter
-    def history(self, records: list[HistoryRecord]) -> None:
-        self.session.history = records
-
-    @property
-    def _notices(self) -> Notices:
-        return self.session.notices
 
     @property
     def state_key(self) -> str:

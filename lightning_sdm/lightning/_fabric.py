@@ -59,10 +59,9 @@ from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport, SharedTrace, find_scale_invariant_units
-from lightning_sdm.lightning._notices import Notices
-from lightning_sdm.lightning._session import Host, Session
+from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
-from lightning_sdm.records import EquilibriumEvent, Granularity, HistoryRecord, UnitWindow
+from lightning_sdm.records import Granularity, UnitWindow
 from lightning_sdm.units import ParamsSpec, Unit, check_params_spec, select_units
 
 __all__ = ["FabricSphericalDynamics", "fabric_callback"]
@@ -86,7 +85,7 @@ class _Model:
         self.handles = []
 
 
-class FabricSphericalDynamics:
+class FabricSphericalDynamics(SessionViews):
     """What the plugin adds to a ``Fabric``: the monitor, started by Fabric's own hooks.
 
     Args:
@@ -132,35 +131,6 @@ class FabricSphericalDynamics:
         self._disabled = False
         if on_equilibrium != "warn":
             self._notices.warn_once("on_equilibrium", _messages.fabric_warn_only(on_equilibrium))
-
-    @property
-    def config(self) -> MonitorConfig:
-        """The monitor's settings."""
-        return self.session.config
-
-    @property
-    def detector(self) -> EquilibriumDetector:
-        """The equilibrium detector."""
-        return self.session.detector
-
-    @property
-    def policy(self) -> EquilibriumPolicy:
-        """Turns the detector's verdicts into events (a warning each, under Fabric)."""
-        return self.session.policy
-
-    @property
-    def history(self) -> list[HistoryRecord]:
-        """One record per unit and window, in order."""
-        return self.session.history
-
-    @property
-    def events(self) -> list[EquilibriumEvent]:
-        """Every equilibrium event so far."""
-        return self.session.events
-
-    @property
-    def _notices(self) -> Notices:
-        return self.session.notices
 
     @property
     def report(self) -> InvarianceReport | None:

@@ -42,7 +42,7 @@ from lightning_sdm.lightning._notices import Notices
 from lightning_sdm.monitor._monitor import SphericalMonitor
 from lightning_sdm.records import EquilibriumEvent, HistoryRecord, UnitWindow
 
-__all__ = ["Host", "Session"]
+__all__ = ["Host", "Session", "SessionViews"]
 
 
 @dataclass
@@ -204,6 +204,50 @@ class Session:
         self.policy.load_state_dict(state.get("policy", {}))
         self.history = [HistoryRecord.from_dict(r) for r in state.get("history", [])]
         self.notices.estimate_announced = bool(state.get("estimate_announced", False))
+
+
+class SessionViews:
+    """What both adapters show of their :class:`Session` (einops' layer mixins: written once)."""
+
+    session: Session
+
+    @property
+    def config(self) -> MonitorConfig:
+        """The monitor's settings."""
+        return self.session.config
+
+    @property
+    def detector(self) -> EquilibriumDetector:
+        """The equilibrium detector."""
+        return self.session.detector
+
+    @property
+    def policy(self) -> EquilibriumPolicy:
+        """Turns the detector's verdicts into events."""
+        return self.session.policy
+
+    @property
+    def on_equilibrium(self) -> EquilibriumAction:
+        """The action carried out at equilibrium events."""
+        return self.session.action
+
+    @property
+    def events(self) -> list[EquilibriumEvent]:
+        """Every equilibrium event so far, with what was done."""
+        return self.session.events
+
+    @property
+    def history(self) -> list[HistoryRecord]:
+        """One record per unit and window, in order."""
+        return self.session.history
+
+    @history.setter
+    def history(self, records: list[HistoryRecord]) -> None:
+        self.session.history = records
+
+    @property
+    def _notices(self) -> Notices:
+        return self.session.notices
 
 
 def action_context(monitor: SphericalMonitor, host: Host) -> ActionContext:
