@@ -223,6 +223,44 @@ def plugin_not_used(switch: str) -> str:
     )
 
 
+def ranks_out_of_step(rank: int, what: str, timeout_s: float, cause: str) -> str:
+    """A reduction of the monitor did not complete across ranks: monitoring stops there."""
+    return (
+        f"{PREFIX} rank {rank}: the monitor's reduction at {what} did not complete across ranks "
+        f"(a wait is bounded by sync_timeout={timeout_s:g} s; {cause}). The ranks disagree on "
+        "the number of optimizer steps (does a rank skip `optimizer.step()`, e.g. in manual "
+        "optimization?), or one of them is stuck. Monitoring stops on this rank; training goes "
+        "on. Every rank must step its optimizers equally often; a longer `sync_timeout` helps if "
+        "a rank is only slow."
+    )
+
+
+def alerts_without_wandb() -> str:
+    """``alerts=True`` without a W&B logger."""
+    return (
+        "SphericalDynamicsCallback(alerts=True): the Trainer has no WandbLogger, so no alert "
+        "will be sent (equilibrium events are still printed and logged)."
+    )
+
+
+def logger_extra_failed(what: str, error: Exception) -> str:
+    """A logger extra (a TensorBoard layout, a W&B table, ...) failed: skipped, once."""
+    return (
+        f"SphericalDynamicsCallback: the {what} failed and was skipped "
+        f"({type(error).__name__}: {error}). The scalars are still logged and training continues."
+    )
+
+
+def lr_above_sampled_peak(group: tuple[int, int], lr: float) -> str:
+    """CorrectedWeightDecay saw an LR above the schedule's sampled peak."""
+    return (
+        f"CorrectedWeightDecay: the LR of optimizer {group[0]} group {group[1]} rose to {lr:g}, "
+        "above the schedule's sampled peak; lr_max follows it now (until then the weight decay "
+        "was corrected against a lower peak). Schedulers the Trainer does not step (manual "
+        "optimization) cannot be sampled ahead."
+    )
+
+
 # ---------------------------------------------------------------------- under Fabric
 
 FABRIC_PREFIX = f"{PREFIX} Fabric:"

@@ -124,7 +124,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
     def __init__(
         self,
         params: ParamsSpec = "auto",
-        granularity: Granularity = "layer",
+        granularity: Granularity = MonitorConfig.granularity,
         every_n_steps: int | None = None,
         window: int = MonitorConfig.window,
         tolerance: float = EquilibriumDetector.DEFAULT_TOLERANCE,

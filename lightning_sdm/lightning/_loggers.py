@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_sdm import _messages
 from lightning_sdm.equilibrium._detector import UnitEquilibrium
 from lightning_sdm.keys import HPARAMS_RUN, Keys
 from lightning_sdm.records import HistoryRecord
@@ -195,10 +196,7 @@ def on_monitoring_started(
     loggers = list(loggers)
     if alerts and "alerts" not in warned and not any(isinstance(x, WandbLogger) for x in loggers):
         warned.add("alerts")  # once, however often monitoring (re)starts
-        rank_zero_warn(
-            "SphericalDynamicsCallback(alerts=True): the Trainer has no WandbLogger, so no alert "
-            "will be sent (equilibrium events are still printed and logged)."
-        )
+        rank_zero_warn(_messages.alerts_without_wandb())
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             _tensorboard_layout(logger, warned, units, channel_units)
@@ -348,11 +346,7 @@ def _guarded(what: str) -> Callable[[_F], _F]:
             except Exception as error:
                 if what not in warned:
                     warned.add(what)
-                    rank_zero_warn(
-                        f"SphericalDynamicsCallback: the {what} failed and was skipped "
-                        f"({type(error).__name__}: {error}). The scalars are still logged and "
-                        "training continues."
-                    )
+                    rank_zero_warn(_messages.logger_extra_failed(what, error))
 
         return wrapper  # type: ignore[return-value]
 

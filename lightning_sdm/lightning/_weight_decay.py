@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_sdm import _messages
 from lightning_sdm.advice._schedule import sample_learning_rates
 from lightning_sdm.lightning._trainer import (
     budget_of,
@@ -189,13 +190,7 @@ class CorrectedWeightDecay(Callback):
                 peak = lr
                 if key not in self._raised:
                     self._raised.add(key)
-                    rank_zero_warn(
-                        f"CorrectedWeightDecay: the LR of optimizer {key[0]} group {key[1]} rose "
-                        f"to {lr:g}, above the schedule's sampled peak; lr_max follows it now "
-                        "(until then the weight decay was corrected against a lower peak). "
-                        "Schedulers the Trainer does not step (manual optimization) cannot be "
-                        "sampled ahead."
-                    )
+                    rank_zero_warn(_messages.lr_above_sampled_peak(key, lr))
             group["weight_decay"] = base * lr / peak if peak > 0 else base
 
     def _restore(self, trainer: pl.Trainer) -> None:

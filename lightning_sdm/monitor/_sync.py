@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from lightning_sdm import _messages
+
 __all__ = ["RanksOutOfStepError", "all_agree", "all_reduce_sum", "monitor_group", "run_collective"]
 
 T = TypeVar("T")
@@ -85,15 +87,8 @@ def run_collective(fn: Callable[[], T], what: str, timeout_s: float) -> T:
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise RanksOutOfStepError(
-            f"[lightning_sdm] rank {rank}: the monitor's reduction at {what} did not complete "
-            f"across ranks (a wait is bounded by sync_timeout={timeout_s:g} s; "
-            f"{_first_line(err)}). The ranks "
-            "disagree on the number of optimizer steps (does a rank skip `optimizer.step()`, "
-            "e.g. in manual optimization?), or one of them is stuck. Monitoring stops on this "
-            "rank; training goes on. Every rank must step its optimizers equally often; a "
-            "longer `sync_timeout` helps if a rank is only slow."
-        ) from err
+        message = _messages.ranks_out_of_step(rank, what, timeout_s, _first_line(err))
+        raise RanksOutOfStepError(message) from err
 
 
 def _is_backend_error(err: BaseException) -> bool:
