@@ -251,6 +251,38 @@ def logger_extra_failed(what: str, error: Exception) -> str:
     )
 
 
+def logger_failed(logger: str, global_step: int, error: Exception) -> str:
+    """A logger raised when the monitor's scalars were written to it."""
+    return (
+        f"SphericalDynamicsCallback: {logger}.log_metrics failed at global step {global_step} "
+        f"({type(error).__name__}: {error}); the sdm/ scalars of the windows it refuses are "
+        "missing from that logger (it is tried again at each window, and not reported again). "
+        "`history` keeps every window, the other loggers get them, and training continues."
+    )
+
+
+def unreadable_state(checkpoint: str | None, error: Exception) -> str:
+    """The callback's state inside a checkpoint cannot be read."""
+    where = f"the checkpoint {checkpoint!r}" if checkpoint else "the checkpoint"
+    return (
+        f"SphericalDynamicsCallback cannot read its state in {where} ({type(error).__name__}: "
+        f"{error}): it is damaged or was written by an incompatible version of lightning_sdm. "
+        "Nothing of it was applied. To resume the rest, delete the callback's entry from the "
+        "checkpoint's 'callbacks' (its key starts with 'SphericalDynamicsCallback'), or resume "
+        "with the version that wrote it."
+    )
+
+
+def checkpoint_units_missing(missing: Sequence[str], model: str) -> str:
+    """The units restored from a checkpoint name parameters the model does not have."""
+    shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+    return (
+        f"SphericalDynamicsCallback: the checkpoint's units name parameters {model} does not "
+        f"have ({shown}); the units of this model are found again, and the checkpoint's "
+        "step counters and detector evidence are not used."
+    )
+
+
 def lr_above_sampled_peak(group: tuple[int, int], lr: float) -> str:
     """CorrectedWeightDecay saw an LR above the schedule's sampled peak."""
     return (

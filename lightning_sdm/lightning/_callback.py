@@ -9,6 +9,7 @@ extras :mod:`lightning_sdm.lightning`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
 from lightning_sdm import _messages
@@ -168,6 +170,9 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         self._discovery, self._announced, self._reattach = UnitDiscovery(), False, False
         self._monitor_state: dict[str, Any] | None = None
         self._disabled = False
+        # The model the units were found in (None: from a checkpoint), and the checkpoint read.
+        self._units_model: weakref.ref[nn.Module] | None = None
+        self._checkpoint: str | None = None
 
     # ------------------------------------------------------------------ settings
 
@@ -186,7 +191,9 @@ class SphericalDynamicsCallback(SessionViews, Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve ``every_n_steps`` from the Trainer (its ``log_every_n_steps``)."""
-        if stage == "fit" and self._units is None:  # a later fit may bring another model
+        if stage == "fit" and self._units is not None and not self._same_model(pl_module):
+            self._forget_units()  # another model: its own units, found again
+        if stage == "fit" and self._units is None:
             self.report, self._announced, self._disabled = None, False, False
         if stage == "fit" and not self.config.resolved:
             # `Trainer.log_every_n_steps` is set dynamically (0 in barebones mode: the default).
@@ -209,6 +216,9 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         attached = self.monitor is not None and not self._reattach
         if attached or self._disabled or self._discovery.tracing:
             return
+        if self._units is not None and not self._same_model(pl_module):
+            self._forget_units()  # units from a checkpoint of another model
+            self.report = None
         if self._units is not None:  # resumed, or a later fit: the units are known
             self._start_monitor(trainer, pl_module, self._units)
         elif self.params == "auto" and self.report is None:
@@ -305,18 +315,36 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         classes = [c.__qualname__ for c in type(self).__mro__ if issubclass(c, Callback)]
         claimed = [callback.state_key for callback in getattr(trainer, "callbacks", [])]
         states = checkpoint.get("callbacks") or {}
+        self._checkpoint = getattr(trainer, "ckpt_path", None)
         message = adopt_state(states, self.state_key, self._key_arguments, classes, claimed)
         if message is not None:
             self._notices.warn_once("adopted", message)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the monitor state applies once it starts)."""
-        self.session.load_state_dict(state_dict)
-        units = state_dict.get("units")
-        if units:
-            self._units = [Unit.from_dict(unit) for unit in units]
-        self._monitor_state = state_dict.get("monitor")
+        """Restore what :meth:`state_dict` returned (the monitor state applies once it starts).
+
+        Raises:
+            ValueError: for a state this callback cannot read (damaged, or written by an
+                incompatible version), naming the callback and the checkpoint; nothing of it is
+                applied.
+        """
+        before = self.session.state_dict()
+        try:
+            if not isinstance(state_dict, dict):
+                raise TypeError(f"a {type(state_dict).__name__}, not a dict")
+            self.session.load_state_dict(state_dict)
+            units = state_dict.get("units")
+            loaded = [Unit.from_dict(unit) for unit in units] if units else None
+            monitor = state_dict.get("monitor")
+            if monitor is not None and not isinstance(monitor, dict):
+                raise TypeError(f"the monitor's state is a {type(monitor).__name__}")
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            self.session.load_state_dict(before)
+            raise ValueError(_messages.unreadable_state(self._checkpoint, error)) from error
+        if loaded:
+            self._units, self._units_model = loaded, None
+        self._monitor_state = monitor
         if self.monitor is not None:  # the checkpoint's counters replace a previous fit's
             self.monitor.detach()
             self.monitor = None
@@ -327,6 +355,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[Unit]
     ) -> None:
         self._units = list(units)  # never empty: an empty trace or selection stops earlier
+        self._units_model = weakref.ref(pl_module)
         state = self._monitor_state
         if self.monitor is not None:  # more units, or a later fit: take the counters over
             state = self.monitor.state_dict()
@@ -367,8 +396,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         """What the Trainer offers the session at this batch's end."""
 
         def log(metrics: dict[str, float]) -> None:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            failures = self.session.logger_failures
+            _loggers.log_metrics(trainer.loggers, metrics, trainer.global_step, failures)
             if not windows:
                 return
             # For EarlyStopping, ModelCheckpoint and ReduceLROnPlateau (logger=False: the
@@ -409,6 +438,32 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             steps_per_epoch=_trainer.steps_per_epoch(trainer),
             schedules=_trainer.trainer_schedules(trainer),
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a weak reference is not): a copy judges its units by parameter names."""
+        return {**self.__dict__, "_units_model": None}
+
+    def _same_model(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the known units belong to ``pl_module`` (a later fit may bring another).
+
+        Units from a checkpoint belong to any model that has all their parameters.
+        """
+        if self._units_model is not None:
+            return self._units_model() is pl_module
+        names = {name for name, _ in pl_module.named_parameters()}
+        missing = [p for unit in self._units or [] for p in unit.params if p not in names]
+        if missing:
+            message = _messages.checkpoint_units_missing(missing, type(pl_module).__name__)
+            self._notices.warn_once("units_missing", message)
+        return not missing
+
+    def _forget_units(self) -> None:
+        """Another model: its units are found again; the history and the events are kept."""
+        if self.monitor is not None:
+            self.monitor.detach()
+        self.monitor, self._monitor_state, self._units, self._units_model = None, None, None, None
+        self.advice, self.audit, self._reattach = None, [], False
+        self.session.new_model()
 
     def _shutdown(self) -> None:
         self._discovery.close()

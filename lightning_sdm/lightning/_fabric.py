@@ -59,6 +59,7 @@ from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport, SharedTrace, find_scale_invariant_units
+from lightning_sdm.lightning import _loggers
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
 from lightning_sdm.records import Granularity, UnitWindow
@@ -303,11 +304,14 @@ class FabricSphericalDynamics(SessionViews):
         windows, self._pending = self._pending + (monitor.pop_windows() if monitor else []), []
         if not windows or monitor is None:
             return
-        fabric = self.fabric
+        fabric, step = self.fabric, windows[-1].global_step
+        loggers = list(getattr(fabric, "loggers", None) or [])
+        failures = self.session.logger_failures
         host = Host(
-            global_step=windows[-1].global_step,
-            log=partial(fabric.log_dict, step=windows[-1].global_step) if fabric else _no_log,
-            loggers=list(getattr(fabric, "loggers", None) or []),
+            global_step=step,
+            # What fabric.log_dict does, each logger guarded as under the Trainer.
+            log=lambda metrics: _loggers.log_metrics(loggers, metrics, step, failures),
+            loggers=loggers,
             is_global_zero=bool(getattr(fabric, "is_global_zero", True)),
         )
         self.session.windows(monitor, windows, host)
@@ -324,10 +328,6 @@ class FabricSphericalDynamics(SessionViews):
             self.monitor.detach()
         for model in self._models:
             model.close()
-
-
-def _no_log(metrics: dict[str, float]) -> None:
-    """No Fabric to log to (``sdm_attach`` without one): the history keeps the windows."""
 
 
 def _updates(optimizer: Optimizer, param_ids: set[int]) -> bool:

@@ -332,6 +332,25 @@ def tensorboard_layout(
     return {"SDM per unit": per_unit, "SDM overview": overview}
 
 
+def log_metrics(
+    loggers: Iterable[Logger], metrics: Mapping[str, float], step: int, warned: set[str]
+) -> None:
+    """``logger.log_metrics(metrics, step)`` on every logger, each on its own.
+
+    A logger that raises (its directory deleted, a full disk, a W&B run already finished) is
+    reported once, with what is lost, and tried again at the next window: the other loggers, the
+    ``history`` and the training go on. A monitor must never turn a logging fault into a lost run.
+    """
+    for index, logger in enumerate(loggers):
+        try:
+            logger.log_metrics(dict(metrics), step=step)
+        except Exception as error:
+            key = f"log_metrics:{index}"
+            if key not in warned:
+                warned.add(key)
+                rank_zero_warn(_messages.logger_failed(type(logger).__name__, step, error))
+
+
 # ---------------------------------------------------------------------- internals
 
 

@@ -187,6 +187,11 @@ class Session:
             )
         return event_metrics(event, decays_of(action))
 
+    def new_model(self) -> None:
+        """Another model is monitored: the detector starts afresh (the history is kept)."""
+        self.detector.state.clear()
+        self.policy.entering(False)  # its quorum is not reached
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from lightning_sdm._messages import describe_event
 from lightning_sdm.actions._actions import DecayLR
 from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
-from tests.lightning.test_loggers import _wandb_records, wandb_offline  # noqa: F401 (fixture)
+from tests.lightning.test_loggers import _wandb_records
 
 # Strong weight decay and loose detector settings: events within a short CPU run (as in
 # tests/lightning/test_callback_actions.py); the point is where they go, not the detection.
@@ -36,7 +36,7 @@ def _fit(tmp_path, logger, **settings):
     return run, callback
 
 
-def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):  # noqa: F811
+def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), project="lightning-sdm-tests")
@@ -86,7 +86,7 @@ def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):  # noqa: F811
     assert run.global_step == 2 * 16
 
 
-def test_no_alerts_unless_asked(tmp_path, wandb_offline):  # noqa: F811
+def test_no_alerts_unless_asked(tmp_path, wandb_offline):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), project="lightning-sdm-tests")

@@ -303,26 +303,6 @@ def test_tensorboard_margin_chart_tags_are_exact_names_with_the_prefix():
 # ---------------------------------------------------------------------- Weights & Biases
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
-        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "data"),
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_X_DISABLE_STATS": "true",
-    }.items():
-        monkeypatch.setenv(key, value)
-    yield wandb
-    wandb.finish()
-
-
 def _wandb_records(path: Path, until: str, timeout: float = 30.0):
     """Records of a `.wandb` file, once it holds an `until` record.
 

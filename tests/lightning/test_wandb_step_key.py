@@ -14,7 +14,7 @@ from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_sdm.lightning import _loggers as integrations
-from tests.lightning.test_loggers import STEPS, _fit, _wandb_records, wandb_offline  # noqa: F401
+from tests.lightning.test_loggers import STEPS, _fit, _wandb_records
 
 UNIT = "net.0.weight"
 
