@@ -363,6 +363,13 @@ def check_arguments(
     prev: Sequence[Tensor], curr: Sequence[Tensor], dim: Dims, chunk_numel: int | None
 ) -> tuple[list[Tensor], list[Tensor], tuple[_Geometry, ...]]:
     """Validate the inputs; return the local tensors and their geometries."""
+    for name, value in (("prev", prev), ("curr", curr)):
+        if isinstance(value, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in value):
+            raise ValueError(
+                f"`{name}` must be a sequence of tensors (one entry per tensor), got "
+                f"{type(value).__name__}: pass [tensor], or use angular_update(prev, curr) for "
+                "a single tensor."
+            )
     prev, curr = list(prev), list(curr)
     if len(prev) != len(curr):
         raise ValueError(

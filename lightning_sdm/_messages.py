@@ -79,6 +79,18 @@ def window_too_long(error: Exception, every: int) -> str:
     )
 
 
+def scheduler_between_windows(key: str, frequency: int, every: int) -> str:
+    """A step-interval scheduler monitors a key that changes only when a window closes."""
+    return (
+        f"An LR scheduler monitors {key!r} with 'interval': 'step' and 'frequency': {frequency}, "
+        f"but SphericalDynamicsCallback sets it only when a window closes (every_n_steps={every}):"
+        " the scheduler would find it missing before the first window (Lightning stops the run) "
+        "or read the same value again between windows (ReduceLROnPlateau counts each as a step "
+        f"without improvement). Use 'frequency': {every} (or a multiple of it), or "
+        "'interval': 'epoch'."
+    )
+
+
 def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
     """The trace failed: the units are a registration-order guess."""
     return (

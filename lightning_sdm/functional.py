@@ -55,6 +55,7 @@ from lightning_sdm._engine import (
     all_reduce_if_sharded,
     check_arguments,
     compute,
+    is_dtensor,
     normalize_dim,
     plan_for,
 )
@@ -102,6 +103,7 @@ def angular_update(prev: Tensor, curr: Tensor, *, dim: int | None = None) -> Ten
         >>> angular_update(torch.eye(2), torch.tensor([[0.0, 1.0], [0.0, 2.0]]), dim=0)
         tensor([1.5708, 0.0000], dtype=torch.float64)
     """
+    prev, curr = _in_range(prev, curr)
     stats = angular_update_statistics([prev], [curr], dim=dim)
     stats = all_reduce_if_sharded(stats, prev)
     angles = angles_from_statistics(stats)
@@ -160,6 +162,27 @@ def angular_update_statistics(
         return torch.zeros(0, NUM_STATISTICS, dtype=torch.float64)
     plan = plan_for(geometries, chunk_numel, prev[0].device)
     return compute(plan, Workspace(plan), prev, curr, curr_is_delta)
+
+
+def _in_range(prev: Tensor, curr: Tensor) -> tuple[Tensor, Tensor]:
+    """Both tensors times one power of two that brings their largest entry near 1.
+
+    Angles do not depend on a common scale, and a power of two changes no mantissa: this only
+    keeps the float64 sums of squares finite and normal for entries near 1e+-200 (their squares
+    would overflow to Inf or underflow to 0). Weights in training never need it; it costs one
+    extra pass, so the monitor does not take it. DTensors are left as they are (their maximum
+    would take a collective).
+    """
+    if is_dtensor(prev) or prev.numel() == 0 or prev.shape != curr.shape:
+        return prev, curr  # nothing to scale, or an error for angular_update_statistics
+    largest = torch.maximum(prev.detach().abs().amax(), curr.detach().abs().amax()).double()
+    if not bool(torch.isfinite(largest)) or float(largest) == 0.0:
+        return prev, curr
+    exponent = int(torch.frexp(largest).exponent)
+    if -400 < exponent < 400:  # sums of up to 2^200 such squares stay finite and normal
+        return prev, curr
+    scale = 2.0**-exponent
+    return prev.double() * scale, curr.double() * scale
 
 
 def angles_from_statistics(stats: Tensor) -> Tensor:

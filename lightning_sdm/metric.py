@@ -94,7 +94,7 @@ class AngularUpdate(Metric):
     step_statistics: Tensor
 
     def __init__(self, dim: int | None = None, **kwargs: Any) -> None:
-        if dim is not None and not isinstance(dim, int):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise ValueError(f"`dim` must be None or an int, got {dim!r}.")
         super().__init__(**kwargs)
         self.dim = dim

@@ -75,7 +75,14 @@ class Unit:
             raise ValueError(
                 f"`params` must be a non-empty tuple of parameter names, got {self.params!r}."
             )
+        twice = sorted({p for p in params if params.count(p) > 1})
+        if twice:
+            raise ValueError(f"`params` names {twice[0]!r} twice; list each parameter once.")
         object.__setattr__(self, "params", params)
+        if not isinstance(self.channel_invariant, bool):
+            raise ValueError(
+                f"`channel_invariant` must be True or False, got {self.channel_invariant!r}."
+            )
         if isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int):
             raise ValueError(f"`channel_dim` must be an int, got {self.channel_dim!r}.")
         if self.source not in _SOURCES:
@@ -120,6 +127,11 @@ def check_params_spec(params: Any) -> ParamsSpec:
         return [params]
     if isinstance(params, Sequence) and params:
         items = list(params)
+        if "" in items:
+            raise ValueError(
+                "`params` holds an empty name ''; give parameter names, glob patterns or "
+                "'re:' regular expressions."
+            )
         if all(isinstance(p, str) and p for p in items):
             for pattern in items:
                 _compile(pattern)

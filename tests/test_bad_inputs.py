@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from lightning_sdm import AngularUpdate, SphericalDynamicsCallback, SphericalMonitor, Unit
+from lightning_sdm.actions import decay_param_groups, rescale_for_lr_decay
 from lightning_sdm.actions._actions import CallFunction, DecayLR
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
-from lightning_sdm.functional import angular_update
+from lightning_sdm.functional import angular_update, angular_update_statistics
 from lightning_sdm.lightning._plugin import settings_from_env
 
 _MODEL = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
@@ -129,6 +130,59 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: angular_update(torch.ones(2, 2), torch.ones(2, 2), dim=2),
         r"`dim`=2 is out of range",
     ),
+    # found by the reliability campaign (issue 22)
+    ("action class", _callback(on_equilibrium=DecayLR), r"`on_equilibrium=DecayLR` is a class"),
+    ("action other class", _callback(on_equilibrium=dict), r"`on_equilibrium=dict` is a class"),
+    ("params empty name", _callback(params=[""]), r"`params` holds an empty name"),
+    ("metric dim bool", lambda: AngularUpdate(dim=True), r"`dim`"),
+    (
+        "unit invariant str",
+        lambda: Unit("w", ("w",), channel_invariant="no"),
+        r"`channel_invariant`",
+    ),
+    ("unit param twice", lambda: Unit("w", ("w", "w")), r"`params` names 'w' twice"),
+    (
+        "monitor unit twice",
+        lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT, _UNIT], every_n_steps=4),
+        r"`units` holds '0.weight' twice",
+    ),
+    (
+        "monitor shared param",
+        lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT, Unit("bias", ("0.bias",))], every_n_steps=4),
+        r"parameter '0.bias' is in both",
+    ),
+    (
+        "statistics of a tensor",
+        lambda: angular_update_statistics(torch.ones(3, 2), torch.ones(3, 2)),
+        r"`prev` must be a sequence of tensors",
+    ),
+    ("decay_param_groups factor 0", lambda: decay_param_groups(_OPT, [0], 0.0, 0.0), r"`factor`"),
+    ("decay_param_groups min_lr -1", lambda: decay_param_groups(_OPT, [0], 0.5, -1.0), r"`min_lr`"),
+    (
+        "decay_param_groups index",
+        lambda: decay_param_groups(_OPT, [3], 0.5, 0.0),
+        r"`group_indices` holds 3",
+    ),
+    (
+        "decay_param_groups optimizer",
+        lambda: decay_param_groups("sgd", [0], 0.5, 0.0),
+        r"`optimizer`",
+    ),
+    (
+        "rescale exponent nan",
+        lambda: rescale_for_lr_decay(_OPT, [list(_MODEL[0].parameters())], 10.0, float("nan")),
+        r"`exponent`",
+    ),
+    (
+        "rescale decay 0",
+        lambda: rescale_for_lr_decay(_OPT, [list(_MODEL[0].parameters())], 0.0, 0.25),
+        r"`decay`",
+    ),
+    (
+        "rescale units flat",
+        lambda: rescale_for_lr_decay(_OPT, [_MODEL[0].weight], 10.0, 0.25),
+        r"`units` must hold",
+    ),
     # plugin (environment variables)
     (
         "env params regex",
@@ -161,3 +215,33 @@ def test_a_misspelt_plugin_variable_is_named_in_a_warning() -> None:
     # A warning, not an error: an unrelated variable with the prefix must not stop training.
     with pytest.warns(UserWarning, match=r"Ignoring unknown variable\(s\) LIGHTNING_SDM_WINDOWS"):
         assert settings_from_env({"LIGHTNING_SDM": "1", "LIGHTNING_SDM_WINDOWS": "8"}) == {}
+
+
+def test_refused_lr_control_calls_change_nothing() -> None:
+    weights = [p.detach().clone() for p in _MODEL.parameters()]
+    lrs = [group["lr"] for group in _OPT.param_groups]
+    for call in (
+        lambda: rescale_for_lr_decay(_OPT, [list(_MODEL[0].parameters())], 10.0, float("nan")),
+        lambda: decay_param_groups(_OPT, [0, 7], 0.5, 0.0),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, _MODEL.parameters()))
+    assert [group["lr"] for group in _OPT.param_groups] == lrs
+
+
+@pytest.mark.parametrize(("ncols", "dpi", "message"), [(0, 100, "`ncols`"), (2, -1, "`dpi`")])
+def test_plot_run_refuses_a_bad_layout_before_reading(tmp_path, ncols, dpi, message) -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_sdm.report import plot_run
+
+    with pytest.raises(ValueError, match=message):  # before the (missing) run is read
+        plot_run(tmp_path / "no_such_run", ncols=ncols, dpi=dpi)
+
+
+def test_two_lambdas_are_two_actions_with_their_own_state_keys() -> None:
+    first, second = (lambda t, m, e: None), (lambda t, m, e: None)
+    keys = {SphericalDynamicsCallback(on_equilibrium=f).state_key for f in (first, second)}
+    assert len(keys) == 2
+    again = SphericalDynamicsCallback(on_equilibrium=first).state_key
+    assert again in keys  # stable for the same function (a resumed run finds its state)

@@ -190,3 +190,23 @@ def test_no_autograd_graph_and_inputs_untouched():
     angle = angular_update(prev, curr)
     assert not angle.requires_grad
     assert torch.equal(prev.detach(), before[0]) and torch.equal(curr.detach(), before[1])
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e200, 1e300])
+def test_float64_weights_of_extreme_norm_keep_their_angle(scale):
+    # Their squares would overflow (or underflow) float64: a power-of-two rescale is exact.
+    generator = torch.Generator().manual_seed(3)
+    prev = torch.randn(1000, dtype=torch.float64, generator=generator)
+    curr = rotated(prev, 0.3, 1.01, generator)
+    expected = reference_angle(prev, curr)
+    assert angular_update(prev * scale, curr * scale).item() == pytest.approx(expected, rel=1e-12)
+    per_row = angular_update(
+        (prev * scale).reshape(10, 100), (curr * scale).reshape(10, 100), dim=0
+    )
+    assert torch.allclose(
+        per_row,
+        torch.tensor(
+            reference_angles(prev.reshape(10, 100), curr.reshape(10, 100), 0), dtype=torch.float64
+        ),
+        rtol=1e-12,
+    )

@@ -25,6 +25,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -368,7 +369,7 @@ class CallFunction(EquilibriumAction):
         return replace(event, action=self.name)
 
     def __repr__(self) -> str:
-        return f"CallFunction({_label(self.function)})"
+        return f"CallFunction({_identity(self.function)})"
 
 
 #: The string shortcuts of ``on_equilibrium``.
@@ -395,6 +396,16 @@ def as_action(spec: ActionName | EquilibriumAction | Callable[..., Any]) -> Equi
                 f"callable (trainer, pl_module, event); got {spec!r}."
             )
         return ACTIONS[spec]()
+    if isinstance(spec, type):
+        name = spec.__name__
+        action = issubclass(spec, EquilibriumAction)
+        shortcut = getattr(spec, "name", None) if action else None
+        shortcut = shortcut if shortcut in ACTIONS else None
+        raise ValueError(
+            f"`on_equilibrium={name}` is a class; pass "
+            + (f"an instance, `{name}()`" if action else "a callable or an action instance")
+            + (f", or the string {shortcut!r}." if shortcut else ".")
+        )
     if callable(spec):
         return CallFunction(spec)
     raise ValueError(
@@ -438,3 +449,22 @@ def _time_constant_after(context: ActionContext, decay: float) -> int:
 
 def _label(function: Any) -> str:
     return getattr(function, "__qualname__", None) or repr(function)
+
+
+def _identity(function: Any) -> str:
+    """The function's name, and where it is defined: two lambdas are two different actions.
+
+    The label keys the callback's state (``state_key``), so it must differ between different
+    functions yet stay the same across processes (a resumed run): the module, the qualified
+    name and the first line of the source, not the object's id.
+    """
+    name = getattr(function, "__qualname__", None) or repr(function)
+    code = getattr(function, "__code__", None)
+    module = getattr(function, "__module__", None)
+    if code is None:
+        return f"{module}.{name}" if module else name
+    where = f"{Path(code.co_filename).name}:{code.co_firstlineno}"
+    positions = getattr(code, "co_positions", None)  # Python 3.11+: two lambdas on one line
+    columns = [p[2] for p in positions() if p[2]] if positions else []  # 0: the preamble
+    column = min(columns) if columns else None
+    return f"{module}.{name}@{where}" + (f":{column}" if column is not None else "")

@@ -17,6 +17,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as schedulers
 
+from lightning_sdm._checks import check_fraction, check_number
+
 __all__ = [
     "check_schedulers_supported",
     "decay_param_groups",
@@ -65,10 +67,30 @@ def decay_param_groups(
 ) -> list[tuple[float, float]]:
     """Multiply the LR schedule of some param groups by ``factor``, never below ``min_lr``.
 
+    Args:
+        optimizer: the optimizer whose groups are decayed.
+        group_indices: indices into ``optimizer.param_groups``.
+        factor: the LR multiplier, in (0, 1).
+        min_lr: no LR goes below it, >= 0.
+        scheduler_list: the LR schedulers, scaled along (``check_schedulers_supported``).
+
     Returns:
         ``(old_lr, new_lr)`` per group index, in order. A group already at or below ``min_lr``
         is left unchanged.
+
+    Raises:
+        ValueError: for an argument out of range (the message names it).
     """
+    _check_optimizer(optimizer)
+    check_fraction("factor", factor)
+    check_number("min_lr", min_lr, low=0.0, low_open=False)
+    count = len(optimizer.param_groups)
+    for index in group_indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise ValueError(
+                f"`group_indices` holds {index!r}; the optimizer has {count} param group(s): "
+                f"use indices in [0, {count - 1}]."
+            )
     changes = []
     related = [s for s in _flatten(scheduler_list) if getattr(s, "optimizer", None) is optimizer]
     for index in group_indices:
@@ -116,7 +138,24 @@ def rescale_for_lr_decay(
 
     Returns:
         The factor ``c`` the weights were multiplied by.
+
+    Raises:
+        ValueError: for an argument out of range (the message names it); nothing is changed.
     """
+    _check_optimizer(optimizer)
+    check_number("decay", decay, low=0.0)
+    check_number("exponent", exponent, low=0.0, high=1.0, low_open=False, high_open=False)
+    units = [params if isinstance(params, torch.Tensor) else list(params) for params in units]
+    for params in units:
+        if isinstance(params, torch.Tensor) or not params:
+            bad = True  # a bare tensor would be read row by row
+        else:
+            bad = not all(isinstance(p, torch.Tensor) for p in params)
+        if bad:
+            raise ValueError(
+                "`units` must hold each unit's parameters as a sequence of tensors (a weight, "
+                f"and the bias before its norm), got {params!r}."
+            )
     scale = decay**-exponent
     with torch.no_grad():
         for params in units:
@@ -125,6 +164,13 @@ def rescale_for_lr_decay(
 
 
 # ---------------------------------------------------------------------- internals
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(
+            f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
 
 
 def _flatten(scheduler_list: Iterable[Any]) -> list[Any]:

@@ -207,6 +207,15 @@ class SphericalDynamicsCallback(SessionViews, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check that the action can be carried out with these optimizers and schedulers."""
         self.policy.action.setup(trainer.optimizers, _trainer.lr_schedulers(trainer))
+        every = self.config.every_n_steps
+        assert every is not None  # resolved in setup
+        for config in trainer.lr_scheduler_configs:
+            monitored = config.monitor or ""
+            stale = config.interval == "step" and config.frequency % every != 0
+            if monitored.startswith(Keys.PREFIX) and stale:
+                raise MisconfigurationException(
+                    _messages.scheduler_between_windows(monitored, config.frequency, every)
+                )
 
     @override
     def on_train_batch_start(

@@ -126,6 +126,7 @@ class SphericalMonitor:
             raise ValueError(
                 f"`units` must hold lightning_sdm.Unit objects, got {type(bad[0]).__name__}."
             )
+        _check_distinct(unit_list)
         self.config = config
         self.sync_on_compute = sync_on_compute
         # Units moved to another param group while monitored: name -> (old, new) group index.
@@ -582,6 +583,23 @@ def _bind(method: Callable[[_OptimizerWatch], None], watch: _OptimizerWatch) -> 
 def orthogonality_threshold(tensors: Sequence[Tensor], tolerance: float) -> float:
     """``tolerance / sqrt(n)`` for a unit of ``n`` elements (global ones for sharded tensors)."""
     return tolerance / math.sqrt(max(sum(t.numel() for t in tensors), 1))
+
+
+def _check_distinct(units: Sequence[Unit]) -> None:
+    """Each unit once, each parameter in one unit: else every window would count twice."""
+    owner: dict[str, str] = {}
+    names: set[str] = set()
+    for unit in units:
+        if unit.name in names:
+            raise ValueError(f"`units` holds {unit.name!r} twice; give each unit once.")
+        names.add(unit.name)
+        for param in unit.params:
+            if param in owner:
+                raise ValueError(
+                    f"`units`: parameter {param!r} is in both {owner[param]!r} and "
+                    f"{unit.name!r}; a parameter belongs to one unit."
+                )
+            owner[param] = unit.name
 
 
 def _summarize(values: Tensor) -> dict[str, float]:

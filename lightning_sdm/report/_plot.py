@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightning_sdm._checks import check_integer, check_number
 from lightning_sdm.keys import REGIME_CODES, Keys
 from lightning_sdm.report._rundata import (
     RunData,
@@ -158,11 +159,15 @@ def plot_run(
     Raises:
         ImportError: without matplotlib.
         RunDataError: a source that cannot be read, or ``units`` that match no unit.
+        ValueError: for ``ncols``, ``dpi`` or ``max_unit_panels`` out of range (named).
     """
+    check_integer("ncols", ncols, 1)
+    check_number("dpi", dpi, low=0.0)
+    check_integer("max_unit_panels", max_unit_panels, 1, allow_none=True)
     figure_class = _figure_class()
     data = as_run(run)
     selected = select_units(data, units)
-    drawn = selected if max_unit_panels is None else selected[: max(max_unit_panels, 0)]
+    drawn = selected if max_unit_panels is None else selected[:max_unit_panels]
     if len(drawn) < len(selected):
         warnings.warn(
             f"{len(selected)} units: the figure has the panels of the first {len(drawn)} (its "

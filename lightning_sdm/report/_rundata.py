@@ -668,6 +668,8 @@ class _Columns:
             warnings.warn(f"skipped {text}", RunDataWarning, stacklevel=3)
         result = {}
         for column in self.others:
+            if column not in self.present:  # no row at all (a header only: killed before a flush)
+                continue
             values, present = self.values[column], np.asarray(self.present.pop(column), bool)
             if len(values):
                 steps = self.steps if present.all() else np.asarray(self.steps)[present]

@@ -280,6 +280,42 @@ def test_reduce_lr_on_plateau_on_an_sdm_key(tmp_path) -> None:
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
+def _plateau_per_step(frequency: int) -> BNNet:
+    class Plateau(BNNet):
+        def configure_optimizers(self) -> Any:
+            optimizer = super().configure_optimizers()
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=0, factor=0.5, threshold=10.0
+            )
+            scheduler = {
+                "scheduler": plateau,
+                "monitor": "sdm/angular_update_ratio",
+                "interval": "step",
+                "frequency": frequency,
+            }
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    return Plateau()
+
+
+def test_reduce_lr_on_plateau_per_step_reads_each_window_once(tmp_path) -> None:
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[sdm], max_steps=12)
+    run.fit(_plateau_per_step(frequency=4), loader(noisy_classification_data()))
+    # Windows at steps 4, 8 and 12; none improves by 1000%: halved after the 2nd and the 3rd.
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_reduce_lr_on_plateau_between_windows_is_refused_with_the_fix(tmp_path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[sdm], max_steps=12)
+    with pytest.raises(MisconfigurationException, match=r"Use 'frequency': 4 \(or a multiple"):
+        run.fit(_plateau_per_step(frequency=1), loader(noisy_classification_data()))
+    assert run.global_step == 0  # refused before the first step, not at it
+
+
 def test_a_scheduler_that_raises_ahead_is_sampled_up_to_there():
     """A resumed OneCycleLR sampled for the whole budget used to crash the resumed fit."""
     from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates

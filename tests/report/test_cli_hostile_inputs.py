@@ -195,6 +195,18 @@ def test_rows_with_absurd_steps_are_skipped_with_one_warning(tmp_path: Path, cap
     assert "step" in err and "metrics.csv" in err
 
 
+def test_a_metrics_csv_with_only_its_header_is_a_run_without_windows(tmp_path: Path, capsys):
+    # A run killed before the CSVLogger's first flush: the header, no row.
+    run_dir = tmp_path / "logs" / "version_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text(
+        "epoch,sdm/angular_update/net.0.weight,sdm/angular_update_theory/net.0.weight,step\n"
+    )
+    err = error(capsys, "report", tmp_path / "logs", "-o", tmp_path / "r.png")
+    assert "unexpected" not in err and "please report" not in err
+    assert "No sdm/ keys" in err and "did a window close" in err
+
+
 def test_huge_and_infinite_values_are_drawn_and_shown(tmp_path: Path, capsys):
     rows = sdm_rows(["net.0.weight", "net.1.weight"])
     rows[-2].update(unit_columns("net.0.weight", au=1e308, theory=float("inf"), norm=-1e308))
