@@ -46,7 +46,9 @@ Limitations:
     * One pass is seen: a branch not taken (data-dependent control flow) is not analysed, and its
       parameters are reported as unused. Control flow that depends on a scaled value (other than
       its sign) rejects the unit.
-    * Scale invariance ignores the ``eps`` of the norms (the usual convention).
+    * Scale invariance ignores the ``eps`` of the norms (the usual convention), also of a norm
+      written by hand (``h * rsqrt(mean(h**2) + eps)``, ``x / (std + eps)``: a small constant on
+      its way into the root or the divisor); a constant anywhere else is a shift.
     * A norm's own affine parameters and embedding tables are rejected by role, not analysed.
     * A unit is rejected at the first operation that is not positively homogeneous, even if its
       result were later discarded. A constant added right before a mean-subtracting norm is

@@ -34,9 +34,22 @@ class _Scaled:
 
     degree: float
     axis: int | None = None
+    #: Plus a small positive constant: a normalization's ``eps`` (``var + eps``), allowed only on
+    #: its way into the root or the division that normalizes (see ``_EPS_CONSUMERS``).
+    shifted: bool = False
 
 
 _State = _Scaled | None
+
+#: Ops that may take a value shifted by an eps: casts and copies (HF's RMSNorm computes in
+#: float32), the root, the reciprocal, and a division by it. Whatever else meets it breaks, as
+#: any constant added before a normalization does. The convention is the norms' own: the
+#: ``eps`` of ``nn.LayerNorm``/``nn.RMSNorm`` is ignored, so the same ``eps`` written by hand is.
+_EPS_CONSUMER_NAMES = (
+    "float double half bfloat16 to type type_as clone contiguous detach expand expand_as "
+    "broadcast_to pow __pow__ float_power sqrt rsqrt reciprocal div __truediv__ divide true_divide"
+)
+_EPS_CONSUMERS = frozenset(_EPS_CONSUMER_NAMES.split())
 
 
 class _Break(Exception):
@@ -155,6 +168,12 @@ class _Analysis:
     def _transfer(self, node: _Node, state: dict[int, _Scaled]) -> _Step:
         if not any(vid in state for vid in node.inputs):
             return _Step([None] * len(node.outputs))
+        shifted = any(state[vid].shifted for vid in node.inputs if vid in state)
+        if shifted and (node.module is not None or node.op not in _EPS_CONSUMERS):
+            raise _Break(
+                f"is shifted by a constant before any normalization (then used by {node.label}; "
+                "a small constant is ignored only as an eps inside a normalization's root)"
+            )
         if node.module is not None:
             return self._module_rule(node, state)
         rule = self.rules.get(node.op)

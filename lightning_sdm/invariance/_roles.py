@@ -75,6 +75,17 @@ class _Roles:
                         ndim = len(graph.values[operand.vid].shape)
                         if ndim >= 2:
                             roles.add(name, None, ndim - offset)
+            elif node.op.rstrip("_") in ("addmm", "baddbmm", "addbmm"):
+                # beta * bias + mat1 @ mat2 (GPT-2's Conv1D: x @ W with W of shape [in, out]).
+                bias = name_of(_arg(node, 0, "input"))
+                for index, key, offset in ((2, "mat2", 1), (1, "mat1", 2)):
+                    operand = _arg(node, index, key)
+                    name = name_of(operand)
+                    if name is not None and isinstance(operand, _Ref):
+                        ndim = len(graph.values[operand.vid].shape)
+                        if ndim >= 2:
+                            roles.add(name, bias, ndim - offset)
+                            break
             elif node.op in _NORM_FUNCTIONS:
                 for key, index in _NORM_FUNCTIONS[node.op].items():
                     name = name_of(_arg(node, index, key))

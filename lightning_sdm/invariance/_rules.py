@@ -169,7 +169,8 @@ def _expand(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     scaled = an._st(state, x)
     if scaled is None or scaled.axis is None:
         return an._fill(node, scaled)
-    return an._fill(node, _Scaled(scaled.degree, scaled.axis + an._out_ndim(node) - an._ndim(x)))
+    axis = scaled.axis + an._out_ndim(node) - an._ndim(x)
+    return an._fill(node, _Scaled(scaled.degree, axis, scaled.shifted))
 
 
 _SLICES = "__getitem__ narrow select index_select chunk split split_with_sizes tensor_split unbind"
@@ -322,6 +323,10 @@ def _product(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if divide and _arg(node, 2, "rounding_mode") is not None:
         raise _Break(_not_homogeneous(node))
     sa, sb = an._st(state, a), an._st(state, b)
+    if (sa is not None and sa.shifted) or (sb is not None and sb.shifted and not divide):
+        raise _Break(f"is shifted by a constant ({node.label}) before any normalization")
+    if sb is not None and sb.shifted:  # x / (std + eps): the eps of a hand-written norm
+        sb = _Scaled(sb.degree, sb.axis)
     sign = -1.0 if divide else 1.0
     out_ndim = an._out_ndim(node)
     if sa is not None and sb is not None:
@@ -354,11 +359,27 @@ def _sum(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
             return an._fill(node, _Scaled(sa.degree, axes.pop()))
         raise _Break(_added(node, "a tensor scaled differently"))
     other = b if sa is not None else a
+    scaled = sa if sa is not None else sb
     if _is_zero(other):
-        return an._fill(node, sa if sa is not None else sb)
+        return an._fill(node, scaled)
     if isinstance(other, _Ref):
         raise _Break(_added(node))
+    subtract = node.op.strip("_").rstrip("_") in ("sub", "subtract", "rsub")
+    assert scaled is not None
+    if _is_eps(other) and scaled.degree > 0 and not subtract and not scaled.shifted:
+        # `var + eps` in a hand-written norm: followed by its root or a division, or nothing.
+        return an._fill(node, _Scaled(scaled.degree, scaled.axis, shifted=True))
     raise _Break(f"is shifted by a constant ({node.label}) before any normalization")
+
+
+#: The largest constant read as a normalization's eps (PyTorch's norms default to 1e-5, HF's
+#: RMSNorm to 1e-6; some Gemma and T5 copies use 1e-3).
+_MAX_EPS = 1e-2
+
+
+def _is_eps(value: Any) -> bool:
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return real and 0 < value <= _MAX_EPS
 
 
 @_rule(
@@ -375,6 +396,8 @@ def _power(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     exponent = fixed.get(op, _arg(node, 1, "exponent"))
     if scaled is None or isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
         raise _Break(_not_homogeneous(node))
+    if scaled.shifted and not (exponent < 0 or 0 < exponent < 1):  # a root or a reciprocal
+        raise _Break(f"is shifted by a constant ({node.label}) before any normalization")
     return an._fill(node, _Scaled(scaled.degree * float(exponent), scaled.axis))
 
 
@@ -486,28 +509,83 @@ def _matmul(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
     if node.op == "__rmatmul__":
         a, b = b, a
+    return an._fill(node, _product_state(an, node, state, a, b))
+
+
+def _product_state(
+    an: _Analysis, node: _Node, state: dict[int, _Scaled], a: Any, b: Any
+) -> _Scaled | None:
+    """The state of ``a @ b`` (``None``: neither operand is scaled)."""
     sa, sb = an._st(state, a), an._st(state, b)
     nd_a, nd_b, nd_out = an._ndim(a), an._ndim(b), an._out_ndim(node)
     if sa is not None and sb is not None:
         if sa.axis is None and sb.axis is None:
-            return an._fill(node, _Scaled(sa.degree + sb.degree))
+            return _Scaled(sa.degree + sb.degree)
         _raise(node)
     if sa is not None:
         if sa.axis is None:
-            return an._fill(node, sa)
+            return sa
         if nd_a >= 2 and nd_b >= 2 and sa.axis == nd_a - 2:
-            return an._fill(node, _Scaled(sa.degree, nd_out - 2))
+            return _Scaled(sa.degree, nd_out - 2)
         if nd_a >= 3 and nd_b >= 2 and sa.axis < nd_a - 2:
-            return an._fill(node, _Scaled(sa.degree, sa.axis + nd_out - nd_a))
+            return _Scaled(sa.degree, sa.axis + nd_out - nd_a)
         _raise(node)
-    assert sb is not None
+    if sb is None:
+        return None
     if sb.axis is None:
-        return an._fill(node, sb)
+        return sb
     if nd_b >= 2 and sb.axis == nd_b - 1:
-        return an._fill(node, _Scaled(sb.degree, nd_out - 1))
+        return _Scaled(sb.degree, nd_out - 1)
     if nd_b >= 3 and nd_a >= 2 and sb.axis < nd_b - 2:
-        return an._fill(node, _Scaled(sb.degree, sb.axis + nd_out - nd_b))
-    return _raise(node)
+        return _Scaled(sb.degree, sb.axis + nd_out - nd_b)
+    _raise(node)
+    return None
+
+
+@_rule("addmm", "addmm_", "baddbmm", "baddbmm_", "addbmm", "addbmm_")
+def _addmm(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
+    """``beta * input + alpha * (mat1 @ mat2)`` (GPT-2's ``Conv1D``): a linear map and its bias."""
+    bias, a, b = _arg(node, 0, "input"), _arg(node, 1, "mat1"), _arg(node, 2, "mat2")
+    beta, alpha = _arg(node, 3, "beta", 1), _arg(node, 4, "alpha", 1)
+    if node.op.startswith("addbmm"):  # sums over the batch: channels of a batch are mixed
+        scaled = [state[vid] for vid in node.inputs if vid in state]
+        if any(s.axis is not None for s in scaled):
+            _raise(node)
+    for factor in (beta, alpha):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+            raise _Break(_not_homogeneous(node))
+    product = _product_state(an, node, state, a, b) if alpha != 0 else None
+    shift = an._st(state, bias) if beta != 0 else None
+    if product is None and shift is None:
+        return _Step([None] * len(node.outputs))
+    if product is not None and shift is not None:
+        axes = {product.axis, _output_axis(an, node, bias, shift)}
+        if product.degree == shift.degree and len(axes) == 1:
+            return an._fill(node, product)
+        raise _Break(_added(node, "a tensor scaled differently"))
+    if beta != 0 and not _is_zero(bias):  # the bias, or the product, does not scale
+        raise _Break(_added(node))
+    return an._fill(node, product if product is not None else shift)
+
+
+@_rule("scaled_dot_product_attention")
+def _attention(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
+    """``softmax(q k^T / s) v``: homogeneous in ``v``; ``q``, ``k`` and the mask are not.
+
+    A channel set of ``v`` (its features, or its heads) stays one of the output.
+    """
+    q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+    mask = _arg(node, 3, "attn_mask")
+    if any(an._st(state, x) is not None for x in (q, k, mask)):
+        raise _Break(f"goes through the softmax of {node.label} (scaled_dot_product attention)")
+    scaled = an._st(state, v)
+    assert scaled is not None
+    if scaled.axis is None:
+        return an._fill(node, scaled)
+    nd_v, nd_out = an._ndim(v), an._out_ndim(node)
+    if scaled.axis == nd_v - 2:  # the sequence: weighted sums mix its positions
+        _raise(node)
+    return an._fill(node, _Scaled(scaled.degree, scaled.axis + nd_out - nd_v))
 
 
 @_rule("einsum")
