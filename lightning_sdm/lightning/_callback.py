@@ -443,7 +443,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             module=trainer.lightning_module,
             monitor=monitor,
             report=self.report,
-            budget=_trainer.budget_of(trainer),
+            budget=_trainer.optimizer_budget(trainer),  # each optimizer's own steps
             steps_per_epoch=_trainer.steps_per_epoch(trainer),
             schedules=_trainer.trainer_schedules(trainer),
         )

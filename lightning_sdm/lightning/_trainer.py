@@ -10,6 +10,8 @@ from lightning_sdm.advice._schedule import ScheduledLR
 
 __all__ = [
     "budget_of",
+    "optimizer_budget",
+    "stepping_optimizers",
     "lr_schedulers",
     "param_group_count",
     "param_groups",
@@ -19,7 +21,11 @@ __all__ = [
 
 
 def budget_of(trainer: Any) -> int | None:
-    """The training budget in global steps, if the Trainer knows it (finite); duck-typed.
+    """The training budget in global steps (Lightning's clock), if known and finite.
+
+    Lightning's global step counts the steps of every optimizer: under manual optimization
+    with several optimizers that each step once per batch (a GAN), it is that many times the
+    number of batches. See :func:`optimizer_budget`.
 
     Example::
 
@@ -28,11 +34,49 @@ def budget_of(trainer: Any) -> int | None:
         >>> budget_of(Run()), budget_of(object())
         (880, None)
     """
+    per_optimizer = optimizer_budget(trainer)
+    return None if per_optimizer is None else per_optimizer * stepping_optimizers(trainer)
+
+
+def optimizer_budget(trainer: Any) -> int | None:
+    """The budget of each optimizer in its own steps, if known and finite.
+
+    ``estimated_stepping_batches`` counts batches (one optimizer step each), capped by
+    ``max_steps``, which counts global steps: with ``n`` optimizers stepping once per batch,
+    ``max_steps`` allows ``max_steps // n`` steps of each.
+
+    Example::
+
+        >>> class Gan:  # 10 epochs of 4 batches, max_steps=60, two optimizers (manual)
+        ...     estimated_stepping_batches, max_steps = 40, 60
+        ...     optimizers = ["generator", "discriminator"]
+        ...     class lightning_module:
+        ...         automatic_optimization = False
+        >>> optimizer_budget(Gan()), budget_of(Gan())
+        (30, 60)
+    """
     try:
         total = trainer.estimated_stepping_batches
     except Exception:  # no Trainer, an iterable dataset without a length, ...
         return None
-    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
+    if not isinstance(total, (int, float)) or not math.isfinite(total):
+        return None
+    count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
+    if count > 1 and isinstance(max_steps, int) and max_steps >= 0:
+        return min(int(total), max_steps // count)
+    return int(total)
+
+
+def stepping_optimizers(trainer: Any) -> int:
+    """Optimizer steps per batch: every optimizer under manual optimization, else one.
+
+    Lightning's automatic optimization takes one optimizer; a manual loop with several steps
+    each of them once per batch in the usual case (a GAN), which is assumed here.
+    """
+    module = getattr(trainer, "lightning_module", None)
+    optimizers = list(getattr(trainer, "optimizers", None) or [])
+    manual = module is not None and not getattr(module, "automatic_optimization", True)
+    return len(optimizers) if manual and len(optimizers) > 1 else 1
 
 
 def trainer_schedules(trainer: Any) -> list[ScheduledLR]:

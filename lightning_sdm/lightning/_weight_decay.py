@@ -33,9 +33,10 @@ from typing_extensions import override
 from lightning_sdm import _messages
 from lightning_sdm.advice._schedule import sample_learning_rates
 from lightning_sdm.lightning._trainer import (
-    budget_of,
+    optimizer_budget,
     param_group_count,
     param_groups,
+    stepping_optimizers,
     steps_per_epoch,
     trainer_schedules,
 )
@@ -208,10 +209,11 @@ def _monitoring_callback(trainer: pl.Trainer) -> Any | None:
 
 def _schedule_peaks(trainer: pl.Trainer) -> dict[tuple[int, int], float]:
     """The largest LR of every group over the run, sampled ahead on copies of the schedulers."""
-    budget = budget_of(trainer)
+    budget = optimizer_budget(trainer)  # each optimizer's own steps
     peaks: dict[tuple[int, int], float] = {}
     if budget is not None and budget > 0:  # from the schedulers' state now
-        total = budget - int(getattr(trainer, "global_step", 0))
+        done = int(getattr(trainer, "global_step", 0)) // stepping_optimizers(trainer)
+        total = budget - done
     else:  # no budget (max_steps=-1 and no epoch limit): a horizon that covers warm-ups
         total = UNKNOWN_BUDGET_HORIZON
     per_epoch, schedules = steps_per_epoch(trainer), trainer_schedules(trainer)
