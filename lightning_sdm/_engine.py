@@ -7,10 +7,11 @@ Private machinery; the public functions and the conventions are documented in
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -364,7 +365,9 @@ def check_arguments(
 ) -> tuple[list[Tensor], list[Tensor], tuple[_Geometry, ...]]:
     """Validate the inputs; return the local tensors and their geometries."""
     for name, value in (("prev", prev), ("curr", curr)):
-        if isinstance(value, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in value):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, torch.Tensor) for t in value
+        ):
             raise ValueError(
                 f"`{name}` must be a sequence of tensors (one entry per tensor), got "
                 f"{type(value).__name__}: pass [tensor], or use angular_update(prev, curr) for "
@@ -503,12 +506,22 @@ class BatchedStatistics:
 
 
 def _broadcast_dims(dim: Dims, count: int) -> list[int | None]:
-    if dim is None or isinstance(dim, int):
-        return [dim] * count
-    dims = list(dim)
+    if dim is None or _is_index(dim):
+        return [None if dim is None else int(dim)] * count  # type: ignore[arg-type]
+    if not isinstance(dim, (list, tuple)) or not all(d is None or _is_index(d) for d in dim):
+        raise ValueError(
+            f"`dim` must be None, an int, or one of them per tensor, got {dim!r} (a bool is not "
+            "a dimension)."
+        )
+    dims = [None if d is None else int(d) for d in dim]
     if len(dims) != count:
         raise ValueError(f"`dim` must be one value or one per tensor ({count}), got {len(dims)}.")
     return dims
+
+
+def _is_index(value: Any) -> bool:
+    """An integer, numpy's included; not a bool (``dim=True`` is a mistake, not dimension 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -519,6 +532,8 @@ def normalize_dim(dim: int, ndim: int) -> int:
 
 def _geometry(prev: Tensor, curr: Tensor, dim: int | None) -> _Geometry:
     for tensor in (prev, curr):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"`prev` and `curr` must hold tensors, got {type(tensor).__name__}.")
         if tensor.is_complex() or not tensor.is_floating_point():
             raise ValueError(
                 f"angular updates are defined for real floating-point tensors, got {tensor.dtype} "

@@ -77,6 +77,9 @@ class MonitorConfig:
         check_integer("window", self.window, 1)
         check_integer("horizon", self.horizon, 1)
         check_integer("verify_steps", self.verify_steps, 0)
+        for name in ("every_n_steps", "window", "horizon", "verify_steps"):  # numpy ints too
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else int(value))
         check_number(
             "orthogonality_tolerance",
             self.orthogonality_tolerance,

@@ -37,6 +37,7 @@ Conventions:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -103,8 +104,16 @@ def angular_update(prev: Tensor, curr: Tensor, *, dim: int | None = None) -> Ten
         >>> angular_update(torch.eye(2), torch.tensor([[0.0, 1.0], [0.0, 2.0]]), dim=0)
         tensor([1.5708, 0.0000], dtype=torch.float64)
     """
+    for name, value in (("prev", prev), ("curr", curr)):
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"`{name}` must be a tensor, got {type(value).__name__} (for several tensors: "
+                "angular_update_statistics)."
+            )
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
+        raise ValueError(f"`dim` must be None or an int, got {dim!r}.")
     prev, curr = _in_range(prev, curr)
-    stats = angular_update_statistics([prev], [curr], dim=dim)
+    stats = angular_update_statistics([prev], [curr], dim=None if dim is None else int(dim))
     stats = all_reduce_if_sharded(stats, prev)
     angles = angles_from_statistics(stats)
     return angles.reshape(()) if dim is None else angles
@@ -157,6 +166,8 @@ def angular_update_statistics(
                 [2., 2., 2., 1.],
                 [4., 0., 0., 1.]], dtype=torch.float64)
     """
+    if not isinstance(curr_is_delta, bool):
+        raise ValueError(f"`curr_is_delta` must be True or False, got {curr_is_delta!r}.")
     prev, curr, geometries = check_arguments(prev, curr, dim, chunk_numel)
     if not geometries:
         return torch.zeros(0, NUM_STATISTICS, dtype=torch.float64)
@@ -173,8 +184,9 @@ def _in_range(prev: Tensor, curr: Tensor) -> tuple[Tensor, Tensor]:
     extra pass, so the monitor does not take it. DTensors are left as they are (their maximum
     would take a collective).
     """
-    if is_dtensor(prev) or prev.numel() == 0 or prev.shape != curr.shape:
-        return prev, curr  # nothing to scale, or an error for angular_update_statistics
+    plain = prev.dtype == curr.dtype == torch.float64 and not is_dtensor(prev)
+    if not plain or prev.numel() == 0 or prev.shape != curr.shape:
+        return prev, curr  # nothing to scale (float32 cannot reach 1e+-200), or an error later
     largest = torch.maximum(prev.detach().abs().amax(), curr.detach().abs().amax()).double()
     if not bool(torch.isfinite(largest)) or float(largest) == 0.0:
         return prev, curr

@@ -133,8 +133,10 @@ class AngularUpdate(Metric):
         """
         if isinstance(incoming_state, AngularUpdate):
             incoming = incoming_state.step_statistics
-        elif isinstance(incoming_state, Mapping) and "step_statistics" in incoming_state:
-            incoming = torch.as_tensor(incoming_state["step_statistics"])
+        elif isinstance(incoming_state, Mapping) and isinstance(
+            incoming_state.get("step_statistics"), Tensor
+        ):
+            incoming = incoming_state["step_statistics"]
         else:
             raise ValueError(
                 "`incoming_state` must be an AngularUpdate or a dict with its `step_statistics`, "
@@ -198,6 +200,11 @@ class AngularUpdate(Metric):
         if statistics is not None:
             if prev is not None or curr is not None:
                 raise ValueError("Pass either `prev` and `curr`, or `statistics`, not both.")
+            if not isinstance(statistics, Tensor):
+                raise ValueError(
+                    f"`statistics` must be a tensor of shape [units, {NUM_STATISTICS}], got "
+                    f"{type(statistics).__name__}."
+                )
             if statistics.dim() != 2 or statistics.shape[1] != NUM_STATISTICS:
                 raise ValueError(
                     f"`statistics` must have shape [units, {NUM_STATISTICS}], "
@@ -222,6 +229,12 @@ class AngularUpdate(Metric):
     def compute(self) -> dict[str, Tensor]:
         """RMS, mean and last angle, weight norm, and step count; see the class docstring."""
         stats = self.step_statistics
+        if stats.dim() != 3 or stats.shape[-1] != NUM_STATISTICS:
+            raise ValueError(
+                f"AngularUpdate's `step_statistics` has shape {tuple(stats.shape)}, not [steps, "
+                f"units, {NUM_STATISTICS}]: the state it was loaded from is damaged. Call "
+                "`reset()` to start again."
+            )
         steps = torch.tensor(stats.shape[0], dtype=torch.long, device=stats.device)
         if stats.shape[0] == 0:
             empty = torch.full((stats.shape[1],), float("nan"), dtype=torch.float64)

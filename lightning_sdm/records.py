@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
+from lightning_sdm._checks import check_record
+
 __all__ = [
     "CHANNEL_SUMMARIES",
     "GRANULARITIES",
@@ -181,9 +183,12 @@ class HistoryRecord:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> HistoryRecord:
-        """Inverse of :meth:`as_dict`; unknown keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        """Inverse of :meth:`as_dict`; unknown keys are ignored.
+
+        Raises:
+            ValueError: for a damaged record (a missing or mistyped field), naming it.
+        """
+        return cls(**check_record(cls, values, "a history record"))
 
 
 @dataclass(frozen=True)
@@ -226,9 +231,12 @@ class EquilibriumEvent:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EquilibriumEvent:
-        """Inverse of :meth:`as_dict`; unknown keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        kept = {key: value for key, value in values.items() if key in known}
+        """Inverse of :meth:`as_dict`; unknown keys are ignored.
+
+        Raises:
+            ValueError: for a damaged event (a missing or mistyped field), naming it.
+        """
+        kept = check_record(cls, values, "an equilibrium event")
         for key in ("units", "old_lrs", "new_lrs"):
             kept[key] = tuple(kept.get(key, ()))
         return cls(**kept)

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from lightning_sdm._checks import check_record
 from lightning_sdm.records import UnitSource
 
 __all__ = ["ParamsSpec", "Unit", "check_params_spec", "select_units"]
@@ -94,8 +95,13 @@ class Unit:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Unit:
-        """Inverse of :meth:`as_dict`."""
-        return cls(**{**values, "params": tuple(values["params"])})
+        """Inverse of :meth:`as_dict`.
+
+        Raises:
+            ValueError: for a damaged entry (a missing or mistyped field), naming it.
+        """
+        kept = check_record(cls, values, "a saved unit")
+        return cls(**{**kept, "params": tuple(kept["params"])})
 
 
 def check_params_spec(params: Any) -> ParamsSpec:

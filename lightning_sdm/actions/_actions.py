@@ -90,6 +90,24 @@ class ActionContext:
     total_steps: int | None = None
     stop_requested: bool = False
 
+    def __post_init__(self) -> None:
+        groups = self.unit_groups
+        well_formed = isinstance(groups, Mapping) and all(
+            isinstance(entry, tuple)
+            and len(entry) == 2
+            and isinstance(entry[0], Optimizer)
+            and isinstance(entry[1], int)
+            for entry in groups.values()
+        )
+        if not well_formed:
+            raise ValueError(
+                "`unit_groups` must map each unit to (optimizer, param group index), got "
+                f"{groups!r:.80}."
+            )
+        for name in ("unit_parameters", "predictions"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"`{name}` must be a mapping by unit name.")
+
 
 class EquilibriumAction:
     """Base class of the reactions to an :class:`~lightning_sdm.records.EquilibriumEvent`.
@@ -211,8 +229,8 @@ class DecayLR(EquilibriumAction):
                 raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
         self.factor = factor
         self.min_lr = min_lr
-        self.max_decays = max_decays
-        self.cooldown = cooldown
+        self.max_decays = None if max_decays is None else int(max_decays)
+        self.cooldown = None if cooldown is None else int(cooldown)
         self.rescale_weights = rescale_weights
         self.stop_at_min_lr = stop_at_min_lr
         self.final_phase = final_phase
@@ -251,6 +269,12 @@ class DecayLR(EquilibriumAction):
                 f"final phase starts at global step {self._final_start(context)}"
             )
             return replace(event, action="none", note=note)
+        missing = [n for n in context.unit_groups if n not in context.unit_parameters]
+        if self.rescale_weights and missing:
+            raise ValueError(
+                f"DecayLR(rescale_weights=True) needs the parameters of {missing} in the "
+                "ActionContext's `unit_parameters` (nothing was changed)."
+            )
         exhausted = self.max_decays is not None and self.decays >= self.max_decays
         changes = [] if exhausted else self._decay(context)
         if not any(new < old for old, new in changes):
@@ -281,9 +305,16 @@ class DecayLR(EquilibriumAction):
         return {"decays": self.decays, "final_done": self.final_done}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.decays = int(state.get("decays", self.decays))
-        self.final_done = bool(state.get("final_done", self.final_done))
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: for a damaged state (a negative or non-integer count, a non-bool flag).
+        """
+        decays, final_done = state.get("decays", self.decays), state.get("final_done", False)
+        check_integer("decays", decays, 0)
+        if not isinstance(final_done, bool):
+            raise ValueError(f"`final_done` must be True or False, got {final_done!r}.")
+        self.decays, self.final_done = int(decays), final_done
 
     def _final_start(self, context: ActionContext) -> int:
         assert self.final_phase is not None and context.total_steps is not None

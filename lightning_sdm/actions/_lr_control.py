@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as schedulers
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_sdm._checks import check_fraction, check_number
 
@@ -85,11 +86,27 @@ def decay_param_groups(
     check_fraction("factor", factor)
     check_number("min_lr", min_lr, low=0.0, low_open=False)
     count = len(optimizer.param_groups)
+    if not isinstance(group_indices, (list, tuple, range)):
+        raise ValueError(
+            f"`group_indices` must be a list of param group indices, got {group_indices!r}."
+        )
+    if len(set(group_indices)) != len(group_indices):
+        raise ValueError(f"`group_indices` names a group twice: {list(group_indices)}.")
+    if isinstance(scheduler_list, LRScheduler) or not isinstance(scheduler_list, Iterable):
+        raise ValueError(
+            "`scheduler_list` must be a list of LR schedulers (or empty), got "
+            f"{type(scheduler_list).__name__}: pass [scheduler]."
+        )
     for index in group_indices:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
             raise ValueError(
                 f"`group_indices` holds {index!r}; the optimizer has {count} param group(s): "
                 f"use indices in [0, {count - 1}]."
+            )
+        lr = optimizer.param_groups[index]["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise ValueError(
+                f"param group {index} has lr={lr!r}, not a number: it cannot be decayed."
             )
     changes = []
     related = [s for s in _flatten(scheduler_list) if getattr(s, "optimizer", None) is optimizer]
@@ -145,6 +162,11 @@ def rescale_for_lr_decay(
     _check_optimizer(optimizer)
     check_number("decay", decay, low=0.0)
     check_number("exponent", exponent, low=0.0, high=1.0, low_open=False, high_open=False)
+    if isinstance(units, torch.Tensor) or not isinstance(units, Iterable):
+        raise ValueError(
+            "`units` must be a list with each unit's parameters (a list of tensors each), got "
+            f"{type(units).__name__}."
+        )
     units = [params if isinstance(params, torch.Tensor) else list(params) for params in units]
     for params in units:
         if isinstance(params, torch.Tensor) or not params:

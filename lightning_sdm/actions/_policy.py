@@ -31,6 +31,11 @@ class EquilibriumPolicy:
     """
 
     def __init__(self, action: EquilibriumAction) -> None:
+        if not isinstance(action, EquilibriumAction):
+            raise ValueError(
+                f"`action` must be an EquilibriumAction (e.g. Warn()), got {action!r}; "
+                "`as_action` turns a string or a callable into one."
+            )
         self.action = action
         self.events: list[EquilibriumEvent] = []
         self._quorum_reached = False
@@ -109,10 +114,19 @@ class EquilibriumPolicy:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.events = [EquilibriumEvent.from_dict(e) for e in state.get("events", [])]
-        self._quorum_reached = bool(state.get("quorum_reached", False))
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: for a damaged state, naming the entry; nothing of it is applied.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"The policy's state is a {type(state).__name__}, not a mapping.")
+        events, reached = state.get("events", []), state.get("quorum_reached", False)
+        if not isinstance(events, (list, tuple)) or not isinstance(reached, bool):
+            raise ValueError(f"The policy's state is damaged: {dict(state)!r:.120}.")
+        loaded = [EquilibriumEvent.from_dict(e) for e in events]
         self.action.load_state_dict(state.get("action", {}))
+        self.events, self._quorum_reached = loaded, reached
 
 
 def decays_of(action: EquilibriumAction) -> int | None:

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from lightning_sdm._checks import check_fraction, check_integer, check_number
+from lightning_sdm._checks import check_fraction, check_integer, check_number, check_record
 from lightning_sdm.equilibrium._trends import (
     mean_with_error,
     oscillation,
@@ -173,7 +173,7 @@ class EquilibriumDetector:
         check_fraction("quorum", quorum, closed_high=True)
         check_number("confidence", confidence, low=0.0)
         self.tolerance = tolerance
-        self.patience = patience
+        self.patience = int(patience)
         self.quorum = quorum
         self.confidence = confidence
         self.state: dict[str, UnitEquilibrium] = {}
@@ -181,7 +181,17 @@ class EquilibriumDetector:
     # ------------------------------------------------------------------ public API
 
     def update(self, windows: Sequence[UnitWindow]) -> list[str]:
-        """Feed closed windows; returns the units that entered equilibrium with them."""
+        """Feed closed windows; returns the units that entered equilibrium with them.
+
+        Raises:
+            ValueError: if ``windows`` is not a sequence of
+                :class:`~lightning_sdm.records.UnitWindow`.
+        """
+        if not isinstance(windows, Sequence) or not all(isinstance(w, UnitWindow) for w in windows):
+            raise ValueError(
+                "`windows` must be a list of lightning_sdm.UnitWindow (what "
+                f"SphericalMonitor.pop_windows returns), got {windows!r:.80}."
+            )
         entered = []
         for window in windows:
             unit = self.state.setdefault(window.unit, UnitEquilibrium())
@@ -230,7 +240,11 @@ class EquilibriumDetector:
         """Forget equilibrium (an action moved the target); wait ``relax_steps`` optimizer steps.
 
         Counted per unit from its last window, on its own optimizer's clock.
+
+        Raises:
+            ValueError: for a ``relax_steps`` that is not a finite number >= 0.
         """
+        check_number("relax_steps", relax_steps, low=0.0, low_open=False)
         for unit in self.state.values():
             if unit.in_equilibrium:
                 unit.exits += 1
@@ -252,10 +266,20 @@ class EquilibriumDetector:
         return {name: asdict(u) for name, u in self.state.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (unknown keys are ignored)."""
-        known = UnitEquilibrium.__dataclass_fields__
+        """Restore what :meth:`state_dict` returned (unknown keys are ignored).
+
+        Raises:
+            ValueError: for a damaged state (a mistyped field), naming the unit and the field;
+                the detector is left as it was.
+        """
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+            raise ValueError(
+                f"The detector's state must map unit names to their states, got {state!r:.80}."
+            )
         self.state = {
-            name: UnitEquilibrium(**{k: v for k, v in dict(values).items() if k in known})
+            name: UnitEquilibrium(
+                **check_record(UnitEquilibrium, values, f"the detector's state of {name!r}")
+            )
             for name, values in state.items()
         }
 

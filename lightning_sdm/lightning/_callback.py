@@ -35,6 +35,7 @@ from lightning_sdm.lightning._notices import texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
 from lightning_sdm.lightning._session import Host, Session, SessionViews, finite
 from lightning_sdm.monitor._monitor import SphericalMonitor
+from lightning_sdm.monitor._state import check_monitor_state
 from lightning_sdm.records import ActionName, EquilibriumEvent, Granularity
 from lightning_sdm.units import ParamsSpec, Unit, check_params_spec, select_units
 
@@ -346,8 +347,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             units = state_dict.get("units")
             loaded = [Unit.from_dict(unit) for unit in units] if units else None
             monitor = state_dict.get("monitor")
-            if monitor is not None and not isinstance(monitor, dict):
-                raise TypeError(f"the monitor's state is a {type(monitor).__name__}")
+            if monitor is not None:
+                check_monitor_state(monitor)
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             self.session.load_state_dict(before)
             raise ValueError(_messages.unreadable_state(self._checkpoint, error)) from error

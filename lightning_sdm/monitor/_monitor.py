@@ -35,6 +35,7 @@ from lightning_sdm._engine import (
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import cosine_from_statistics
 from lightning_sdm.monitor._cost import CostMeter
+from lightning_sdm.monitor._state import check_monitor_state
 from lightning_sdm.monitor._sync import (
     RanksOutOfStepError,
     all_agree,
@@ -117,10 +118,22 @@ class SphericalMonitor:
             raise ValueError(
                 f"Pass either `config` or its fields ({', '.join(settings)}), not both."
             )
+        if config is not None and not isinstance(config, MonitorConfig):
+            raise ValueError(f"`config` must be a MonitorConfig, got {type(config).__name__}.")
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
         config = config if config is not None else MonitorConfig(**settings)
         if not config.resolved:
             raise ValueError("`every_n_steps` must be set (None is resolved by the callback).")
-        unit_list = list(units.units) if hasattr(units, "units") else list(units)
+        if isinstance(units, (str, Unit)) or not (
+            hasattr(units, "units") or isinstance(units, Sequence)
+        ):
+            raise ValueError(
+                "`units` must be a list of lightning_sdm.Unit or an InvarianceReport, got "
+                f"{type(units).__name__}."
+            )
+        given: Any = units.units if hasattr(units, "units") else units
+        unit_list: list[Unit] = list(given)
         bad = [u for u in unit_list if not isinstance(u, Unit)]
         if bad:
             raise ValueError(
@@ -137,7 +150,15 @@ class SphericalMonitor:
         self._group = monitor_group(config.sync_timeout)
         self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
         self.cost = CostMeter()  # hook time against step time (see lightning_sdm.monitor)
-        optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
+        optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else optimizers
+        if not isinstance(optimizer_list, Sequence) or not all(
+            isinstance(o, Optimizer) for o in optimizer_list
+        ):
+            raise ValueError(
+                "`optimizers` must be a torch.optim.Optimizer or a list of them, got "
+                f"{type(optimizers).__name__}."
+            )
+        optimizer_list = list(optimizer_list)
         self._watches, self.skipped = build_watches(
             module, optimizer_list, unit_list, config.granularity, self._group
         )
@@ -282,7 +303,11 @@ class SphericalMonitor:
         Entries are matched by optimizer (``optimizer_indices``), so a monitor with more units
         (a network found later) takes over the counters of the one it replaces; an open window
         whose units changed restarts.
+
+        Raises:
+            ValueError: for a damaged state (checked whole before any of it is applied).
         """
+        check_monitor_state(state)
         saved_indices = list(state.get("optimizer_indices", range(len(self._watches))))
         for watch in self._watches:
             watch.metric.reset()

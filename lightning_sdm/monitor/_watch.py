@@ -108,6 +108,8 @@ def build_watches(
             )
         tensors = [named[name] for name in spec.params]
         _check_unit_tensors(spec, tensors)
+        if granularity == "channel" and spec.channel_invariant:
+            _check_channel_rows(spec, tensors)
         owner = _owning_optimizer(tensors, group_of)
         if owner is None:
             skipped[spec.name] = "not updated by one optimizer"
@@ -135,6 +137,19 @@ def _check_unit_tensors(spec: Unit, tensors: list[nn.Parameter]) -> None:
             f"Unit {spec.name!r}: `channel_dim`={spec.channel_dim} is out of range for its weight "
             f"of shape {tuple(tensors[0].shape)}; use a dimension in [0, {max(ndim, 1) - 1}]."
         )
+
+
+def _check_channel_rows(spec: Unit, tensors: list[nn.Parameter]) -> None:
+    """Per channel, a unit's other tensors (its bias) index the weight's channels on dim 0."""
+    channels = tensors[0].shape[spec.channel_dim] if tensors[0].dim() else 1
+    for name, tensor in zip(spec.params[1:], tensors[1:], strict=True):
+        rows = tensor.shape[0] if tensor.dim() else 1
+        if rows != channels:
+            raise ValueError(
+                f"Unit {spec.name!r}: with granularity='channel', {name!r} must index the "
+                f"weight's {channels} channels along its first dimension (as a bias does), but "
+                f"it has {rows}. Use granularity='layer', or Unit(..., channel_invariant=False)."
+            )
 
 
 def _owning_optimizer(

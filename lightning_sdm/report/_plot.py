@@ -164,6 +164,7 @@ def plot_run(
     check_integer("ncols", ncols, 1)
     check_number("dpi", dpi, low=0.0)
     check_integer("max_unit_panels", max_unit_panels, 1, allow_none=True)
+    ncols = int(ncols)
     figure_class = _figure_class()
     data = as_run(run)
     selected = select_units(data, units)

@@ -1,0 +1,102 @@
+"""The monitor's checkpoint state, checked before any of it is applied.
+
+A state comes back from a checkpoint that may be damaged or older: a wrong entry must fail when
+it is read, naming it, not at the first optimizer step after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_sdm._engine import NUM_STATISTICS
+
+__all__ = ["check_monitor_state"]
+
+_STATUSES = ("verified", "violated", "unverified")
+
+
+def check_monitor_state(state: Any) -> None:
+    """Raise ``ValueError`` naming the first entry of ``state`` that is not as saved.
+
+    Example::
+
+        >>> check_monitor_state({"steps_done": [4], "verified_steps": 3})
+        >>> check_monitor_state({"steps_done": ["abc"]})
+        Traceback (most recent call last):
+        ...
+        ValueError: the monitor's state: `steps_done` holds 'abc', not a count of steps.
+    """
+    where = "the monitor's state"
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} is a {type(state).__name__}, not a mapping.")
+    for key in ("optimizer_indices", "steps_done"):
+        for value in _sequence(state, key, where):
+            if not _count(value):
+                raise ValueError(f"{where}: `{key}` holds {value!r}, not a count of steps.")
+    for key in ("window_statistics", "horizon_statistics"):
+        for value in _sequence(state, key, where):
+            shaped = isinstance(value, Tensor) and value.dim() == 3
+            if not shaped or value.shape[-1] != NUM_STATISTICS or not value.is_floating_point():
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{where}: `{key}` holds {shape}, not [steps, units, {NUM_STATISTICS}] "
+                    "floating-point statistics."
+                )
+    for anchor in _sequence(state, "anchors", where):
+        if anchor is not None and not (
+            isinstance(anchor, (list, tuple)) and all(isinstance(t, Tensor) for t in anchor)
+        ):
+            raise ValueError(f"{where}: `anchors` holds {type(anchor).__name__}, not tensors.")
+    for window in _sequence(state, "window_predictions", where):
+        steps = window if isinstance(window, (list, tuple)) else [None]
+        for step in steps:
+            entries = step if isinstance(step, (list, tuple)) else [None]
+            for saved in entries:
+                if not _prediction(saved):
+                    raise ValueError(
+                        f"{where}: `window_predictions` holds {saved!r:.60}, not "
+                        "(angular update, hyper-parameters, family)."
+                    )
+    if "verified_steps" in state and not _count(state["verified_steps"]):
+        raise ValueError(f"{where}: `verified_steps` is {state['verified_steps']!r}.")
+    invariance = state.get("invariance", {})
+    if not isinstance(invariance, Mapping):
+        raise ValueError(f"{where}: `invariance` is a {type(invariance).__name__}.")
+    for name, value in invariance.items():
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and value[0] in _STATUSES
+        if not ok or not _real(value[1]):
+            raise ValueError(
+                f"{where}: `invariance` of {name!r} is {value!r:.60}, not (status, cosine)."
+            )
+
+
+def _sequence(state: Mapping[str, Any], key: str, where: str) -> Sequence[Any]:
+    value = state.get(key, [])
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: `{key}` is a {type(value).__name__}, not a list.")
+    return value
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _prediction(saved: Any) -> bool:
+    if not isinstance(saved, (list, tuple)) or len(saved) != 3:
+        return False
+    value, hyper, family = saved
+    return (
+        (value is None or (_real(value) and value >= 0))
+        and isinstance(hyper, Mapping)
+        and all(isinstance(k, str) and isinstance(v, numbers.Real) for k, v in hyper.items())
+        and (family is None or isinstance(family, str))
+    )
