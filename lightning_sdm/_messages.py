@@ -106,6 +106,16 @@ def skipped_units(skipped: Mapping[str, str]) -> str:
     return f"SphericalDynamicsCallback does not monitor: {listing}."
 
 
+def nothing_to_measure(skipped: Mapping[str, str]) -> str:
+    """Every unit found is skipped (no optimizer updates it): nothing will be measured."""
+    listing = ", ".join(f"{name} ({why})" for name, why in skipped.items())
+    return (
+        f"SphericalDynamicsCallback measures nothing: no optimizer updates the units it found "
+        f"({listing}). Frozen layers have no angular update; add them to an optimizer, or pass "
+        "`params=[...]` to choose trained weights."
+    )
+
+
 def missing_predictions(
     predictions: Mapping[str, Prediction], since: int | None = None
 ) -> dict[str, str]:

@@ -71,6 +71,8 @@ class Unit:
                 f"`params` must be a tuple of parameter names, got {self.params!r} (a str); "
                 f"write ({self.params!r},)."
             )
+        if not isinstance(self.params, (tuple, list)):
+            raise ValueError(f"`params` must be a tuple of parameter names, got {self.params!r}.")
         params = tuple(self.params)
         if not params or not all(isinstance(p, str) and p for p in params):
             raise ValueError(

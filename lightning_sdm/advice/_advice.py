@@ -33,6 +33,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_sdm._checks import check_integer
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 from lightning_sdm.theory._optimizers import unwrap
 from lightning_sdm.theory._predictions import (
@@ -212,6 +213,7 @@ def advise(
         (DecayLR(rescale_weights=True), or lightning_sdm.actions.rescale_for_lr_decay), or a
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
+    _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
         by_group.setdefault(where, []).append(name)
@@ -445,3 +447,39 @@ def _verdict(phase: Phase, epoch: int | None) -> str:
     if phase.fits:
         return f"yes, in {_steps(phase.needed, epoch)}"
     return f"NO: needs {_steps(phase.needed, epoch)}"
+
+
+def _check_advise_arguments(
+    optimizers: Any, units: Any, total_steps: Any, steps_per_epoch: Any
+) -> None:
+    """Errors naming the argument, before any schedule is sampled."""
+    if not isinstance(optimizers, Sequence) or not all(
+        isinstance(getattr(unwrap(o), "param_groups", None), list) for o in optimizers
+    ):
+        raise ValueError(
+            f"`optimizers` must be a list of torch.optim.Optimizer, got {optimizers!r:.80}."
+        )
+    if not isinstance(units, Mapping):
+        raise ValueError(
+            "`units` must map each unit to (optimizer index, param group index), got "
+            f"{type(units).__name__}."
+        )
+    for name, where in units.items():
+        ok = (
+            isinstance(where, tuple)
+            and len(where) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in where)
+        )
+        if not ok or not 0 <= where[0] < len(optimizers):
+            raise ValueError(
+                f"`units`: {name!r} -> {where!r} is not (optimizer index, group index) of the "
+                f"{len(optimizers)} optimizer(s)."
+            )
+        groups = unwrap(optimizers[where[0]]).param_groups
+        if not 0 <= where[1] < len(groups):
+            raise ValueError(
+                f"`units`: {name!r} names param group {where[1]} of optimizer {where[0]}, which "
+                f"has {len(groups)}."
+            )
+    check_integer("total_steps", total_steps, 0, allow_none=True)
+    check_integer("steps_per_epoch", steps_per_epoch, 1, allow_none=True)

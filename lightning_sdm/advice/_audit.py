@@ -82,8 +82,20 @@ def audit_param_groups(
         >>> [f.kind for f in audit_param_groups(net, [opt], report.units, report)]
         ['decay_on_norm_affine', 'decay_on_bias']
     """
-    names = {id(p): name for name, p in module.named_parameters()}
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+    if not isinstance(optimizers, Sequence) or not all(
+        isinstance(getattr(unwrap(o), "param_groups", None), list) for o in optimizers
+    ):
+        raise ValueError(
+            f"`optimizers` must be a list of torch.optim.Optimizer, got {optimizers!r:.80}."
+        )
+    if isinstance(units, (str, Unit)) or not isinstance(units, Iterable):
+        raise ValueError(f"`units` must be a list of lightning_sdm.Unit, got {units!r:.80}.")
     unit_list = list(units)
+    if not all(isinstance(unit, Unit) for unit in unit_list):
+        raise ValueError(f"`units` must hold lightning_sdm.Unit objects, got {unit_list!r:.80}.")
+    names = {id(p): name for name, p in module.named_parameters()}
     in_units = {name for unit in unit_list for name in unit.params}
     roles = _roles(report)
     found: dict[FindingKind, list[str]] = {}

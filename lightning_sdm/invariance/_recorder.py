@@ -81,6 +81,8 @@ def find_scale_invariant_units(module: nn.Module, *args: Any, **kwargs: Any) -> 
         >>> net.training, int(net[2].num_batches_tracked)  # nothing changed
         (True, 0)
     """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
     flags = [(sub, sub.training) for sub in module.modules()]
     saved = [(name, buf.detach().clone()) for name, buf in module.named_buffers()]
     try:

@@ -380,7 +380,10 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             per_optimizer = trainer.global_step // max(len(trainer.optimizers), 1)
             self.monitor.load_state_dict({"steps_done": [per_optimizer] * len(trainer.optimizers)})
         self.monitor.attach()
-        if not self.monitor.units:
+        if not self.monitor.units:  # none is updated by an optimizer: say so, measure nothing
+            self._notices.warn_once(
+                "nothing_stepped", _messages.nothing_to_measure(self.monitor.skipped)
+            )
             self._disabled = True
             self.monitor.detach()
             self.monitor = None

@@ -148,6 +148,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
         ValueError: LIGHTNING_SDM_WINDOW='many' is invalid: invalid literal for int() with base 10: 'many'
     """  # noqa: E501
     environ = os.environ if environ is None else environ
+    if not isinstance(environ, Mapping):
+        raise ValueError(
+            f"`environ` must be a mapping of variable names to values (like os.environ), got "
+            f"{type(environ).__name__}."
+        )
     settings: dict[str, Any] = {}
     for suffix, (argument, parse) in _SETTINGS.items():
         variable = f"{ENV_PREFIX}_{suffix}"

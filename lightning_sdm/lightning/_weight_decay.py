@@ -158,8 +158,22 @@ class CorrectedWeightDecay(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rows = state_dict.get("bases", [])
-        self._restored = {(int(o), int(g)): (float(wd), float(peak)) for o, g, wd, peak in rows}
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: for a damaged state (the rows are ``(optimizer, group, wd, peak)``).
+        """
+        rows = state_dict.get("bases", []) if isinstance(state_dict, dict) else None
+        try:
+            if not isinstance(rows, (list, tuple)):
+                raise TypeError("not a list of rows")
+            restored = {(int(o), int(g)): (float(wd), float(peak)) for o, g, wd, peak in rows}
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "CorrectedWeightDecay cannot read its state in the checkpoint (`bases` must be "
+                f"rows of (optimizer, group, weight decay, peak lr)): {state_dict!r:.120}."
+            ) from error
+        self._restored = restored
 
     def _targets(self, trainer: pl.Trainer) -> set[tuple[int, int]]:
         if self.groups == "all":

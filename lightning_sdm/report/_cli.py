@@ -53,6 +53,11 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~&$])")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 on success, 2 on errors)."""
+    if isinstance(argv, str):
+        raise ValueError(
+            f"`argv` must be a list of arguments, got the string {argv!r}: use "
+            f"{argv.split()!r} (or shlex.split)."
+        )
     parser = _parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

@@ -240,6 +240,10 @@ def select_units(run: RunData, units: Sequence[str] | None) -> list[str]:
     """
     if units is None:
         return list(run.units)
+    if isinstance(units, str):  # one name or pattern, not its characters
+        units = [units]
+    if not isinstance(units, Sequence) or not all(isinstance(u, str) for u in units):
+        raise RunDataError(f"`units` must be unit names or glob patterns, got {units!r}.")
     names = set(units) & set(run.units)
     globs = [p for p in units if p not in names]
     selected = [u for u in run.units if u in names or any(fnmatch.fnmatchcase(u, p) for p in globs)]

@@ -354,8 +354,14 @@ def run_from_history(
     units: list[str] = []
     lrs: dict[str, tuple[list[int], list[float]]] = {}
     status: dict[str, bool] = {}
-    for record in history:
-        entry = record.as_dict() if isinstance(record, HistoryRecord) else record
+    for index, record in enumerate(history):
+        try:  # a dict is read as a record, with its fields checked (a damaged history)
+            checked = (
+                record if isinstance(record, HistoryRecord) else HistoryRecord.from_dict(record)
+            )
+        except ValueError as error:
+            raise RunDataError(f"history entry {index} cannot be read: {error}") from None
+        entry = checked.as_dict()
         unit, step = str(entry["unit"]), int(entry["global_step"])
         if unit not in units:
             units.append(unit)
@@ -398,6 +404,10 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     Raises:
         RunDataError: if ``root`` does not exist, or is a file but not a regular one.
     """
+    if not isinstance(root, (str, os.PathLike)):
+        raise RunDataError(
+            f"A run is read from a path (str or os.PathLike), got {type(root).__name__}."
+        )
     root_path = Path(root)
     if not root_path.exists():
         raise RunDataError(f"No such file or directory: {root_path}")
@@ -666,14 +676,40 @@ class _Columns:
             if not len(self.steps):
                 raise RunDataError(f"No usable row in {text}: is it a CSVLogger metrics.csv?")
             warnings.warn(f"skipped {text}", RunDataWarning, stacklevel=3)
+        names = [self.header[column] for column in self.others]
+        twice = sorted({name for name in names if names.count(name) > 1 and name})
+        if twice:
+            warnings.warn(
+                f"{self.path}: the column(s) {twice} appear more than once; the last one of each "
+                "is read",
+                RunDataWarning,
+                stacklevel=3,
+            )
+        steps_all = np.asarray(self.steps)
+        # CSVLogger writes rows in step order; a resume from an earlier checkpoint appends steps
+        # again. Read in step order (stable: the later of two rows of a step stays last).
+        order = (
+            None
+            if np.all(steps_all[1:] >= steps_all[:-1])
+            else np.argsort(steps_all, kind="stable")
+        )
         result = {}
         for column in self.others:
             if column not in self.present:  # no row at all (a header only: killed before a flush)
                 continue
             values, present = self.values[column], np.asarray(self.present.pop(column), bool)
-            if len(values):
-                steps = self.steps if present.all() else np.asarray(self.steps)[present]
+            if not len(values):
+                continue
+            if order is None:
+                steps = self.steps if present.all() else steps_all[present]
                 result[self.header[column]] = Series(steps, values)
+                continue
+            # Values of this column, in the rows where it is present; reorder those rows.
+            rows = np.flatnonzero(present)
+            kept = np.argsort(steps_all[rows], kind="stable")
+            result[self.header[column]] = Series(
+                steps_all[rows][kept], np.asarray(values, np.float64)[kept]
+            )
         return result
 
 

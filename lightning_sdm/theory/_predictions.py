@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from lightning_sdm._checks import check_fraction, check_number
 from lightning_sdm.theory._optimizers import (
     Family,
     basic_hyperparameters,
@@ -197,7 +198,7 @@ def explain_equilibrium(optimizer: torch.optim.Optimizer) -> list[Prediction]:
         >>> [(p.rule, p.available) for p in explain_equilibrium(opt)]
         [('adamw', True), ('no_weight_decay', False)]
     """
-    optimizer = unwrap(optimizer)
+    optimizer = _check_optimizer(optimizer)
     return [predict_param_group(optimizer, group) for group in optimizer.param_groups]
 
 
@@ -304,8 +305,7 @@ def steps_to_equilibrium(
     """
     _check_positive("current_norm", current_norm)
     _check_positive("equilibrium_norm", equilibrium_norm)
-    if not 0.0 < tolerance < 1.0:
-        raise ValueError(f"`tolerance` must be in (0, 1), got {tolerance}.")
+    check_fraction("tolerance", tolerance)
     tau = relaxation_steps(lr, weight_decay, momentum)
     ratio = (current_norm / equilibrium_norm) ** 4  # |w|^4 / |w*|^4
     if ratio > 1.0:
@@ -366,6 +366,7 @@ def equilibrium_norm_exponent(prediction: Prediction) -> float | None:
         ...     torch.optim.SGD([w], lr=0.1, weight_decay=1e-4))]
         [0.25]
     """
+    _check_prediction(prediction)
     if prediction.angular_update is None or prediction.family is None:
         return None
     return 0.25 if prediction.family == "sgd" else 0.5
@@ -489,8 +490,7 @@ def equilibrium_weight_norm(
     """
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay)
-    if not (math.isfinite(grad_sq_unit) and grad_sq_unit >= 0):
-        raise ValueError(f"`grad_sq_unit` must be finite and >= 0, got {grad_sq_unit}.")
+    check_number("grad_sq_unit", grad_sq_unit, low=0.0, low_open=False)
     _check_momentum(momentum)
     shrink = 2.0 - weight_decay * lr / (1.0 + momentum)
     if shrink <= 0:
@@ -723,10 +723,28 @@ _PREDICTORS: dict[str, Callable[[str, Mapping[str, Any], dict[str, float]], Pred
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+    check_number(name, value, low=0.0)
 
 
 def _check_momentum(momentum: float) -> None:
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+    check_number("momentum", momentum, low=0.0, high=1.0, low_open=False)
+
+
+def _check_optimizer(optimizer: Any) -> Any:
+    """The unwrapped optimizer; ``ValueError`` for anything without param groups."""
+    inner = unwrap(optimizer)
+    groups = getattr(inner, "param_groups", None)
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+        raise ValueError(
+            "`optimizer` must be a torch.optim.Optimizer (or a LightningOptimizer), got "
+            f"{type(optimizer).__name__}."
+        )
+    return inner
+
+
+def _check_prediction(prediction: Any) -> None:
+    if not isinstance(prediction, Prediction):
+        raise ValueError(
+            f"`prediction` must be a Prediction (from predict_param_group or "
+            f"explain_equilibrium), got {type(prediction).__name__}."
+        )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_sdm._checks import check_integer, check_number
 from lightning_sdm.functional import angular_update
 
 __all__ = ["SimulationResult", "simulate_scale_invariant"]
@@ -99,22 +100,26 @@ def simulate_scale_invariant(
         >>> round(result.rms_angular_update / math.sqrt(2 * 0.1 * 1e-2), 2)
         1.0
     """
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps}.")
-    if burn_in < 0:
-        raise ValueError(f"`burn_in` must be >= 0, got {burn_in}.")
-    if rows < 1:
-        raise ValueError(f"`rows` must be >= 1, got {rows}.")
-    if dim < 2:
-        raise ValueError(f"`dim` must be >= 2 (a direction orthogonal to the weight), got {dim}.")
-    if not (isinstance(initial_norm, (int, float)) and initial_norm > 0):
-        raise ValueError(f"`initial_norm` must be a positive number, got {initial_norm!r}.")
+    check_integer("steps", steps, 1)
+    check_integer("burn_in", burn_in, 0)
+    check_integer("rows", rows, 1)
+    check_integer("dim", dim, 2)  # a direction orthogonal to the weight
+    check_integer("seed", seed, 0)
+    check_number("initial_norm", initial_norm, low=0.0)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
+    if not callable(make_optimizer):
+        raise ValueError("`make_optimizer` must be a callable: parameters -> optimizer.")
 
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(rows, dim, generator=generator, dtype=dtype)
     start *= initial_norm / start.norm(dim=1, keepdim=True)
     weight = torch.nn.Parameter(start)
     optimizer = make_optimizer([weight])
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"`make_optimizer` must return a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
 
     norms = torch.empty(burn_in + steps + 1, rows, dtype=torch.float64)
     angles = torch.empty(steps, rows, dtype=torch.float64)
