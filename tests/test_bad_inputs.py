@@ -11,20 +11,39 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from lightning_sdm import AngularUpdate, SphericalDynamicsCallback, SphericalMonitor, Unit
-from lightning_sdm.actions import decay_param_groups, rescale_for_lr_decay
+from lightning_sdm.actions import (
+    ActionContext,
+    EquilibriumPolicy,
+    Warn,
+    decay_param_groups,
+    rescale_for_lr_decay,
+)
 from lightning_sdm.actions._actions import CallFunction, DecayLR
+from lightning_sdm.advice import advise, audit_param_groups
+from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.functional import angular_update, angular_update_statistics
+from lightning_sdm.invariance import find_scale_invariant_units
+from lightning_sdm.lightning import CorrectedWeightDecay
 from lightning_sdm.lightning._plugin import settings_from_env
+from lightning_sdm.theory import (
+    equilibrium_angular_update,
+    relaxation_steps,
+    relaxation_time,
+    simulate_scale_invariant,
+    steps_to_equilibrium,
+)
 
 _MODEL = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 _OPT = torch.optim.SGD(_MODEL.parameters(), lr=0.1, weight_decay=1e-4)
 _UNIT = Unit("0.weight", ("0.weight", "0.bias"))
+_TWO = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
 
 
 def _callback(**kwargs: Any) -> Callable[[], Any]:
@@ -183,6 +202,203 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: rescale_for_lr_decay(_OPT, [_MODEL[0].weight], 10.0, 0.25),
         r"`units` must hold",
     ),
+    # the second campaign (issue 22): wrong types at every public entry point
+    ("functional None", lambda: angular_update(None, torch.ones(2)), r"`prev` must be a tensor"),
+    (
+        "functional numpy",
+        lambda: angular_update(np.ones(3), np.ones(3)),
+        r"`prev` must be a tensor",
+    ),
+    (
+        "functional dim bool",
+        lambda: angular_update(torch.ones(2, 2), torch.ones(2, 2), dim=True),
+        r"`dim`",
+    ),
+    (
+        "functional dim float",
+        lambda: angular_update(torch.ones(2, 2), torch.ones(2, 2), dim=0.0),
+        r"`dim`",
+    ),
+    (
+        "functional bool tensors",
+        lambda: angular_update(torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)),
+        r"torch\.bool",
+    ),
+    (
+        "statistics None",
+        lambda: angular_update_statistics(None, None),
+        r"`prev` must be a sequence",
+    ),
+    (
+        "statistics dim str",
+        lambda: angular_update_statistics([torch.ones(2)], [torch.ones(2)], dim="0"),
+        r"`dim`",
+    ),
+    (
+        "statistics curr_is_delta str",
+        lambda: angular_update_statistics([torch.ones(2)], [torch.ones(2)], curr_is_delta="False"),
+        r"`curr_is_delta`",
+    ),
+    (
+        "metric statistics list",
+        lambda: AngularUpdate().update(statistics=[[1.0, 2.0, 3.0, 4.0]]),
+        r"`statistics` must be a tensor",
+    ),
+    (
+        "metric merge str",
+        lambda: AngularUpdate().merge_state({"step_statistics": "x"}),
+        r"`incoming_state`",
+    ),
+    ("unit params int", lambda: Unit("a", 5), r"`params` must be a tuple"),
+    (
+        "unit from_dict missing",
+        lambda: Unit.from_dict({"name": "a"}),
+        r"a saved unit has no `params`",
+    ),
+    (
+        "detector update None",
+        lambda: EquilibriumDetector().update(None),
+        r"`windows` must be a list",
+    ),
+    (
+        "detector update dicts",
+        lambda: EquilibriumDetector().update([{"unit": "w"}]),
+        r"`windows` must be a list",
+    ),
+    ("detector restart inf", lambda: EquilibriumDetector().restart(float("inf")), r"`relax_steps`"),
+    (
+        "detector load damaged",
+        lambda: EquilibriumDetector().load_state_dict({"w": {"samples": 5}}),
+        r"state of 'w': `samples`",
+    ),
+    (
+        "theory optimizer None",
+        lambda: equilibrium_angular_update(None),
+        r"`optimizer` must be a torch\.optim\.Optimizer",
+    ),
+    ("theory module", lambda: equilibrium_angular_update(_MODEL), r"`optimizer`"),
+    ("theory relaxation None", lambda: relaxation_time(None), r"`prediction` must be a Prediction"),
+    ("theory relaxation_steps bool", lambda: relaxation_steps(True, 1e-3), r"`lr`"),
+    (
+        "theory tolerance str",
+        lambda: steps_to_equilibrium(2.0, 1.0, 0.1, 1e-3, tolerance="0.05"),
+        r"`tolerance`",
+    ),
+    (
+        "simulate steps float",
+        lambda: simulate_scale_invariant(lambda p: torch.optim.SGD(p, lr=0.1), steps=2.5),
+        r"`steps`",
+    ),
+    (
+        "simulate norm inf",
+        lambda: simulate_scale_invariant(
+            lambda p: torch.optim.SGD(p, lr=0.1), steps=2, initial_norm=float("inf")
+        ),
+        r"`initial_norm`",
+    ),
+    (
+        "simulate factory None",
+        lambda: simulate_scale_invariant(lambda p: None, steps=2),
+        r"must return a torch\.optim\.Optimizer",
+    ),
+    (
+        "monitor module None",
+        lambda: SphericalMonitor(None, _OPT, [_UNIT], every_n_steps=4),
+        r"`module`",
+    ),
+    (
+        "monitor optimizer None",
+        lambda: SphericalMonitor(_MODEL, None, [_UNIT], every_n_steps=4),
+        r"`optimizers`",
+    ),
+    (
+        "monitor units None",
+        lambda: SphericalMonitor(_MODEL, _OPT, None, every_n_steps=4),
+        r"`units`",
+    ),
+    (
+        "monitor config dict",
+        lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT], config={"window": 2}),
+        r"`config` must be a MonitorConfig",
+    ),
+    (
+        "monitor channel rows",
+        lambda: SphericalMonitor(
+            _TWO,
+            torch.optim.SGD(_TWO.parameters(), lr=0.1),
+            [Unit("0.weight", ("0.weight", "2.weight"))],
+            every_n_steps=2,
+            granularity="channel",
+        ),
+        r"must index the weight's 8 channels",
+    ),
+    (
+        "monitor state steps",
+        lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT], every_n_steps=4).load_state_dict(
+            {"steps_done": ["abc"]}
+        ),
+        r"`steps_done` holds 'abc'",
+    ),
+    (
+        "monitor state invariance",
+        lambda: SphericalMonitor(_MODEL, _OPT, [_UNIT], every_n_steps=4).load_state_dict(
+            {"invariance": {"0.weight": "verified"}}
+        ),
+        r"`invariance` of '0\.weight'",
+    ),
+    (
+        "tracer None",
+        lambda: find_scale_invariant_units(None),
+        r"`module` must be a torch\.nn\.Module",
+    ),
+    (
+        "advise bad group",
+        lambda: advise([_OPT], {"u": (0, 5)}, 100),
+        r"param group 5 of optimizer 0",
+    ),
+    ("advise units list", lambda: advise([_OPT], ["u"], 100), r"`units` must map"),
+    ("advise negative budget", lambda: advise([_OPT], {"u": (0, 0)}, -5), r"`total_steps`"),
+    ("audit units None", lambda: audit_param_groups(_MODEL, [_OPT], None), r"`units`"),
+    ("audit optimizer bare", lambda: audit_param_groups(_MODEL, _OPT, [_UNIT]), r"`optimizers`"),
+    ("policy None", lambda: EquilibriumPolicy(None), r"`action` must be an EquilibriumAction"),
+    (
+        "policy state event",
+        lambda: EquilibriumPolicy(Warn()).load_state_dict({"events": [{"global_step": 1}]}),
+        r"an equilibrium event has no",
+    ),
+    ("decay state", lambda: DecayLR().load_state_dict({"decays": -5}), r"`decays`"),
+    ("decay state flag", lambda: DecayLR().load_state_dict({"final_done": "no"}), r"`final_done`"),
+    ("context groups None", lambda: ActionContext(100, None), r"`unit_groups`"),
+    (
+        "decay_param_groups twice",
+        lambda: decay_param_groups(_OPT, [0, 0], 0.5, 0.0),
+        r"names a group twice",
+    ),
+    (
+        "decay_param_groups scheduler",
+        lambda: decay_param_groups(_OPT, [0], 0.5, 0.0, torch.optim.lr_scheduler.StepLR(_OPT, 10)),
+        r"`scheduler_list` must be a list",
+    ),
+    (
+        "decay_param_groups index int",
+        lambda: decay_param_groups(_OPT, 0, 0.5, 0.0),
+        r"`group_indices` must be a list",
+    ),
+    (
+        "rescale units None",
+        lambda: rescale_for_lr_decay(_OPT, None, 10.0, 0.25),
+        r"`units` must be a list",
+    ),
+    (
+        "weight decay state",
+        lambda: CorrectedWeightDecay().load_state_dict({"bases": "abc"}),
+        r"CorrectedWeightDecay cannot read its state",
+    ),
+    (
+        "env not a mapping",
+        lambda: settings_from_env(["LIGHTNING_SDM=1"]),
+        r"`environ` must be a mapping",
+    ),
     # plugin (environment variables)
     (
         "env params regex",
@@ -245,3 +461,10 @@ def test_two_lambdas_are_two_actions_with_their_own_state_keys() -> None:
     assert len(keys) == 2
     again = SphericalDynamicsCallback(on_equilibrium=first).state_key
     assert again in keys  # stable for the same function (a resumed run finds its state)
+
+
+def test_numpy_integers_are_integers() -> None:
+    config = MonitorConfig(every_n_steps=np.int64(4), window=np.int64(8))
+    assert (config.every_n_steps, config.window) == (4, 4)
+    assert type(config.window) is int  # stored as a Python int (a state_key stays readable)
+    assert angular_update(torch.eye(2), torch.eye(2), dim=np.int64(0)).shape == (2,)

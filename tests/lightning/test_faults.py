@@ -128,6 +128,11 @@ def test_a_second_fit_on_another_model_finds_that_models_units(tmp_path):
         {"units": [{"name": 3}]},
         {"detector": "not a dict"},
         {"policy": {"events": [{"global_step": "x"}]}},
+        {"detector": {"net.0.weight": {"samples": 5}}},  # failed at the first window after resume
+        {"detector": {"net.0.weight": {"relax_until": "soon"}}},
+        {"monitor": {"steps_done": ["abc"]}},  # failed at the first batch after resume
+        {"monitor": {"window_statistics": [torch.zeros(1, 1, 3)]}},
+        {"history": [{"unit": "w", "optimizer_step": 1, "global_step": "x"}]},
     ],
 )
 def test_a_damaged_state_names_the_callback_and_the_checkpoint(damage):
@@ -135,3 +140,28 @@ def test_a_damaged_state_names_the_callback_and_the_checkpoint(damage):
     state = {**callback.state_dict(), **damage}
     with pytest.raises(ValueError, match=r"SphericalDynamicsCallback.*checkpoint"):
         callback.load_state_dict(state)
+
+
+def test_a_state_that_cannot_be_read_leaves_the_callback_as_it_was():
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    before = callback.state_dict()
+    with pytest.raises(ValueError, match="Nothing of it was applied"):
+        callback.load_state_dict({**before, "detector": {"w": {"regime": "gone"}}})
+    assert callback.state_dict() == before
+
+
+def test_units_no_optimizer_updates_are_said_once(tmp_path):
+    class Frozen(BNNet):  # the only invariant layer is frozen and left out of the optimizer
+        def configure_optimizers(self):
+            self.net[0].requires_grad_(False)
+            trained = [p for p in self.parameters() if p.requires_grad]
+            return torch.optim.SGD(trained, lr=0.1, weight_decay=5e-3)
+
+    callback = SphericalDynamicsCallback(params=["net.0.*"], every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], logger=False, max_steps=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(Frozen(), loader(noisy_classification_data(samples=512)))
+    said = [str(w.message) for w in caught if "measures nothing" in str(w.message)]
+    assert len(said) == 1 and "net.0.weight" in said[0] and "not updated" in said[0]
+    assert callback.history == [] and run.global_step == 8

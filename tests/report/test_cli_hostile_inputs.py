@@ -207,6 +207,25 @@ def test_a_metrics_csv_with_only_its_header_is_a_run_without_windows(tmp_path: P
     assert "No sdm/ keys" in err and "did a window close" in err
 
 
+def test_a_repeated_column_is_said_and_rows_out_of_order_are_read_in_step_order(tmp_path):
+    from lightning_sdm.report import RunDataWarning, load_run
+
+    run_dir = tmp_path / "logs" / "version_0"
+    run_dir.mkdir(parents=True)
+    u = "sdm/angular_update/w"
+    (run_dir / "metrics.csv").write_text(
+        f"{u},sdm/angular_update_theory/w,{u},step\n"
+        "0.1,0.2,0.3,20\n"  # a resume from an earlier checkpoint appends step 10 after 20
+        "0.4,0.2,0.5,10\n"
+    )
+    with pytest.warns(RunDataWarning, match="appear more than once"):
+        data = load_run(tmp_path / "logs")
+    series = data.angular_update("w")
+    assert list(series.steps) == [10, 20]
+    assert list(series.values) == [0.5, 0.3]  # the last column of the name, in step order
+    assert series.last == 0.3
+
+
 def test_huge_and_infinite_values_are_drawn_and_shown(tmp_path: Path, capsys):
     rows = sdm_rows(["net.0.weight", "net.1.weight"])
     rows[-2].update(unit_columns("net.0.weight", au=1e308, theory=float("inf"), norm=-1e308))
