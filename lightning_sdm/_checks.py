@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import numbers
 import types
@@ -82,7 +83,7 @@ def check_record(cls: type, values: Any, what: str) -> dict[str, Any]:
     """
     if not isinstance(values, Mapping):
         raise ValueError(f"{what} is a {type(values).__name__}, not a mapping of its fields.")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kept = {}
     for item in dataclasses.fields(cls):
         if item.name not in values:
@@ -98,6 +99,11 @@ def check_record(cls: type, values: Any, what: str) -> dict[str, Any]:
             raise ValueError(f"{what}: `{item.name}` is {value!r}, not {hint}.")
         kept[item.name] = value
     return kept
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -121,6 +121,11 @@ class UnitWindow:
     horizon_angular_update: float | None = None
     norm_exponent: float | None = None
 
+    def __post_init__(self) -> None:
+        # Built by the monitor, or by hand (plain PyTorch loops, tests): a wrong field fails
+        # here, naming it, not later in the detector's arithmetic.
+        check_record(UnitWindow, self.__dict__, "a UnitWindow")
+
 
 @dataclass(frozen=True)
 class HistoryRecord:

@@ -16,11 +16,20 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdm import AngularUpdate, SphericalDynamicsCallback, SphericalMonitor, Unit
+from lightning_sdm import (
+    AngularUpdate,
+    EquilibriumEvent,
+    SphericalDynamicsCallback,
+    SphericalMonitor,
+    Unit,
+    UnitWindow,
+)
 from lightning_sdm.actions import (
     ActionContext,
     EquilibriumPolicy,
+    Stop,
     Warn,
+    check_schedulers_supported,
     decay_param_groups,
     rescale_for_lr_decay,
 )
@@ -43,6 +52,7 @@ from lightning_sdm.theory import (
 _MODEL = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 _OPT = torch.optim.SGD(_MODEL.parameters(), lr=0.1, weight_decay=1e-4)
 _UNIT = Unit("0.weight", ("0.weight", "0.bias"))
+_EVENT = EquilibriumEvent(100, ("w",), 1.0, {"w": 0.01}, {"w": 0.01}, "theory")
 _TWO = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
 
 
@@ -399,6 +409,27 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: settings_from_env(["LIGHTNING_SDM=1"]),
         r"`environ` must be a mapping",
     ),
+    (
+        "decay state None",
+        lambda: DecayLR().load_state_dict(None),
+        r"DecayLR's state must be a mapping",
+    ),
+    (
+        "schedulers None",
+        lambda: check_schedulers_supported(None),
+        r"`scheduler_list` must be a list",
+    ),
+    ("stop without context", lambda: Stop()(_EVENT, None), r"`context` must be an ActionContext"),
+    (
+        "decay without context",
+        lambda: DecayLR()(_EVENT, None),
+        r"`context` must be an ActionContext",
+    ),
+    (
+        "window mistyped",
+        lambda: UnitWindow("w", "x", None, "a", 1, 2, 3, 4, 5, 6),
+        r"a UnitWindow: `optimizer_step` is 'x'",
+    ),
     # plugin (environment variables)
     (
         "env params regex",
@@ -468,3 +499,14 @@ def test_numpy_integers_are_integers() -> None:
     assert (config.every_n_steps, config.window) == (4, 4)
     assert type(config.window) is int  # stored as a Python int (a state_key stays readable)
     assert angular_update(torch.eye(2), torch.eye(2), dim=np.int64(0)).shape == (2,)
+
+
+def test_numpy_group_indices_and_a_directory_as_figure_path(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert decay_param_groups(optimizer, [np.int64(0)], 0.5, 0.0) == [(0.1, 0.05)]
+    pytest.importorskip("matplotlib")
+    from lightning_sdm.report import plot_run
+
+    with pytest.raises(ValueError, match="is a directory"):
+        plot_run(tmp_path / "missing", path=tmp_path)

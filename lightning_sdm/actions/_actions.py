@@ -126,6 +126,7 @@ class EquilibriumAction:
 
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Act on ``event``; return it, updated with what was done."""
+        _check_call(event, context)
         return replace(event, action=self.name)
 
     def deadline(self, global_step: int, total_steps: int | None) -> bool:
@@ -157,6 +158,7 @@ class Stop(EquilibriumAction):
 
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Request the stop."""
+        _check_call(event, context)
         context.stop_requested = True
         return replace(event, action=self.name)
 
@@ -260,6 +262,7 @@ class DecayLR(EquilibriumAction):
 
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Decay, rescale if asked, and set the cooldown."""
+        _check_call(event, context)
         final = event.criterion == "budget"
         if final:
             self.final_done = True
@@ -310,6 +313,8 @@ class DecayLR(EquilibriumAction):
         Raises:
             ValueError: for a damaged state (a negative or non-integer count, a non-bool flag).
         """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"DecayLR's state must be a mapping, got {type(state).__name__}.")
         decays, final_done = state.get("decays", self.decays), state.get("final_done", False)
         check_integer("decays", decays, 0)
         if not isinstance(final_done, bool):
@@ -390,6 +395,7 @@ class CallFunction(EquilibriumAction):
 
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Call the function; an exception from it is re-raised naming it."""
+        _check_call(event, context)
         try:
             self.function(context.trainer, context.pl_module, event)
         except Exception as error:
@@ -476,6 +482,13 @@ def _time_constant_after(context: ActionContext, decay: float) -> int:
         if tau is not None:
             longest = max(longest, tau)
     return math.ceil(longest)
+
+
+def _check_call(event: Any, context: Any) -> None:
+    if not isinstance(event, EquilibriumEvent):
+        raise ValueError(f"`event` must be an EquilibriumEvent, got {type(event).__name__}.")
+    if not isinstance(context, ActionContext):
+        raise ValueError(f"`context` must be an ActionContext, got {type(context).__name__}.")
 
 
 def _label(function: Any) -> str:

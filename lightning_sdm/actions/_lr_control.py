@@ -10,6 +10,7 @@ whose state cannot be scaled that way are refused with a clear error (see
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -47,6 +48,11 @@ _GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
 
 def check_schedulers_supported(scheduler_list: Iterable[Any]) -> None:
     """Raise ``ValueError`` for a scheduler an automatic decay cannot scale consistently."""
+    if isinstance(scheduler_list, (LRScheduler, str)) or not isinstance(scheduler_list, Iterable):
+        raise ValueError(
+            "`scheduler_list` must be a list of LR schedulers (or empty), got "
+            f"{type(scheduler_list).__name__}: pass [scheduler]."
+        )
     for scheduler in _flatten(scheduler_list):
         if isinstance(scheduler, (*_SCALE_LR_AND_BASE, schedulers.ReduceLROnPlateau)):
             continue
@@ -98,7 +104,8 @@ def decay_param_groups(
             f"{type(scheduler_list).__name__}: pass [scheduler]."
         )
     for index in group_indices:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        integral = isinstance(index, numbers.Integral) and not isinstance(index, bool)
+        if not integral or not 0 <= int(index) < count:
             raise ValueError(
                 f"`group_indices` holds {index!r}; the optimizer has {count} param group(s): "
                 f"use indices in [0, {count - 1}]."

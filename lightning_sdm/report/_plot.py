@@ -162,6 +162,13 @@ def plot_run(
         ValueError: for ``ncols``, ``dpi`` or ``max_unit_panels`` out of range (named).
     """
     check_integer("ncols", ncols, 1)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"`path` must be a file name (str or os.PathLike), got {path!r}.")
+    if path is not None and os.path.isdir(path):  # matplotlib would write `<path>.png` beside it
+        raise ValueError(
+            f"`path` {os.fspath(path)!r} is a directory: give a file name ending in .png, .pdf, "
+            ".svg, ..."
+        )
     check_number("dpi", dpi, low=0.0)
     check_integer("max_unit_panels", max_unit_panels, 1, allow_none=True)
     ncols = int(ncols)
