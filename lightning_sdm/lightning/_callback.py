@@ -9,8 +9,9 @@ extras :mod:`lightning_sdm.lightning`.
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -33,7 +34,7 @@ from lightning_sdm.lightning import _loggers, _trainer
 from lightning_sdm.lightning._discovery import UnitDiscovery
 from lightning_sdm.lightning._notices import texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
-from lightning_sdm.lightning._session import Host, Session, SessionViews, finite
+from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
 from lightning_sdm.monitor._state import check_monitor_state
 from lightning_sdm.records import ActionName, EquilibriumEvent, Granularity
@@ -415,9 +416,9 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                 return
             # For EarlyStopping, ModelCheckpoint and ReduceLROnPlateau (logger=False: the
             # loggers have them already).
-            for key, value in finite(metrics, SUMMARY_KEYS).items():
+            for key, value in _finite(metrics, SUMMARY_KEYS).items():
                 pl_module.log(key, value, logger=False)
-            median = finite(metrics, [Keys.MEDIAN_RATIO])
+            median = _finite(metrics, [Keys.MEDIAN_RATIO])
             if self.prog_bar and median:
                 pl_module.log(
                     Keys.PROGRESS_BAR, median[Keys.MEDIAN_RATIO], prog_bar=True, logger=False
@@ -483,3 +484,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         if self.monitor is not None:  # kept for inspection; a later fit re-attaches
             self.monitor.detach()
             self._reattach = True
+
+
+def _finite(metrics: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+    """The entries of ``keys`` that are in ``metrics`` and finite."""
+    return {k: metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])}

@@ -24,7 +24,6 @@ What it does with a batch of windows (:meth:`Session.windows`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,8 +266,3 @@ def action_context(monitor: SphericalMonitor, host: Host) -> ActionContext:
         pl_module=host.pl_module,
         total_steps=host.total_steps,
     )
-
-
-def finite(metrics: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
-    """The entries of ``keys`` that are in ``metrics`` and finite."""
-    return {k: metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])}
