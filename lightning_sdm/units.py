@@ -42,6 +42,9 @@ class Unit:
             features). With ``granularity="channel"`` such a unit is measured as a whole.
         norm: where the scale is absorbed, e.g. ``"net.1 (BatchNorm2d)"`` (empty when unknown).
         source: how the unit was found (:data:`~lightning_sdm.records.UnitSource`).
+        channel_group: with ``channel_invariant``, the channels are invariant in blocks of this
+            many consecutive ones (an attention head's rows of a q/k projection under QK-norm);
+            1: each channel on its own.
 
     Raises:
         ValueError: for a malformed field (the message names it).
@@ -62,6 +65,7 @@ class Unit:
     channel_invariant: bool = True
     norm: str = ""
     source: UnitSource = "explicit"
+    channel_group: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -88,6 +92,9 @@ class Unit:
             )
         if isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int):
             raise ValueError(f"`channel_dim` must be an int, got {self.channel_dim!r}.")
+        group = self.channel_group
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"`channel_group` must be a positive integer, got {group!r}.")
         if self.source not in _SOURCES:
             raise ValueError(f"`source` must be one of {_SOURCES}, got {self.source!r}.")
 

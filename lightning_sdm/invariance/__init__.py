@@ -55,8 +55,9 @@ Limitations:
       removed by it, but is rejected here.
     * In-place changes are followed through views (``Tensor._base``), not through ``detach()``
       or ``.data`` aliases, nor through ops run in other threads or compiled graphs.
-    * Granularity is decided per output channel of the weight (``channel_dim``); a channel set
-      split across dimensions (``[N, C] -> [N, G, C/G]``) is only followed as a whole unit.
+    * Granularity is decided per output channel of the weight (``channel_dim``), or per block of
+      channels that a reshape splits off and a norm then normalises on its own (per-head QK-norm:
+      ``Unit.channel_group`` is the head size); other splits are followed as a whole unit.
 """
 
 from lightning_sdm.invariance._recorder import ScaleInvarianceTracer, find_scale_invariant_units

@@ -37,6 +37,10 @@ class _Scaled:
     #: Plus a small positive constant: a normalization's ``eps`` (``var + eps``), allowed only on
     #: its way into the root or the division that normalizes (see ``_EPS_CONSUMERS``).
     shifted: bool = False
+    #: With ``axis``: the scaled indices are whole blocks of ``group`` consecutive ones (the
+    #: channels of one attention head). A rule that does not know it builds a new state with
+    #: ``group=1`` (any subset), which assumes less: sound, only less precise.
+    group: int = 1
 
 
 _State = _Scaled | None
@@ -77,13 +81,40 @@ class _Analysis:
         reason, absorbed = self.propagate(whole)
         if reason is not None:
             return None, reason
-        per_channel = False
+        per_channel, group = False, 1
         if ndim > channel_dim:
-            seeds = {vid: _Scaled(1.0, channel_dim if i == 0 else 0) for i, vid in enumerate(vids)}
-            per_channel = self.propagate(seeds)[0] is None
+            channels = self.graph.values[vids[0]].shape[channel_dim] if vids else 0
+            # One output channel on its own, else the smallest block of channels that a reshape
+            # splits off (the q/k projection's heads, normalised each by a QK-norm).
+            for size in [1, *self._block_sizes(channels)]:
+                seeds = {
+                    vid: _Scaled(1.0, channel_dim if i == 0 else 0, group=size)
+                    for i, vid in enumerate(vids)
+                }
+                if self.propagate(seeds)[0] is None:
+                    per_channel, group = True, size
+                    break
         norm = ", ".join(dict.fromkeys(absorbed))
-        unit = Unit(name, tuple(params), channel_dim, per_channel, norm=norm, source="trace")
+        unit = Unit(
+            name, tuple(params), channel_dim, per_channel, norm=norm, source="trace",
+            channel_group=group,
+        )  # fmt: skip
         return unit, ""
+
+    def _block_sizes(self, channels: int) -> list[int]:
+        """Block sizes a reshape may have split the channels into (attention heads).
+
+        The sizes ``g`` with ``channels = h * g`` (``h > 1``) that some recorded value's shape
+        holds as ``(..., h, g, ...)``.
+        """
+        sizes = set()
+        for value in self.graph.values:
+            shape = value.shape
+            for i in range(len(shape) - 1):
+                h, g = shape[i], shape[i + 1]
+                if h > 1 and g > 1 and h * g == channels:
+                    sizes.add(g)
+        return sorted(sizes)
 
     def propagate(self, seeds: dict[int, _Scaled]) -> tuple[str | None, list[str]]:
         """Follow the scaling of the seeds; return (reason it is not invariant, absorbers)."""
@@ -309,7 +340,7 @@ class _Analysis:
         aligned = sb is None or sb.axis == 0
         if sw.axis == channel_dim and aligned and (kind != "conv_transpose" or groups == 1):
             out_axis = out_ndim - 1 if kind == "linear" else out_ndim - spatial - 1
-            return self._fill(node, _Scaled(sw.degree, out_axis))
+            return self._fill(node, _Scaled(sw.degree, out_axis, group=sw.group))
         raise _Break(f"its output channels are not separable in {node.label}")
 
 

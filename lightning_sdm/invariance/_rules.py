@@ -99,14 +99,28 @@ def _reshape(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if scaled.axis is None:
         return an._fill(node, scaled)
     axis = _reshape_axis(an._shape(x), out.shape, scaled.axis)
-    if axis is None:
-        raise _Break(f"its channels are split across dimensions by {node.label}")
-    return an._fill(node, _Scaled(scaled.degree, axis))
+    if axis is not None:
+        return an._fill(node, _Scaled(scaled.degree, axis, group=scaled.group))
+    # Channels in whole blocks of `group`, split into (blocks, group): the blocks' axis.
+    axis = _reshape_axis(an._shape(x), out.shape, scaled.axis, block=scaled.group)
+    if scaled.group > 1 and axis is not None:
+        return an._fill(node, _Scaled(scaled.degree, axis))
+    raise _Break(f"its channels are split across dimensions by {node.label}")
 
 
-def _reshape_axis(shape: Sequence[int], out: Sequence[int], axis: int) -> int | None:
-    """Output axis whose index determines the input index along ``axis`` (row-major order)."""
+def _reshape_axis(
+    shape: Sequence[int], out: Sequence[int], axis: int, block: int = 1
+) -> int | None:
+    """Output axis whose index determines the input index along ``axis`` (row-major order).
+
+    With ``block > 1``: the axis whose index determines which block of ``block`` consecutive
+    indices along ``axis`` an element is in (the blocks' axis after a split into heads).
+    """
     size, rest = shape[axis], math.prod(shape[axis + 1 :])
+    if block > 1:
+        if size % block:
+            return None
+        size, rest = size // block, rest * block
     for b in range(len(out)):
         out_rest = math.prod(out[b + 1 :])
         if out_rest == 0 or rest % out_rest:
@@ -130,7 +144,7 @@ def _permute(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
         return an._fill(node, scaled)
     ndim = an._ndim(x)
     perm = _permutation(node, ndim)  # perm[j] = input dimension placed at output position j
-    return an._fill(node, _Scaled(scaled.degree, perm.index(scaled.axis)))
+    return an._fill(node, _Scaled(scaled.degree, perm.index(scaled.axis), group=scaled.group))
 
 
 def _permutation(node: _Node, ndim: int) -> list[int]:

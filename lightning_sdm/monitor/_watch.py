@@ -142,6 +142,11 @@ def _check_unit_tensors(spec: Unit, tensors: list[nn.Parameter]) -> None:
 def _check_channel_rows(spec: Unit, tensors: list[nn.Parameter]) -> None:
     """Per channel, a unit's other tensors (its bias) index the weight's channels on dim 0."""
     channels = tensors[0].shape[spec.channel_dim] if tensors[0].dim() else 1
+    if channels % spec.channel_group:
+        raise ValueError(
+            f"Unit {spec.name!r}: `channel_group`={spec.channel_group} does not divide its "
+            f"{channels} channels."
+        )
     for name, tensor in zip(spec.params[1:], tensors[1:], strict=True):
         rows = tensor.shape[0] if tensor.dim() else 1
         if rows != channels:
@@ -177,13 +182,15 @@ def _make_watch(
     for spec, unit_tensors, group_index in entries:
         # A unit invariant only as a whole (LayerNorm) has no per-channel angle: one row.
         per_channel = granularity == "channel" and spec.channel_invariant
-        channels = unit_tensors[0].shape[spec.channel_dim] if per_channel else 1
+        width = unit_tensors[0].shape[spec.channel_dim] if per_channel else 1
+        # A row per channel, or per block of `channel_group` channels (an attention head).
+        channels = width // spec.channel_group if per_channel else 1
         for position, tensor in enumerate(unit_tensors):
             tensors.append(tensor)
             if per_channel:
                 # The weight's output channels, and the bias's elements, map to the same rows.
                 dims.append(spec.channel_dim if position == 0 else 0)
-                row_map.append(torch.arange(row, row + channels))
+                row_map.append(row + torch.arange(width) // spec.channel_group)
             else:
                 dims.append(None)
                 row_map.append(torch.tensor([row]))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sdm.invariance import find_scale_invariant_units
-from tests.invariance.checks import assert_complete, channel_factor, names, reasons
+from tests.invariance.checks import assert_complete, names, reasons
 
 HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB = 32, 4, 8, 48, 50
 
@@ -192,17 +192,30 @@ def _check_by_scaling(model: nn.Module, inputs: tuple, report) -> None:
     params = dict(model.named_parameters())
     for unit in report.units:
         assert _relative_change(model, inputs, dict.fromkeys(unit.params, 3.7)) < 1e-7, unit
-        # One output channel alone: invariant only where the unit says so (BatchNorm-like).
-        one = {
-            name: channel_factor(params[name], unit.channel_dim if i == 0 else 0, 1)
-            for i, name in enumerate(unit.params)
-        }
-        moved = _relative_change(model, inputs, one)
-        assert (moved < 1e-7) == unit.channel_invariant, (unit, moved)
+        # One block of channels alone (a channel, or a head's channel_group): invariant only
+        # where the unit says so; a block finer than its group is not.
+        group = unit.channel_group
+        block = _relative_change(model, inputs, _block(params, unit, range(group, 2 * group)))
+        assert (block < 1e-7) == unit.channel_invariant, (unit, block)
+        if group > 1:
+            assert _relative_change(model, inputs, _block(params, unit, [group])) > 1e-4, unit
     for item in report.rejected:
         if "unused" in item.reason or "bias of" in item.reason:
             continue
         assert _relative_change(model, inputs, {item.name: 3.7}) > 1e-4, item
+
+
+def _block(params: dict[str, Tensor], unit, channels) -> dict[str, Tensor]:
+    """Factors that scale the given output channels of a unit (weight and bias) by 3.7."""
+    factors = {}
+    for i, name in enumerate(unit.params):
+        dim = unit.channel_dim if i == 0 else 0
+        shape = [1] * params[name].dim()
+        shape[dim] = params[name].shape[dim]
+        factor = torch.ones(shape)
+        factor.view(-1)[list(channels)] = 3.7
+        factors[name] = factor
+    return factors
 
 
 def _tokens() -> Tensor:
@@ -230,10 +243,13 @@ def test_pre_norm_decoders_have_no_invariant_weight(style: str) -> None:
 
 
 def test_qwen3_qk_norm_per_head_makes_q_and_k_projections_invariant() -> None:
-    _, found, why = _found("qwen3")
+    model, found, why = _found("qwen3")
     assert set(found) == {
         f"layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("q", "k")
     }
+    # Each head's rows on their own: invariant blocks of head_dim channels.
+    report = find_scale_invariant_units(model, _tokens())
+    assert {(u.channel_invariant, u.channel_group) for u in report.units} == {(True, HEAD_DIM)}
     # v goes through attention (linear in v) and o_proj into the residual stream, un-normed.
     assert "residual" in why["layers.0.self_attn.v_proj.weight"]
     assert "residual" in why["layers.0.self_attn.o_proj.weight"]

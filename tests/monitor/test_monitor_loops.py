@@ -244,3 +244,40 @@ def test_manual_steps_of_two_optimizers_each_count_their_own_steps():
     assert [w.optimizer_step for w in windows if w.unit == "3.weight"] == [4, 8, 12]
     # Without a global clock given, the monitor counts the steps of all its optimizers.
     assert windows[-1].global_step == 24 + 12
+
+
+def test_channel_groups_are_measured_per_block_of_rows():
+    """A q projection under per-head QK-norm: one angle per head (a block of head_dim rows)."""
+    torch.manual_seed(0)
+    heads, head_dim = 4, 8
+    weight = nn.Parameter(torch.randn(heads * head_dim, 16))
+    model = nn.Module()
+    model.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-3)
+    unit = Unit("weight", ("weight",), channel_group=head_dim)
+    config = MonitorConfig(every_n_steps=3, window=3, granularity="channel")
+    monitor = SphericalMonitor(model, optimizer, [unit], config).attach()
+    before, angles = weight.detach().clone(), []
+    for _ in range(3):
+        weight.grad = torch.randn_like(weight)
+        previous = weight.detach().clone()
+        optimizer.step()
+        angles.append(
+            [
+                reference_angle(
+                    previous[h * head_dim : (h + 1) * head_dim],
+                    weight.detach()[h * head_dim : (h + 1) * head_dim],
+                )
+                for h in range(heads)
+            ]
+        )
+    (window,) = monitor.pop_windows()
+    monitor.detach()
+    per_head = [math.sqrt(sum(step[h] ** 2 for step in angles) / 3) for h in range(heads)]
+    assert window.channels is not None
+    assert window.channels["max"] == pytest.approx(max(per_head), rel=1e-9)
+    assert window.channels["min"] == pytest.approx(min(per_head), rel=1e-9)
+    assert window.channels["mean"] == pytest.approx(sum(per_head) / heads, rel=1e-9)
+    assert not torch.equal(before, weight.detach())
+    with pytest.raises(ValueError, match="does not divide"):
+        SphericalMonitor(model, optimizer, [Unit("weight", ("weight",), channel_group=5)], config)
