@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -364,16 +364,21 @@ def check_arguments(
     prev: Sequence[Tensor], curr: Sequence[Tensor], dim: Dims, chunk_numel: int | None
 ) -> tuple[list[Tensor], list[Tensor], tuple[_Geometry, ...]]:
     """Validate the inputs; return the local tensors and their geometries."""
+    lists = []
     for name, value in (("prev", prev), ("curr", curr)):
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(t, torch.Tensor) for t in value
-        ):
+        # Any iterable of tensors (model.parameters(), a ParameterList); not one tensor, whose
+        # rows would be read as tensors.
+        items = None
+        if not isinstance(value, (torch.Tensor, str)) and isinstance(value, Iterable):
+            items = list(value)
+        if items is None or not all(isinstance(t, torch.Tensor) for t in items):
             raise ValueError(
                 f"`{name}` must be a sequence of tensors (one entry per tensor), got "
                 f"{type(value).__name__}: pass [tensor], or use angular_update(prev, curr) for "
                 "a single tensor."
             )
-    prev, curr = list(prev), list(curr)
+        lists.append(items)
+    prev, curr = lists
     if len(prev) != len(curr):
         raise ValueError(
             f"`prev` and `curr` must hold the same number of tensors, got {len(prev)} and "

@@ -510,3 +510,14 @@ def test_numpy_group_indices_and_a_directory_as_figure_path(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="is a directory"):
         plot_run(tmp_path / "missing", path=tmp_path)
+
+
+def test_any_iterable_is_a_list_where_one_was_accepted_before() -> None:
+    """Found by review: the new checks must not refuse generators and parameter lists."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    stats = angular_update_statistics(list(model.parameters()), model.parameters())
+    assert stats.shape == (4, 4)  # four tensors, one row each
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = SphericalMonitor(model, (o for o in [optimizer]), iter([_UNIT]), every_n_steps=2)
+    assert monitor.units == ["0.weight"]
+    assert EquilibriumDetector().update(iter([])) == []

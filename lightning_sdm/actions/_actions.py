@@ -75,6 +75,7 @@ class ActionContext:
         schedulers: the LR schedulers of the run (Lightning's ``lr_scheduler_configs``).
         trainer: the Trainer, for user callables (``None`` outside Lightning).
         pl_module: the LightningModule, for user callables.
+        global_per_optimizer_step: global steps per optimizer step (see the field).
         total_steps: the training budget in global steps (Lightning's
             ``estimated_stepping_batches``), ``None`` when unknown or unbounded.
         stop_requested: set by an action that wants training to stop.
@@ -89,6 +90,9 @@ class ActionContext:
     pl_module: Any = None
     total_steps: int | None = None
     stop_requested: bool = False
+    #: Global steps per step of one optimizer: more than 1 under manual optimization with
+    #: several optimizers stepping once per batch (relaxation times count optimizer steps).
+    global_per_optimizer_step: int = 1
 
     def __post_init__(self) -> None:
         groups = self.unit_groups
@@ -104,6 +108,7 @@ class ActionContext:
                 "`unit_groups` must map each unit to (optimizer, param group index), got "
                 f"{groups!r:.80}."
             )
+        check_integer("global_per_optimizer_step", self.global_per_optimizer_step, 1)
         for name in ("unit_parameters", "predictions"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"`{name}` must be a mapping by unit name.")
@@ -291,7 +296,8 @@ class DecayLR(EquilibriumAction):
         cooldown = self.cooldown if self.cooldown is not None else _relaxation(context, decay)
         if final:  # the last phase: no further decision (and no cooldown to honour)
             note = "final decay: the last phase of the budget starts"
-            cooldown = max(int(cooldown), (context.total_steps or 0) - context.global_step)
+            left = (context.total_steps or 0) - context.global_step  # global steps
+            cooldown = max(int(cooldown), math.ceil(left / context.global_per_optimizer_step))
         else:
             note = ""
         return replace(
@@ -332,8 +338,9 @@ class DecayLR(EquilibriumAction):
         lrs = {opt.param_groups[i]["lr"] for opt, i in context.unit_groups.values()}
         if all(float(lr) * self.factor < self.min_lr for lr in lrs):
             return False  # no decay would happen anyway: let __call__ say why
-        needed = _time_constant_after(context, 1 / self.factor)
-        return context.global_step + needed > self._final_start(context)
+        needed = _time_constant_after(context, 1 / self.factor)  # optimizer steps
+        needed_global = needed * context.global_per_optimizer_step
+        return context.global_step + needed_global > self._final_start(context)
 
     def __repr__(self) -> str:
         return (

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -187,7 +187,8 @@ class EquilibriumDetector:
             ValueError: if ``windows`` is not a sequence of
                 :class:`~lightning_sdm.records.UnitWindow`.
         """
-        if not isinstance(windows, Sequence) or not all(isinstance(w, UnitWindow) for w in windows):
+        windows = list(windows) if isinstance(windows, Iterable) else windows
+        if not isinstance(windows, list) or not all(isinstance(w, UnitWindow) for w in windows):
             raise ValueError(
                 "`windows` must be a list of lightning_sdm.UnitWindow (what "
                 f"SphericalMonitor.pop_windows returns), got {windows!r:.80}."

@@ -41,6 +41,11 @@ class _Scaled:
     #: channels of one attention head). A rule that does not know it builds a new state with
     #: ``group=1`` (any subset), which assumes less: sound, only less precise.
     group: int = 1
+    #: Known to be >= 0 (a square, an absolute value, a variance, a norm) and the result of a
+    #: reduction (a mean, a sum, a norm): what a norm's root is taken of. Only such a value may
+    #: take an eps (``mean(h**2) + eps``): added to anything else, a constant is a shift.
+    nonneg: bool = False
+    reduced: bool = False
 
 
 _State = _Scaled | None

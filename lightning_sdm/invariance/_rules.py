@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from lightning_sdm.invariance._analysis import (
@@ -78,7 +79,12 @@ def _elementwise(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step
         raise _Break(_not_homogeneous(node))
     if node.op not in _CASTS:  # a cast's second tensor argument only supplies dtype / device
         an._others_unaffected(node, state, x)
-    return an._fill(node, an._st(state, x))
+    scaled = an._st(state, x)
+    if op in ("abs", "absolute") and scaled is not None:
+        scaled = replace(scaled, nonneg=True, reduced=False)
+    elif op not in _CASTS and op not in ("clone", "contiguous", "detach") and scaled is not None:
+        scaled = replace(scaled, nonneg=False, reduced=False)  # e.g. neg, flip: not what it was
+    return an._fill(node, scaled)
 
 
 @_rule(
@@ -184,7 +190,7 @@ def _expand(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if scaled is None or scaled.axis is None:
         return an._fill(node, scaled)
     axis = scaled.axis + an._out_ndim(node) - an._ndim(x)
-    return an._fill(node, _Scaled(scaled.degree, axis, scaled.shifted))
+    return an._fill(node, replace(scaled, axis=axis, group=1))
 
 
 _SLICES = "__getitem__ narrow select index_select chunk split split_with_sizes tensor_split unbind"
@@ -344,11 +350,13 @@ def _product(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     sign = -1.0 if divide else 1.0
     out_ndim = an._out_ndim(node)
     if sa is not None and sb is not None:
+        square = not divide and isinstance(a, _Ref) and isinstance(b, _Ref) and a.vid == b.vid
         if sa.axis is None and sb.axis is None:
-            return an._fill(node, _Scaled(sa.degree + sign * sb.degree))
+            return an._fill(node, _Scaled(sa.degree + sign * sb.degree, nonneg=square))
         axes = {_output_axis(an, node, a, sa), _output_axis(an, node, b, sb)}
         if len(axes) == 1 and None not in axes:  # the same channels of both (e.g. w / std(w))
-            return an._fill(node, _Scaled(sa.degree + sign * sb.degree, axes.pop()))
+            degree = sa.degree + sign * sb.degree
+            return an._fill(node, _Scaled(degree, axes.pop(), nonneg=square))
         raise _Break(f"is multiplied by a tensor scaled on other channels in {node.label}")
     operand, scaled, factor = (a, sa, 1.0) if sa is not None else (b, sb, sign)
     assert scaled is not None
@@ -380,7 +388,8 @@ def _sum(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
         raise _Break(_added(node))
     subtract = node.op.strip("_").rstrip("_") in ("sub", "subtract", "rsub")
     assert scaled is not None
-    if _is_eps(other) and scaled.degree > 0 and not subtract and not scaled.shifted:
+    eps_target = scaled.reduced and scaled.nonneg and scaled.degree > 0 and not scaled.shifted
+    if _is_eps(other) and eps_target and not subtract:
         # `var + eps` in a hand-written norm: followed by its root or a division, or nothing.
         return an._fill(node, _Scaled(scaled.degree, scaled.axis, shifted=True))
     raise _Break(f"is shifted by a constant ({node.label}) before any normalization")
@@ -412,7 +421,9 @@ def _power(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
         raise _Break(_not_homogeneous(node))
     if scaled.shifted and not (exponent < 0 or 0 < exponent < 1):  # a root or a reciprocal
         raise _Break(f"is shifted by a constant ({node.label}) before any normalization")
-    return an._fill(node, _Scaled(scaled.degree * float(exponent), scaled.axis))
+    even = float(exponent) % 2 == 0
+    nonneg = (even or scaled.nonneg) and not scaled.shifted
+    return an._fill(node, _Scaled(scaled.degree * float(exponent), scaled.axis, nonneg=nonneg))
 
 
 _COMPARISONS = set(_names("gt lt ge le eq ne greater less greater_equal less_equal not_equal"))
@@ -475,10 +486,18 @@ def _reduce(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
     if op in ("max", "min") and isinstance(_arg(node, 1, "other"), _Ref):
         raise _Break(_not_homogeneous(node))  # elementwise max with a tensor that does not scale
     degree = scaled.degree * (2.0 if op == "var" else 1.0)
+    # What a norm's root may be taken of: a reduction of a value >= 0, or a variance or norm.
+    base = op.rstrip("_")
+    flags = {
+        "reduced": base in ("sum", "nansum", "mean", "nanmean", "var", "std", "norm",
+                            "linalg_vector_norm", "vector_norm"),
+        "nonneg": base in ("var", "std", "norm", "linalg_vector_norm", "vector_norm")
+        or (base in ("sum", "nansum", "mean", "nanmean", "amax", "max") and scaled.nonneg),
+    }  # fmt: skip
     if op in ("argmax", "argmin"):
         return _Step([None] * len(node.outputs)) if scaled.axis is None else _raise(node)
     if scaled.axis is None:
-        return an._fill(node, _Scaled(degree), integers_invariant=True)
+        return an._fill(node, _Scaled(degree, **flags), integers_invariant=True)
     ndim = an._ndim(x)
     if op in ("cumsum", "cumsum_", "sort", "argsort", "topk"):
         index = {"cumsum": 1, "cumsum_": 1, "sort": 1, "argsort": 1, "topk": 2}[op]
@@ -502,7 +521,7 @@ def _reduce(an: _Analysis, node: _Node, state: dict[int, _Scaled]) -> _Step:
         axis = scaled.axis - sum(1 for d in dims if d < scaled.axis)
     else:
         raise _Break(f"could not follow {node.label}")
-    return an._fill(node, _Scaled(degree, axis), integers_invariant=True)
+    return an._fill(node, _Scaled(degree, axis, **flags), integers_invariant=True)
 
 
 def _raise(node: _Node) -> _Step:

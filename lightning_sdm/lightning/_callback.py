@@ -183,6 +183,10 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         """Equilibrium events are also sent as W&B alerts."""
         return self.session.alerts
 
+    @alerts.setter
+    def alerts(self, value: bool) -> None:
+        self.session.alerts = value
+
     @property
     def state_key(self) -> str:
         """Unique per configuration, so that several instances can share a Trainer."""
@@ -437,6 +441,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             trainer=trainer,
             pl_module=pl_module,
             request_stop=stop,
+            global_per_optimizer_step=_trainer.stepping_optimizers(trainer),
         )
 
     def _advise(

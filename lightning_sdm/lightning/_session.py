@@ -59,6 +59,8 @@ class Host:
         trainer: handed to user callables (``None`` outside the Trainer).
         pl_module: handed to user callables.
         request_stop: asks the loop to stop; ``None`` where the loop is the user's (Fabric).
+        global_per_optimizer_step: global steps per step of one optimizer (several optimizers
+            stepping once per batch under manual optimization).
     """
 
     global_step: int
@@ -70,6 +72,7 @@ class Host:
     trainer: Any = None
     pl_module: Any = None
     request_stop: Callable[[], None] | None = None
+    global_per_optimizer_step: int = 1
 
 
 @dataclass
@@ -176,7 +179,10 @@ class Session:
         text = _messages.describe_event(event, decays_of(action))
         (rank_zero_warn if action.warns else rank_zero_info)(text)
         if host.is_global_zero:
-            stopped = context.stop_requested and host.request_stop is not None
+            # Stopped by the action, or by a user callable through the Trainer itself.
+            stopped = (context.stop_requested and host.request_stop is not None) or bool(
+                getattr(host.trainer, "should_stop", False)
+            )
             _loggers.on_equilibrium_event(
                 host.loggers,
                 message=text,
@@ -220,15 +226,27 @@ class SessionViews:
         """The monitor's settings."""
         return self.session.config
 
+    @config.setter
+    def config(self, value: MonitorConfig) -> None:
+        self.session.config = value
+
     @property
     def detector(self) -> EquilibriumDetector:
         """The equilibrium detector."""
         return self.session.detector
 
+    @detector.setter
+    def detector(self, value: EquilibriumDetector) -> None:
+        self.session.detector = value
+
     @property
     def policy(self) -> EquilibriumPolicy:
         """Turns the detector's verdicts into events."""
         return self.session.policy
+
+    @policy.setter
+    def policy(self, value: EquilibriumPolicy) -> None:
+        self.session.policy = value
 
     @property
     def on_equilibrium(self) -> EquilibriumAction:
@@ -265,4 +283,5 @@ def action_context(monitor: SphericalMonitor, host: Host) -> ActionContext:
         trainer=host.trainer,
         pl_module=host.pl_module,
         total_steps=host.total_steps,
+        global_per_optimizer_step=host.global_per_optimizer_step,
     )

@@ -17,7 +17,7 @@ the units are :class:`~lightning_sdm.units.Unit`, and the prediction of every wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -126,7 +126,7 @@ class SphericalMonitor:
         if not config.resolved:
             raise ValueError("`every_n_steps` must be set (None is resolved by the callback).")
         if isinstance(units, (str, Unit)) or not (
-            hasattr(units, "units") or isinstance(units, Sequence)
+            hasattr(units, "units") or isinstance(units, Iterable)
         ):
             raise ValueError(
                 "`units` must be a list of lightning_sdm.Unit or an InvarianceReport, got "
@@ -150,10 +150,15 @@ class SphericalMonitor:
         self._group = monitor_group(config.sync_timeout)
         self.stopped: str | None = None  # why monitoring stopped (ranks out of step), if it did
         self.cost = CostMeter()  # hook time against step time (see lightning_sdm.monitor)
-        optimizer_list = [optimizers] if isinstance(optimizers, Optimizer) else optimizers
-        if not isinstance(optimizer_list, Sequence) or not all(
-            isinstance(o, Optimizer) for o in optimizer_list
-        ):
+        iterable = isinstance(optimizers, Iterable) and not isinstance(optimizers, str)
+        optimizer_list = (
+            [optimizers]
+            if isinstance(optimizers, Optimizer)
+            else list(optimizers)
+            if iterable
+            else None
+        )
+        if optimizer_list is None or not all(isinstance(o, Optimizer) for o in optimizer_list):
             raise ValueError(
                 "`optimizers` must be a torch.optim.Optimizer or a list of them, got "
                 f"{type(optimizers).__name__}."

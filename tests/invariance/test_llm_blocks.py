@@ -305,3 +305,32 @@ def test_an_eps_outside_a_norm_is_still_a_shift() -> None:
     assert names(report) == {}
     assert "shifted by a constant" in reasons(report)["a.weight"]
     assert "shifted by a constant" in reasons(report)["b.weight"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda h: h * torch.rsqrt(h * h + 1e-6),  # elementwise: no mean, not a norm
+        lambda h: h / (h.abs() + 1e-6),  # a sign with an eps: not a norm either
+        lambda h: torch.sqrt(F.relu(h) + 1e-6),  # an eps under a root, but not of a reduction
+    ],
+    ids=["elementwise_rsqrt", "abs_ratio", "sqrt_relu"],
+)
+def test_an_eps_is_a_norm_eps_only_under_a_reduction(shape) -> None:
+    """Found by review: these are not invariant (a 3.7x scale moves the output by ~3%)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 16, bias=False)
+            self.bn = nn.BatchNorm1d(16)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.bn(shape(self.lin(x))))
+
+    torch.manual_seed(0)
+    model = Net()
+    report = find_scale_invariant_units(model, torch.randn(5, 8))
+    assert "lin.weight" not in names(report)
+    assert "shifted by a constant" in reasons(report)["lin.weight"]
