@@ -268,6 +268,12 @@ class DecayLR(EquilibriumAction):
     def __call__(self, event: EquilibriumEvent, context: ActionContext) -> EquilibriumEvent:
         """Decay, rescale if asked, and set the cooldown."""
         _check_call(event, context)
+        missing = [n for n in context.unit_groups if n not in context.unit_parameters]
+        if self.rescale_weights and missing:  # before any state changes (final_done included)
+            raise ValueError(
+                f"DecayLR(rescale_weights=True) needs the parameters of {missing} in the "
+                "ActionContext's `unit_parameters` (nothing was changed)."
+            )
         final = event.criterion == "budget"
         if final:
             self.final_done = True
@@ -277,12 +283,6 @@ class DecayLR(EquilibriumAction):
                 f"final phase starts at global step {self._final_start(context)}"
             )
             return replace(event, action="none", note=note)
-        missing = [n for n in context.unit_groups if n not in context.unit_parameters]
-        if self.rescale_weights and missing:
-            raise ValueError(
-                f"DecayLR(rescale_weights=True) needs the parameters of {missing} in the "
-                "ActionContext's `unit_parameters` (nothing was changed)."
-            )
         exhausted = self.max_decays is not None and self.decays >= self.max_decays
         changes = [] if exhausted else self._decay(context)
         if not any(new < old for old, new in changes):

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from lightning_sdm._checks import check_integer
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
-from lightning_sdm.theory._optimizers import unwrap
+from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
     Prediction,
     lr_change_relaxation_steps,
@@ -453,12 +453,7 @@ def _check_advise_arguments(
     optimizers: Any, units: Any, total_steps: Any, steps_per_epoch: Any
 ) -> None:
     """Errors naming the argument, before any schedule is sampled."""
-    if not isinstance(optimizers, Sequence) or not all(
-        isinstance(getattr(unwrap(o), "param_groups", None), list) for o in optimizers
-    ):
-        raise ValueError(
-            f"`optimizers` must be a list of torch.optim.Optimizer, got {optimizers!r:.80}."
-        )
+    check_optimizers(optimizers)
     if not isinstance(units, Mapping):
         raise ValueError(
             "`units` must map each unit to (optimizer index, param group index), got "

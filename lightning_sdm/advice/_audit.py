@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
-from lightning_sdm.theory._optimizers import unwrap
+from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.units import Unit
 
 __all__ = ["Finding", "FindingKind", "audit_param_groups"]
@@ -84,12 +84,7 @@ def audit_param_groups(
     """
     if not isinstance(module, nn.Module):
         raise ValueError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
-    if not isinstance(optimizers, Sequence) or not all(
-        isinstance(getattr(unwrap(o), "param_groups", None), list) for o in optimizers
-    ):
-        raise ValueError(
-            f"`optimizers` must be a list of torch.optim.Optimizer, got {optimizers!r:.80}."
-        )
+    check_optimizers(optimizers)
     if isinstance(units, (str, Unit)) or not isinstance(units, Iterable):
         raise ValueError(f"`units` must be a list of lightning_sdm.Unit, got {units!r:.80}.")
     unit_list = list(units)

@@ -6,6 +6,7 @@ The transfer functions of the individual ops are in :mod:`lightning_sdm.invarian
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,7 @@ class _Analysis:
     def __init__(self, graph: _Graph, rules: Mapping[str, Rule]) -> None:
         self.graph = graph
         self.rules = rules
+        self._blocks: dict[int, set[int]] | None = None
 
     def classify(self, name: str, roles: _Roles, ndim: int) -> tuple[Unit | None, str]:
         params = roles.units.get(name, [name])
@@ -112,14 +114,13 @@ class _Analysis:
         The sizes ``g`` with ``channels = h * g`` (``h > 1``) that some recorded value's shape
         holds as ``(..., h, g, ...)``.
         """
-        sizes = set()
-        for value in self.graph.values:
-            shape = value.shape
-            for i in range(len(shape) - 1):
-                h, g = shape[i], shape[i + 1]
-                if h > 1 and g > 1 and h * g == channels:
-                    sizes.add(g)
-        return sorted(sizes)
+        if self._blocks is None:  # the graph's (h, g) pairs, read once for all units
+            self._blocks = {}
+            for value in self.graph.values:
+                for h, g in itertools.pairwise(value.shape):
+                    if h > 1 and g > 1:
+                        self._blocks.setdefault(h * g, set()).add(g)
+        return sorted(self._blocks.get(channels, ()))
 
     def propagate(self, seeds: dict[int, _Scaled]) -> tuple[str | None, list[str]]:
         """Follow the scaling of the seeds; return (reason it is not invariant, absorbers)."""

@@ -215,12 +215,10 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         self.policy.action.setup(trainer.optimizers, _trainer.lr_schedulers(trainer))
         every = self.config.every_n_steps
         assert every is not None  # resolved in setup
-        for config in trainer.lr_scheduler_configs:
-            monitored = config.monitor or ""
-            stale = config.interval == "step" and config.frequency % every != 0
-            if monitored.startswith(Keys.PREFIX) and stale:
+        for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
+            if monitored.startswith(Keys.PREFIX) and frequency % every != 0:
                 raise MisconfigurationException(
-                    _messages.scheduler_between_windows(monitored, config.frequency, every)
+                    _messages.scheduler_between_windows(monitored, frequency, every)
                 )
 
     @override
@@ -276,11 +274,12 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         assert self.monitor is not None  # (re)started above
         windows = self.monitor.pop_windows(global_step=trainer.global_step)
         self._notices.cost(self.monitor)  # once its first steady interval has been timed
-        host = self._host(trainer, pl_module, windows=bool(windows))
         if windows:
-            self.session.windows(self.monitor, windows, host)
-        else:  # the budget's deadline may fall between windows
-            self.session.between_windows(self.monitor, host)
+            self.session.windows(self.monitor, windows, self._host(trainer, pl_module, True))
+        elif self.policy.action.deadline(trainer.global_step, _trainer.budget_of(trainer)):
+            # The budget's deadline between windows (a pure test, repeated by the session):
+            # the host is built only then, not at every batch.
+            self.session.between_windows(self.monitor, self._host(trainer, pl_module, False))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
@@ -382,7 +381,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         else:
             # Steps taken before the monitor started still count. Lightning's global step
             # counts the steps of all optimizers together.
-            per_optimizer = trainer.global_step // max(len(trainer.optimizers), 1)
+            per_optimizer = trainer.global_step // _trainer.stepping_optimizers(trainer)
             self.monitor.load_state_dict({"steps_done": [per_optimizer] * len(trainer.optimizers)})
         self.monitor.attach()
         if not self.monitor.units:  # none is updated by an optimizer: say so, measure nothing

@@ -179,10 +179,9 @@ class Session:
         text = _messages.describe_event(event, decays_of(action))
         (rank_zero_warn if action.warns else rank_zero_info)(text)
         if host.is_global_zero:
-            # Stopped by the action, or by a user callable through the Trainer itself.
-            stopped = (context.stop_requested and host.request_stop is not None) or bool(
-                getattr(host.trainer, "should_stop", False)
-            )
+            # Stopped by the action (request_stop sets it) or by a user callable: the Trainer
+            # knows either way; under Fabric the loop is the user's and nothing stops.
+            stopped = bool(getattr(host.trainer, "should_stop", False))
             _loggers.on_equilibrium_event(
                 host.loggers,
                 message=text,

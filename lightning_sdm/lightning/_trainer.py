@@ -15,6 +15,7 @@ __all__ = [
     "lr_schedulers",
     "param_group_count",
     "param_groups",
+    "step_scheduler_monitors",
     "steps_per_epoch",
     "trainer_schedules",
 ]
@@ -98,6 +99,15 @@ def steps_per_epoch(trainer: Any) -> int | None:
     if not isinstance(batches, int) or batches <= 0:
         return None
     return max(math.ceil(batches / accumulate), 1)
+
+
+def step_scheduler_monitors(trainer: Any) -> list[tuple[str, int]]:
+    """``(monitored key, frequency)`` of the step-interval schedulers that follow a metric."""
+    return [
+        (config.monitor, config.frequency)
+        for config in trainer.lr_scheduler_configs
+        if config.interval == "step" and config.monitor
+    ]
 
 
 def lr_schedulers(trainer: Any) -> list[Any]:

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Family", "family_of", "recognise", "unwrap"]
+__all__ = [
+    "Family",
+    "check_optimizers",
+    "family_of",
+    "has_param_groups",
+    "recognise",
+    "unwrap",
+]
 
 #: The kind of dynamics: ``"sgd"`` (steps proportional to the gradient: SGD, momentum, Nesterov),
 #: ``"adam"`` (steps normalised per element: Adam, AdamW, RAdam, NAdam), ``"lion"`` (sign steps).
@@ -35,6 +42,20 @@ def unwrap(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
+
+
+def has_param_groups(obj: Any) -> bool:
+    """Whether ``obj`` (unwrapped) holds param groups: a torch optimizer, a wrapper of one."""
+    groups = getattr(unwrap(obj), "param_groups", None)
+    return isinstance(groups, list) and all(isinstance(group, Mapping) for group in groups)
+
+
+def check_optimizers(optimizers: Any) -> None:
+    """``ValueError`` naming ``optimizers`` unless it is a list of optimizers (wrapped or not)."""
+    if not isinstance(optimizers, Sequence) or not all(map(has_param_groups, optimizers)):
+        raise ValueError(
+            f"`optimizers` must be a list of torch.optim.Optimizer, got {optimizers!r:.80}."
+        )
 
 
 def _known_classes() -> list[tuple[str, type]]:

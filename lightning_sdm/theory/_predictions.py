@@ -62,6 +62,7 @@ from lightning_sdm.theory._optimizers import (
     Family,
     basic_hyperparameters,
     family_of,
+    has_param_groups,
     invalid_reason,
     read_hyperparameters,
     recognise,
@@ -732,14 +733,12 @@ def _check_momentum(momentum: float) -> None:
 
 def _check_optimizer(optimizer: Any) -> Any:
     """The unwrapped optimizer; ``ValueError`` for anything without param groups."""
-    inner = unwrap(optimizer)
-    groups = getattr(inner, "param_groups", None)
-    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+    if not has_param_groups(optimizer):
         raise ValueError(
             "`optimizer` must be a torch.optim.Optimizer (or a LightningOptimizer), got "
             f"{type(optimizer).__name__}."
         )
-    return inner
+    return unwrap(optimizer)
 
 
 def _check_prediction(prediction: Any) -> None:
