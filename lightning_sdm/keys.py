@@ -28,8 +28,9 @@ __all__ = [
 ]
 
 
-#: The TensorBoard run (a subdirectory of the logger's directory) that holds the callback's
-#: hparams session at the end of fit; ``lightning-sdm report`` does not list it as a run.
+#: The TensorBoard run (a subdirectory of the logger's directory) in which earlier versions
+#: wrote the callback's hparams session; ``lightning-sdm report`` still does not list it as a run.
+#: The session is now in the run itself (see :mod:`lightning_sdm.lightning._loggers`).
 HPARAMS_RUN = "sdm_hparams"
 
 

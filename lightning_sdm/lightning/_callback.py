@@ -211,8 +211,19 @@ class SphericalDynamicsCallback(SessionViews, Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check that the action can be carried out with these optimizers and schedulers."""
+        """Check the action against the optimizers; write the TensorBoard hparams experiment.
+
+        The experiment goes first (Lightning logs the hyper-parameters right after this hook, and
+        TensorBoard reads the first experiment of a run), with the module's columns and ours.
+        """
         self.policy.action.setup(trainer.optimizers, _trainer.lr_schedulers(trainer))
+        if trainer.is_global_zero:
+            _loggers.on_fit_started(
+                trainer.loggers,
+                hparams=_trainer.logged_hparams(trainer),
+                columns=_loggers.fit_hparams(trainer.optimizers, repr(self.policy.action)),
+                warned=self.session.logger_failures,
+            )
         every = self.config.every_n_steps
         assert every is not None  # resolved in setup
         for monitored, frequency in _trainer.step_scheduler_monitors(trainer):

@@ -31,13 +31,20 @@ Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
 * with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event (the event's
   message; level WARN when the LR changed or training stopped, else INFO).
 
-TensorBoard, at the end of fit: an hparams session (the "HParams" dashboard), in the run
-:data:`HPARAMS_RUN` under the logger's directory, holding the logger's hyper-parameters, the
-theory's inputs of the first monitored unit (``sdm/optimizer``, ``sdm/lr``,
-``sdm/weight_decay``, ``sdm/momentum``) and, as metrics,
-``sdm/hparams/equilibrium_step`` (the step the last unit reached equilibrium; absent if one
-never did), ``sdm/hparams/equilibrium_fraction`` and ``sdm/hparams/final_ratio`` (median over
-the units): runs compare by when they equilibrated.
+TensorBoard, the "HParams" dashboard: one experiment per run, in the run itself. At the start
+of fit (:func:`on_fit_started`, from the callback's ``on_fit_start``, which Lightning calls just
+before its own ``log_hyperparams``), the experiment definition and the session: the module's and
+datamodule's hyper-parameters as Lightning writes them (flattened, sanitised), the theory's inputs
+of the first optimizer's first param group with weight decay (``sdm/optimizer``, ``sdm/lr``,
+``sdm/weight_decay``, ``sdm/momentum``) and the action (``sdm/action``); as metrics
+``hp_metric`` (when the logger has ``default_hp_metric``) and :data:`HPARAMS_METRICS`.
+TensorBoard keeps the first experiment and session of a run (Lightning's, written right after,
+is ignored), so the table is the same after a restart and each run has one row. At the end of
+fit, the metrics' values are scalars of the run: ``sdm/hparams/equilibrium_step`` (the step the
+last unit reached equilibrium; absent if one never did), ``sdm/hparams/equilibrium_fraction``
+and ``sdm/hparams/final_ratio`` (median over the units): runs compare by when they
+equilibrated. (Earlier versions wrote the session in a run of its own, :data:`HPARAMS_RUN`;
+``lightning-sdm report`` still skips it.)
 """
 
 from __future__ import annotations
@@ -57,16 +64,19 @@ from lightning_sdm import _messages
 from lightning_sdm.equilibrium._detector import UnitEquilibrium
 from lightning_sdm.keys import HPARAMS_RUN, Keys
 from lightning_sdm.records import HistoryRecord
-from lightning_sdm.theory._predictions import Prediction
+from lightning_sdm.theory._predictions import Prediction, predict_param_group
 
 __all__ = [
+    "HPARAMS_METRICS",
     "HPARAMS_RUN",
     "TABLE_COLUMNS",
     "WINDOW_COLUMNS",
     "WANDB_STEP_KEY_ATTRIBUTES",
     "UnitResult",
     "on_monitoring_finished",
+    "fit_hparams",
     "on_equilibrium_event",
+    "on_fit_started",
     "on_monitoring_started",
     "on_windows_logged",
     "tensorboard_layout",
@@ -155,12 +165,73 @@ def unit_results(
 _CHANNEL_MARGIN = ("median", "p10", "p90")
 #: Where a WandbLogger may name the key it logs the step under (checked in this order).
 WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
+#: The metrics of the TensorBoard hparams experiment (scalars logged at the end of fit).
+HPARAMS_METRICS = (
+    f"{Keys.PREFIX}hparams/equilibrium_step",
+    f"{Keys.PREFIX}hparams/equilibrium_fraction",
+    f"{Keys.PREFIX}hparams/final_ratio",
+)
+# SummaryWriters that already hold an hparams experiment (TensorBoard reads the first).
+_HPARAMS_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 # The incremental table of each W&B run (rows are added to it, and it is logged again).
 _WINDOW_TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 _F = TypeVar("_F", bound=Callable[..., None])
+
+
+def fit_hparams(optimizers: Sequence[Any], action: str) -> dict[str, Any]:
+    """The ``sdm/`` columns of the hparams experiment, known at the start of fit.
+
+    The units are found on the first batch, after the experiment must be written; the theory's
+    inputs are read from the first optimizer's first param group with weight decay (where the
+    normalised weights of a usual set-up sit), else its first group.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+        >>> sgd = torch.optim.SGD([{"params": [b], "weight_decay": 0.0}, {"params": [w]}],
+        ...                       lr=0.1, momentum=0.9, weight_decay=5e-4)
+        >>> fit_hparams([sgd], "'warn'")  # doctest: +NORMALIZE_WHITESPACE
+        {'sdm/action': "'warn'", 'sdm/optimizer': 'SGD', 'sdm/lr': 0.1, 'sdm/weight_decay': 0.0005,
+         'sdm/momentum': 0.9}
+    """
+    columns: dict[str, Any] = {f"{Keys.PREFIX}action": action}
+    if not optimizers or not optimizers[0].param_groups:
+        return columns
+    optimizer = optimizers[0]
+    groups = optimizer.param_groups
+    group = next((g for g in groups if _number(g.get("weight_decay")) > 0), groups[0])
+    prediction = predict_param_group(optimizer, group)
+    hyper = prediction.hyperparameters
+    columns[f"{Keys.PREFIX}optimizer"] = prediction.optimizer
+    for name in ("lr", "weight_decay", "momentum"):
+        if name in hyper and math.isfinite(hyper[name]):
+            columns[f"{Keys.PREFIX}{name}"] = float(hyper[name])
+    return columns
+
+
+def on_fit_started(
+    loggers: Iterable[Logger],
+    *,
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+    warned: set[str],
+) -> None:
+    """At the start of fit, before Lightning logs the hyper-parameters: the hparams experiment.
+
+    Args:
+        loggers: the Trainer's loggers (call on rank zero).
+        hparams: the hyper-parameters Lightning is about to log (the module's and the
+            datamodule's ``hparams_initial``).
+        columns: the ``sdm/`` columns (:func:`fit_hparams`).
+        warned: the integrations that already reported a failure (updated).
+    """
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _tensorboard_experiment(logger, warned, hparams, columns)
 
 
 def on_monitoring_started(
@@ -244,7 +315,7 @@ def on_monitoring_finished(
         if isinstance(logger, WandbLogger):
             _wandb_finish(logger, warned, results, fraction, global_step)
         elif isinstance(logger, TensorBoardLogger) and results:
-            _tensorboard_hparams(logger, warned, results, fraction, predictions or {}, global_step)
+            _tensorboard_hparams(logger, warned, results, fraction, global_step)
 
 
 def hparams_metrics(results: Sequence[UnitResult], fraction: float) -> dict[str, float]:
@@ -503,39 +574,44 @@ def _wandb_alert(logger: WandbLogger, warned: set[str], message: str, changed: b
     )
 
 
-@_guarded("TensorBoard hparams")
+@_guarded("TensorBoard hparams experiment")
+def _tensorboard_experiment(
+    logger: TensorBoardLogger,
+    warned: set[str],
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+) -> None:
+    writer = logger.experiment
+    if writer in _HPARAMS_WRITTEN:  # a second fit into the same run: TensorBoard reads the first
+        return
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
+    # scalars as numbers), so a column is named and typed as without the callback.
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(dict(hparams))))
+    params = {key: _hparam_value(value) for key, value in flat.items()}
+    prefix = _prefix(logger)
+    metrics = dict.fromkeys((prefix + key for key in HPARAMS_METRICS), 0.0)
+    if getattr(logger, "_default_hp_metric", False):  # the column Lightning's session defines
+        metrics[f"{prefix}hp_metric"] = -1.0
+    file_writer = writer._get_file_writer()
+    for summary in hparams_summaries({**params, **columns}, metrics):
+        file_writer.add_summary(summary)
+    file_writer.flush()
+    _HPARAMS_WRITTEN.add(writer)
+
+
+@_guarded("TensorBoard hparams metrics")
 def _tensorboard_hparams(
     logger: TensorBoardLogger,
     warned: set[str],
     results: Sequence[UnitResult],
     fraction: float,
-    predictions: Mapping[str, Mapping[str, Any]],
     global_step: int,
 ) -> None:
-    first = results[0]
-    inputs = dict(predictions.get(first.unit, {}))
-    ours = {
-        f"{Keys.PREFIX}optimizer": first.optimizer,
-        f"{Keys.PREFIX}lr": first.lr,
-        f"{Keys.PREFIX}weight_decay": first.weight_decay,
-        f"{Keys.PREFIX}momentum": _number(inputs.get("momentum")),
-    }
-    ours = {k: v for k, v in ours.items() if not (isinstance(v, float) and math.isnan(v))}
-    # A run of its own (TensorBoard reads one session per run, the first: Lightning's, written
-    # at the start, stays as it is), with the logger's own hyper-parameters beside ours so that
-    # the dashboard compares runs on both.
-    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
-    # scalars as numbers), so the columns of both sessions line up; then what remains as text.
-    from lightning.fabric.utilities.logger import _flatten_dict
-
-    flat = logger._sanitize_params(_flatten_dict(dict(logger.hparams)))
-    params = {key: _hparam_value(value) for key, value in flat.items()}
-    logger.experiment.add_hparams(
-        {**params, **ours},
-        hparams_metrics(results, fraction),
-        run_name=HPARAMS_RUN,
-        global_step=global_step,
-    )
+    # Scalars of the run: the metric columns of the experiment written at the start.
+    logger.log_metrics(hparams_metrics(results, fraction), step=global_step)
 
 
 def _hparam_value(value: Any) -> Any:
