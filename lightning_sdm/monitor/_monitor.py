@@ -55,6 +55,7 @@ from lightning_sdm.theory._predictions import (
     Prediction,
     equilibrium_norm_exponent,
     explain_equilibrium,
+    for_shape,
     relaxation_time,
 )
 from lightning_sdm.units import Unit
@@ -205,7 +206,7 @@ class SphericalMonitor:
         for watch in self._watches:
             groups = explain_equilibrium(watch.optimizer)
             for unit in watch.units:
-                result[unit.spec.name] = groups[unit.group_index]
+                result[unit.spec.name] = for_shape(groups[unit.group_index], unit.tensors[0].shape)
         return result
 
     def parameter_groups(self) -> dict[str, tuple[Optimizer, int]]:
@@ -552,7 +553,9 @@ class SphericalMonitor:
         global_step: int,
     ) -> UnitWindow:
         """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
-        values = [p[unit.group_index].angular_update for p in predictions]
+        # Muon's prediction depends on the matrix's shape: the group's value is refined per unit.
+        shape = unit.tensors[0].shape
+        values = [for_shape(p[unit.group_index], shape).angular_update for p in predictions]
         frozen_now = not any(t.requires_grad for t in unit.tensors)
         theory = None
         if not frozen_now and all(v is not None for v in values):
