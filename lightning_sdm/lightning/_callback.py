@@ -32,7 +32,7 @@ from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.keys import SUMMARY_KEYS, Keys
 from lightning_sdm.lightning import _loggers, _trainer
 from lightning_sdm.lightning._discovery import UnitDiscovery
-from lightning_sdm.lightning._notices import texts_for_loggers
+from lightning_sdm.lightning._notices import Notices, check_verbose, texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
@@ -108,6 +108,10 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             (ranks out of step) monitoring stops there with one warning, training goes on.
         alerts: also send each equilibrium event as a Weights & Biases alert (``run.alert``,
             to the channels set up in W&B) when a ``WandbLogger`` is used.
+        verbose: routine events (the units found, the prediction, advisory notes, the summary
+            table at the end of fit) on the ``logging`` logger ``"lightning_sdm"`` at INFO, on
+            rank zero; ``False``: at DEBUG. Warnings (``warnings.warn``) are kept for what needs
+            acting on, and the equilibrium events with ``on_equilibrium="warn"``.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -141,6 +145,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         prog_bar: bool = True,
         sync_timeout: float = MonitorConfig.sync_timeout,
         alerts: bool = False,
+        verbose: bool = True,
     ) -> None:
         self.params = check_params_spec(params)
         config = MonitorConfig(
@@ -158,7 +163,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             if not isinstance(flag, bool):
                 raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
         self.prog_bar = prog_bar
-        self.session = Session(config, detector, policy, alerts=alerts)
+        notices = Notices(check_verbose(verbose))
+        self.session = Session(config, detector, policy, alerts=alerts, notices=notices)
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
         self._key_arguments = {"params": repr(params), **config.key(), **self.session.settings()}
@@ -299,7 +305,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Give logger integrations the final per-unit results."""
+        """The summary table, and the final per-unit results for the logger integrations."""
         if self.monitor is None:
             return
         if not self.history and self.monitor.stopped is None:
@@ -307,9 +313,23 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             self._notices.warn_once("no_window", message)
         if trainer.is_global_zero:
             predictions = self.monitor.predictions()
+            results = _loggers.unit_results(self.history, predictions, self.detector.state)
+            if self.history:
+                rows = [
+                    (
+                        r.unit,
+                        r.final_angular_update,
+                        r.final_theory,
+                        r.final_ratio,
+                        r.equilibrium_step,
+                    )
+                    for r in results
+                ]
+                fraction = self.detector.fraction()
+                self._notices.info(_messages.fit_summary(rows, fraction, trainer.global_step))
             _loggers.on_monitoring_finished(
                 trainer.loggers,
-                results=_loggers.unit_results(self.history, predictions, self.detector.state),
+                results=results,
                 fraction=self.detector.fraction(),
                 global_step=trainer.global_step,
                 warned=self.session.logger_failures,

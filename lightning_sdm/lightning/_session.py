@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sdm import _messages
 from lightning_sdm.actions._actions import ActionContext, EquilibriumAction
@@ -177,7 +177,8 @@ class Session:
             host.request_stop()
         action = self.policy.action
         text = _messages.describe_event(event, decays_of(action))
-        (rank_zero_warn if action.warns else rank_zero_info)(text)
+        # "warn" asked for a warning; another action's event is routine: the log, once.
+        rank_zero_warn(text) if action.warns else self.notices.info(text)
         if host.is_global_zero:
             # Stopped by the action (request_stop sets it) or by a user callable: the Trainer
             # knows either way; under Fabric the loop is the user's and nothing stops.

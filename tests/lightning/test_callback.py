@@ -1,4 +1,3 @@
-import logging
 import math
 import warnings
 from typing import Any
@@ -209,11 +208,10 @@ class TwoClocks(TwoOptimizers):
         return first, second
 
 
-def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog):
+def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, sdm_log):
     torch.manual_seed(5)
     callback = SphericalDynamicsCallback(every_n_steps=4, window=2, tolerance=0.9, patience=2)
-    with caplog.at_level(logging.INFO):
-        run, _ = _fit(tmp_path, callback, module=TwoClocks())
+    run, _ = _fit(tmp_path, callback, module=TwoClocks())  # each unit's entry: in the DEBUG log
     assert run.global_step == 16 + 8  # Lightning counts the steps of both optimizers
 
     def global_step_after_batch(batch: int) -> int:
@@ -231,7 +229,7 @@ def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog
     logged = sorted({int(row["step"]) for row in read_csv_metrics(run) if len(row) > 1})
     assert logged == sorted({record.global_step for record in callback.history})
     messages = [
-        r.getMessage() for r in caplog.records if "reached equilibrium at" in r.getMessage()
+        r.getMessage() for r in sdm_log.records if "reached equilibrium at" in r.getMessage()
     ]
     assert messages
     for name, state in callback.detector.state.items():
