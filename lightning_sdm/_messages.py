@@ -432,3 +432,30 @@ def fit_summary(
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  " + "  ".join([*cells, row[4]]))
     return "\n".join(lines)
+
+
+def bad_log_level(value: object, levels: Sequence[str]) -> str:
+    """An unknown ``log_level``."""
+    return (
+        f"`log_level` must be one of {', '.join(map(repr, levels))}, got {value!r}: 'summary' "
+        "logs the per-unit angular update, prediction, ratio, weight norm and equilibrium flag; "
+        "'detailed' adds each unit's regime code and the regime counts."
+    )
+
+
+def patience_too_short(patience: int) -> str:
+    """``patience`` below 2: why the detector needs two windows (not EarlyStopping's meaning)."""
+    return (
+        f"`patience` must be an integer >= 2, got {patience}: it counts the windows of evidence "
+        "before a unit gets a verdict (not EarlyStopping's checks without improvement), and a "
+        "verdict rests on the trend of the weight norm and of the ratio over them, which one "
+        "window cannot give. For an early verdict use patience=2 with a small `every_n_steps`."
+    )
+
+
+def window_clamped(window: int, every_n_steps: int) -> str:
+    """A window longer than the interval it closes: every step of the interval is measured."""
+    return (
+        f"{PREFIX} window={window} is longer than every_n_steps={every_n_steps}: a window is "
+        f"the last steps of its interval, so every step is measured (window={every_n_steps})."
+    )

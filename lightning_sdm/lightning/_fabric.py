@@ -137,6 +137,8 @@ class FabricSphericalDynamics(SessionViews):
         self._disabled = False
         if on_equilibrium != "warn":
             self._notices.warn_once("on_equilibrium", _messages.fabric_warn_only(on_equilibrium))
+        if config.window < window:
+            self._notices.info_once("window_clamped", _messages.window_clamped(window, every))
 
     @property
     def report(self) -> InvarianceReport | None:

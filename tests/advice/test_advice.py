@@ -244,7 +244,7 @@ def test_early_stopping_on_an_sdm_key(tmp_path) -> None:
         check_on_train_epoch_end=True,
     )  # fmt: skip
     run = _fit_with(tmp_path, [sdm, stop], epochs=5)
-    assert {"sdm/equilibrium_fraction", "sdm/regime_count/relaxing"} <= set(run.callback_metrics)
+    assert {"sdm/equilibrium_fraction", "sdm/steps_to_equilibrium"} <= set(run.callback_metrics)
     assert run.current_epoch == 1  # the threshold (ratio > 0) was reached at the first epoch's end
     assert stop.stopped_epoch == 0
 

@@ -25,7 +25,7 @@ from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 def _fit(tmp_path, **settings):
     torch.manual_seed(0)
     # wd 5e-3: its EMA timescale is longer than the run, an advisory note (the default BNNet).
-    callback = SphericalDynamicsCallback(every_n_steps=4, window=4, **settings)
+    callback = SphericalDynamicsCallback(**{"every_n_steps": 4, "window": 4, **settings})
     run = trainer(tmp_path, callbacks=[callback], max_epochs=2, log_every_n_steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # as `python -W error`: any warning would stop the fit
@@ -86,3 +86,21 @@ def test_the_plugin_reads_verbose():
     assert settings_from_env({"LIGHTNING_SDM_VERBOSE": "1"}) == {"verbose": True}
     with pytest.raises(ValueError, match="LIGHTNING_SDM_VERBOSE='loud' is invalid"):
         settings_from_env({"LIGHTNING_SDM_VERBOSE": "loud"})
+
+
+def test_a_window_longer_than_the_interval_is_said_once(tmp_path, sdm_log):
+    _, callback = _fit(tmp_path, window=10)  # every_n_steps=4
+    assert callback.config.window == 4
+    said = [
+        r.getMessage() for r in sdm_log.records if "is longer than every_n_steps" in r.getMessage()
+    ]
+    assert said == [
+        "[lightning_sdm] window=10 is longer than every_n_steps=4: a window is the last steps of "
+        "its interval, so every step is measured (window=4)."
+    ]
+
+
+@pytest.mark.parametrize("patience", [0, 1])
+def test_patience_below_two_is_refused_with_the_reason(patience):
+    with pytest.raises(ValueError, match=r"`patience` must be an integer >= 2.*not EarlyStopping"):
+        SphericalDynamicsCallback(patience=patience)
