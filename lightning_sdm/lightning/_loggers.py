@@ -79,6 +79,7 @@ __all__ = [
     "on_fit_started",
     "on_monitoring_started",
     "on_windows_logged",
+    "regimes_markdown",
     "tensorboard_layout",
     "unit_results",
     "wandb_step_key",
@@ -173,6 +174,8 @@ HPARAMS_METRICS = (
 )
 # SummaryWriters that already hold an hparams experiment (TensorBoard reads the first).
 _HPARAMS_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+# The regimes each SummaryWriter's last `sdm/regimes` text showed, by unit.
+_REGIMES_SHOWN: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 # The incremental table of each W&B run (rows are added to it, and it is logged again).
@@ -284,10 +287,16 @@ def on_windows_logged(
     global_step: int,
     warned: set[str],
 ) -> None:
-    """After each batch of windows: the new rows of the W&B table ``sdm/unit_windows``."""
+    """After each batch of windows: the W&B table's new rows, TensorBoard's regimes as text.
+
+    The rows of the W&B table ``sdm/unit_windows``; the TensorBoard text ``sdm/regimes`` when a
+    unit's regime changed (a table: unit, regime, why).
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger) and records:
             _wandb_windows(logger, warned, records, global_step)
+        elif isinstance(logger, TensorBoardLogger) and records:
+            _tensorboard_regimes(logger, warned, records, global_step)
 
 
 def on_equilibrium_event(
@@ -347,23 +356,31 @@ def tensorboard_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     r"""The custom-scalars layout for ``units`` (the argument of ``add_custom_scalars``).
 
-    Multiline charts take anchored, escaped regular expressions, so ``net.1.weight`` never
-    matches ``net.11.weight``. A unit in ``channel_units`` gets a ``Margin`` chart, whose three
-    tags are exact tag names (TensorBoard's margin chart reads them literally): the channels'
-    median between their 10th and 90th percentiles; and a multiline chart of that median and
-    the prediction.
+    Per unit, first a ``Margin`` chart: the ratio measured / predicted inside the tolerance band
+    (``sdm/tolerance_band/lower`` and ``upper``); a margin chart draws one line and shades its
+    band, so the prediction (the band around 1) cannot be mistaken for the measurement. Then a
+    multiline chart of the angular update and the prediction. A unit in ``channel_units`` charts
+    the channels' median ratio, and gets a second margin chart: the channels' median angular
+    update between their 10th and 90th percentiles. Margin charts take exact tag names;
+    multiline charts anchored, escaped regular expressions, so ``net.1.weight`` never matches
+    ``net.11.weight``.
 
     Example::
 
         >>> layout = tensorboard_layout(["net.0.weight"])
-        >>> kind, tags = layout["SDM per unit"]["net.0.weight: angular update (rad/step)"]
-        >>> kind, tags[0]
+        >>> ratio, lines = layout["SDM per unit"].values()
+        >>> ratio  # doctest: +NORMALIZE_WHITESPACE
+        ['Margin', ['sdm/angular_update_ratio/net.0.weight', 'sdm/tolerance_band/lower',
+                    'sdm/tolerance_band/upper']]
+        >>> lines[0], lines[1][0]
         ('Multiline', '^sdm/angular_update/net\\.0\\.weight$')
         >>> sorted(layout["SDM overview"])
         ['angular update / theory', 'weight norm']
         >>> layout = tensorboard_layout(["net.0.weight"], channel_units=["net.0.weight"])
-        >>> band, median = layout["SDM per unit"].values()
-        >>> band  # doctest: +NORMALIZE_WHITESPACE
+        >>> ratio, spread, median = layout["SDM per unit"].values()
+        >>> ratio[1][0]
+        'sdm/angular_update_ratio/net.0.weight/median'
+        >>> spread  # doctest: +NORMALIZE_WHITESPACE
         ['Margin', ['sdm/angular_update/net.0.weight/median',
                     'sdm/angular_update/net.0.weight/p10', 'sdm/angular_update/net.0.weight/p90']]
         >>> median[0]
@@ -373,28 +390,40 @@ def tensorboard_layout(
     def tag(key: str) -> str:
         return f"^{re.escape(prefix + key)}$"
 
+    band = [f"{prefix}{Keys.TOLERANCE_LOWER}", f"{prefix}{Keys.TOLERANCE_UPPER}"]
     per_unit: dict[str, list[Any]] = {}
     ratios, norms = [], []
     by_channel = set(channel_units)
     for unit in units:
         theory = tag(f"{Keys.THEORY}{unit}")
+        # First, the chart read at a glance: measured / predicted inside the band the detector
+        # accepts (a margin chart: one line, its band shaded; no smoothing bends it).
         if unit in by_channel:
-            band = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
+            ratio = f"{Keys.RATIO}{unit}/median"
+            per_unit[f"{unit}: channels' median of measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            spread = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
             per_unit[f"{unit}: angular update, channels' median and p10-p90 band (rad/step)"] = [
                 "Margin",
-                band,
+                spread,
             ]
             per_unit[f"{unit}: channels' median angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}/median"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}/median"))
         else:
-            per_unit[f"{unit}: angular update (rad/step)"] = [
+            ratio = f"{Keys.RATIO}{unit}"
+            per_unit[f"{unit}: measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            per_unit[f"{unit}: angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}"))
+        ratios.append(tag(ratio))
         norms.append(tag(f"{Keys.WEIGHT_NORM}{unit}"))
     overview = {
         "angular update / theory": ["Multiline", [*ratios, tag(Keys.MEDIAN_RATIO)]],
@@ -471,6 +500,42 @@ def _tensorboard_text(logger: TensorBoardLogger, warned: set[str], name: str, te
     # Markdown: indented by four spaces, the table keeps its columns.
     body = "\n".join("    " + line for line in text.splitlines())
     logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}{name}", body, global_step=0)
+
+
+@_guarded("TensorBoard text (regimes)")
+def _tensorboard_regimes(
+    logger: TensorBoardLogger, warned: set[str], records: Sequence[HistoryRecord], global_step: int
+) -> None:
+    writer = logger.experiment
+    shown = _REGIMES_SHOWN.setdefault(writer, {})
+    now = {record.unit: record.regime or "unknown" for record in records}
+    if all(shown.get(unit) == regime for unit, regime in now.items()):
+        return
+    shown.update(now)
+    logger.experiment.add_text(
+        f"{_prefix(logger)}{Keys.PREFIX}regimes", regimes_markdown(records), global_step=global_step
+    )
+
+
+def regimes_markdown(records: Sequence[HistoryRecord]) -> str:
+    """The units' regimes as a Markdown table (TensorBoard's Text tab renders it).
+
+    Example::
+
+        >>> from types import SimpleNamespace as Record
+        >>> record = Record(unit="net.0.weight", regime="non_stationary",
+        ...                 regime_note="ratio trend +3%/tau")
+        >>> print(regimes_markdown([record]))
+        | unit | regime | why |
+        |---|---|---|
+        | net.0.weight | non stationary | ratio trend +3%/tau |
+    """
+    lines = ["| unit | regime | why |", "|---|---|---|"]
+    for record in records:
+        regime = (record.regime or "unknown").replace("_", " ")
+        note = (record.regime_note or "").replace("|", "/")
+        lines.append(f"| {record.unit} | {regime} | {note} |")
+    return "\n".join(lines)
 
 
 def wandb_step_key(logger: Logger) -> str:
