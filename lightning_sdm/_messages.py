@@ -265,6 +265,57 @@ def alerts_without_wandb() -> str:
     )
 
 
+def alert_title(event: EquilibriumEvent, stopped: bool) -> str:
+    """The title of a W&B alert: what happened, so that a list of alerts reads at a glance.
+
+    The planned final decay of :class:`~lightning_sdm.actions.DecayLR` (``criterion="budget"``)
+    is no equilibrium; a stop (by the action or a user callable) and an LR decay say so.
+
+    Example::
+
+        >>> event = EquilibriumEvent(300, ("w",), 1.0, {"w": 0.0101}, {"w": 0.01}, "theory")
+        >>> alert_title(event, stopped=False)
+        'lightning_sdm: equilibrium reached (100% of the units)'
+        >>> from dataclasses import replace
+        >>> alert_title(replace(event, criterion="budget", old_lrs=(0.1,), new_lrs=(0.01,)), False)
+        'lightning_sdm: planned end-of-budget LR decay'
+        >>> alert_title(replace(event, action="stop"), stopped=True)
+        'lightning_sdm: equilibrium reached, training stopped'
+    """
+    decayed = event.new_lrs != event.old_lrs
+    if event.criterion == "budget":
+        what = "planned end-of-budget LR decay" if decayed else "end of budget, no LR decay"
+    elif stopped:
+        what = "equilibrium reached, training stopped"
+    elif decayed:
+        what = "equilibrium reached, LR decayed"
+    elif event.action == "none" or event.note:
+        what = "equilibrium reached, no LR decay"
+    else:
+        what = f"equilibrium reached ({event.fraction:.0%} of the units)"
+    return f"lightning_sdm: {what}"
+
+
+def wandb_unit_chart_title(unit: str) -> str:
+    """The W&B chart of one unit's measured and predicted angular update."""
+    return f"{unit}: angular update, measured vs predicted (rad/step)"
+
+
+def wandb_ratio_chart_title(tolerance: float | None) -> str:
+    """The W&B chart of every unit's ratio measured / predicted."""
+    band = f", tolerance band 1 ± {tolerance:g}" if tolerance is not None else ""
+    return f"angular update / prediction, every unit{band}"
+
+
+def report_figure_caption(shown: int, total: int, global_step: int) -> str:
+    """The caption of the report figure logged to W&B at the end of fit."""
+    which = f"the first {shown} of {total} units" if shown < total else f"{total} units"
+    return (
+        f"lightning_sdm report at global step {global_step} ({which}; `lightning-sdm report` "
+        "draws the same figure from the run's files)"
+    )
+
+
 def logger_extra_failed(what: str, error: Exception) -> str:
     """A logger extra (a TensorBoard layout, a W&B table, ...) failed: skipped, once."""
     return (

@@ -352,6 +352,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                 global_step=trainer.global_step,
                 warned=self.session.logger_failures,
                 predictions={name: p.hyperparameters for name, p in predictions.items()},
+                history=self.history,
+                tolerance=self.detector.tolerance,
             )
 
     @override

@@ -28,8 +28,17 @@ Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
   one row per unit (NaN where there is no value);
 * at every logged window: the rows of an incremental table ``sdm/unit_windows`` (one row per
   unit and window, :data:`WINDOW_COLUMNS`; W&B uploads only the new rows);
-* with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event (the event's
-  message; level WARN when the LR changed or training stopped, else INFO).
+* at the end of fit, charts: per unit (the first :data:`MAX_CHARTS`), ``sdm/charts/<unit>``,
+  a ``wandb.plot.line_series`` of the measured angular update, the prediction and the
+  prediction's tolerance band (``prediction * (1 -+ tolerance)``) over the global step, each line
+  with its own colour and legend entry; and ``sdm/charts/ratio``, every unit's ratio measured /
+  predicted with the band ``1 -+ tolerance``. The report figure of
+  :func:`lightning_sdm.report.plot_run` as a ``wandb.Image`` under ``sdm/report`` (with
+  matplotlib installed; its first 24 units);
+* with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event, titled with what
+  happened (:func:`~lightning_sdm._messages.alert_title`: equilibrium reached, the LR decayed,
+  training stopped, or the planned end-of-budget decay), the event's message as text; level WARN
+  when the LR changed or training stopped, else INFO.
 
 TensorBoard, the "HParams" dashboard: one experiment per run, in the run itself. At the start
 of fit (:func:`on_fit_started`, from the callback's ``on_fit_start``, which Lightning calls just
@@ -69,6 +78,7 @@ from lightning_sdm.theory._predictions import Prediction, predict_param_group
 __all__ = [
     "HPARAMS_METRICS",
     "HPARAMS_RUN",
+    "MAX_CHARTS",
     "TABLE_COLUMNS",
     "WINDOW_COLUMNS",
     "WANDB_STEP_KEY_ATTRIBUTES",
@@ -82,6 +92,7 @@ __all__ = [
     "regimes_markdown",
     "tensorboard_layout",
     "unit_results",
+    "wandb_chart_series",
     "wandb_step_key",
 ]
 
@@ -164,6 +175,12 @@ def unit_results(
 # The margin chart of a unit with granularity="channel": value, lower and upper bound (keys of
 # `CHANNEL_SUMMARIES`).
 _CHANNEL_MARGIN = ("median", "p10", "p90")
+#: Per-unit W&B charts at most (the first units): beyond, a workspace is a wall of panels, and
+#: the table ``sdm/unit_windows`` holds every unit for views of one's own.
+MAX_CHARTS = 24
+# W&B keys of the charts and the report figure.
+_CHARTS = f"{Keys.PREFIX}charts/"
+_REPORT_IMAGE = f"{Keys.PREFIX}report"
 #: Where a WandbLogger may name the key it logs the step under (checked in this order).
 WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
 #: The metrics of the TensorBoard hparams experiment (scalars logged at the end of fit).
@@ -300,14 +317,23 @@ def on_windows_logged(
 
 
 def on_equilibrium_event(
-    loggers: Iterable[Logger], *, message: str, changed: bool, alerts: bool, warned: set[str]
+    loggers: Iterable[Logger],
+    *,
+    message: str,
+    changed: bool,
+    alerts: bool,
+    warned: set[str],
+    title: str = "lightning_sdm: equilibrium",
 ) -> None:
-    """An equilibrium event: a W&B alert if ``alerts`` (WARN if it ``changed`` the run)."""
+    """An equilibrium event: a W&B alert if ``alerts`` (WARN if it ``changed`` the run).
+
+    ``title`` says what happened (:func:`~lightning_sdm._messages.alert_title`).
+    """
     if not alerts:
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            _wandb_alert(logger, warned, message, changed)
+            _wandb_alert(logger, warned, title, message, changed)
 
 
 def on_monitoring_finished(
@@ -318,11 +344,20 @@ def on_monitoring_finished(
     global_step: int,
     warned: set[str],
     predictions: Mapping[str, Mapping[str, Any]] | None = None,
+    history: Sequence[HistoryRecord] = (),
+    tolerance: float | None = None,
 ) -> None:
-    """At the end of fit: the W&B run summary and per-unit table, the TensorBoard hparams."""
+    """At the end of fit: W&B summary, per-unit table, charts and figure; TensorBoard hparams.
+
+    ``history`` (the callback's) feeds the W&B charts and figure; ``tolerance`` (the
+    detector's) draws the band around the prediction.
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             _wandb_finish(logger, warned, results, fraction, global_step)
+            if history:
+                _wandb_charts(logger, warned, history, tolerance, global_step)
+                _wandb_report_figure(logger, warned, history, global_step)
         elif isinstance(logger, TensorBoardLogger) and results:
             _tensorboard_hparams(logger, warned, results, fraction, global_step)
 
@@ -629,14 +664,126 @@ def _wandb_windows(
 
 
 @_guarded("Weights & Biases alert")
-def _wandb_alert(logger: WandbLogger, warned: set[str], message: str, changed: bool) -> None:
+def _wandb_alert(
+    logger: WandbLogger, warned: set[str], title: str, message: str, changed: bool
+) -> None:
     from wandb import AlertLevel  # type: ignore[attr-defined]
 
     level = AlertLevel.WARN if changed else AlertLevel.INFO
     # wait_duration 0: every event alerts (W&B would otherwise drop repeats within a minute).
-    logger.experiment.alert(
-        title="lightning_sdm: equilibrium", text=message, level=level, wait_duration=0
-    )
+    logger.experiment.alert(title=title, text=message, level=level, wait_duration=0)
+
+
+def wandb_chart_series(
+    history: Sequence[HistoryRecord], tolerance: float | None
+) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], dict[str, tuple[list, list]]]:
+    """The lines of the W&B charts: per unit, and of the ratio chart, ``{label: (xs, ys)}``.
+
+    Per unit: ``measured``, ``predicted`` and, with a ``tolerance``, ``predicted -<tol>`` and
+    ``predicted +<tol>`` (windows without a prediction are left out of those); the ratio chart:
+    one line per unit and the band ``1 -<tol>``, ``1 +<tol>`` over the steps of the windows.
+
+    Example::
+
+        >>> from lightning_sdm.records import HistoryRecord
+        >>> rows = [HistoryRecord(global_step=s, optimizer_step=s, unit="w", angular_update=a,
+        ...                       theory=0.02, ratio=a / 0.02, weight_norm=1.0, lr=0.1,
+        ...                       in_equilibrium=False) for s, a in ((10, 0.03), (20, 0.021))]
+        >>> units, ratio = wandb_chart_series(rows, 0.1)
+        >>> units["w"]["measured"]
+        ([10, 20], [0.03, 0.021])
+        >>> sorted(units["w"])
+        ['measured', 'predicted', 'predicted +10%', 'predicted -10%']
+        >>> sorted(ratio)
+        ['1 +10%', '1 -10%', 'w']
+    """
+    units: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    ratio: dict[str, tuple[list, list]] = {}
+    steps: list[int] = []
+    band = f"{tolerance:.0%}" if tolerance is not None else ""
+    for record in history:
+        lines = units.setdefault(record.unit, {"measured": ([], []), "predicted": ([], [])})
+        _add_point(lines["measured"], record.global_step, record.angular_update)
+        if record.theory is not None:
+            _add_point(lines["predicted"], record.global_step, record.theory)
+            if tolerance is not None:
+                for sign, factor in (("-", 1 - tolerance), ("+", 1 + tolerance)):
+                    line = lines.setdefault(f"predicted {sign}{band}", ([], []))
+                    _add_point(line, record.global_step, record.theory * factor)
+        if record.ratio is not None:
+            _add_point(ratio.setdefault(record.unit, ([], [])), record.global_step, record.ratio)
+        if not steps or steps[-1] != record.global_step:
+            steps.append(record.global_step)
+    if tolerance is not None and ratio:
+        for sign, level in (("-", 1 - tolerance), ("+", 1 + tolerance)):
+            ratio[f"1 {sign}{band}"] = (list(steps), [level] * len(steps))
+    return units, ratio
+
+
+def _add_point(line: tuple[list, list], step: int, value: float) -> None:
+    line[0].append(step)
+    line[1].append(float(value))
+
+
+@_guarded("Weights & Biases charts")
+def _wandb_charts(
+    logger: WandbLogger,
+    warned: set[str],
+    history: Sequence[HistoryRecord],
+    tolerance: float | None,
+    global_step: int,
+) -> None:
+    import wandb
+
+    units, ratio = wandb_chart_series(history, tolerance)
+    charts: dict[str, Any] = {}
+    for unit, lines in list(units.items())[:MAX_CHARTS]:
+        drawn = {label: line for label, line in lines.items() if line[0]}
+        charts[f"{_CHARTS}{unit}"] = wandb.plot.line_series(
+            xs=[xs for xs, _ in drawn.values()],
+            ys=[ys for _, ys in drawn.values()],
+            keys=list(drawn),
+            title=_messages.wandb_unit_chart_title(unit),
+            xname="global step",
+        )
+    if ratio:
+        charts[f"{_CHARTS}ratio"] = wandb.plot.line_series(
+            xs=[xs for xs, _ in ratio.values()],
+            ys=[ys for _, ys in ratio.values()],
+            keys=list(ratio),
+            title=_messages.wandb_ratio_chart_title(tolerance),
+            xname="global step",
+        )
+    # Through the logger, like the scalars: its prefix and its step key.
+    logger.log_metrics(charts, step=global_step)
+
+
+@_guarded("Weights & Biases report figure")
+def _wandb_report_figure(
+    logger: WandbLogger, warned: set[str], history: Sequence[HistoryRecord], global_step: int
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the figure is optional: [plot]
+        return
+    import tempfile
+    import warnings
+
+    import wandb
+
+    from lightning_sdm.report import plot_run, run_from_history
+    from lightning_sdm.report._plot import MAX_UNIT_PANELS
+
+    data = run_from_history(history, source="lightning_sdm")
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only the first 24 units": the caption says it
+        path = f"{directory}/sdm_report.png"
+        plot_run(data, path=path, dpi=80)
+        shown = min(len(data.units), MAX_UNIT_PANELS)
+        caption = _messages.report_figure_caption(shown, len(data.units), global_step)
+        # wandb.Image copies the file into the run when logged, before the directory goes.
+        image = wandb.Image(path, caption=caption)
+        logger.log_metrics({_REPORT_IMAGE: image}, step=global_step)  # type: ignore[dict-item]
 
 
 @_guarded("TensorBoard hparams experiment")

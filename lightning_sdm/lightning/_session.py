@@ -199,6 +199,7 @@ class Session:
                 changed=event.new_lrs != event.old_lrs or stopped,
                 alerts=self.alerts,
                 warned=self.logger_failures,
+                title=_messages.alert_title(event, stopped),
             )
         return event_metrics(event, decays_of(action))
 

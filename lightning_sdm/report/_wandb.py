@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 import warnings
 import zlib
@@ -36,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sdm.keys import Keys
-from lightning_sdm.report._rundata import RunDataError, RunDataWarning, Series, _open_regular
+from lightning_sdm.report._rundata import (
+    _WANDB_HISTORY,
+    RunDataError,
+    RunDataWarning,
+    Series,
+    _open_regular,
+)
 
-__all__ = ["HISTORY_JSONL", "TRANSACTION_LOG", "read_wandb"]
-
-#: The name of a run's transaction log (``run-<id>.wandb``).
-TRANSACTION_LOG = re.compile(r"run-.+\.wandb")
-#: The history rows of runs written by ``wandb`` releases before the Go service.
-HISTORY_JSONL = "wandb-history.jsonl"
+__all__ = ["read_wandb"]
 
 _HEADER = struct.Struct("<4sHB")  # ident, magic, version
 _IDENT, _MAGIC = b":W&B", 0xBEE1
@@ -66,7 +66,7 @@ def read_wandb(path: Path) -> dict[str, Series]:
         ImportError: a transaction log without the ``wandb`` package.
     """
     columns = _Columns()
-    if path.name == HISTORY_JSONL:
+    if path.name == _WANDB_HISTORY:
         _read_jsonl(path, columns)
     else:
         _read_log(path, columns)

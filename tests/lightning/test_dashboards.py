@@ -2,7 +2,8 @@
 
 * W&B (offline run): the incremental table ``sdm/unit_windows`` (one row per unit and window,
   only the new rows in each upload) equals ``callback.history``; with ``alerts=True`` every
-  equilibrium event is one ``run.alert`` with the event's message (WARN when the LR changed).
+  equilibrium event is one ``run.alert`` with the event's message, titled with what happened
+  (WARN when the LR changed).
 * TensorBoard: one hparams experiment per run (read back by TensorBoard's own HParams plugin code),
   written at the start of fit with the module's own hyper-parameters and the theory's inputs, whose
   equilibrium metrics are scalars of the run holding the callback's values.
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm._messages import describe_event
+from lightning_sdm._messages import alert_title, describe_event
 from lightning_sdm.actions._actions import DecayLR
 from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
@@ -80,7 +81,13 @@ def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):
     for alert, event in zip(alerts, callback.events, strict=True):
         decays += event.new_lrs != event.old_lrs
         assert alert.text == describe_event(event, decays)
-    assert all(a.title == "lightning_sdm: equilibrium" for a in alerts)
+    # The title says what happened: the planned end-of-budget decay is no equilibrium.
+    assert [a.title for a in alerts] == [alert_title(event, False) for event in callback.events]
+    titles = {a.title for a in alerts}
+    assert "lightning_sdm: equilibrium reached, LR decayed" in titles
+    assert ("lightning_sdm: planned end-of-budget LR decay" in titles) == any(
+        event.criterion == "budget" for event in callback.events
+    )
     levels = ["WARN" if event.new_lrs != event.old_lrs else "INFO" for event in callback.events]
     assert [a.level for a in alerts] == levels
     assert "WARN" in levels  # at least one decay happened
