@@ -349,3 +349,16 @@ def fabric_measuring(units: Sequence[str], optimizers: int, every: int, waiting:
 def fabric_stand_down(why: str) -> str:
     """The plugin stops for good (from inside a step)."""
     return f"{FABRIC_PREFIX} {why}; nothing more is measured."
+
+
+def partial_placement(where: str, placements: str) -> str:
+    """A DTensor whose local values are partial sums: no statistic of it can be taken locally."""
+    return (
+        f"{where} is a DTensor with placements {placements}: a Partial placement holds partial "
+        "sums, whose squares do not add up to the tensor's. Angular updates need each element's "
+        "value on some rank: keep the parameter Shard(d) or Replicate() (as tensor parallelism "
+        "and FSDP2 do), or `redistribute` it before measuring."
+    )
+
+
+STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of steps in the window"
