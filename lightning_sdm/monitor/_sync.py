@@ -16,6 +16,18 @@ optimizer step where it waited, and training goes on: the default group was neve
 NCCL, a timed-out collective is handled by NCCL's watchdog (it ends the process after
 ``sync_timeout`` instead of the default group's 30 minutes); that path has not been run here.
 
+One collective per closed window (:func:`reduce_window`): everything a window needs from the other
+ranks (its per-step and multi-step statistics of every unit row, the rows of the gradient-
+orthogonality checks taken in it) is summed in one all-reduce of a float64 buffer whose size the
+configuration fixes, whatever the number of units, tensors or mesh dimensions. What each rank
+adds is decided by the engine (``lightning_sdm._engine``): each element of a sharded tensor once
+(``Shard(d)`` on any dimension, ``_StridedShard`` included: a local shard is one box of the global
+tensor), a ``Replicate()`` copy only at coordinate 0 of that mesh dimension, ``Partial()``
+refused. Tensors replicated outside their mesh (plain tensors under DDP or TP, a DTensor on a
+sub-mesh) add one copy per rank: the coverage column counts the copies, the norms divide by it
+and the angle does not depend on a common factor. The equilibrium decision of the callback is
+one more collective (:func:`all_agree`, one integer), after the window's values are known.
+
 One group per process and timeout, created on the first distributed monitor: ``new_group`` must
 be called by every rank in the same order, and every rank builds its monitor at the same point
 (the callback at the first training batch; a plain loop before it starts).
