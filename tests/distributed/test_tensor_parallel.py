@@ -1,7 +1,7 @@
 """Tensor parallelism and 2-D meshes through ``ModelParallelStrategy``: exact, one collective.
 
-Three launches of ``scripts/tp_callback.py`` (one per layout, each started by its own test's
-fixture): tensor parallel on 2 ranks (``ColwiseParallel`` / ``RowwiseParallel``: weights
+Three launches of ``scripts/tp_callback.py`` (one per layout, started together by one fixture):
+tensor parallel on 2 ranks (``ColwiseParallel`` / ``RowwiseParallel``: weights
 ``Shard(0)``, ``Shard(1)``, a ``Replicate()`` bias, plain replicated tensors), FSDP2 x TP on a
 2 x 2 mesh (``_StridedShard``, ``(Shard(0), Shard(1))``, a DTensor on the data-parallel sub-mesh)
 and HSDP on a 2 x 2 mesh (``(Replicate(), Shard(0))``). The unchanged callback finds the units on
@@ -14,6 +14,7 @@ more, its equilibrium agreement), counted by wrapping ``torch.distributed`` in t
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .scripts.common import REPO_ROOT, HistoryDump, exact, read_record
 pytestmark = pytest.mark.distributed
 
 SCRIPT = Path(__file__).parent / "scripts" / "tp_callback.py"
-TIMEOUT_S = 240.0  # per launch; a healthy one takes ~20-40 s on a busy 2-core machine
+TIMEOUT_S = 300.0  # per launch; the three together take ~1-2 min on a busy 2-core machine
 # float64 training: the TP/FSDP2 runs and one process differ by the rounding of float64 sums in
 # another order (measured: at most 1.3e-15); 1e-12 still fails any factor or missing partial sum.
 ATOL = 1e-12
@@ -52,30 +53,57 @@ def _reference(init: Path, out: Path, data_parallel: int) -> dict[str, Any]:
     return read_record(out / "single_rank0.json")
 
 
-_RUNS: dict[str, dict[str, Any]] = {}
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """The three launches, started together, and their references, computed meanwhile.
 
-
-def _run(layout: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The launch of ``layout`` and its single-process reference (once per layout)."""
-    if layout not in _RUNS:
-        root = tmp_path_factory.mktemp(f"sdm_{layout}")
-        init = root / "init.pt"
-        script.initial_state(init)
-        out = root / "out"
-        out.mkdir()
-        data_parallel, tensor_parallel = script.LAYOUTS[layout]
-        world = data_parallel * tensor_parallel
-        arguments = ["--out", str(out), "--init", str(init), "--layout", layout]
-        run_script(SCRIPT, world, arguments, per_rank=False, timeout=TIMEOUT_S, cwd=REPO_ROOT)
-        records = [read_record(out / f"{layout}_rank{rank}.json") for rank in range(world)]
-        reference = _reference(init, root / "single", data_parallel)
-        _RUNS[layout] = {"records": records, "reference": reference}
-    return _RUNS[layout]
+    Concurrent (as in ``test_callback_distributed``): each launch spends much of its time
+    starting processes and waiting for its peers, so the three take little more than the
+    largest; the single-process references run in this process in the meantime.
+    """
+    root = tmp_path_factory.mktemp("sdm_tensor_parallel")
+    init = root / "init.pt"
+    script.initial_state(init)
+    launches: dict[str, Future] = {}
+    with ThreadPoolExecutor(max_workers=len(script.LAYOUTS)) as pool:
+        for layout, (data_parallel, tensor_parallel) in script.LAYOUTS.items():
+            out = root / layout
+            out.mkdir()
+            arguments = ["--out", str(out), "--init", str(init), "--layout", layout]
+            world = data_parallel * tensor_parallel
+            launches[layout] = pool.submit(
+                run_script,
+                SCRIPT,
+                world,
+                arguments,
+                per_rank=False,
+                timeout=TIMEOUT_S,
+                cwd=REPO_ROOT,
+            )
+        references = {
+            data_parallel: _reference(init, root / f"single_{data_parallel}", data_parallel)
+            for data_parallel, _ in script.LAYOUTS.values()
+        }
+        for launch in launches.values():
+            launch.exception()  # wait; a failed launch raises in the tests of its layout
+    return {
+        layout: {"launch": launches[layout], "out": root / layout, "reference": references[dp]}
+        for layout, (dp, _) in script.LAYOUTS.items()
+    }
 
 
 @pytest.fixture(scope="module", params=sorted(script.LAYOUTS))
-def run(request, tmp_path_factory) -> dict[str, Any]:
-    return {"layout": request.param, **_run(request.param, tmp_path_factory)}
+def run(request, runs) -> dict[str, Any]:
+    layout = request.param
+    entry = runs[layout]
+    entry["launch"].result()  # raises DistributedLaunchError with every process's output
+    data_parallel, tensor_parallel = script.LAYOUTS[layout]
+    paths = [
+        entry["out"] / f"{layout}_rank{rank}.json"
+        for rank in range(data_parallel * tensor_parallel)
+    ]
+    records = [read_record(path) for path in paths]
+    return {"layout": layout, "records": records, "reference": entry["reference"]}
 
 
 def _values(entry: dict[str, Any]) -> dict[str, float]:
