@@ -3,11 +3,13 @@
 ``Replicate()``: the rank at coordinate 0 adds its copy and the other adds zeros, so the sum is the
 single-copy statistic bit for bit (no replica counted twice). ``Shard(1)``: each rank adds the
 partial sums of its columns to every row. ``Partial()``: refused, naming the parameter. And the
-window's one collective: ranks that held different numbers of steps are told so, never summed.
+window's one collective: ranks that held different numbers of steps are told so, never summed;
+and ``sync_on_compute=False`` keeps each rank's own statistics.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -54,6 +56,19 @@ def _worker() -> dict[str, Any]:
         SphericalMonitor(module, optimizer, [Unit("weight", ("weight",))], every_n_steps=2)
     except ValueError as error:
         out["partial"] = str(error)
+    for sync in (True, False):  # weights that differ per rank: summed, or each rank's own
+        model = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.ones(2, 3) * (rank + 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        unit = [Unit("weight", ("weight",))]
+        settings = {"every_n_steps": 1, "window": 1, "verify_steps": 0}
+        monitor = SphericalMonitor(model, optimizer, unit, sync_on_compute=sync, **settings)
+        monitor.attach()
+        model(torch.ones(4, 3)).square().sum().backward()
+        optimizer.step()
+        out[f"norm_sync_{sync}"] = monitor.pop_windows()[0].weight_norm
+        out["own_norm"] = model.weight.detach().double().norm().item()
     group = monitor_group(60.0)
     where = "the window closing at optimizer step 4"
     try:  # rank 0 held 2 steps of the window, rank 1 one
@@ -115,3 +130,13 @@ def test_the_window_collective_refuses_different_step_counts(results):
         summed, empty = result["summed"]
         assert torch.equal(summed, torch.full((2, 3, 4), 3.0))  # 1 + 2, padding dropped
         assert empty.shape == (0, 0, 4)
+
+
+def test_sync_on_compute_false_keeps_each_rank_its_own_statistics(results):
+    norms = [result["own_norm"] for result in results]
+    assert norms[0] != pytest.approx(norms[1])  # the ranks' weights differ
+    for result in results:
+        assert result["norm_sync_False"] == pytest.approx(result["own_norm"], rel=1e-12)
+        # Summed over the ranks (plain tensors: one copy per rank, divided by the coverage).
+        rms = math.sqrt((norms[0] ** 2 + norms[1] ** 2) / 2)
+        assert result["norm_sync_True"] == pytest.approx(rms, rel=1e-12)
