@@ -510,3 +510,16 @@ def window_clamped(window: int, every_n_steps: int) -> str:
         f"{PREFIX} window={window} is longer than every_n_steps={every_n_steps}: a window is "
         f"the last steps of its interval, so every step is measured (window={every_n_steps})."
     )
+
+
+def partial_placement(where: str, placements: str) -> str:
+    """A DTensor whose local values are partial sums: no statistic of it can be taken locally."""
+    return (
+        f"{where} is a DTensor with placements {placements}: a Partial placement holds partial "
+        "sums, whose squares do not add up to the tensor's. Angular updates need each element's "
+        "value on some rank: keep the parameter Shard(d) or Replicate() (as tensor parallelism "
+        "and FSDP2 do), or `redistribute` it before measuring."
+    )
+
+
+STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of steps in the window"

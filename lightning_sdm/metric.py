@@ -40,7 +40,8 @@ class AngularUpdate(Metric):
       cancels in the angle and the norms are divided by the summed coverage;
     * sharded parameters (FSDP2 / ``DTensor``): each rank passes its shard (a ``DTensor`` is
       unwrapped to its local tensor automatically) and the sum over ranks is the statistic of the
-      full tensor.
+      full tensor (a ``Replicate()`` copy adds zeros away from coordinate 0 of its mesh
+      dimension, so tensor-parallel and 2-D mesh layouts sum each element once).
 
     Because every rank reduces the same gathered statistics, all ranks compute identical values.
 

@@ -39,8 +39,8 @@ from lightning_sdm.monitor._state import check_monitor_state
 from lightning_sdm.monitor._sync import (
     RanksOutOfStepError,
     all_agree,
-    all_reduce_sum,
     monitor_group,
+    reduce_window,
     run_collective,
 )
 from lightning_sdm.monitor._watch import (
@@ -320,6 +320,7 @@ class SphericalMonitor:
             watch.horizon_metric.reset()
             watch.free_buffers()
             watch.predictions = []
+            watch.pending_checks = []
             watch.measuring = watch.provisional = False
             if watch.optimizer_index not in saved_indices:
                 continue
@@ -396,7 +397,7 @@ class SphericalMonitor:
             if closes:
                 where = f"the window closing at optimizer step {watch.steps_done}"
                 with torch.no_grad():
-                    self._collective(lambda: self._close_window(watch), where)
+                    self._collective(lambda: self._close_window(watch, where), where)
             if measured or closes:
                 self.cost.add(self.cost.clock() - start, measured)
             if closes and watch is self._watches[0]:
@@ -440,6 +441,7 @@ class SphericalMonitor:
             watch.free_buffers()
             watch.measuring = watch.provisional = False
             watch.predictions = []
+            watch.pending_checks = []
             watch.metric.reset()
             watch.horizon_metric.reset()
         warnings.warn(self.stopped, UserWarning, stacklevel=2)
@@ -497,9 +499,13 @@ class SphericalMonitor:
         rows = watch.tensor_statistics(
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
-        per_tensor = self._collective(
-            lambda: all_reduce_sum(rows, self._group), "the gradient-orthogonality check"
-        )
+        if self._group is None:
+            self._apply_check(watch, rows)
+        else:  # summed over the ranks with the window's statistics, in its one collective
+            watch.pending_checks.append(rows)
+
+    def _apply_check(self, watch: _OptimizerWatch, per_tensor: Tensor) -> None:
+        """One step's check from its per-tensor statistics (summed over the ranks)."""
         tolerance = self.config.orthogonality_tolerance
         for unit, tensor_rows in zip(watch.units, unit_tensor_rows(watch.units), strict=True):
             cosine = cosine_from_statistics(per_tensor[tensor_rows].sum(dim=0)).abs().item()
@@ -509,14 +515,43 @@ class SphericalMonitor:
             violated = unit.max_abs_cosine > orthogonality_threshold(unit.tensors, tolerance)
             unit.invariance = "violated" if violated else "verified"
 
-    def _close_window(self, watch: _OptimizerWatch) -> None:
-        watch.metric.sync_on_compute = self.sync_on_compute
+    def _reduce_window(self, watch: _OptimizerWatch, where: str) -> None:
+        """Sum the window's statistics and its pending checks over the ranks: one collective.
+
+        Everything the window needs from the other ranks travels in one buffer (the per-step
+        and the multi-step statistics of every unit row, the orthogonality checks' rows), so a
+        window costs one all-reduce of ``O(window * rows)`` float64 values whatever the number
+        of units, tensors or mesh dimensions (torchmetrics' own synchronisation would gather
+        each state separately, after a gather of the shapes).
+        """
+        checks = torch.stack(watch.pending_checks) if watch.pending_checks else None
+        watch.pending_checks = []
+        config = self.config
+        parts: list[tuple[Tensor, int, int]] = []
+        synced = self._group is not None and self.sync_on_compute
+        if synced:
+            horizon = watch.horizon_metric.step_statistics
+            parts.append((watch.metric.step_statistics, config.window, watch.num_rows))
+            parts.append((horizon, config.window // config.horizon, watch.num_rows))
+        if checks is not None:  # the first windows only (``verify_steps``), alike on every rank
+            parts.append((checks, min(config.window, config.verify_steps), len(watch.tensors)))
+        if not parts:
+            return
+        device = watch.tensors[0].device
+        summed = reduce_window(parts, self._group, device, where, config.sync_timeout)
+        if synced:
+            watch.metric.step_statistics, watch.horizon_metric.step_statistics = summed[:2]
+        if checks is not None:
+            for rows in summed[-1]:
+                self._apply_check(watch, rows)
+
+    def _close_window(self, watch: _OptimizerWatch, where: str) -> None:
+        self._reduce_window(watch, where)  # the metrics themselves never synchronise
         # torchmetrics squeezes one-element results to scalars: restore the unit axis. The
         # results go to the host once per window, not once per unit and value.
         result = {key: value.reshape(-1).cpu() for key, value in watch.metric.compute().items()}
         watch.metric.reset()
         if watch.horizon_metric.step_statistics.shape[0] > 0:
-            watch.horizon_metric.sync_on_compute = self.sync_on_compute
             result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
