@@ -26,7 +26,7 @@ from lightning_sdm.actions._actions import EquilibriumAction, as_action
 from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.advice._advice import Advice
 from lightning_sdm.advice._audit import Finding
-from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
+from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, Engine, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.keys import SUMMARY_KEYS, Keys
@@ -108,6 +108,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             (ranks out of step) monitoring stops there with one warning, training goes on.
         alerts: also send each equilibrium event as a Weights & Biases alert (``run.alert``,
             to the channels set up in W&B) when a ``WandbLogger`` is used.
+        engine: ``"eager"``, ``"compiled"`` (one ``torch.compile``'d pass per measured step) or
+            ``"auto"`` (see :data:`~lightning_sdm.config.Engine`).
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -141,6 +143,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         prog_bar: bool = True,
         sync_timeout: float = MonitorConfig.sync_timeout,
         alerts: bool = False,
+        engine: Engine = MonitorConfig.engine,
     ) -> None:
         self.params = check_params_spec(params)
         config = MonitorConfig(
@@ -151,6 +154,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             verify_steps=verify_steps,
             orthogonality_tolerance=orthogonality_tolerance,
             sync_timeout=sync_timeout,
+            engine=engine,
         )
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         policy = EquilibriumPolicy(as_action(on_equilibrium))
