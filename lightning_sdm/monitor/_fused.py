@@ -52,12 +52,15 @@ _log = logging.getLogger("lightning_sdm")
 _COMPILED_DEVICES = ("cpu", "cuda")
 
 # What "auto" resolves to per device type, from measurements (benchmarks/README.md, "Fused
-# measurement"). CPU, 1 thread, AMD EPYC: the compiled pass costs 0.6 ns per element against
-# 2.5 ns eagerly (4x less), but compiling takes 1-2.5 s per monitored tensor on that machine
-# (40 s for ResNet-18's 20 conv weights), which a measurement every 25 steps (the default
-# schedule) pays back only after ~50,000 steps of a full-width ResNet-18; so eager. CUDA: not
-# measured yet (no GPU was lent to the session that wrote this; benchmarks/gpu_check.py times
-# both), so eager, the measured reference, until a measurement says otherwise.
+# measurement"). CPU (1 thread, AMD EPYC, bench_scaling.py --fused): the compiled pass costs
+# 0.35-0.56 ns per element at 1e7-1e8 elements against 1.9-2.3 ns eagerly (4x less; with the
+# snapshot copy 0.7x the eager floor instead of 2x), but compiling takes 10-35 s for 10-30
+# tensors on that (loaded, 2-core) machine, 32 s for ResNet-18's 20 conv weights. Saving ~18 ms
+# per measured step of a full-width ResNet-18 (11.2M elements), that is paid back after ~1,800
+# steps measured every step, ~45,000 at the default schedule (2 of every 50), and a short
+# debugging run never pays it back: so eager. CUDA: not measured yet (no GPU was lent to the
+# session that wrote this; benchmarks/gpu_check.py times both engines), so eager, the measured
+# reference, until a measurement says otherwise.
 _AUTO: dict[str, Engine] = {"cpu": "eager", "cuda": "eager"}
 
 
