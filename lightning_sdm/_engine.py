@@ -454,6 +454,8 @@ class BatchedStatistics:
         self._plan: _Plan | None = None
         self._workspace: Workspace | None = None
         self._shapes: list[torch.Size] | None = None
+        #: Seconds spent compiling: none here (see lightning_sdm.monitor._fused).
+        self.compile_seconds = 0.0
 
     def __call__(
         self,

@@ -26,7 +26,7 @@ from lightning_sdm.actions._actions import EquilibriumAction, as_action
 from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.advice._advice import Advice
 from lightning_sdm.advice._audit import Finding
-from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
+from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, Engine, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.keys import LOG_LEVELS, SUMMARY_KEYS, Keys, LogLevel
@@ -120,6 +120,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             :data:`~lightning_sdm.keys.REGIME_CODES`) and ``sdm/regime_count/<regime>`` (for the
             regimes seen in the run). In TensorBoard the regimes are also a text,
             ``sdm/regimes``, whenever one changes.
+        engine: ``"eager"``, ``"compiled"`` (one ``torch.compile``'d pass per measured step) or
+            ``"auto"`` (see :data:`~lightning_sdm.config.Engine`).
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -155,6 +157,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         alerts: bool = False,
         verbose: bool = True,
         log_level: LogLevel = "summary",
+        engine: Engine = MonitorConfig.engine,
     ) -> None:
         self.params = check_params_spec(params)
         self._window = window  # as asked: a longer window than the interval is said so
@@ -166,6 +169,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             verify_steps=verify_steps,
             orthogonality_tolerance=orthogonality_tolerance,
             sync_timeout=sync_timeout,
+            engine=engine,
         )
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         policy = EquilibriumPolicy(as_action(on_equilibrium))

@@ -166,7 +166,7 @@ class SphericalMonitor:
             )
         optimizer_list = list(optimizer_list)
         self._watches, self.skipped = build_watches(
-            module, optimizer_list, unit_list, config.granularity, self._group
+            module, optimizer_list, unit_list, config.granularity, self._group, config.engine
         )
 
     # ---------------------------------------------------------------- public API
@@ -466,6 +466,8 @@ class SphericalMonitor:
         assert watch.snapshot is not None
         currents = [p.detach() for p in watch.tensors]
         rows = watch.statistics(watch.snapshot, currents)
+        # The fused engine's one-time compile, counted apart from the steady per-step cost.
+        self.cost.compile_seconds = sum(w.statistics.compile_seconds for w in self._watches)
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
         position = self.config.position_in_window(watch.steps_done)
         horizon = self.config.horizon

@@ -18,7 +18,9 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sdm._engine import BatchedStatistics, check_placements, reshard_fsdp
+from lightning_sdm.config import Engine
 from lightning_sdm.metric import AngularUpdate
+from lightning_sdm.monitor._fused import statistics_engine
 from lightning_sdm.records import Granularity, Invariance
 from lightning_sdm.theory._predictions import Prediction
 from lightning_sdm.units import Unit
@@ -91,6 +93,7 @@ def build_watches(
     specs: Sequence[Unit],
     granularity: Granularity,
     group: Any | None,
+    engine: Engine = "eager",
 ) -> tuple[list[_OptimizerWatch], dict[str, str]]:
     """One watch per optimizer that updates some of ``specs``; and the units none updates (why).
 
@@ -119,7 +122,7 @@ def build_watches(
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     watches = [
-        _make_watch(index, opt, entries, granularity, group)
+        _make_watch(index, opt, entries, granularity, group, engine)
         for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
         if entries
     ]
@@ -177,6 +180,7 @@ def _make_watch(
     entries: list[tuple[Unit, list[nn.Parameter], int]],
     granularity: Granularity,
     group: Any | None,
+    engine: Engine,
 ) -> _OptimizerWatch:
     units: list[_Unit] = []
     tensors: list[nn.Parameter] = []
@@ -202,8 +206,9 @@ def _make_watch(
         units.append(_Unit(spec, unit_tensors, group_index, rows, per_channel))
         row += channels
     row_to_unit_row = torch.cat(row_map)
-    statistics = BatchedStatistics(dims)
-    # Whole-tensor units already have one row per tensor: the check shares their layout.
+    statistics = statistics_engine(dims, engine)
+    # Whole-tensor units already have one row per tensor: the check shares their layout (the
+    # check's sums, of a gradient, always run eagerly: three measured steps of a run).
     whole = all(d is None for d in dims)
     return _OptimizerWatch(
         optimizer=optimizer,
