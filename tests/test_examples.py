@@ -210,6 +210,27 @@ def test_cifar10_example_explains_a_missing_directory(tmp_path: Path, capsys):
     assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
 
 
+def test_llm_qknorm_example_finds_each_head_and_counts_each_optimizer(tmp_path: Path):
+    # Muon + AdamW in manual optimization: Lightning's global step counts both optimizers.
+    out = run_example("llm_qknorm.py", "--fast", "--log-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert "Corpus: 50,000 bytes of " in out  # the standard library's own sources
+    assert "Scale-invariant units (method: trace): 2" in out
+    units = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k")]
+    for unit in units:  # QK-norm over head_dim = 32 / 2 heads: one block of 16 rows per head
+        assert re.search(rf"^  {re.escape(unit)}\s+16 rows/head  Muon: ", out, re.M), out
+    assert "12 batches, Lightning's global step 24 (both optimizers' steps)" in out
+    assert "Optimizer steps counted by the monitor (optimizers holding units): [12]" in out
+    rows = summary_rows(out, units)
+    assert sorted(rows) == sorted(units)
+    for fields in rows.values():
+        median, low, high, theory = (float(x) for x in fields[:4])
+        assert 0 < low <= median <= high  # one angle per head
+        # A prediction where theory has one for Muon, else none and the regime says so.
+        assert math.isnan(theory) == ("no prediction" in " ".join(fields[5:]))
+    header = (tmp_path / "logs" / "llm_qknorm" / "version_0" / "metrics.csv").read_text()
+    assert f"sdm/angular_update/{units[0]}/median" in header.splitlines()[0]
+
+
 # ------------------------------------------------------------------ two processes
 
 
