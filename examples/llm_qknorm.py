@@ -19,7 +19,7 @@ callback finds them (one unit per projection, ``head_dim`` rows per block), meas
 head (``granularity="channel"``), predicts the equilibrium where theory has a formula for the
 unit's optimizer, and detects equilibrium.
 
-    python examples/llm_qknorm.py                 # ~1M parameters, 400 steps: a few CPU minutes
+    python examples/llm_qknorm.py                 # ~0.9M parameters, 400 steps: a few CPU minutes
     python examples/llm_qknorm.py --fast          # seconds (what the tests run)
     python examples/llm_qknorm.py --steps 1000 --log-dir runs   # then: lightning-sdm report runs
 """
@@ -299,9 +299,9 @@ class ByteLM(pl.LightningModule):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="a tiny model for a few steps")
-    parser.add_argument("--steps", type=int, default=300, help="batches (each optimizer's steps)")
+    parser.add_argument("--steps", type=int, default=400, help="batches (each optimizer's steps)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=4)
@@ -313,9 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for the blocks' 2-D matrices (the rest always gets AdamW)",
     )
     parser.add_argument("--hidden-lr", type=float, default=0.02)
-    # lr * wd sets the relaxation time of the weight norms, 1 / (2 lr wd) steps: 50 here, so a
-    # run of a few hundred steps reaches equilibrium. Long runs use 10-100x smaller products.
-    parser.add_argument("--hidden-weight-decay", type=float, default=0.5)
+    # lr * wd sets the relaxation time of the weight norms, 1 / (2 lr wd) steps: 20 at the peak
+    # LR here, so that a run of a few hundred steps settles before the cosine takes the LR down
+    # faster than the weights can follow. Long runs use 10-100x smaller products.
+    parser.add_argument("--hidden-weight-decay", type=float, default=1.25)
     parser.add_argument(
         "--muon-adjust-lr", choices=["original", "match_rms_adamw"], default="original"
     )
