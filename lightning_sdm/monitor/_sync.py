@@ -46,7 +46,6 @@ from lightning_sdm import _messages
 __all__ = [
     "RanksOutOfStepError",
     "all_agree",
-    "all_reduce_sum",
     "monitor_group",
     "reduce_window",
     "run_collective",
@@ -123,13 +122,6 @@ def _first_line(err: BaseException) -> str:
     if "] " in text and text.startswith("["):  # gloo prefixes the C++ source location
         text = text.split("] ", 1)[1]
     return text[:160]
-
-
-def all_reduce_sum(stats: torch.Tensor, group: Any | None) -> torch.Tensor:
-    """Sum ``stats`` over the monitor's group in place (nothing in one process)."""
-    if group is not None:
-        torch.distributed.all_reduce(stats, group=group)
-    return stats
 
 
 def reduce_window(

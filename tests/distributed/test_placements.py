@@ -49,6 +49,13 @@ def _worker() -> dict[str, Any]:
         out[f"{name}_local"] = angular_update_statistics([dprev], [dcurr], dim=0)
         out[f"{name}_angles"] = angular_update(dprev, dcurr, dim=0)
         out[f"{name}_angle"] = angular_update(dprev, dcurr)
+    # The monitor's cached layout, a plain tensor first and a DTensor after it: every call reads
+    # the DTensor's local shard (its rows placed as the first call found), never the DTensor.
+    from lightning_sdm._engine import BatchedStatistics
+
+    statistics = BatchedStatistics([0, 0])
+    dprev, dcurr = (distribute_tensor(t, mesh, [Shard(1)]) for t in (prev, curr))
+    out["mixed"] = [statistics([prev, dprev], [curr, dcurr]) for _ in range(3)]
     module = nn.Linear(7, 5, bias=False)
     module.weight = nn.Parameter(DTensor.from_local(prev / 2, mesh, [Partial()]))
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -114,6 +121,19 @@ def test_shards_of_the_columns_add_partial_sums_to_every_row(results):
         torch.testing.assert_close(
             result["shard1_angle"], angular_update(prev, curr), rtol=1e-14, atol=0
         )
+
+
+def test_the_cached_layout_of_a_mixed_list_reads_the_local_shards(results):
+    prev, curr = _tensors()
+    plain = angular_update_statistics([prev], [curr], dim=0)
+    for rank, result in enumerate(results):
+        first, *again = result["mixed"]
+        for stats in again:
+            assert torch.equal(stats, first)
+        assert torch.equal(first[:5], plain)  # the plain tensor, whole on each rank
+        columns = slice(0, 4) if rank == 0 else slice(4, 7)
+        local = angular_update_statistics([prev[:, columns]], [curr[:, columns]], dim=0)
+        assert torch.allclose(first[5:, :3], local[:, :3], rtol=1e-15, atol=0)
 
 
 def test_a_partial_placement_is_refused_by_name(results):
