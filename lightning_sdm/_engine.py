@@ -454,6 +454,8 @@ class BatchedStatistics:
         self._plan: _Plan | None = None
         self._workspace: Workspace | None = None
         self._shapes: list[torch.Size] | None = None
+        #: Seconds spent compiling: none here (see lightning_sdm.monitor._fused).
+        self.compile_seconds = 0.0
 
     def __call__(
         self,
@@ -560,15 +562,20 @@ def _geometry(prev: Tensor, curr: Tensor, dim: int | None) -> _Geometry:
         )
     global_shape = tuple(prev.shape)
     local_shape = tuple(local_shard(prev).shape) if is_dtensor(prev) else global_shape
+    # A replica of another rank's shard (Replicate() on a mesh dimension, away from its first
+    # coordinate) adds nothing: each element is summed once over the mesh, exactly.
+    holds = not is_dtensor(prev) or holds_for_sum(prev)
     if dim is None:
         numel = max(_prod(global_shape), 1)
         local_numel = _prod(local_shape)
+        if not holds:
+            return _Geometry(local_shape, None, 1, 0, 0, local_numel, 0.0)
         return _Geometry(local_shape, None, 1, 1, 0, local_numel, local_numel / numel)
     if prev.dim() == 0:
         raise ValueError("`dim` must be None for a 0-dimensional tensor.")
     d = normalize_dim(dim, prev.dim())
     offset = _global_offset(prev)
-    local_units = local_shape[d]
+    local_units = local_shape[d] if holds else 0
     row_length = _prod(local_shape) // local_units if local_units else 0
     global_row = max(_prod(global_shape) // max(global_shape[d], 1), 1)
     return _Geometry(
@@ -598,6 +605,35 @@ def local_shard(tensor: Tensor) -> Tensor:
     return local.detach()
 
 
+def check_placements(tensor: Tensor, where: str) -> None:
+    """Refuse a DTensor with a ``Partial`` placement (its local values are partial sums).
+
+    Raises:
+        ValueError: naming ``where`` and the fix.
+    """
+    placements = getattr(tensor, "placements", ())
+    if any(placement.is_partial() for placement in placements):
+        from lightning_sdm import _messages
+
+        raise ValueError(_messages.partial_placement(where, str(tuple(placements))))
+
+
+def holds_for_sum(tensor: Tensor) -> bool:
+    """Whether this rank's shard of a DTensor counts in the sum over ranks.
+
+    Generic over placements: ``Shard(d)`` (``_StridedShard`` included) splits the elements, so
+    every shard counts; ``Replicate()`` copies them, so only the ranks at coordinate 0 of that
+    mesh dimension count. The local shard is one box of the global tensor for any combination
+    (DCP's contract; :func:`_global_offset` places it). A rank outside the mesh holds nothing.
+    """
+    check_placements(tensor, "a monitored tensor")
+    coordinate = tensor.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+    if coordinate is None:
+        return False
+    placements = tensor.placements  # type: ignore[attr-defined]
+    return all(c == 0 for c, p in zip(coordinate, placements, strict=True) if p.is_replicate())
+
+
 def _global_offset(tensor: Tensor) -> tuple[int, ...] | None:
     if not is_dtensor(tensor):
         return None
@@ -612,7 +648,7 @@ def _global_offset(tensor: Tensor) -> tuple[int, ...] | None:
 
 
 def all_reduce_if_sharded(stats: Tensor, reference: Tensor) -> Tensor:
-    """Sum statistics over the mesh of a DTensor (replicated ranks only rescale: harmless)."""
+    """Sum statistics over the mesh of a DTensor (replicas add zeros: :func:`holds_for_sum`)."""
     if not is_dtensor(reference):
         return stats
     import torch.distributed as dist

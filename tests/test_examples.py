@@ -10,6 +10,7 @@ kills every process of the run on a timeout.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -208,6 +209,67 @@ def test_cifar10_example_explains_a_missing_directory(tmp_path: Path, capsys):
         write_fake_cifar(tmp_path / "ok", per_batch=8), ("test_batch",)
     )
     assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
+
+
+def test_llm_qknorm_example_finds_each_head_and_counts_each_optimizer(tmp_path: Path):
+    # Muon + AdamW in manual optimization: Lightning's global step counts both optimizers.
+    out = run_example("llm_qknorm.py", "--fast", "--log-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert "Corpus: 50,000 bytes of " in out  # the standard library's own sources
+    assert "Scale-invariant units (method: trace): 2" in out
+    units = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k")]
+    for unit in units:  # QK-norm over head_dim = 32 / 2 heads: one block of 16 rows per head
+        assert re.search(rf"^  {re.escape(unit)}\s+16 rows/head  Muon: ", out, re.M), out
+    assert "12 batches, Lightning's global step 24 (both optimizers' steps)" in out
+    assert "Optimizer steps counted by the monitor (optimizers holding units): [12]" in out
+    rows = summary_rows(out, units)
+    assert sorted(rows) == sorted(units)
+    for fields in rows.values():
+        median, low, high, theory = (float(x) for x in fields[:4])
+        assert 0 < low <= median <= high  # one angle per head
+        # A prediction where theory has one for Muon, else none and the regime says so.
+        assert math.isnan(theory) == ("no prediction" in " ".join(fields[5:]))
+    header = (tmp_path / "logs" / "llm_qknorm" / "version_0" / "metrics.csv").read_text()
+    assert f"sdm/angular_update/{units[0]}/median" in header.splitlines()[0]
+
+
+def test_llm_study_quick_writes_its_report(tmp_path: Path):
+    # studies/llm runs the example per arm and renders docs/llm.md from what the callback logged.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES.parent)}
+    raw_path, out = tmp_path / "raw.json", tmp_path / "docs"
+    command = ["-m", "studies.llm", "--quick", "--out", str(out), "--raw", str(raw_path)]
+    result = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    raw = json.loads(raw_path.read_text())
+    assert sorted(raw["runs"]) == ["adamw", "muon"]
+    units = [f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k")]
+    text = (out / "llm.md").read_text()
+    for run in raw["runs"].values():
+        assert [u["name"] for u in run["units"]] == units
+        assert {u["channel_group"] for u in run["units"]} == {16}  # 2 heads of 16 rows
+        windows = [r for r in run["history"] if r["unit"] == units[0]]
+        assert [r["optimizer_step"] for r in windows] == [2, 4, 6, 8, 10, 12]
+        for r in windows:  # the ratio is the callback's measured / predicted, when predicted
+            if r["theory"] is not None:
+                assert r["ratio"] == pytest.approx(r["angular_update"] / r["theory"], rel=1e-6)
+        last = windows[-1]
+        assert f"{last['channels']['median']:.4f}" in text  # the table shows the last window
+        assert f"{run['figures']['seconds']:.0f} s" in text
+    assert raw["runs"]["adamw"]["predictions"][units[0]]["optimizer"] == "AdamW"
+    assert "| adamw | 2 of 2 |" in text  # AdamW predicts both units
+    assert_png(out / "figures" / "llm_qknorm.png")
+
+    # Re-rendered from the raw numbers alone: the same report.
+    again = tmp_path / "again"
+    command = ["-m", "studies.llm", "--out", str(again), "--from-raw", str(raw_path)]
+    result = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (again / "llm.md").read_text() == text
 
 
 # ------------------------------------------------------------------ two processes

@@ -44,6 +44,12 @@ from lightning_sdm.invariance._rules import RULES
 from lightning_sdm.invariance._structural import structural_candidates
 from lightning_sdm.units import Unit
 
+#: Ops that return their input itself when there is nothing to do (a cast to the dtype or device
+#: it has, an already contiguous tensor): never an in-place change.
+_RETURN_SELF_UNCHANGED = frozenset(
+    {"to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "contiguous"}
+)
+
 
 def find_scale_invariant_units(module: nn.Module, *args: Any, **kwargs: Any) -> InvarianceReport:
     """Run ``module(*args, **kwargs)`` once under a :class:`ScaleInvarianceTracer` and report.
@@ -60,7 +66,8 @@ def find_scale_invariant_units(module: nn.Module, *args: Any, **kwargs: Any) -> 
     penalty in ``training_step``), use the tracer around the training step.
 
     Args:
-        module: the model (for DDP pass the wrapped ``.module``; FSDP2 modules work as they are).
+        module: the model (for DDP pass the wrapped ``.module``; FSDP2, tensor-parallel and 2-D
+            mesh modules work as they are, parallelized: tested through ``ModelParallelStrategy``).
         *args: positional inputs of ``module.forward``.
         **kwargs: keyword inputs of ``module.forward``.
 
@@ -331,7 +338,12 @@ class ScaleInvarianceTracer:
         for tensor in outputs:
             if isinstance(tensor, nn.Parameter):
                 continue  # parameters keep one value each; in-place updates of them are ignored
-            mutated = any(tensor is source for source in node.inputs_objects)
+            # A cast to the dtype or device a tensor already has (``h.to(torch.float32)`` of
+            # a float32 ``h``, as HF's RMSNorm does) returns the tensor itself: the same
+            # values, not an in-place change of the memory its other views share.
+            mutated = node.op not in _RETURN_SELF_UNCHANGED and any(
+                tensor is source for source in node.inputs_objects
+            )
             node.outputs.append(self._new_value(tensor, index))
             if mutated:
                 self._update_aliases(tensor, node, index)

@@ -40,13 +40,20 @@ Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
   training stopped, or the planned end-of-budget decay), the event's message as text; level WARN
   when the LR changed or training stopped, else INFO.
 
-TensorBoard, at the end of fit: an hparams session (the "HParams" dashboard), in the run
-:data:`HPARAMS_RUN` under the logger's directory, holding the logger's hyper-parameters, the
-theory's inputs of the first monitored unit (``sdm/optimizer``, ``sdm/lr``,
-``sdm/weight_decay``, ``sdm/momentum``) and, as metrics,
-``sdm/hparams/equilibrium_step`` (the step the last unit reached equilibrium; absent if one
-never did), ``sdm/hparams/equilibrium_fraction`` and ``sdm/hparams/final_ratio`` (median over
-the units): runs compare by when they equilibrated.
+TensorBoard, the "HParams" dashboard: one experiment per run, in the run itself. At the start
+of fit (:func:`on_fit_started`, from the callback's ``on_fit_start``, which Lightning calls just
+before its own ``log_hyperparams``), the experiment definition and the session: the module's and
+datamodule's hyper-parameters as Lightning writes them (flattened, sanitised), the theory's inputs
+of the first optimizer's first param group with weight decay (``sdm/optimizer``, ``sdm/lr``,
+``sdm/weight_decay``, ``sdm/momentum``) and the action (``sdm/action``); as metrics
+``hp_metric`` (when the logger has ``default_hp_metric``) and :data:`HPARAMS_METRICS`.
+TensorBoard keeps the first experiment and session of a run (Lightning's, written right after,
+is ignored), so the table is the same after a restart and each run has one row. At the end of
+fit, the metrics' values are scalars of the run: ``sdm/hparams/equilibrium_step`` (the step the
+last unit reached equilibrium; absent if one never did), ``sdm/hparams/equilibrium_fraction``
+and ``sdm/hparams/final_ratio`` (median over the units): runs compare by when they
+equilibrated. (Earlier versions wrote the session in a run of its own, :data:`HPARAMS_RUN`;
+``lightning-sdm report`` still skips it.)
 """
 
 from __future__ import annotations
@@ -66,9 +73,10 @@ from lightning_sdm import _messages
 from lightning_sdm.equilibrium._detector import UnitEquilibrium
 from lightning_sdm.keys import HPARAMS_RUN, Keys
 from lightning_sdm.records import HistoryRecord
-from lightning_sdm.theory._predictions import Prediction
+from lightning_sdm.theory._predictions import Prediction, predict_param_group
 
 __all__ = [
+    "HPARAMS_METRICS",
     "HPARAMS_RUN",
     "MAX_CHARTS",
     "TABLE_COLUMNS",
@@ -76,9 +84,12 @@ __all__ = [
     "WANDB_STEP_KEY_ATTRIBUTES",
     "UnitResult",
     "on_monitoring_finished",
+    "fit_hparams",
     "on_equilibrium_event",
+    "on_fit_started",
     "on_monitoring_started",
     "on_windows_logged",
+    "regimes_markdown",
     "tensorboard_layout",
     "unit_results",
     "wandb_chart_series",
@@ -172,12 +183,75 @@ _CHARTS = f"{Keys.PREFIX}charts/"
 _REPORT_IMAGE = f"{Keys.PREFIX}report"
 #: Where a WandbLogger may name the key it logs the step under (checked in this order).
 WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
+#: The metrics of the TensorBoard hparams experiment (scalars logged at the end of fit).
+HPARAMS_METRICS = (
+    f"{Keys.PREFIX}hparams/equilibrium_step",
+    f"{Keys.PREFIX}hparams/equilibrium_fraction",
+    f"{Keys.PREFIX}hparams/final_ratio",
+)
+# SummaryWriters that already hold an hparams experiment (TensorBoard reads the first).
+_HPARAMS_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+# The regimes each SummaryWriter's last `sdm/regimes` text showed, by unit.
+_REGIMES_SHOWN: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 # The incremental table of each W&B run (rows are added to it, and it is logged again).
 _WINDOW_TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 _F = TypeVar("_F", bound=Callable[..., None])
+
+
+def fit_hparams(optimizers: Sequence[Any], action: str) -> dict[str, Any]:
+    """The ``sdm/`` columns of the hparams experiment, known at the start of fit.
+
+    The units are found on the first batch, after the experiment must be written; the theory's
+    inputs are read from the first optimizer's first param group with weight decay (where the
+    normalised weights of a usual set-up sit), else its first group.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+        >>> sgd = torch.optim.SGD([{"params": [b], "weight_decay": 0.0}, {"params": [w]}],
+        ...                       lr=0.1, momentum=0.9, weight_decay=5e-4)
+        >>> fit_hparams([sgd], "'warn'")  # doctest: +NORMALIZE_WHITESPACE
+        {'sdm/action': "'warn'", 'sdm/optimizer': 'SGD', 'sdm/lr': 0.1, 'sdm/weight_decay': 0.0005,
+         'sdm/momentum': 0.9}
+    """
+    columns: dict[str, Any] = {f"{Keys.PREFIX}action": action}
+    if not optimizers or not optimizers[0].param_groups:
+        return columns
+    optimizer = optimizers[0]
+    groups = optimizer.param_groups
+    group = next((g for g in groups if _number(g.get("weight_decay")) > 0), groups[0])
+    prediction = predict_param_group(optimizer, group)
+    hyper = prediction.hyperparameters
+    columns[f"{Keys.PREFIX}optimizer"] = prediction.optimizer
+    for name in ("lr", "weight_decay", "momentum"):
+        if name in hyper and math.isfinite(hyper[name]):
+            columns[f"{Keys.PREFIX}{name}"] = float(hyper[name])
+    return columns
+
+
+def on_fit_started(
+    loggers: Iterable[Logger],
+    *,
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+    warned: set[str],
+) -> None:
+    """At the start of fit, before Lightning logs the hyper-parameters: the hparams experiment.
+
+    Args:
+        loggers: the Trainer's loggers (call on rank zero).
+        hparams: the hyper-parameters Lightning is about to log (the module's and the
+            datamodule's ``hparams_initial``).
+        columns: the ``sdm/`` columns (:func:`fit_hparams`).
+        warned: the integrations that already reported a failure (updated).
+    """
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _tensorboard_experiment(logger, warned, hparams, columns)
 
 
 def on_monitoring_started(
@@ -230,10 +304,16 @@ def on_windows_logged(
     global_step: int,
     warned: set[str],
 ) -> None:
-    """After each batch of windows: the new rows of the W&B table ``sdm/unit_windows``."""
+    """After each batch of windows: the W&B table's new rows, TensorBoard's regimes as text.
+
+    The rows of the W&B table ``sdm/unit_windows``; the TensorBoard text ``sdm/regimes`` when a
+    unit's regime changed (a table: unit, regime, why).
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger) and records:
             _wandb_windows(logger, warned, records, global_step)
+        elif isinstance(logger, TensorBoardLogger) and records:
+            _tensorboard_regimes(logger, warned, records, global_step)
 
 
 def on_equilibrium_event(
@@ -279,7 +359,7 @@ def on_monitoring_finished(
                 _wandb_charts(logger, warned, history, tolerance, global_step)
                 _wandb_report_figure(logger, warned, history, global_step)
         elif isinstance(logger, TensorBoardLogger) and results:
-            _tensorboard_hparams(logger, warned, results, fraction, predictions or {}, global_step)
+            _tensorboard_hparams(logger, warned, results, fraction, global_step)
 
 
 def hparams_metrics(results: Sequence[UnitResult], fraction: float) -> dict[str, float]:
@@ -311,23 +391,31 @@ def tensorboard_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     r"""The custom-scalars layout for ``units`` (the argument of ``add_custom_scalars``).
 
-    Multiline charts take anchored, escaped regular expressions, so ``net.1.weight`` never
-    matches ``net.11.weight``. A unit in ``channel_units`` gets a ``Margin`` chart, whose three
-    tags are exact tag names (TensorBoard's margin chart reads them literally): the channels'
-    median between their 10th and 90th percentiles; and a multiline chart of that median and
-    the prediction.
+    Per unit, first a ``Margin`` chart: the ratio measured / predicted inside the tolerance band
+    (``sdm/tolerance_band/lower`` and ``upper``); a margin chart draws one line and shades its
+    band, so the prediction (the band around 1) cannot be mistaken for the measurement. Then a
+    multiline chart of the angular update and the prediction. A unit in ``channel_units`` charts
+    the channels' median ratio, and gets a second margin chart: the channels' median angular
+    update between their 10th and 90th percentiles. Margin charts take exact tag names;
+    multiline charts anchored, escaped regular expressions, so ``net.1.weight`` never matches
+    ``net.11.weight``.
 
     Example::
 
         >>> layout = tensorboard_layout(["net.0.weight"])
-        >>> kind, tags = layout["SDM per unit"]["net.0.weight: angular update (rad/step)"]
-        >>> kind, tags[0]
+        >>> ratio, lines = layout["SDM per unit"].values()
+        >>> ratio  # doctest: +NORMALIZE_WHITESPACE
+        ['Margin', ['sdm/angular_update_ratio/net.0.weight', 'sdm/tolerance_band/lower',
+                    'sdm/tolerance_band/upper']]
+        >>> lines[0], lines[1][0]
         ('Multiline', '^sdm/angular_update/net\\.0\\.weight$')
         >>> sorted(layout["SDM overview"])
         ['angular update / theory', 'weight norm']
         >>> layout = tensorboard_layout(["net.0.weight"], channel_units=["net.0.weight"])
-        >>> band, median = layout["SDM per unit"].values()
-        >>> band  # doctest: +NORMALIZE_WHITESPACE
+        >>> ratio, spread, median = layout["SDM per unit"].values()
+        >>> ratio[1][0]
+        'sdm/angular_update_ratio/net.0.weight/median'
+        >>> spread  # doctest: +NORMALIZE_WHITESPACE
         ['Margin', ['sdm/angular_update/net.0.weight/median',
                     'sdm/angular_update/net.0.weight/p10', 'sdm/angular_update/net.0.weight/p90']]
         >>> median[0]
@@ -337,28 +425,40 @@ def tensorboard_layout(
     def tag(key: str) -> str:
         return f"^{re.escape(prefix + key)}$"
 
+    band = [f"{prefix}{Keys.TOLERANCE_LOWER}", f"{prefix}{Keys.TOLERANCE_UPPER}"]
     per_unit: dict[str, list[Any]] = {}
     ratios, norms = [], []
     by_channel = set(channel_units)
     for unit in units:
         theory = tag(f"{Keys.THEORY}{unit}")
+        # First, the chart read at a glance: measured / predicted inside the band the detector
+        # accepts (a margin chart: one line, its band shaded; no smoothing bends it).
         if unit in by_channel:
-            band = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
+            ratio = f"{Keys.RATIO}{unit}/median"
+            per_unit[f"{unit}: channels' median of measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            spread = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
             per_unit[f"{unit}: angular update, channels' median and p10-p90 band (rad/step)"] = [
                 "Margin",
-                band,
+                spread,
             ]
             per_unit[f"{unit}: channels' median angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}/median"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}/median"))
         else:
-            per_unit[f"{unit}: angular update (rad/step)"] = [
+            ratio = f"{Keys.RATIO}{unit}"
+            per_unit[f"{unit}: measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            per_unit[f"{unit}: angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}"))
+        ratios.append(tag(ratio))
         norms.append(tag(f"{Keys.WEIGHT_NORM}{unit}"))
     overview = {
         "angular update / theory": ["Multiline", [*ratios, tag(Keys.MEDIAN_RATIO)]],
@@ -435,6 +535,42 @@ def _tensorboard_text(logger: TensorBoardLogger, warned: set[str], name: str, te
     # Markdown: indented by four spaces, the table keeps its columns.
     body = "\n".join("    " + line for line in text.splitlines())
     logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}{name}", body, global_step=0)
+
+
+@_guarded("TensorBoard text (regimes)")
+def _tensorboard_regimes(
+    logger: TensorBoardLogger, warned: set[str], records: Sequence[HistoryRecord], global_step: int
+) -> None:
+    writer = logger.experiment
+    shown = _REGIMES_SHOWN.setdefault(writer, {})
+    now = {record.unit: record.regime or "unknown" for record in records}
+    if all(shown.get(unit) == regime for unit, regime in now.items()):
+        return
+    shown.update(now)
+    logger.experiment.add_text(
+        f"{_prefix(logger)}{Keys.PREFIX}regimes", regimes_markdown(records), global_step=global_step
+    )
+
+
+def regimes_markdown(records: Sequence[HistoryRecord]) -> str:
+    """The units' regimes as a Markdown table (TensorBoard's Text tab renders it).
+
+    Example::
+
+        >>> from types import SimpleNamespace as Record
+        >>> record = Record(unit="net.0.weight", regime="non_stationary",
+        ...                 regime_note="ratio trend +3%/tau")
+        >>> print(regimes_markdown([record]))
+        | unit | regime | why |
+        |---|---|---|
+        | net.0.weight | non stationary | ratio trend +3%/tau |
+    """
+    lines = ["| unit | regime | why |", "|---|---|---|"]
+    for record in records:
+        regime = (record.regime or "unknown").replace("_", " ")
+        note = (record.regime_note or "").replace("|", "/")
+        lines.append(f"| {record.unit} | {regime} | {note} |")
+    return "\n".join(lines)
 
 
 def wandb_step_key(logger: Logger) -> str:
@@ -650,39 +786,44 @@ def _wandb_report_figure(
         logger.log_metrics({_REPORT_IMAGE: image}, step=global_step)  # type: ignore[dict-item]
 
 
-@_guarded("TensorBoard hparams")
+@_guarded("TensorBoard hparams experiment")
+def _tensorboard_experiment(
+    logger: TensorBoardLogger,
+    warned: set[str],
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+) -> None:
+    writer = logger.experiment
+    if writer in _HPARAMS_WRITTEN:  # a second fit into the same run: TensorBoard reads the first
+        return
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
+    # scalars as numbers), so a column is named and typed as without the callback.
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(dict(hparams))))
+    params = {key: _hparam_value(value) for key, value in flat.items()}
+    prefix = _prefix(logger)
+    metrics = dict.fromkeys((prefix + key for key in HPARAMS_METRICS), 0.0)
+    if getattr(logger, "_default_hp_metric", False):  # the column Lightning's session defines
+        metrics[f"{prefix}hp_metric"] = -1.0
+    file_writer = writer._get_file_writer()
+    for summary in hparams_summaries({**params, **columns}, metrics):
+        file_writer.add_summary(summary)
+    file_writer.flush()
+    _HPARAMS_WRITTEN.add(writer)
+
+
+@_guarded("TensorBoard hparams metrics")
 def _tensorboard_hparams(
     logger: TensorBoardLogger,
     warned: set[str],
     results: Sequence[UnitResult],
     fraction: float,
-    predictions: Mapping[str, Mapping[str, Any]],
     global_step: int,
 ) -> None:
-    first = results[0]
-    inputs = dict(predictions.get(first.unit, {}))
-    ours = {
-        f"{Keys.PREFIX}optimizer": first.optimizer,
-        f"{Keys.PREFIX}lr": first.lr,
-        f"{Keys.PREFIX}weight_decay": first.weight_decay,
-        f"{Keys.PREFIX}momentum": _number(inputs.get("momentum")),
-    }
-    ours = {k: v for k, v in ours.items() if not (isinstance(v, float) and math.isnan(v))}
-    # A run of its own (TensorBoard reads one session per run, the first: Lightning's, written
-    # at the start, stays as it is), with the logger's own hyper-parameters beside ours so that
-    # the dashboard compares runs on both.
-    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
-    # scalars as numbers), so the columns of both sessions line up; then what remains as text.
-    from lightning.fabric.utilities.logger import _flatten_dict
-
-    flat = logger._sanitize_params(_flatten_dict(dict(logger.hparams)))
-    params = {key: _hparam_value(value) for key, value in flat.items()}
-    logger.experiment.add_hparams(
-        {**params, **ours},
-        hparams_metrics(results, fraction),
-        run_name=HPARAMS_RUN,
-        global_step=global_step,
-    )
+    # Scalars of the run: the metric columns of the experiment written at the start.
+    logger.log_metrics(hparams_metrics(results, fraction), step=global_step)
 
 
 def _hparam_value(value: Any) -> Any:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sdm.invariance import find_scale_invariant_units
+from lightning_sdm.invariance import ScaleInvarianceTracer, find_scale_invariant_units
 from tests.invariance.checks import assert_complete, names, reasons
 
 HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB = 32, 4, 8, 48, 50
@@ -334,3 +334,28 @@ def test_an_eps_is_a_norm_eps_only_under_a_reduction(shape) -> None:
     report = find_scale_invariant_units(model, torch.randn(5, 8))
     assert "lin.weight" not in names(report)
     assert "shifted by a constant" in reasons(report)["lin.weight"]
+
+
+@pytest.mark.parametrize("style", ["llama", "gemma", "qwen3", "olmo2"])
+def test_a_training_step_trace_finds_the_same_units(style: str) -> None:
+    """The callback traces a training step: gradients on, the graph kept for the backward.
+
+    Autograd then keeps the views of each q/k projection alive (RMSNorm saves its input), and
+    HF's ``h.to(torch.float32)`` of a float32 ``h`` returns ``h`` itself: that is no in-place
+    change of the projection's output (it was read as one, and every QK-norm unit was lost in
+    the callback while ``find_scale_invariant_units``, under ``no_grad``, found them).
+    """
+    torch.manual_seed(0)
+    model = Decoder(style)
+    tokens = _tokens()
+    expected = find_scale_invariant_units(model, tokens)
+    with ScaleInvarianceTracer(model) as tracer:
+        logits = model(tokens)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    report = tracer.report()
+    loss.backward()  # the graph the trace saw was a real one
+    assert names(report) == names(expected)
+    groups = {u.name: (u.channel_invariant, u.channel_group) for u in report.units}
+    assert groups == {u.name: (u.channel_invariant, u.channel_group) for u in expected.units}
+    if style == "qwen3":
+        assert len(groups) == 4 and set(groups.values()) == {(True, HEAD_DIM)}

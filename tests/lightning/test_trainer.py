@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.lightning._trainer import budget_of, optimizer_budget, stepping_optimizers
@@ -64,3 +67,67 @@ def test_one_optimizer_is_unchanged(tmp_path):
     run.fit(BNNet(), loader(noisy_classification_data(samples=128)))
     assert stepping_optimizers(run) == 1
     assert optimizer_budget(run) == budget_of(run) == run.global_step == 12
+
+
+class MuonQKNorm(pl.LightningModule):
+    """Muon on a q projection under per-head QK-norm, AdamW on the rest, stepped by hand.
+
+    Today's LLM recipe in Lightning: automatic optimization takes one optimizer, so both step
+    in ``training_step`` on one loss, each with its own per-step scheduler.
+    """
+
+    def __init__(self, muon_first: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.muon_first = muon_first
+        self.q = torch.nn.Linear(16, 16, bias=False)  # 2 heads of 8 rows
+        self.gain = torch.nn.Parameter(torch.ones(8))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(x).view(-1, 2, 8).to(torch.float32)  # HF's RMSNorm, per head
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.head((self.gain * h).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.manual_backward(torch.nn.functional.cross_entropy(self(x), y))
+        for optimizer in self.optimizers():
+            optimizer.step()
+            optimizer.zero_grad()
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    def configure_optimizers(self):
+        muon = torch.optim.Muon([self.q.weight], lr=0.02, weight_decay=0.1)
+        adamw = torch.optim.AdamW([self.gain, *self.head.parameters()], lr=1e-3)
+        optimizers = [muon, adamw] if self.muon_first else [adamw, muon]
+        schedulers = [
+            {"scheduler": LambdaLR(o, lambda step: min(1.0, (step + 1) / 2)), "interval": "step"}
+            for o in optimizers
+        ]
+        return optimizers, schedulers
+
+
+@pytest.mark.parametrize("muon_first", [True, False], ids=["muon_first", "adamw_first"])
+def test_muon_and_adamw_stepped_by_hand_on_one_loss(tmp_path, muon_first):
+    callback = SphericalDynamicsCallback(granularity="channel", every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=3)
+    run.fit(MuonQKNorm(muon_first), loader(noisy_classification_data(samples=128)))
+    # Each head's rows are a unit of their own; only Muon's steps move it.
+    assert callback.report is not None
+    assert [(u.name, u.channel_group) for u in callback.report.units] == [("q.weight", 8)]
+    monitor = callback.monitor
+    assert monitor is not None and monitor.predictions()["q.weight"].optimizer == "Muon"
+    state = monitor.state_dict()
+    assert state["optimizer_indices"] == [0 if muon_first else 1]
+    assert run.global_step == 24 and state["steps_done"] == [12]  # 12 batches, 2 optimizers
+    assert [(r.optimizer_step, r.global_step) for r in callback.history] == [
+        (4, 8),
+        (8, 16),
+        (12, 24),
+    ]
+    for record in callback.history:  # one angle per head
+        assert record.channels is not None
+        assert 0 < record.channels["min"] <= record.channels["max"]
+    assert callback.advice is not None and callback.advice.total_steps == 12

@@ -1,0 +1,399 @@
+"""The study's analysis, figure and Markdown report, from the recorded runs only."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+FIGURE = "llm_qknorm.png"
+TITLES = {
+    "muon": "Muon on the hidden matrices, AdamW on the rest",
+    "adamw": "AdamW everywhere (baseline)",
+}
+
+
+def _short(unit: str) -> str:
+    """``model.layers.1.self_attn.q_proj.weight`` -> ``L1.q``."""
+    parts = unit.split(".")
+    layer = parts[parts.index("layers") + 1] if "layers" in parts else "?"
+    return f"L{layer}.{parts[-2].split('_')[0]}"
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def unit_series(run: dict[str, Any], unit: str) -> list[dict[str, Any]]:
+    """The unit's windows in order."""
+    return [r for r in run["history"] if r["unit"] == unit]
+
+
+def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
+    """What one unit did: last window, ratios over the second half, detection, norms."""
+    windows = unit_series(run, unit)
+    steps = run["figures"]["batches"]
+    late = [w for w in windows if w["optimizer_step"] > steps / 2] or windows
+    flagged = [w for w in windows if w["in_equilibrium"]]
+    first = next((w["optimizer_step"] for w in windows if w["in_equilibrium"]), None)
+    after = [w for w in windows if first is not None and w["optimizer_step"] >= first]
+    last = windows[-1]
+    heads = last["channels"] or {}
+
+    def head_ratio(window: dict[str, Any], key: str) -> float:
+        return (window["channel_ratios"] or {}).get(key, math.nan)
+
+    return {
+        "unit": unit,
+        "windows": len(windows),
+        "angle_last": heads.get("median", last["angular_update"]),
+        "angle_last_min": heads.get("min", math.nan),
+        "angle_last_max": heads.get("max", math.nan),
+        "theory_last": last["theory"],
+        "ratio_late": _median([w["ratio"] for w in late]),
+        "head_ratio_min_late": _median([head_ratio(w, "min") for w in late]),
+        "head_ratio_max_late": _median([head_ratio(w, "max") for w in late]),
+        "ratio_flagged": _median([w["ratio"] for w in flagged]),
+        "norm_first": windows[0]["weight_norm"],
+        "norm_last": last["weight_norm"],
+        "first_equilibrium": first,
+        "in_equilibrium_after_first": (
+            sum(w["in_equilibrium"] for w in after) / len(after) if after else math.nan
+        ),
+        "regime_last": last["regime"],
+        "note_last": last["regime_note"],
+        "regimes": sorted({w["regime"] for w in windows}),
+    }
+
+
+def analyse(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: per-unit summaries, the prediction of the units' group, the cost."""
+    result: dict[str, Any] = {}
+    for arm, run in raw["runs"].items():
+        units = [u["name"] for u in run["units"]]
+        summaries = [analyse_unit(run, unit) for unit in units]
+        steady = run["cost"]["steady"]
+        ratios = [s["ratio_late"] for s in summaries]
+        result[arm] = {
+            "units": summaries,
+            "predicted_units": sum(run["predictions"][u]["prediction"] is not None for u in units),
+            "ratio_late_median": _median(ratios),
+            "ratio_late_range": (
+                min((r for r in ratios if math.isfinite(r)), default=math.nan),
+                max((r for r in ratios if math.isfinite(r)), default=math.nan),
+            ),
+            "in_equilibrium_last": sum(
+                run["history"][-len(units) :][i]["in_equilibrium"] for i in range(len(units))
+            ),
+            "ever_in_equilibrium": sum(s["first_equilibrium"] is not None for s in summaries),
+            "cost_fraction": steady[0] if steady else math.nan,
+            "cost_ms_per_measured_step": 1e3 * steady[1] if steady else math.nan,
+            "cost_ms_per_step": 1e3 * steady[2] if steady else math.nan,
+            "hook_share_whole_run": run["cost"]["hook_seconds"] / run["figures"]["seconds"],
+        }
+    return result
+
+
+# ------------------------------------------------------------------ figure
+
+
+def write_figure(raw: dict[str, Any], path: Path) -> None:
+    """Per arm (a row): per-head angle vs prediction, ratio, weight norm with the LR, regimes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(raw["runs"])
+    fig, axes = plt.subplots(len(arms), 4, figsize=(20, 4.4 * len(arms)), squeeze=False)
+    regimes = [
+        "unknown",
+        "relaxing",
+        "equilibrium",
+        "tracking",
+        "lagging",
+        "non_stationary",
+        "no_prediction",
+    ]
+    colors = dict(zip(regimes, ["0.85", "C1", "C2", "C9", "C3", "C4", "C8"], strict=True))
+    for row, arm in enumerate(arms):
+        run = raw["runs"][arm]
+        units = [u["name"] for u in run["units"]]
+        angle_ax, ratio_ax, norm_ax, regime_ax = axes[row]
+        for index, unit in enumerate(units):
+            windows = unit_series(run, unit)
+            steps = [w["optimizer_step"] for w in windows]
+            layer = index // 2
+            style = "-" if ".q_proj" in unit else "--"
+            color = f"C{layer}"
+            heads = [w["channels"] or {} for w in windows]
+            median = [
+                h.get("median", w["angular_update"]) for h, w in zip(heads, windows, strict=True)
+            ]
+            angle_ax.plot(steps, median, style, color=color, lw=1.2, label=_short(unit))
+            angle_ax.fill_between(
+                steps,
+                [h.get("min", math.nan) for h in heads],
+                [h.get("max", math.nan) for h in heads],
+                color=color,
+                alpha=0.08,
+            )
+            theory = [w["theory"] if w["theory"] is not None else math.nan for w in windows]
+            if index == 0 and any(math.isfinite(t) for t in theory):
+                angle_ax.plot(steps, theory, "k:", lw=2.2, label="predicted")
+            ratio = [w["ratio"] if w["ratio"] is not None else math.nan for w in windows]
+            ratio_ax.plot(steps, ratio, style, color=color, lw=1.2)
+            norm_ax.plot(steps, [w["weight_norm"] for w in windows], style, color=color, lw=1.2)
+            for w in windows:
+                regime_ax.barh(
+                    index,
+                    run["config"]["every_n_steps"],
+                    left=w["optimizer_step"] - run["config"]["every_n_steps"],
+                    color=colors.get(w["regime"], "k"),
+                    height=0.8,
+                )
+        angle_ax.set_yscale("log")
+        angle_ax.set_xlabel("optimizer step")
+        angle_ax.set_ylabel("RMS angular update per step (rad)")
+        angle_ax.set_title(f"{arm}: per head (line: median, band: min-max)", fontsize=10)
+        angle_ax.legend(fontsize=7, ncol=3)
+        if any(w["ratio"] is not None for w in run["history"]):
+            ratio_ax.axhline(1, color="k", lw=1)
+            ratio_ax.axhspan(0.9, 1.1, color="0.9")
+            ratio_ax.set_ylim(0, 2)
+        else:
+            ratio_ax.text(
+                0.5,
+                0.5,
+                f"no prediction for {run['predictions'][units[0]]['optimizer']}",
+                ha="center",
+                va="center",
+                transform=ratio_ax.transAxes,
+            )
+        ratio_ax.set_xlabel("optimizer step")
+        ratio_ax.set_ylabel("measured / predicted (grey: ±10%)")
+        ratio_ax.set_title(f"{arm}: ratio per unit", fontsize=10)
+        lr_ax = norm_ax.twinx()
+        windows = unit_series(run, units[0])
+        lr_ax.plot([w["optimizer_step"] for w in windows], [w["lr"] for w in windows], "k-", lw=0.8)
+        lr_ax.set_ylabel("lr of the units' group (black)")
+        norm_ax.set_xlabel("optimizer step")
+        norm_ax.set_ylabel("weight norm |w|")
+        norm_ax.set_title(f"{arm}: weight norms and LR", fontsize=10)
+        regime_ax.set_yticks(range(len(units)), [_short(u) for u in units], fontsize=8)
+        regime_ax.set_xlabel("optimizer step")
+        regime_ax.set_title(f"{arm}: the detector's regime per window", fontsize=10)
+        seen = {w["regime"] for w in run["history"]}
+        for regime in regimes:
+            if regime in seen:
+                regime_ax.barh(-10, 0, color=colors[regime], label=regime.replace("_", " "))
+        regime_ax.set_ylim(-0.6, len(units) - 0.4)
+        regime_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ Markdown
+
+
+def _prediction_line(prediction: dict[str, Any]) -> str:
+    if prediction["prediction"] is None:
+        return f"no prediction: {prediction['reason']}"
+    return f"{prediction['reason']} ({prediction['source']})"
+
+
+def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``<out>/llm.md`` and ``<out>/figures/llm_qknorm.png``; returns the analysis."""
+    analysis = analyse(raw)
+    write_figure(raw, out / "figures" / FIGURE)
+    runs = raw["runs"]
+    first = next(iter(runs.values()))
+    args, figures, env = first["args"], first["figures"], raw["environment"]
+    quick = " --quick" if raw.get("quick") else ""
+    timings = ", ".join(
+        f"{arm}: {r['figures']['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU-s)"
+        for arm, r in runs.items()
+    )
+    lines = [
+        "# A QK-norm decoder LLM trained with Muon + AdamW: what the callback sees",
+        "",
+        f"Generated by `python -m studies.llm{quick} --out docs` (Python {env['python']}, torch "
+        f"{env['torch']}, {env['threads']} torch thread(s), {env['machine']}); "
+        f"{timings} wall clock on a shared 2-core machine. Nothing is downloaded: the text "
+        "is the Python standard library's own source.",
+        "",
+        "## Set-up",
+        "",
+        f"`examples/llm_qknorm.py`: a Qwen3-style byte-level decoder, {figures['parameters']:,} "
+        f"parameters ({args['layers']} layers, hidden {args['hidden']}, {args['heads']} heads of "
+        f"{args['hidden'] // args['heads']}, SwiGLU, RoPE, causal `scaled_dot_product_attention`), "
+        "RMSNorm written by hand as in HF transformers, per-head QK-norm (an RMSNorm over "
+        "`head_dim` on each head's queries and keys), pre-norm residual blocks, untied head. "
+        f"Data: {figures['corpus_bytes']:,} bytes of {figures['corpus_files']} top-level `*.py` "
+        "files of `sysconfig.get_paths()['stdlib']` in sorted order, 90% for training; "
+        f"{args['steps']} batches of {args['batch_size']} x {args['seq_len']} bytes per arm. "
+        "Two optimizers stepped by hand (Lightning's automatic optimization takes one; "
+        "`automatic_optimization = False`, both stepped every batch, so Lightning's global step "
+        f"is twice the batches: {figures['global_step']}), each with a `LambdaLR` warm-up "
+        f"({args['warmup']} steps) + cosine to 10% of the peak, stepped per batch. "
+        f"AdamW (lr {args['adamw_lr']:g}, betas (0.9, 0.95), weight decay "
+        f"{args['adamw_weight_decay']:g} on the embedding and head, none on the gains) on the "
+        "parameters that are not hidden matrices. The callback: "
+        f'`SphericalDynamicsCallback(granularity="channel", every_n_steps='
+        f"{first['config']['every_n_steps']}, window={first['config']['window']})`, everything "
+        "else at its defaults; all windows and verdicts below are the callback's own.",
+        "",
+        "| arm | hidden matrices | lr x wd at the peak | relaxation time 1/(2 lr wd) at the peak |",
+        "|---|---|---|---|",
+    ]
+    for arm, run in runs.items():
+        a = run["args"]
+        product = a["hidden_lr"] * a["hidden_weight_decay"]
+        name = "Muon (Nesterov, momentum 0.95)" if a["hidden_optimizer"] == "muon" else "AdamW"
+        lines.append(
+            f"| {arm} | {name}, lr {a['hidden_lr']:g}, weight decay "
+            f"{a['hidden_weight_decay']:g} | {product:g} | {1 / (2 * product):.0f} steps |"
+        )
+    lines += [
+        "",
+        "Long LLM runs use products of about 1e-5 to 1e-4 (GPT-2-style AdamW: lr 6e-4, weight "
+        "decay 0.1); these are larger so that a few hundred steps settle.",
+        "",
+        "## What the callback found",
+        "",
+        "```",
+        first["detection"].splitlines()[0],
+        *[line for line in first["detection"].splitlines()[1:] if "<-" in line],
+        "```",
+        "",
+    ]
+    unit_rows = first["units"]
+    groups = sorted({u["channel_group"] for u in unit_rows})
+    lines.append(
+        f"{len(unit_rows)} units, the q and k projections of every layer, each measured in blocks "
+        f"of {', '.join(map(str, groups))} rows (`Unit.channel_group`, one block per head: the "
+        "QK-norm normalises each head on its own, so each head's rows are invariant on their "
+        "own). Every other matrix reaches the residual stream, a SiLU or the softmax first "
+        "(the rejected parameters are listed with their reason by `callback.report.summary()`)."
+    )
+    lines += ["", "## Predictions", ""]
+    for arm, run in runs.items():
+        prediction = run["predictions"][unit_rows[0]["name"]]
+        lines.append(f"- **{arm}** ({prediction['optimizer']}): {_prediction_line(prediction)}")
+    lines += [
+        "",
+        "The prediction is the param group's, evaluated per window at the window's learning "
+        "rates (RMS), so it follows the cosine; per head it is the same value.",
+        "",
+        "## Results per unit",
+        "",
+        "Angle: RMS angular update per step of the last window, median over the heads "
+        "(min-max in brackets). Ratio: measured / predicted, median over the windows of the "
+        "second half of the run (heads: the median over those windows of the lowest and the "
+        "highest head's ratio). First equilibrium: the optimizer step at which the detector first "
+        "flagged the unit; then the share of the later windows it kept the flag.",
+        "",
+    ]
+    for arm, result in analysis.items():
+        lines += [
+            f"**{arm}**: {TITLES.get(arm, arm)}",
+            "",
+            "| unit | angle, last window | predicted | ratio, 2nd half (heads) | |w| first -> last "
+            "| first equilibrium (kept) | regime at the end |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in result["units"]:
+            heads = (
+                f" ({_fmt(s['head_ratio_min_late'], 3)}-{_fmt(s['head_ratio_max_late'], 3)})"
+                if math.isfinite(s["head_ratio_min_late"])
+                else ""
+            )
+            kept = (
+                f"{s['first_equilibrium']} ({100 * s['in_equilibrium_after_first']:.0f}%)"
+                if s["first_equilibrium"] is not None
+                else "never"
+            )
+            lines.append(
+                f"| `{s['unit'].removeprefix('model.')}` | {s['angle_last']:.4f} "
+                f"({s['angle_last_min']:.4f}-{s['angle_last_max']:.4f}) | "
+                f"{_fmt(s['theory_last'])} | {_fmt(s['ratio_late'], 3)}{heads} | "
+                f"{s['norm_first']:.2f} -> {s['norm_last']:.2f} | {kept} | "
+                f"{s['regime_last'].replace('_', ' ')} |"
+            )
+        lines.append("")
+    lines += ["## Detection and cost", ""]
+    lines += [
+        "| arm | units with a prediction | ratio, 2nd half: median (range over units) | "
+        "units ever in equilibrium | in equilibrium at the end | monitor cost (same run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, result in analysis.items():
+        low, high = result["ratio_late_range"]
+        n = len(result["units"])
+        cost = (
+            f"{100 * result['cost_fraction']:.2f}% of the step time "
+            f"({result['cost_ms_per_measured_step']:.1f} ms per measured step, "
+            f"{result['cost_ms_per_step']:.0f} ms per step)"
+            if math.isfinite(result["cost_fraction"])
+            else "not measured (too few windows)"
+        )
+        lines.append(
+            f"| {arm} | {result['predicted_units']} of {n} | "
+            f"{_fmt(result['ratio_late_median'], 3)} ({_fmt(low, 3)}-{_fmt(high, 3)}) | "
+            f"{result['ever_in_equilibrium']} of {n} | {result['in_equilibrium_last']} of {n} | "
+            f"{cost} |"
+        )
+    lines += [
+        "",
+        "The cost is the monitor's own meter (`monitor.cost`, host time in its hooks against the "
+        "time between two optimizer steps, over the second logging interval), in the same run: "
+        "no second run without the callback is needed, and none would be comparable on a "
+        "machine shared with other jobs.",
+        "",
+        f"![per-head angles, ratios, norms and regimes](figures/{FIGURE})",
+        "",
+    ]
+    notes = _notes(raw, analysis)
+    if notes:
+        lines += ["## Reading it", "", *notes, ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "llm.md").write_text("\n".join(lines))
+    return analysis
+
+
+def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
+    """Statements that follow from the numbers above (each computed, none typed in)."""
+    notes = []
+    for arm, result in analysis.items():
+        run = raw["runs"][arm]
+        n = len(result["units"])
+        prediction = run["predictions"][result["units"][0]["unit"]]
+        if result["predicted_units"] == 0:
+            stationary = result["in_equilibrium_last"]
+            notes.append(
+                f"- **{arm}**: {prediction['optimizer']} has no prediction in this version of "
+                "the package, so the callback logs the measured angles without a ratio and the "
+                "detector judges by stationarity alone (regime `no_prediction`, in equilibrium "
+                f"when the norm and the angle stop moving): {stationary} of {n} units were "
+                "stationary by that test at the end."
+            )
+        else:
+            low, high = result["ratio_late_range"]
+            notes.append(
+                f"- **{arm}**: in the second half of the run the measured per-step angle is "
+                f"{_fmt(result['ratio_late_median'], 3)} times the prediction (median over the "
+                f"{n} units; {_fmt(low, 3)}-{_fmt(high, 3)}); {result['ever_in_equilibrium']} "
+                f"of {n} units were flagged in equilibrium at some point, "
+                f"{result['in_equilibrium_last']} at the end."
+            )
+    return notes
