@@ -76,7 +76,10 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         for name in [n for n in os.environ if n.startswith("LIGHTNING_SDM")]:
             patch.delenv(name)
         pl.seed_everything(0, verbose=False)
-        sdm = SphericalDynamicsCallback(every_n_steps=2, window=2, tolerance=0.3, patience=2)
+        # "detailed": the regime codes are logged too, and read back.
+        sdm = SphericalDynamicsCallback(
+            every_n_steps=2, window=2, tolerance=0.3, patience=2, log_level="detailed"
+        )
         logger = WandbLogger(save_dir=str(root), project="lightning-sdm-tests")
         trainer = pl.Trainer(
             max_epochs=3,
