@@ -3,7 +3,8 @@
 Builds, with W&B's maintained ``wandb-workspaces`` package (``pip install
 lightning-sdm[workspace]``), a saved view of a project with three sections:
 
-* **SDM overview**: the median ratio measured / predicted (``sdm/angular_update_ratio``), every
+* **SDM overview**: the median ratio measured / predicted (``sdm/angular_update_ratio``) inside
+  the detector's tolerance band (``sdm/tolerance_band/lower`` and ``upper``), every
   unit's ratio, the fraction of units in equilibrium, every weight norm (log y);
 * **SDM per unit**: per unit, a live line plot of the measured angular update beside its
   prediction (while training), and the end-of-fit chart ``sdm/charts/<unit>`` the callback logs
@@ -66,9 +67,9 @@ def build_workspace(
         is_open=True,
         panels=[
             wr.LinePlot(
-                title="angular update / prediction: median over the units (1 = equilibrium)",
+                title="angular update / prediction: median over the units, tolerance band",
                 x=step_key,
-                y=[Keys.MEDIAN_RATIO],
+                y=[Keys.MEDIAN_RATIO, Keys.TOLERANCE_LOWER, Keys.TOLERANCE_UPPER],
             ),
             wr.LinePlot(
                 title="angular update / prediction, every unit",

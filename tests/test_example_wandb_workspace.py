@@ -42,7 +42,7 @@ def test_the_workspace_shows_what_the_callback_logs(tmp_path: Path):
     assert (view["entity"], view["project"], view["x_axis"]) == ("me", "sdm", "trainer/global_step")
     overview, per_unit, tables = view["sections"].values()
     assert [panel.get("y") for panel in overview if "y" in panel] == [
-        [Keys.MEDIAN_RATIO],
+        [Keys.MEDIAN_RATIO, Keys.TOLERANCE_LOWER, Keys.TOLERANCE_UPPER],
         [Keys.FRACTION],
     ]
     assert {panel.get("metric_regex") for panel in overview} >= {

@@ -410,7 +410,8 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     HParams session), a ``metrics.csv``, or a W&B run directory (with its ``run-<id>.wandb``
     transaction log; or, from ``wandb`` releases before 0.18, ``files/wandb-history.jsonl``);
     ``root`` may be one such file. Given a ``wandb/`` directory, its runs are listed (its
-    ``latest-run`` link is not followed: the run is listed once). Files named like run files that
+    ``latest-run`` link is not followed: the run is listed once), a resumed run once, with the
+    logs of all its directories. Files named like run files that
     are not regular files (FIFOs, devices, broken links) are skipped with a warning.
 
     Raises:
@@ -463,7 +464,7 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
             run_dir = Path(directory).parent
             if run_dir not in wandb_runs:
                 runs.append(RunLocation(run_dir, WANDB, logs[0][1], (logs[0][0],)))
-        elif logs:  # a resumed run can hold a log per resumption: read in name order
+        elif logs:
             wandb_runs.add(Path(directory))
             files = tuple(path for path, _ in logs)
             runs.append(RunLocation(Path(directory), WANDB, max(m for _, m in logs), files))
@@ -472,8 +473,29 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
             files = tuple(path for path, _ in events)
             runs.append(RunLocation(Path(directory), TENSORBOARD, max(m for _, m in events), files))
         runs += tables
+    runs = _join_resumed(runs)
     runs.sort(key=lambda run: run.mtime, reverse=True)
     return runs
+
+
+def _join_resumed(runs: list[RunLocation]) -> list[RunLocation]:
+    """One location per W&B run: a resumed run writes a directory per resumption.
+
+    They sit side by side (``wandb/run-<time>-<id>/run-<id>.wandb``, same ``<id>``): joined into
+    the newest directory's location, their logs in the order they were written.
+    """
+    groups: dict[tuple[Path, str], list[RunLocation]] = {}
+    kept: list[RunLocation] = []
+    for run in runs:
+        if run.kind == WANDB and len(run.files) == 1 and run.files[0].name != _WANDB_HISTORY:
+            groups.setdefault((run.path.parent, run.files[0].name), []).append(run)
+        else:
+            kept.append(run)
+    for parts in groups.values():
+        parts.sort(key=lambda run: (run.mtime, run.path.name))
+        files = tuple(run.files[0] for run in parts)
+        kept.append(RunLocation(parts[-1].path, WANDB, parts[-1].mtime, files))
+    return kept
 
 
 def load_run(path: str | os.PathLike[str] | RunLocation, run: str | None = None) -> RunData:
@@ -571,14 +593,22 @@ def _read_wandb(location: RunLocation) -> dict[str, Series]:
     from lightning_sdm.report._wandb import read_wandb
 
     files = location.files or tuple(sorted(location.path.glob("run-*.wandb")))
-    merged: dict[str, Series] = {}
+    parts: dict[str, list[Series]] = {}
     for path in files:
         for key, series in read_wandb(path).items():
-            if key in merged:  # several logs (one per resumption): one series, in name order
-                old = merged[key]
-                steps = np.concatenate([np.asarray(old.steps), np.asarray(series.steps)])
-                series = Series(steps, np.concatenate([old.values, series.values]))
-            merged[key] = series
+            parts.setdefault(key, []).append(series)
+    merged = {}
+    for key, pieces in parts.items():
+        if len(pieces) == 1:
+            merged[key] = pieces[0]
+            continue
+        # A resumed run (one log per resumption, in the order written): in step order, the
+        # later of two values of a step last (a resumption from an earlier checkpoint logs
+        # steps again), as for a metrics.csv.
+        steps = np.concatenate([np.asarray(piece.steps) for piece in pieces])
+        values = np.concatenate([np.asarray(piece.values) for piece in pieces])
+        order = np.argsort(steps, kind="stable")
+        merged[key] = Series(steps[order], values[order])
     return merged
 
 

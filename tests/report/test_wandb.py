@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,10 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         for name in [n for n in os.environ if n.startswith("LIGHTNING_SDM")]:
             patch.delenv(name)
         pl.seed_everything(0, verbose=False)
-        sdm = SphericalDynamicsCallback(every_n_steps=2, window=2, tolerance=0.3, patience=2)
+        # "detailed": the regime codes are logged too, and read back.
+        sdm = SphericalDynamicsCallback(
+            every_n_steps=2, window=2, tolerance=0.3, patience=2, log_level="detailed"
+        )
         logger = WandbLogger(save_dir=str(root), project="lightning-sdm-tests")
         trainer = pl.Trainer(
             max_epochs=3,
@@ -157,6 +161,7 @@ def test_the_newest_run_under_wandb_is_read(offline_run: Run, tmp_path: Path, ca
     for directory, stamp in ((older, 1_600_000_000), (newer, 1_700_000_000)):
         shutil.copytree(offline_run.directory, directory)
         (log,) = directory.glob("run-*.wandb")
+        log = log.rename(directory / f"run-{directory.name.split('-')[-1]}.wandb")  # its own id
         os.utime(log, (stamp, stamp))
 
     code, out, err = _report(capsys, wandb_dir, "-o", tmp_path / "r.png", "--dpi", 30)
@@ -308,3 +313,91 @@ def test_reading_a_wandb_run_imports_no_torch(offline_run: Run, tmp_path: Path):
         tmp_path,
     )
     assert loaded == []
+
+
+def _write_log(path: Path, payloads: list[bytes]) -> None:
+    """A W&B transaction log of these records: header, 32 KiB blocks, CRC-checked chunks."""
+    out = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
+    for payload in payloads:
+        first = True
+        while first or payload:
+            left = 32768 - len(out) % 32768
+            if left < 7:  # too short for a chunk header: zeros, and on to the next block
+                out += bytes(left)
+                left = 32768
+            piece, payload = payload[: left - 7], payload[left - 7 :]
+            kind = (1 if not payload else 2) if first else (4 if not payload else 3)
+            crc = zlib.crc32(piece, zlib.crc32(bytes([kind])))
+            out += struct.pack("<IHB", crc, len(piece), kind) + piece
+            first = False
+    path.write_bytes(bytes(out))
+
+
+def test_a_resumed_run_is_read_from_all_its_directories(offline_run: Run, tmp_path: Path, capsys):
+    """A run resumed at step 12 (``WandbLogger(id=..., resume="allow")``): two directories."""
+    from tests.lightning.test_loggers import _parse_wandb_file
+
+    records = _parse_wandb_file(offline_run.log.read_bytes())
+
+    def step(record) -> int | None:
+        if record.WhichOneof("record_type") != "history":
+            return None
+        items = {"/".join(i.nested_key) or i.key: i.value_json for i in record.history.item}
+        return int(items["trainer/global_step"]) if "trainer/global_step" in items else None
+
+    cut = next(i for i, r in enumerate(records) if (step(r) or 0) > 12)
+    before = records[:cut]
+    after = [r for r in records if step(r) is None or records.index(r) >= cut]
+    wandb_dir = tmp_path / "wandb"
+    parts = []
+    for name, part, stamp in (("000000", before, 1_600_000_000), ("000100", after, 1_600_000_100)):
+        directory = wandb_dir / f"offline-run-20200101_{name}-{offline_run.log.stem[4:]}"
+        directory.mkdir(parents=True)
+        _write_log(directory / offline_run.log.name, [r.SerializeToString() for r in part])
+        os.utime(directory / offline_run.log.name, (stamp, stamp))
+        parts.append(directory)
+    # The writer writes what the reader reads: a log rewritten whole reads as the original.
+    _write_log(tmp_path / offline_run.log.name, [r.SerializeToString() for r in records])
+    whole = load_run(tmp_path / offline_run.log.name)
+    assert whole.angular_update(UNITS[0]) == load_run(offline_run.log).angular_update(UNITS[0])
+
+    (location,) = find_runs(wandb_dir)
+    assert location.path == parts[1]
+    assert [path.parent for path in location.files] == parts
+    run, history = load_run(wandb_dir), run_from_history(offline_run.history)
+    assert load_run(parts[0]).steps() == (2, 12)
+    for unit in UNITS:
+        for accessor in ("angular_update", "theory", "ratio", "weight_norm", "equilibrium_flags"):
+            logged, expected = getattr(run, accessor)(unit), getattr(history, accessor)(unit)
+            assert (logged.steps, logged.values) == (expected.steps, expected.values), accessor
+    code, out, err = _report(capsys, wandb_dir, "-o", tmp_path / "r.png", "--dpi", 30)
+    assert code == 0 and err == "", err
+    assert "Last window at step 24 (windows from step 2)" in out
+
+
+def test_records_longer_than_a_block_are_joined_from_their_pieces(tmp_path: Path):
+    """A record over 32 KiB (a long text logged beside the scalars) spans three blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for step, value in ((3, 0.5), (6, 0.25)):
+        record = wandb_internal_pb2.Record()
+        for key, text in (
+            ("notes", json.dumps("x" * 70_000)),  # first, middle and last pieces
+            ("sdm/angular_update/w", repr(value)),
+            ("trainer/global_step", str(step)),
+        ):
+            item = record.history.item.add()
+            item.nested_key.append(key)
+            item.value_json = text
+        records.append(record.SerializeToString())
+    path = tmp_path / "run-big.wandb"
+    _write_log(path, records)
+    assert {kind for _, kind, _ in _chunks(path.read_bytes())} == {2, 3, 4}
+
+    run = load_run(path)
+    assert (list(run.angular_update("w").steps), list(run.angular_update("w").values)) == (
+        [3, 6],
+        [0.5, 0.25],
+    )
+    assert "notes" not in run.scalars  # text is no scalar
