@@ -245,7 +245,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             _loggers.on_fit_started(
                 trainer.loggers,
                 hparams=_trainer.logged_hparams(trainer),
-                columns=_loggers.fit_hparams(trainer.optimizers, repr(self.policy.action)),
+                optimizers=trainer.optimizers,
+                action=repr(self.policy.action),
                 warned=self.session.logger_failures,
             )
         every = self.config.every_n_steps
