@@ -245,11 +245,12 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
         "sdm/tolerance_band/lower",
         "sdm/tolerance_band/upper",
     }
-    for unit in UNITS:  # log_level="summary": no regime codes or counts
+    for unit in UNITS:  # log_level="summary": no regime counts
         for prefix in ("angular_update", "angular_update_theory", "angular_update_ratio"):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
         window_keys.add(f"sdm/in_equilibrium/{unit}")
+        window_keys.add(f"sdm/regime/{unit}")
     event_keys = {"sdm/lr_decays", "sdm/equilibrium_event_step", "sdm/lr_after_event"}
     for row in rows:
         step = int(row["step"])
