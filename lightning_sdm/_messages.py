@@ -506,8 +506,8 @@ def bad_log_level(value: object, levels: Sequence[str]) -> str:
     """An unknown ``log_level``."""
     return (
         f"`log_level` must be one of {', '.join(map(repr, levels))}, got {value!r}: 'summary' "
-        "logs the per-unit angular update, prediction, ratio, weight norm and equilibrium flag; "
-        "'detailed' adds each unit's regime code and the regime counts."
+        "logs the per-unit angular update, prediction, ratio, weight norm, equilibrium flag and "
+        "regime; 'detailed' adds the number of units per regime."
     )
 
 

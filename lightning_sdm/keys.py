@@ -38,9 +38,9 @@ HPARAMS_RUN = "sdm_hparams"
 
 
 #: How much every window logs: ``"summary"`` (the per-unit angular update, prediction, ratio,
-#: weight norm and equilibrium flag, the run-level median ratio, equilibrium fraction and time to
-#: equilibrium, the tolerance band) or ``"detailed"`` (also each unit's regime code and the number
-#: of units per regime, for the regimes seen in the run).
+#: weight norm, equilibrium flag and regime code, the run-level median ratio, equilibrium fraction
+#: and time to equilibrium, the tolerance band) or ``"detailed"`` (also the number of units per
+#: regime, for the regimes seen in the run).
 LogLevel = Literal["summary", "detailed"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
@@ -58,7 +58,8 @@ class Keys:
     #: bounds of the ratio's margin chart in TensorBoard's Custom Scalars).
     TOLERANCE_LOWER = "sdm/tolerance_band/lower"
     TOLERANCE_UPPER = "sdm/tolerance_band/upper"
-    #: Per unit: the regime's code in :data:`REGIME_CODES` (``log_level="detailed"``).
+    #: Per unit: the regime's code in :data:`REGIME_CODES` (what ``lightning-sdm report`` reads;
+    #: TensorBoard also gets the regimes as the text ``sdm/regimes``).
     REGIME = "sdm/regime/"
     #: Per regime: how many units are in it (``sdm/regime_count/<regime>``).
     REGIME_COUNT = "sdm/regime_count/"

@@ -114,12 +114,12 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             table at the end of fit) on the ``logging`` logger ``"lightning_sdm"`` at INFO, on
             rank zero; ``False``: at DEBUG. Warnings (``warnings.warn``) are kept for what needs
             acting on, and the equilibrium events with ``on_equilibrium="warn"``.
-        log_level: ``"summary"`` (the keys of the table above, and ``sdm/tolerance_band/lower``
-            and ``upper``, the band ``1 -/+ tolerance`` of the ratio's chart) or ``"detailed"``:
-            also ``sdm/regime/<name>`` (the regime's code in
-            :data:`~lightning_sdm.keys.REGIME_CODES`) and ``sdm/regime_count/<regime>`` (for the
-            regimes seen in the run). In TensorBoard the regimes are also a text,
-            ``sdm/regimes``, whenever one changes.
+        log_level: ``"summary"`` (the keys of the table above, ``sdm/regime/<name>``, the
+            regime's code in :data:`~lightning_sdm.keys.REGIME_CODES`, and
+            ``sdm/tolerance_band/lower`` and ``upper``, the band ``1 -/+ tolerance`` of the ratio's
+            chart) or ``"detailed"``: also ``sdm/regime_count/<regime>`` (for the regimes seen in
+            the run). In TensorBoard the regimes are also a text, ``sdm/regimes``, whenever one
+            changes.
         engine: ``"eager"``, ``"compiled"`` (one ``torch.compile``'d pass per measured step) or
             ``"auto"`` (see :data:`~lightning_sdm.config.Engine`).
 
@@ -249,7 +249,8 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             _loggers.on_fit_started(
                 trainer.loggers,
                 hparams=_trainer.logged_hparams(trainer),
-                columns=_loggers.fit_hparams(trainer.optimizers, repr(self.policy.action)),
+                optimizers=trainer.optimizers,
+                action=repr(self.policy.action),
                 warned=self.session.logger_failures,
             )
         every = self.config.every_n_steps

@@ -237,7 +237,8 @@ def on_fit_started(
     loggers: Iterable[Logger],
     *,
     hparams: Mapping[str, Any],
-    columns: Mapping[str, Any],
+    optimizers: Sequence[Any],
+    action: str,
     warned: set[str],
 ) -> None:
     """At the start of fit, before Lightning logs the hyper-parameters: the hparams experiment.
@@ -246,12 +247,13 @@ def on_fit_started(
         loggers: the Trainer's loggers (call on rank zero).
         hparams: the hyper-parameters Lightning is about to log (the module's and the
             datamodule's ``hparams_initial``).
-        columns: the ``sdm/`` columns (:func:`fit_hparams`).
+        optimizers: the Trainer's optimizers (the ``sdm/`` columns, :func:`fit_hparams`).
+        action: the equilibrium action's ``repr`` (the column ``sdm/action``).
         warned: the integrations that already reported a failure (updated).
     """
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            _tensorboard_experiment(logger, warned, hparams, columns)
+            _tensorboard_experiment(logger, warned, hparams, optimizers, action)
 
 
 def on_monitoring_started(
@@ -791,7 +793,8 @@ def _tensorboard_experiment(
     logger: TensorBoardLogger,
     warned: set[str],
     hparams: Mapping[str, Any],
-    columns: Mapping[str, Any],
+    optimizers: Sequence[Any],
+    action: str,
 ) -> None:
     writer = logger.experiment
     if writer in _HPARAMS_WRITTEN:  # a second fit into the same run: TensorBoard reads the first
@@ -808,6 +811,9 @@ def _tensorboard_experiment(
     if getattr(logger, "_default_hp_metric", False):  # the column Lightning's session defines
         metrics[f"{prefix}hp_metric"] = -1.0
     file_writer = writer._get_file_writer()
+    columns = fit_hparams(
+        optimizers, action
+    )  # inside the guard: an odd optimizer never stops a fit
     for summary in hparams_summaries({**params, **columns}, metrics):
         file_writer.add_summary(summary)
     file_writer.flush()

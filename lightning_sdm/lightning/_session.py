@@ -127,8 +127,7 @@ class Session:
         metrics = {Keys.TOLERANCE_LOWER: 1.0 - tolerance, Keys.TOLERANCE_UPPER: 1.0 + tolerance}
         for window in windows:
             state = detector.state[window.unit]
-            regime = state.regime if detailed else None  # as text in TensorBoard either way
-            metrics.update(window_metrics(window, state.in_equilibrium, regime))
+            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
             self.history.append(
                 HistoryRecord.from_window(
                     window,

@@ -55,7 +55,8 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
         expected_keys.add(f"sdm/in_equilibrium/{unit}")
-    assert set(logged[-1]) == expected_keys  # log_level="summary": no regime codes or counts
+        expected_keys.add(f"sdm/regime/{unit}")
+    assert set(logged[-1]) == expected_keys  # log_level="summary": no regime counts
     tolerance = callback.detector.tolerance
     assert logged[-1]["sdm/tolerance_band/lower"] == pytest.approx(1 - tolerance)
     assert logged[-1]["sdm/tolerance_band/upper"] == pytest.approx(1 + tolerance)
@@ -407,7 +408,7 @@ def test_two_callbacks_share_a_trainer_and_a_checkpoint(tmp_path):
     assert {layer.state_key, channel.state_key} <= set(states)
 
 
-def test_log_level_detailed_adds_regime_codes_and_the_counts_of_seen_regimes(tmp_path):
+def test_log_level_detailed_adds_the_counts_of_seen_regimes(tmp_path):
     torch.manual_seed(0)
     callback = SphericalDynamicsCallback(every_n_steps=4, window=4, log_level="detailed")
     run, _ = _fit(tmp_path, callback, max_epochs=2)

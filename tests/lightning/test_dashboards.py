@@ -234,3 +234,17 @@ def test_the_report_reads_a_prefixed_logger_and_a_run_named_like_ours(tmp_path, 
     (found,) = find_runs(tmp_path / "named")
     assert found.path == Path(named.log_dir)
     capsys.readouterr()
+
+
+def test_a_failing_hparams_experiment_warns_and_training_goes_on(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("odd optimizer")
+
+    monkeypatch.setattr(integrations, "fit_hparams", broken)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    with pytest.warns(UserWarning, match="hparams experiment failed.*odd optimizer"):
+        run, callback = _fit(tmp_path, logger)
+    assert run.global_step == 2 * 16 and callback.history

@@ -182,7 +182,7 @@ def test_tensorboard_scalars_and_layout(tmp_path):
 
     # The regimes, as a text table whenever one changed (not as smoothed numeric codes).
     texts = accumulator.Tensors("sdm/regimes/text_summary")
-    assert texts and "sdm/regime/net.0.weight" not in scalars
+    assert texts
     previous = None
     for event in texts:
         records = [r for r in callback.history if r.global_step == event.step]

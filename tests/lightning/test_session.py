@@ -17,7 +17,7 @@ from lightning_sdm import SphericalMonitor, Unit
 from lightning_sdm.actions import DecayLR, EquilibriumPolicy, Stop, Warn, as_action
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium import EquilibriumDetector
-from lightning_sdm.keys import SUMMARY_KEYS, Keys
+from lightning_sdm.keys import REGIME_CODES, SUMMARY_KEYS, Keys
 from lightning_sdm.lightning._session import Host, Session
 from lightning_sdm.records import UnitWindow
 
@@ -83,8 +83,17 @@ def test_windows_reach_history_and_log_with_every_key():
     (metrics,) = out.calls
     assert metrics[f"{Keys.ANGULAR_UPDATE}0.weight"] == window.angular_update
     assert metrics[f"{Keys.RATIO}0.weight"] == window.ratio
-    assert set(SUMMARY_KEYS) <= set(metrics)
+    # The summary log level: the run-level keys, the regime counts only with "detailed".
+    counts = {key for key in SUMMARY_KEYS if key.startswith(Keys.REGIME_COUNT)}
+    assert set(SUMMARY_KEYS) - counts <= set(metrics) and not counts & set(metrics)
+    assert metrics[f"{Keys.REGIME}0.weight"] == REGIME_CODES[record.regime]
     assert not session.events
+    session.log_level = "detailed"  # the regimes seen so far are counted
+    window = list(_windows(monitor, 2))[-1]
+    session.windows(monitor, [window], out.host(window.global_step))
+    assert {key for key in out.calls[-1] if key.startswith(Keys.REGIME_COUNT)} == {
+        f"{Keys.REGIME_COUNT}{regime}" for regime in session.regimes_seen
+    }
 
 
 def test_an_event_at_equilibrium_runs_the_action_on_the_real_optimizer():
