@@ -165,12 +165,20 @@ def _broken_compile(layout):
 
 @pytest.mark.parametrize(
     "breakage",
-    ["compile raises", pytest.param("no C++ compiler", marks=pytest.mark.slow)],
+    [
+        "compile raises",
+        "dynamo disabled",
+        pytest.param("no C++ compiler", marks=pytest.mark.slow),
+    ],
 )
 def test_a_failed_compile_falls_back_to_eager_with_one_notice(monkeypatch, breakage) -> None:
     if breakage == "compile raises":
         monkeypatch.setattr(_fused, "_compile", _broken_compile)
-        broken = contextlib.nullcontext()
+        broken: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    elif breakage == "dynamo disabled":
+        import torch._dynamo as dynamo
+
+        broken = dynamo.config.patch(disable=True)
     else:
         import torch._inductor.config as inductor_config
 
