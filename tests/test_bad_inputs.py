@@ -98,6 +98,8 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("sync_timeout inf", _callback(sync_timeout=float("inf")), r"`sync_timeout`"),
     ("sync_timeout str", _callback(sync_timeout="60"), r"`sync_timeout`"),
     ("prog_bar str", _callback(prog_bar="yes"), r"`prog_bar`"),
+    ("engine typo", _callback(engine="compile"), r"`engine` must be one of"),
+    ("monitor engine None", _monitor(engine=None), r"`engine` must be one of"),
     # monitor
     ("monitor every_n_steps 0", _monitor(every_n_steps=0), r"`every_n_steps`"),
     (

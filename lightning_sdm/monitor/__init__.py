@@ -7,7 +7,8 @@ per unit each time a window closes. It knows no Trainer and no logger: the adapt
 
 Inside: ``_monitor`` (the object and its hooks), ``_watch`` (which tensors of which optimizer,
 laid out once), ``_sync`` (the monitor's own process group; one bounded collective per closed
-window) and ``_cost`` (the time its hooks take).
+window), ``_cost`` (the time its hooks take) and ``_fused`` (the compiled measurement,
+``engine="compiled"``).
 """
 
 from lightning_sdm.monitor._monitor import SphericalMonitor, orthogonality_threshold

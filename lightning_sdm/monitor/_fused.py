@@ -200,6 +200,10 @@ def _compile(layout: tuple[tuple[int | None, int], ...]) -> Callable[..., Tensor
     between layouts would count each new layout as a recompile of the others (and, past the
     first, make the shapes dynamic). A copy of the code object per layout keeps them apart.
     """
+    import torch._dynamo as dynamo
+
+    if dynamo.config.disable:  # torch.compile would return the Python loop as it is
+        raise RuntimeError("torch.compile is disabled here (TORCHDYNAMO_DISABLE)")
     code = _statistics.__code__.replace()
     function = types.FunctionType(code, _statistics.__globals__, "_statistics", (layout,))
     return torch.compile(function, dynamic=False, fullgraph=True)
