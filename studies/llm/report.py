@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from lightning_sdm.equilibrium._detector import _DEFAULT_HORIZON_WINDOWS
+
 FIGURE = "llm_qknorm.png"
 TITLES = {
     "muon": "Muon on the hidden matrices, AdamW on the rest",
@@ -80,6 +82,14 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "head_ratio_min_late": _median([head_ratio(w, "min") for w in late]),
         "head_ratio_max_late": _median([head_ratio(w, "max") for w in late]),
         "ratio_flagged": _median([w["ratio"] for w in flagged]),
+        # How far the norm moved while flagged (first to last flagged window): a unit that
+        # tracks a moving LR is in equilibrium with it, not at a fixed point.
+        "norm_change_flagged": (
+            flagged[-1]["weight_norm"] / flagged[0]["weight_norm"] - 1 if flagged else math.nan
+        ),
+        "flagged_span": (flagged[0]["optimizer_step"], flagged[-1]["optimizer_step"])
+        if flagged
+        else None,
         "norm_first": windows[0]["weight_norm"],
         "norm_last": last["weight_norm"],
         "first_equilibrium": first,
@@ -118,6 +128,10 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "cost_ms_per_step": 1e3 * steady[2] if steady else math.nan,
             "hook_share_whole_run": run["cost"]["hook_seconds"] / run["figures"]["seconds"],
             "ratio_flagged_median": _median([s["ratio_flagged"] for s in summaries]),
+            "norm_change_flagged": _median([s["norm_change_flagged"] for s in summaries]),
+            "lr_change_flagged": _median(
+                [_lr_change(run, s["unit"], s["flagged_span"]) for s in summaries]
+            ),
             "flagged_windows": sum(w["in_equilibrium"] for w in run["history"]),
             "windows": len(run["history"]),
             "lagging_from": sorted(
@@ -126,6 +140,14 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "advised_lag_onset": _lag_onset(run.get("advice")),
         }
     return result
+
+
+def _lr_change(run: dict[str, Any], unit: str, span: tuple[int, int] | None) -> float:
+    """Relative change of the unit's LR between two optimizer steps (its windows')."""
+    if span is None:
+        return math.nan
+    lrs = {w["optimizer_step"]: w["lr"] for w in unit_series(run, unit)}
+    return lrs[span[1]] / lrs[span[0]] - 1
 
 
 def _lagging_from(windows: list[dict[str, Any]]) -> int | None:
@@ -336,7 +358,13 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "own). Every other matrix reaches the residual stream, a SiLU or the softmax first "
         "(the rejected parameters are listed with their reason by `callback.report.summary()`)."
     )
-    lines += ["", "## Predictions", ""]
+    lines += [
+        "",
+        "## Predictions",
+        "",
+        "As the callback held them at the end of the run (at the final LR):",
+        "",
+    ]
     for arm, run in runs.items():
         prediction = run["predictions"][unit_rows[0]["name"]]
         lines.append(f"- **{arm}** ({prediction['optimizer']}): {_prediction_line(prediction)}")
@@ -359,7 +387,7 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
             f"**{arm}**: {TITLES.get(arm, arm)}",
             "",
             "| unit | angle, last window | predicted | ratio, 2nd half (heads) | ratio, flagged "
-            "windows | |w| first -> last | first equilibrium (kept) | regime at the end |",
+            "windows | \\|w\\| first -> last | first equilibrium (kept) | regime at the end |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in result["units"]:
@@ -443,7 +471,14 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
                 "detector judges by stationarity alone (regime `no_prediction`; stationary when "
                 f"the norm and the angle stop moving). {flagged} units were stationary at some "
                 f"point ({result['flagged_windows']} of {result['windows']} windows), "
-                f"{result['in_equilibrium_last']} at the end, where the cosine moves the norm."
+                f"{result['in_equilibrium_last']} at the end. While flagged, the norm moved by "
+                f"{100 * result['norm_change_flagged']:+.0f}% and the LR by "
+                f"{100 * result['lr_change_flagged']:+.0f}% (median over the units, first to "
+                "last flagged window): without a prediction there is no relaxation time, so "
+                f"the detector pools a fixed {_DEFAULT_HORIZON_WINDOWS} windows "
+                f"({_DEFAULT_HORIZON_WINDOWS * run['config']['every_n_steps']} steps here), "
+                "over which a norm that follows a slowly falling LR changes by less than the "
+                "tolerance: it passes as stationary."
             )
             continue
         low, high = result["ratio_late_range"]
