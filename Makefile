@@ -46,6 +46,7 @@ study-llm: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py --lightning
 	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/bench_peers.py
 
 # On a machine with a CUDA device (with a CUDA build of torch installed in the venv).
 bench-gpu: $(STAMP)

@@ -153,10 +153,15 @@ class HookTimer:
 
 
 def monitor_config(
-    name: str, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, window: int
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    every: int,
+    window: int,
+    engine: str = "eager",
 ) -> Config:
     monitor = SphericalMonitor(
-        model, optimizer, conv_units(model), every_n_steps=every, window=window
+        model, optimizer, conv_units(model), every_n_steps=every, window=window, engine=engine
     )
     timer = HookTimer()
     monitor._before_step = timer.wrap(monitor._before_step)  # type: ignore[method-assign]
@@ -495,6 +500,13 @@ def main(argv: list[str] | None = None) -> None:
         default=["1/1", _default_schedule()],
         help="monitor schedules EVERY/WINDOW to time (default: every step and the default)",
     )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=("eager", "compiled"),
+        default=["eager"],
+        help="the monitor's engines to time for each schedule (compiled: torch.compile'd pass)",
+    )
     parser.add_argument("--lightning", action="store_true", help="also run the Trainer check")
     parser.add_argument("--lightning-only", action="store_true")
     parser.add_argument("--lightning-steps", type=int, default=52)
@@ -528,8 +540,16 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_single_step and (50, 1) not in [s[1:] for s in schedules]:
                 schedules.append((_schedule_name(50, 1), 50, 1))
             configs = [none_config()] + [
-                monitor_config(name, model, optimizer, every, window)
+                monitor_config(
+                    name if engine == "eager" else f"{name}, compiled",
+                    model,
+                    optimizer,
+                    every,
+                    window,
+                    engine,
+                )
                 for name, every, window in schedules
+                for engine in args.engines
             ]
             if not args.no_wandb:
                 directory = stack.enter_context(tempfile.TemporaryDirectory())

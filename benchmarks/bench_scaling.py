@@ -14,6 +14,10 @@ optimizer step (``w_t`` and ``w_{t+1}`` of every monitored tensor):
   per tensor), in float32, so less exact than the monitor's float64 partial sums. ``x floor`` is
   (snapshot copy + monitor path) / floor: what a measured step costs in the hooks, relative to
   that yardstick.
+* ``fused path`` (``--fused``): the same statistics through the compiled engine
+  (:class:`lightning_sdm.monitor._fused.FusedStatistics`, ``engine="compiled"``), once compiled;
+  ``x floor (fused)`` = (snapshot copy + fused path) / floor, and ``compile`` the one-time
+  compile of that layout (wall clock).
 
 CPU time of the calling thread (``time.thread_time``), median over ``--repeats``; ``ns/elem`` is
 that time per monitored element. Memory: ``work buffers`` are the bytes of the float64 buffers the
@@ -36,6 +40,7 @@ import torch
 
 from lightning_sdm import functional
 from lightning_sdm._engine import BatchedStatistics
+from lightning_sdm.monitor._fused import FusedStatistics
 
 Workload = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -86,15 +91,19 @@ def cpu_seconds(function: Callable[[], object]) -> float:
 
 
 class Case:
-    def __init__(self, label: str, total: int, count: int, dim: int | None) -> None:
+    def __init__(
+        self, label: str, total: int, count: int, dim: int | None, fused: bool = False
+    ) -> None:
         self.label, self.total, self.count, self.dim = label, total, count, dim
         self.prev, self.curr, self.snapshot = make_tensors(total, count)
         self.batched = BatchedStatistics([dim] * count)
+        self.fused = FusedStatistics([dim] * count, "compiled") if fused else None
         self.times: dict[str, list[float]] = {
             "monitor": [],
             "functional": [],
             "copy": [],
             "floor": [],
+            "fused": [],
         }
 
     def run_once(self) -> None:
@@ -108,6 +117,9 @@ class Case:
             cpu_seconds(lambda: torch._foreach_copy_(self.snapshot, self.prev))
         )
         self.times["floor"].append(cpu_seconds(self._floor))
+        if self.fused is not None:
+            fused = self.fused
+            self.times["fused"].append(cpu_seconds(lambda: fused(prev, curr)))
 
     def _floor(self) -> None:
         torch._foreach_copy_(self.snapshot, self.prev)
@@ -122,23 +134,32 @@ class Case:
 
     def release(self) -> None:
         self.prev = self.curr = self.snapshot = []
-        self.batched = None
+        self.batched = self.fused = None
 
 
 def run_table(cases: list[Case], repeats: int, title: str, first_column: str) -> str:
-    for case in cases:  # warm-up: layouts cached, buffers touched once
+    for case in cases:  # warm-up: layouts cached (and compiled), buffers touched once
         case.run_once()
         for values in case.times.values():
             values.clear()
+        if case.fused is not None:
+            if case.fused.fallback is not None:
+                print(f"  {case.label}: fused path unavailable: {case.fused.fallback}")
+                case.fused = None
+            else:
+                print(f"  {case.label}: compiled in {case.fused.compile_seconds:.1f} s", flush=True)
     for _ in range(repeats):
         for case in cases:
             case.run_once()
+    fused_columns = any(case.times["fused"] for case in cases)
     lines = [
         f"### {title}",
         "",
         f"| {first_column} | monitor path (ms) | ns/elem | functional (ms) | ns/elem | "
-        "snapshot copy (ms) | floor (ms) | x floor | work buffers | peak RSS added |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "snapshot copy (ms) | floor (ms) | x floor | work buffers | peak RSS added |"
+        + (" fused path (ms) | ns/elem | x floor (fused) | compile (s) |" if fused_columns else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|" * 4 if fused_columns else ""),
     ]
     for case in cases:
         memory = case.work_memory()
@@ -159,6 +180,18 @@ def run_table(cases: list[Case], repeats: int, title: str, first_column: str) ->
         workspace = getattr(case.batched, "peak_workspace_bytes", None)
         cells.append("n/a" if workspace is None else f"{workspace / 2**20:.2f} MiB")
         cells.append("n/a" if memory is None else f"{memory / 2**20:.1f} MiB")
+        if fused_columns:
+            fused = case.times["fused"]
+            if fused and floor > 0 and case.fused is not None:
+                seconds = statistics.median(fused)
+                cells += [
+                    f"{seconds * 1e3:.2f}",
+                    f"{seconds * 1e9 / case.total:.2f}",
+                    f"{(copy + seconds) / floor:.2f}x",
+                    f"{case.fused.compile_seconds:.1f}",
+                ]
+            else:
+                cells += ["n/a"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -173,6 +206,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--granularity", choices=("layer", "channel"), default="layer", help="dim=None or dim=0"
     )
+    parser.add_argument(
+        "--fused", action="store_true", help="also time the compiled engine (compiles per case)"
+    )
+    parser.add_argument(
+        "--fused-max-tensors",
+        type=int,
+        default=30,
+        help="in the tensor-count table, compile only up to this many tensors (1-2.5 s each)",
+    )
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=[10, 30, 100, 300, 1000], help="tensor counts"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dim = None if args.granularity == "layer" else 0
@@ -184,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = []
 
     totals = [t for t in (1e5, 1e6, 1e7, 1e8) if t <= args.max_total]
-    cases = [Case(f"{t:.0e}", int(t), args.tensors, dim) for t in totals]
+    cases = [Case(f"{t:.0e}", int(t), args.tensors, dim, args.fused) for t in totals]
     sections.append(
         run_table(
             cases,
@@ -198,8 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         case.release()
 
     total = int(args.fixed_total)
-    counts = (10, 30, 100, 300, 1000)
-    cases = [Case(str(count), total, count, dim) for count in counts]
+    cases = [
+        Case(str(count), total, count, dim, args.fused and count <= args.fused_max_tensors)
+        for count in args.counts
+    ]
     sections.append(
         run_table(
             cases,

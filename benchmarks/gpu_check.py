@@ -21,6 +21,10 @@ script cannot rot where no GPU is lent). Parts:
    at the default schedule (``MonitorConfig``: 2 of every 50 steps), and
    ``wandb.watch(log="parameters")`` when ``wandb`` is installed (offline). Interleaved blocks
    of 50 steps, median of ``--repeats``, CUDA-synchronised wall clock.
+
+Parts 1, 3 and 4 also run the fused measurement (``engine="compiled"``: one ``torch.compile``'d
+pass, Triton on CUDA) beside the eager engine, with its compile time (``--engines``; on CPU the
+default is eager only, as Inductor's C++ build takes minutes there).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from lightning_sdm import SphericalMonitor
 from lightning_sdm._engine import BatchedStatistics
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.functional import angles_from_statistics, norms_from_statistics
+from lightning_sdm.monitor._fused import FusedStatistics
 
 
 class Bottleneck(nn.Module):
@@ -114,7 +119,13 @@ def _reference(prev: Tensor, curr: Tensor) -> tuple[float, float]:
     return math.atan2(orth, along), float(c.norm())
 
 
-def check_exactness(device: torch.device, sizes: list[int]) -> list[dict[str, Any]]:
+def _engine(name: str, dims: list[int | None]) -> BatchedStatistics:
+    return FusedStatistics(dims, "compiled") if name == "compiled" else BatchedStatistics(dims)
+
+
+def check_exactness(
+    device: torch.device, sizes: list[int], engines: list[str]
+) -> list[dict[str, Any]]:
     rows = []
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -122,19 +133,24 @@ def check_exactness(device: torch.device, sizes: list[int]) -> list[dict[str, An
             prev = torch.randn(size, generator=generator).to(device, dtype)
             step = 1e-3 * torch.randn(size, generator=generator)
             curr = (prev.float().cpu() + step).to(device, dtype)
-            stats = BatchedStatistics([None])([prev], [curr])
-            angle = float(angles_from_statistics(stats.sum(dim=0)).cpu())
-            norm = float(norms_from_statistics(stats.sum(dim=0))[1].cpu())
             ref_angle, ref_norm = _reference(prev, curr)
-            rows.append(
-                {
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "elements": size,
-                    "angle": angle,
-                    "angle_rel_error": abs(angle - ref_angle) / ref_angle,
-                    "norm_rel_error": abs(norm - ref_norm) / ref_norm,
-                }
-            )
+            for name in engines:
+                engine = _engine(name, [None])
+                stats = engine([prev], [curr])
+                angle = float(angles_from_statistics(stats.sum(dim=0)).cpu())
+                norm = float(norms_from_statistics(stats.sum(dim=0))[1].cpu())
+                rows.append(
+                    {
+                        "engine": name,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "elements": size,
+                        "angle": angle,
+                        "angle_rel_error": abs(angle - ref_angle) / ref_angle,
+                        "norm_rel_error": abs(norm - ref_norm) / ref_norm,
+                        "compile_s": engine.compile_seconds,
+                        "fallback": getattr(engine, "fallback", None),
+                    }
+                )
     return rows
 
 
@@ -193,15 +209,15 @@ def check_no_sync(device: torch.device, quick: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------ 3. kernel counting
 
 
-def count_kernels(device: torch.device, tensors: int, elements: int) -> int:
+def count_kernels(device: torch.device, tensors: int, elements: int, engine_name: str) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(1)
     size = max(elements // tensors, 1)
     prev = [torch.randn(size, generator=generator).to(device) for _ in range(tensors)]
     curr = [p + 1e-3 for p in prev]
-    engine = BatchedStatistics([None] * tensors)
-    engine(prev, curr)  # layout and work buffer
+    engine = _engine(engine_name, [None] * tensors)
+    engine(prev, curr)  # layout and work buffer (compiled code)
     _sync(device)
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
@@ -215,28 +231,43 @@ def count_kernels(device: torch.device, tensors: int, elements: int) -> int:
 # ---------------------------------------------------------------------------- 4. overhead
 
 
-def measure_overhead(device: torch.device, quick: bool, repeats: int) -> dict[str, float]:
+def measure_overhead(
+    device: torch.device, quick: bool, repeats: int, engines: list[str]
+) -> dict[str, float]:
     model, optimizer, image = _model(device, quick)
     batch = 4 if quick else 64
     step = _step_function(model, optimizer, device, image, batch)
     block = 10 if quick else 50
     configs: dict[str, Callable[[], Callable[[], None]]] = {"none": lambda: lambda: None}
 
-    def monitored(every: int, window: int) -> Callable[[], Callable[[], None]]:
+    compile_seconds: dict[str, float] = {}
+
+    def monitored(every: int, window: int, engine: str) -> Callable[[], Callable[[], None]]:
+        # One monitor per configuration, kept across its blocks: a compiled layout is built once.
+        monitor = SphericalMonitor(
+            model, optimizer, conv_units(model), every_n_steps=every, window=window, engine=engine
+        )
+        if engine == "compiled":  # compile before the timed blocks
+            watch = monitor._watches[0]
+            weights = [p.detach() for p in watch.tensors]
+            watch.statistics([w.clone() for w in weights], weights)
+            _sync(device)
+            compile_seconds[f"{every}/{window}"] = watch.statistics.compile_seconds
+
         def start() -> Callable[[], None]:
-            monitor = SphericalMonitor(
-                model, optimizer, conv_units(model), every_n_steps=every, window=window
-            ).attach()
+            monitor.attach()
             return monitor.detach
 
         return start
 
-    configs["every step (1/1)"] = monitored(1, 1)
     default = MonitorConfig()
     assert default.every_n_steps is not None
-    configs[f"default ({default.every_n_steps}/{default.window})"] = monitored(
-        default.every_n_steps, default.window
-    )
+    for engine in engines:
+        suffix = "" if engine == "eager" else ", compiled"
+        configs[f"every step (1/1){suffix}"] = monitored(1, 1, engine)
+        configs[f"default ({default.every_n_steps}/{default.window}){suffix}"] = monitored(
+            default.every_n_steps, default.window, engine
+        )
     try:
         import wandb
     except ImportError:
@@ -267,6 +298,7 @@ def measure_overhead(device: torch.device, quick: bool, repeats: int) -> dict[st
     base = statistics.median(times["none"])
     return {
         "step_ms_no_monitor": base * 1e3,
+        **{f"compile_s ({key})": value for key, value in compile_seconds.items()},
         **{name: statistics.median(v) / base - 1 for name, v in times.items() if name != "none"},
     }
 
@@ -277,20 +309,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=("eager", "compiled"),
+        default=None,
+        help="engines to check (default: both on CUDA, eager on CPU)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    engines = args.engines or (["eager", "compiled"] if device.type == "cuda" else ["eager"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; use --device cpu --quick for a smoke run")
     sizes = [10**3, 10**5] if args.quick else [10**3, 10**5, 10**6, 10**7]
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "exactness": check_exactness(device, sizes),
+        "engines": engines,
+        "exactness": check_exactness(device, sizes, engines),
         "no_sync": check_no_sync(device, args.quick),
         "kernels_per_measurement": {
-            str(n): count_kernels(device, n, 10**5 if args.quick else 10**7) for n in (10, 100)
+            (str(n) if engine == "eager" else f"{n}, compiled"): count_kernels(
+                device, n, 10**5 if args.quick else 10**7, engine
+            )
+            for engine in engines
+            for n in (10, 100)
         },
-        "overhead": measure_overhead(device, args.quick, 1 if args.quick else args.repeats),
+        "overhead": measure_overhead(
+            device, args.quick, 1 if args.quick else args.repeats, engines
+        ),
     }
     text = json.dumps(results, indent=2)
     print(text)

@@ -71,6 +71,23 @@ def monitor_cost(
     )
 
 
+def fused_engine_failed(reason: str) -> str:
+    """The compiled measurement could not be built or run: the eager engine takes over."""
+    return (
+        f"{PREFIX} the compiled measurement (engine='compiled') is not available here ({reason}); "
+        "measuring with the eager engine instead: the same numbers, ~4x more time per measured "
+        "step on CPU. Pass engine='eager' to skip the attempt."
+    )
+
+
+def fused_engine_compiled(seconds: float, tensors: int, device: str) -> str:
+    """The compiled measurement was built: how long it took (once per layout)."""
+    return (
+        f"{PREFIX} compiled the fused measurement of {tensors} tensors on {device} in "
+        f"{seconds:.1f} s (once per layout; later measured steps reuse it)."
+    )
+
+
 def window_too_long(error: Exception, every: int) -> str:
     """The Trainer's ``log_every_n_steps`` is shorter than the window asked for."""
     return (
@@ -265,6 +282,57 @@ def alerts_without_wandb() -> str:
     )
 
 
+def alert_title(event: EquilibriumEvent, stopped: bool) -> str:
+    """The title of a W&B alert: what happened, so that a list of alerts reads at a glance.
+
+    The planned final decay of :class:`~lightning_sdm.actions.DecayLR` (``criterion="budget"``)
+    is no equilibrium; a stop (by the action or a user callable) and an LR decay say so.
+
+    Example::
+
+        >>> event = EquilibriumEvent(300, ("w",), 1.0, {"w": 0.0101}, {"w": 0.01}, "theory")
+        >>> alert_title(event, stopped=False)
+        'lightning_sdm: equilibrium reached (100% of the units)'
+        >>> from dataclasses import replace
+        >>> alert_title(replace(event, criterion="budget", old_lrs=(0.1,), new_lrs=(0.01,)), False)
+        'lightning_sdm: planned end-of-budget LR decay'
+        >>> alert_title(replace(event, action="stop"), stopped=True)
+        'lightning_sdm: equilibrium reached, training stopped'
+    """
+    decayed = event.new_lrs != event.old_lrs
+    if event.criterion == "budget":
+        what = "planned end-of-budget LR decay" if decayed else "end of budget, no LR decay"
+    elif stopped:
+        what = "equilibrium reached, training stopped"
+    elif decayed:
+        what = "equilibrium reached, LR decayed"
+    elif event.action == "none" or event.note:
+        what = "equilibrium reached, no LR decay"
+    else:
+        what = f"equilibrium reached ({event.fraction:.0%} of the units)"
+    return f"lightning_sdm: {what}"
+
+
+def wandb_unit_chart_title(unit: str) -> str:
+    """The W&B chart of one unit's measured and predicted angular update."""
+    return f"{unit}: angular update, measured vs predicted (rad/step)"
+
+
+def wandb_ratio_chart_title(tolerance: float | None) -> str:
+    """The W&B chart of every unit's ratio measured / predicted."""
+    band = f", tolerance band 1 ± {tolerance:g}" if tolerance is not None else ""
+    return f"angular update / prediction, every unit{band}"
+
+
+def report_figure_caption(shown: int, total: int, global_step: int) -> str:
+    """The caption of the report figure logged to W&B at the end of fit."""
+    which = f"the first {shown} of {total} units" if shown < total else f"{total} units"
+    return (
+        f"lightning_sdm report at global step {global_step} ({which}; `lightning-sdm report` "
+        "draws the same figure from the run's files)"
+    )
+
+
 def logger_extra_failed(what: str, error: Exception) -> str:
     """A logger extra (a TensorBoard layout, a W&B table, ...) failed: skipped, once."""
     return (
@@ -349,3 +417,126 @@ def fabric_measuring(units: Sequence[str], optimizers: int, every: int, waiting:
 def fabric_stand_down(why: str) -> str:
     """The plugin stops for good (from inside a step)."""
     return f"{FABRIC_PREFIX} {why}; nothing more is measured."
+
+
+def not_a_bool(name: str, value: object) -> str:
+    """A switch that is not ``True``/``False``."""
+    return f"`{name}` must be True or False, got {value!r}."
+
+
+def units_found(units: Sequence[str], method: str, rejected: Mapping[str, int]) -> str:
+    """One line for what the trace found (``report.summary()`` has the full list).
+
+    Example::
+
+        >>> print(units_found(["a.weight", "b.weight"], "trace", {"reaches the loss": 1}))
+        [lightning_sdm] 2 scale-invariant units (trace): a.weight, b.weight; 1 other parameter not monitored (1 reaches the loss); callback.report.summary() lists them.
+    """  # noqa: E501
+    shown = ", ".join(units[:4]) + (f" and {len(units) - 4} more" if len(units) > 4 else "")
+    line = f"{PREFIX} {len(units)} scale-invariant unit{'s' * (len(units) != 1)} ({method})"
+    line += f": {shown}" if units else ""
+    total = sum(rejected.values())
+    if total:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in rejected.items())
+        line += (
+            f"; {total} other parameter{'s' * (total != 1)} not monitored ({kinds}); "
+            "callback.report.summary() lists them"
+        )
+    return line + "."
+
+
+def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
+    """What theory predicts, one line: per param group ``(label, angle, relaxation steps)``.
+
+    Example::
+
+        >>> print(predicted([("SGD group 0", 0.0229416, 52.6)]))
+        [lightning_sdm] predicted equilibrium: SGD group 0: 0.02294 rad/step, reached in a few times 53 steps; callback.advice.table() has every phase of the schedule.
+    """  # noqa: E501
+    parts = []
+    for label, angle, tau in groups:
+        value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
+        within = "" if tau is None else f", reached in a few times {tau:,.0f} steps"
+        parts.append(f"{label}: {value}{within}")
+    return (
+        f"{PREFIX} predicted equilibrium: {'; '.join(parts)}; callback.advice.table() has every "
+        "phase of the schedule."
+    )
+
+
+def fit_summary(
+    rows: Sequence[tuple[str, float, float, float, int]], fraction: float, global_step: int
+) -> str:
+    """The end-of-fit table: per unit ``(name, measured, predicted, ratio, equilibrium step)``.
+
+    NaN where there is no value; an equilibrium step of -1: never reached.
+
+    Example::
+
+        >>> nan = float("nan")
+        >>> print(fit_summary([("net.0.weight", 0.0231, 0.0229, 1.0087, 240),
+        ...                    ("net.3.weight", 0.05, nan, nan, -1)], 0.5, 660))
+        [lightning_sdm] end of fit at global step 660: 50% of the units in equilibrium
+          unit          rad/step  predicted  ratio  equilibrium
+          net.0.weight  0.0231    0.0229     1.01   step 240
+          net.3.weight  0.05      -          -      not reached
+    """
+
+    def number(value: float, digits: str) -> str:
+        return format(value, digits) if math.isfinite(value) else "-"
+
+    table = [("unit", "rad/step", "predicted", "ratio", "equilibrium")]
+    for name, measured, theory, ratio, step in rows:
+        reached = f"step {step}" if step >= 0 else "not reached"
+        table.append(
+            (name, number(measured, ".3g"), number(theory, ".3g"), number(ratio, ".2f"), reached)
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = [
+        f"{PREFIX} end of fit at global step {global_step}: {fraction:.0%} of the units in "
+        "equilibrium"
+    ]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  " + "  ".join([*cells, row[4]]))
+    return "\n".join(lines)
+
+
+def bad_log_level(value: object, levels: Sequence[str]) -> str:
+    """An unknown ``log_level``."""
+    return (
+        f"`log_level` must be one of {', '.join(map(repr, levels))}, got {value!r}: 'summary' "
+        "logs the per-unit angular update, prediction, ratio, weight norm and equilibrium flag; "
+        "'detailed' adds each unit's regime code and the regime counts."
+    )
+
+
+def patience_too_short(patience: int) -> str:
+    """``patience`` below 2: why the detector needs two windows (not EarlyStopping's meaning)."""
+    return (
+        f"`patience` must be an integer >= 2, got {patience}: it counts the windows of evidence "
+        "before a unit gets a verdict (not EarlyStopping's checks without improvement), and a "
+        "verdict rests on the trend of the weight norm and of the ratio over them, which one "
+        "window cannot give. For an early verdict use patience=2 with a small `every_n_steps`."
+    )
+
+
+def window_clamped(window: int, every_n_steps: int) -> str:
+    """A window longer than the interval it closes: every step of the interval is measured."""
+    return (
+        f"{PREFIX} window={window} is longer than every_n_steps={every_n_steps}: a window is "
+        f"the last steps of its interval, so every step is measured (window={every_n_steps})."
+    )
+
+
+def partial_placement(where: str, placements: str) -> str:
+    """A DTensor whose local values are partial sums: no statistic of it can be taken locally."""
+    return (
+        f"{where} is a DTensor with placements {placements}: a Partial placement holds partial "
+        "sums, whose squares do not add up to the tensor's. Angular updates need each element's "
+        "value on some rank: keep the parameter Shard(d) or Replicate() (as tensor parallelism "
+        "and FSDP2 do), or `redistribute` it before measuring."
+    )
+
+
+STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of steps in the window"

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lightning_sdm._checks import check_integer, check_number
 from lightning_sdm.records import GRANULARITIES, Granularity
 
-__all__ = ["DEFAULT_EVERY_N_STEPS", "MonitorConfig"]
+__all__ = ["DEFAULT_EVERY_N_STEPS", "ENGINES", "Engine", "MonitorConfig"]
+
+#: How a measured step's statistics are computed: ``"eager"`` (the chunked float64 engine,
+#: the reference), ``"compiled"`` (one ``torch.compile``'d pass per step, compiled once per
+#: layout at the first measured step; eager where compiling fails) or ``"auto"`` (per device,
+#: from measurements: see ``lightning_sdm.monitor._fused``).
+Engine = Literal["auto", "eager", "compiled"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 #: Optimizer steps between two windows where nothing else says (Fabric; a Trainer without
 #: ``log_every_n_steps``).
@@ -40,6 +47,10 @@ class MonitorConfig:
             (distributed runs; the monitor has a process group of its own). Past it, the
             monitor stops on that rank with one warning and training goes on: ranks that
             disagree on the number of optimizer steps cannot hang the job. In ``[1, 86400]``.
+        engine: how a measured step's sums are computed (see :data:`Engine`): the same numbers
+            to 1e-12 either way; ``"compiled"`` is ~4x cheaper per measured step on CPU but
+            compiles for ~1-1.7 s per monitored tensor at its first measured step (a 2-core
+            CPU; Inductor caches the result on disk for later runs).
 
     Raises:
         ValueError: naming the first invalid argument.
@@ -67,12 +78,15 @@ class MonitorConfig:
     verify_steps: int = 3
     orthogonality_tolerance: float = 0.1
     sync_timeout: float = 300.0
+    engine: Engine = "auto"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}."
             )
+        if self.engine not in ENGINES:
+            raise ValueError(f"`engine` must be one of {ENGINES}, got {self.engine!r}.")
         check_integer("every_n_steps", self.every_n_steps, 1, allow_none=True)
         check_integer("window", self.window, 1)
         check_integer("horizon", self.horizon, 1)
@@ -107,10 +121,11 @@ class MonitorConfig:
     def key(self) -> dict[str, Any]:
         """The settings that identify a callback's state (``state_key``), as given.
 
-        ``sync_timeout`` is left out: it changes how long ranks wait, not what is measured, and
-        a resume with a longer wait must still find its checkpointed state.
+        ``sync_timeout`` and ``engine`` are left out: they change how long ranks wait and how the
+        same sums are computed, not what is measured, and a resume with other values must still
+        find its checkpointed state.
         """
-        return {k: v for k, v in asdict(self).items() if k != "sync_timeout"}
+        return {k: v for k, v in asdict(self).items() if k not in ("sync_timeout", "engine")}
 
     @property
     def resolved(self) -> bool:

@@ -148,12 +148,13 @@ def angular_update_statistics(
     Returns:
         float64 tensor of shape ``[U, 4]`` with columns ``PREV_SQ``, ``DELTA_SQ``, ``DELTA_DOT``,
         ``COVERAGE``; rows are the units of the tensors in order. For a DTensor the rows cover
-        the whole global tensor, but only the local shard is summed (rows held elsewhere are zero):
-        sum the result over the ranks of the mesh to get the global statistics.
+        the whole global tensor, but only the local shard is summed (rows held elsewhere are zero;
+        a ``Replicate()`` copy away from coordinate 0 of its mesh dimension adds zeros too): sum
+        the result over the ranks of the mesh to get the global statistics, each element once.
 
     Raises:
-        ValueError: if the lists differ in length, a pair differs in shape, or a ``dim`` is out of
-            range.
+        ValueError: if the lists differ in length, a pair differs in shape, a ``dim`` is out of
+            range, or a DTensor has a ``Partial()`` placement.
 
     Example::
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, get_args
 
 from lightning_sdm.records import (
     CHANNEL_SUMMARIES,
@@ -19,6 +20,8 @@ from lightning_sdm.records import (
 
 __all__ = [
     "HPARAMS_RUN",
+    "LOG_LEVELS",
+    "LogLevel",
     "REGIME_CODES",
     "SUMMARY_KEYS",
     "Keys",
@@ -28,9 +31,18 @@ __all__ = [
 ]
 
 
-#: The TensorBoard run (a subdirectory of the logger's directory) that holds the callback's
-#: hparams session at the end of fit; ``lightning-sdm report`` does not list it as a run.
+#: The TensorBoard run (a subdirectory of the logger's directory) in which earlier versions
+#: wrote the callback's hparams session; ``lightning-sdm report`` still does not list it as a run.
+#: The session is now in the run itself (see :mod:`lightning_sdm.lightning._loggers`).
 HPARAMS_RUN = "sdm_hparams"
+
+
+#: How much every window logs: ``"summary"`` (the per-unit angular update, prediction, ratio,
+#: weight norm and equilibrium flag, the run-level median ratio, equilibrium fraction and time to
+#: equilibrium, the tolerance band) or ``"detailed"`` (also each unit's regime code and the number
+#: of units per regime, for the regimes seen in the run).
+LogLevel = Literal["summary", "detailed"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
 
 class Keys:
@@ -42,7 +54,11 @@ class Keys:
     RATIO = "sdm/angular_update_ratio/"
     WEIGHT_NORM = "sdm/weight_norm/"
     IN_EQUILIBRIUM = "sdm/in_equilibrium/"
-    #: Per unit: the regime's code in :data:`REGIME_CODES`.
+    #: ``1 - tolerance`` and ``1 + tolerance``: the band the ratio settles in at equilibrium (the
+    #: bounds of the ratio's margin chart in TensorBoard's Custom Scalars).
+    TOLERANCE_LOWER = "sdm/tolerance_band/lower"
+    TOLERANCE_UPPER = "sdm/tolerance_band/upper"
+    #: Per unit: the regime's code in :data:`REGIME_CODES` (``log_level="detailed"``).
     REGIME = "sdm/regime/"
     #: Per regime: how many units are in it (``sdm/regime_count/<regime>``).
     REGIME_COUNT = "sdm/regime_count/"
@@ -142,10 +158,22 @@ def summary_metrics(
 ) -> dict[str, float]:
     """The run-level scalars of a batch of windows: median ratio, equilibrium fraction, ETA.
 
-    With ``regimes``, also how many units are in each regime (every regime, zeros included, so
-    that charts stay aligned).
+    The median is over the ratio each unit's chart shows: with channel summaries, the channels'
+    median (the overview then agrees with the per-unit lines). With ``regimes``, also how many
+    units are in each regime given (zeros included: the caller passes the regimes seen so far,
+    so that a chart, once started, stays aligned).
+
+    Example::
+
+        >>> from lightning_sdm.records import UnitWindow
+        >>> channels = UnitWindow("c", 8, 8, 0.02, 0.02, 0.025, 0.8, 3.1, 8, 0.1,
+        ...                       channel_ratios={"median": 0.6})
+        >>> layer = UnitWindow("l", 8, 8, 0.02, 0.02, 0.025, 1.0, 3.1, 8, 0.1)
+        >>> summary_metrics([channels, layer], 0.5, 10.0, {"relaxing": 2})[Keys.MEDIAN_RATIO]
+        0.8
     """
-    ratios = sorted(w.ratio for w in windows if w.ratio is not None and math.isfinite(w.ratio))
+    shown = [(w.channel_ratios or {}).get("median", w.ratio) for w in windows]
+    ratios = sorted(r for r in shown if r is not None and math.isfinite(r))
     middle = len(ratios) // 2
     median = (
         math.nan
@@ -161,7 +189,8 @@ def summary_metrics(
     }
     if regimes is not None:
         for regime in REGIMES:
-            metrics[f"{Keys.REGIME_COUNT}{regime}"] = float(regimes.get(regime, 0))
+            if regime in regimes:
+                metrics[f"{Keys.REGIME_COUNT}{regime}"] = float(regimes[regime])
     return metrics
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor
@@ -20,6 +21,9 @@ from lightning_sdm.functional import (
 __all__ = ["AngularUpdate"]
 
 _TensorOrCollection = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+#: What ``compute()`` returns: the dict of every entry, or one scalar (see ``AngularUpdate``).
+_Output = Literal["dict", "rms", "mean", "last", "weight_norm"]
+_OUTPUTS: tuple[str, ...] = get_args(_Output)
 
 
 class AngularUpdate(Metric):
@@ -36,7 +40,8 @@ class AngularUpdate(Metric):
       cancels in the angle and the norms are divided by the summed coverage;
     * sharded parameters (FSDP2 / ``DTensor``): each rank passes its shard (a ``DTensor`` is
       unwrapped to its local tensor automatically) and the sum over ranks is the statistic of the
-      full tensor.
+      full tensor (a ``Replicate()`` copy adds zeros away from coordinate 0 of its mesh
+      dimension, so tensor-parallel and 2-D mesh layouts sum each element once).
 
     Because every rank reduces the same gathered statistics, all ranks compute identical values.
 
@@ -57,18 +62,25 @@ class AngularUpdate(Metric):
     :attr:`unit_names`. ``merge_state`` adds another instance's statistics of the same steps (other
     ranks' shards or replicas), as the distributed reduction does.
 
-    Logging: ``compute()`` returns a dict, which ``LightningModule.log`` does not take; log its
-    entries (``self.log("angle", metric.compute()["rms"])``) or use
-    :class:`~lightning_sdm.SphericalDynamicsCallback`, which logs every unit.
+    Logging: with ``output="rms"`` (or ``"mean"``, ``"last"``, ``"weight_norm"``) ``compute()``
+    returns that one value as a scalar tensor, so the metric object itself can be logged the
+    torchmetrics way, ``self.log("angle", metric)``: Lightning calls ``forward`` (the value of
+    this step) and ``compute`` at the epoch's end. Over several units the scalar pools them: the
+    RMS and the mean angle over every step and unit, the units' mean last angle, and the norm of
+    all units together. The
+    default ``output="dict"`` keeps every entry per unit;
+    :class:`~lightning_sdm.SphericalDynamicsCallback` logs every unit.
 
     Args:
         dim: ``None`` for one unit per tensor, or the dimension indexing units inside each tensor
             (``0``: per output channel); see :mod:`lightning_sdm.functional`.
+        output: ``"dict"`` (every entry, per unit) or the entry ``compute()`` returns as one
+            scalar: ``"rms"``, ``"mean"``, ``"last"`` or ``"weight_norm"``.
         kwargs: forwarded to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``,
             ``dist_sync_fn`` ...).
 
     Raises:
-        ValueError: if ``dim`` is not ``None`` or an int.
+        ValueError: if ``dim`` is not ``None`` or an int, or ``output`` is not one of the above.
 
     Example::
 
@@ -81,6 +93,10 @@ class AngularUpdate(Metric):
         >>> result = metric.compute()
         >>> round(result["rms"].item(), 4), round(result["last"].item(), 4), int(result["steps"])
         (0.7981, 0.6435, 2)
+        >>> scalar = AngularUpdate(output="rms")
+        >>> scalar.update(w, torch.tensor([0.6, 0.8])); scalar.update(w, torch.tensor([0.8, 0.6]))
+        >>> round(scalar.compute().item(), 4)
+        0.7981
     """
 
     is_differentiable = False
@@ -90,14 +106,22 @@ class AngularUpdate(Metric):
     # full update there. ``merge_state`` (the same steps seen by other ranks) is a sum; see below.
     full_state_update = True
     plot_lower_bound = 0.0
+    output: _Output
 
     step_statistics: Tensor
 
-    def __init__(self, dim: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, dim: int | None = None, output: _Output = "dict", **kwargs: Any) -> None:
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise ValueError(f"`dim` must be None or an int, got {dim!r}.")
+        if output not in _OUTPUTS:
+            raise ValueError(
+                f"`output` must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}: "
+                "'dict' returns every entry per unit; the others one scalar, which "
+                "`LightningModule.log` takes."
+            )
         super().__init__(**kwargs)
         self.dim = dim
+        self.output = output
         self.unit_names: list[str] | None = None
         self._scalar_result = False
         self.add_state(
@@ -151,12 +175,42 @@ class AngularUpdate(Metric):
         self.step_statistics = self.step_statistics + incoming.to(self.step_statistics)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
-        """Plot the RMS angular update per unit (``compute()["rms"]``), or ``val`` if given.
+        """Plot the RMS angular update per unit, labelled with the unit names and rad/step.
+
+        Args:
+            val: a result of ``compute()`` (a dict, or the scalar of ``output="rms"``), or a
+                sequence of them (one per epoch, say): then one line per unit over the results.
+                ``None``: ``compute()`` now.
+            ax: a matplotlib axis to draw on (else a new figure).
 
         Returns:
             ``(figure, axis)`` from matplotlib.
         """
-        return self._plot(self.compute()["rms"] if val is None else val, ax)
+        import matplotlib.pyplot as plt
+
+        results = [self.compute() if val is None else val]
+        if isinstance(val, Sequence) and not isinstance(val, (Tensor, str)):
+            results = list(val)
+        rows = [_rms_of(result) for result in results]
+        width = max((len(row) for row in rows), default=0)
+        names = self.unit_names if self.unit_names and len(self.unit_names) == width else None
+        if self.output != "dict" and width == 1:
+            names = ["all units" if self.unit_names and len(self.unit_names) > 1 else "unit"]
+        names = names or [str(i) for i in range(width)]
+        figure, ax = plt.subplots() if ax is None else (ax.get_figure(), ax)
+        if len(rows) == 1:
+            ax.bar(names, rows[0], color="tab:blue")
+            ax.set_xlabel("unit")
+        else:
+            for index, name in enumerate(names):
+                values = [row[index] if index < len(row) else math.nan for row in rows]
+                ax.plot(range(len(rows)), values, marker="o", label=name)
+            ax.set_xlabel("result (compute() call)")
+            ax.legend(fontsize="small")
+        ax.set_ylabel("RMS angular update (rad/step)")
+        ax.set_title("AngularUpdate")
+        ax.set_ylim(bottom=0.0)
+        return figure, ax
 
     def _apply(self, fn: Any, exclude_state: Sequence[str] = ()) -> Any:
         # torchmetrics converts float states with ``.to(dtype)``; float64 is what keeps the angles
@@ -227,7 +281,10 @@ class AngularUpdate(Metric):
         self._append(stats.to(self.step_statistics.device))
 
     def compute(self) -> dict[str, Tensor]:
-        """RMS, mean and last angle, weight norm, and step count; see the class docstring."""
+        """RMS, mean and last angle, weight norm, and step count; see the class docstring.
+
+        With ``output`` other than ``"dict"``: that entry as one scalar tensor.
+        """
         stats = self.step_statistics
         if stats.dim() != 3 or stats.shape[-1] != NUM_STATISTICS:
             raise ValueError(
@@ -251,6 +308,8 @@ class AngularUpdate(Metric):
         if self._scalar_result:
             result = {key: value.reshape(()) for key, value in result.items()}
         result["steps"] = steps
+        if self.output != "dict":
+            return _pooled(result, self.output)  # type: ignore[return-value]
         return result
 
     def _append(self, stats: Tensor) -> None:
@@ -264,6 +323,29 @@ class AngularUpdate(Metric):
                 "Call `reset()` when the set of tensors changes."
             )
         self.step_statistics = torch.cat([self.step_statistics, stats.unsqueeze(0)])
+
+
+def _pooled(result: Mapping[str, Tensor], output: str) -> Tensor:
+    """One scalar of ``result[output]`` over its units (see the class docstring).
+
+    The RMS over every step and unit is the root of the units' mean square RMS (each unit has the
+    same steps); the mean and the last angle average over the units; the norm of all units
+    together is the root of their summed squares. NaN where some unit is NaN.
+    """
+    value = result[output].reshape(-1)
+    if value.numel() == 0:
+        return torch.tensor(math.nan, dtype=torch.float64)
+    if output == "rms":
+        return value.square().mean().sqrt()
+    if output == "weight_norm":
+        return value.square().sum().sqrt()
+    return value.mean()
+
+
+def _rms_of(result: Any) -> list[float]:
+    """The per-unit RMS angles of a ``compute()`` result (a dict or a scalar), as floats."""
+    value = result["rms"] if isinstance(result, Mapping) else result
+    return [float(v) for v in torch.as_tensor(value).reshape(-1)]
 
 
 def _check_same_steps(shapes: Sequence[Sequence[int]], where: str) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from lightning_sdm import AngularUpdate
 from lightning_sdm.functional import angular_update
+from tests.helpers import BNNet, loader, noisy_classification_data, read_csv_metrics, trainer
 from tests.reference import reference_angle
 
 
@@ -145,12 +146,87 @@ def test_merge_state_adds_the_same_steps_of_another_shard():
         first.merge_state(3)
 
 
-def test_plot_draws_the_rms_per_unit():
+def test_plot_draws_the_rms_per_unit_with_names_and_units():
     pytest.importorskip("matplotlib")
     metric = AngularUpdate()
-    metric.update([torch.ones(3), torch.ones(2)], [torch.ones(3) + 0.1, torch.ones(2) - 0.2])
+    prev = {"net.0.weight": torch.ones(3), "net.3.weight": torch.ones(2)}
+    curr = {"net.0.weight": torch.ones(3) + 0.1, "net.3.weight": torch.tensor([1.0, -1.0])}
+    metric.update(prev, curr)
     figure, axis = metric.plot()
-    assert figure is not None and axis is not None
+    assert figure is not None
+    assert [label.get_text() for label in axis.get_xticklabels()] == list(prev)
+    assert axis.get_ylabel() == "RMS angular update (rad/step)"
+    heights = [bar.get_height() for bar in axis.patches]
+    assert heights == pytest.approx([0.0, math.pi / 2], abs=1e-6)  # parallel; orthogonal
+    # A sequence of results: one labelled line per unit over them.
+    first = metric.compute()
+    metric.update(curr, prev)
+    _, axis = metric.plot([first, metric.compute()])
+    assert [line.get_label() for line in axis.get_lines()] == list(prev)
+    assert [len(line.get_xdata()) for line in axis.get_lines()] == [2, 2]
+
+
+class _LoggedAngle(BNNet):
+    """Logs ``AngularUpdate(output="rms")`` itself, as torchmetrics metrics are logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.angle = AngularUpdate(output="rms")
+        self.snapshots: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        weight = self.net[0].weight.detach().clone()
+        if self.snapshots:  # the angle of the previous optimizer step
+            self.angle(self.snapshots[-1], weight)
+            self.log("angle", self.angle, on_step=True, on_epoch=True)
+        self.snapshots.append(weight)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_metric_object_is_logged_the_torchmetrics_way(tmp_path):
+    torch.manual_seed(0)
+    module = _LoggedAngle()
+    run = trainer(tmp_path, max_epochs=1, log_every_n_steps=1)
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    rows = read_csv_metrics(run)
+    angles = [reference_angle(prev, curr) for prev, curr in itertools.pairwise(module.snapshots)]
+    logged = [row["angle_step"] for row in rows if "angle_step" in row]
+    # Each step's value is that step's angle (forward); logged from the second batch on.
+    assert logged == pytest.approx(angles[: len(logged)], rel=1e-5)
+    (epoch,) = [row["angle_epoch"] for row in rows if "angle_epoch" in row]
+    assert epoch == pytest.approx(math.sqrt(sum(a * a for a in angles) / len(angles)), rel=1e-5)
+
+
+def test_a_scalar_output_pools_the_units():
+    generator = torch.Generator().manual_seed(1)
+    history = _steps(generator, [(8, 4), (5,)], steps=4)
+    pooled = {name: AngularUpdate(output=name) for name in ("rms", "mean", "last", "weight_norm")}
+    per_unit = AngularUpdate()
+    for prev, curr in itertools.pairwise(history):
+        per_unit.update(prev, curr)
+        for metric in pooled.values():
+            metric.update(prev, curr)
+    angles = [
+        reference_angle(p, c)
+        for prev, curr in itertools.pairwise(history)
+        for p, c in zip(prev, curr, strict=True)
+    ]
+    assert pooled["rms"].compute().item() == pytest.approx(
+        math.sqrt(sum(a * a for a in angles) / len(angles)), rel=1e-9
+    )
+    assert pooled["mean"].compute().item() == pytest.approx(sum(angles) / len(angles), rel=1e-9)
+    assert pooled["last"].compute().item() == pytest.approx(
+        per_unit.compute()["last"].mean().item(), rel=1e-12
+    )
+    norm = math.sqrt(sum(w.double().square().sum().item() for w in history[-1]))
+    assert pooled["weight_norm"].compute().item() == pytest.approx(norm, rel=1e-12)
+    assert all(metric.compute().dim() == 0 for metric in pooled.values())
+
+
+@pytest.mark.parametrize("output", ["median", "", None])
+def test_output_is_checked(output):
+    with pytest.raises(ValueError, match="`output` must be one of 'dict', 'rms'"):
+        AngularUpdate(output=output)
 
 
 def test_nan_weight_gives_nan_for_that_unit_only():

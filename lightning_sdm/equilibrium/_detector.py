@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from lightning_sdm import _messages
 from lightning_sdm._checks import check_fraction, check_integer, check_number, check_record
 from lightning_sdm.equilibrium._trends import (
     mean_with_error,
@@ -138,6 +139,10 @@ class EquilibriumDetector:
         tolerance: how far (relative) the angular update may still be from its equilibrium,
             as judged by the norm witness and the ratio's trend, in (0, 1).
         patience: windows of evidence needed before any decision (the horizon's minimum), >= 2.
+            Not ``EarlyStopping``'s patience (checks without improvement before stopping): the
+            windows over which the trends are fitted before a unit gets a verdict; a verdict
+            rests on the slope of the norm and of the ratio, which one window cannot give, so
+            ``patience=1`` is refused (with that reason).
         quorum: fraction of units that must be in equilibrium for :meth:`reached`, in (0, 1].
         confidence: standard errors of margin in the tests, > 0 (1.64: one-sided 95%).
 
@@ -169,6 +174,8 @@ class EquilibriumDetector:
         confidence: float = 1.64,
     ) -> None:
         check_fraction("tolerance", tolerance)
+        if patience in (0, 1) and not isinstance(patience, bool):  # a plausible EarlyStopping habit
+            raise ValueError(_messages.patience_too_short(patience))
         check_integer("patience", patience, 2)
         check_fraction("quorum", quorum, closed_high=True)
         check_number("confidence", confidence, low=0.0)

@@ -66,7 +66,8 @@ def find_scale_invariant_units(module: nn.Module, *args: Any, **kwargs: Any) -> 
     penalty in ``training_step``), use the tracer around the training step.
 
     Args:
-        module: the model (for DDP pass the wrapped ``.module``; FSDP2 modules work as they are).
+        module: the model (for DDP pass the wrapped ``.module``; FSDP2, tensor-parallel and 2-D
+            mesh modules work as they are, parallelized: tested through ``ModelParallelStrategy``).
         *args: positional inputs of ``module.forward``.
         **kwargs: keyword inputs of ``module.forward``.
 

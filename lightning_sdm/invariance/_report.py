@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lightning_sdm.units import Unit
@@ -37,8 +38,24 @@ _CATEGORIES = (
 )
 
 
+# The loss functions a traced training step ends in (torch.nn.functional names): a weight that
+# reaches one of them before any normalization is the model's head, not a non-homogeneous layer.
+_LOSS = re.compile(r"^reaches (\w*(?:cross_entropy|_loss|log_softmax|kl_div))\b")
+
+
 def reason_category(reason: str) -> str:
-    """A few words for a rejection reason (``"residual connection"``, ``"attention"``, ...)."""
+    """A few words for a rejection reason (``"residual connection"``, ``"attention"``, ...).
+
+    Example::
+
+        >>> reason_category("reaches cross_entropy in the top-level forward, which is not "
+        ...                 "positively homogeneous, before any normalization")
+        'reaches the loss'
+        >>> reason_category("reaches gelu in net.1, which is not positively homogeneous, ...")
+        'non-homogeneous operation (GELU, SiLU, sigmoid, ...)'
+    """
+    if _LOSS.match(reason):
+        return "reaches the loss"
     return next((short for key, short in _CATEGORIES if key in reason), "other")
 
 

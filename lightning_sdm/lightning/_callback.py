@@ -26,13 +26,13 @@ from lightning_sdm.actions._actions import EquilibriumAction, as_action
 from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.advice._advice import Advice
 from lightning_sdm.advice._audit import Finding
-from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
+from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, Engine, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport
-from lightning_sdm.keys import SUMMARY_KEYS, Keys
+from lightning_sdm.keys import LOG_LEVELS, SUMMARY_KEYS, Keys, LogLevel
 from lightning_sdm.lightning import _loggers, _trainer
 from lightning_sdm.lightning._discovery import UnitDiscovery
-from lightning_sdm.lightning._notices import texts_for_loggers
+from lightning_sdm.lightning._notices import Notices, check_verbose, texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
@@ -86,11 +86,13 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         every_n_steps: optimizer steps between two logged windows; defaults to the Trainer's
             ``log_every_n_steps``.
         window: measured optimizer steps per logged value (the last ``window`` steps of each
-            interval), at most ``every_n_steps``.
+            interval). A larger value than ``every_n_steps`` measures every step (the window is
+            the interval; said once in the log).
         tolerance: how far (relative) the angular update may still be from its equilibrium, as
             judged by the norm's trend and the ratio's trend (:mod:`lightning_sdm.equilibrium`).
         patience: windows of evidence before any verdict (the pooling horizon is one relaxation
-            time, at least this many windows), >= 2.
+            time, at least this many windows), >= 2. Not ``EarlyStopping``'s patience: a verdict
+            rests on the trend of the norm and of the ratio, which needs two windows at least.
         quorum: fraction of units that must be in equilibrium for an equilibrium event.
         on_equilibrium: what to do when the quorum reaches equilibrium: ``"warn"`` (one
             message per event), ``"decay_lr"`` (:class:`~lightning_sdm.actions.DecayLR` with its
@@ -108,6 +110,18 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             (ranks out of step) monitoring stops there with one warning, training goes on.
         alerts: also send each equilibrium event as a Weights & Biases alert (``run.alert``,
             to the channels set up in W&B) when a ``WandbLogger`` is used.
+        verbose: routine events (the units found, the prediction, advisory notes, the summary
+            table at the end of fit) on the ``logging`` logger ``"lightning_sdm"`` at INFO, on
+            rank zero; ``False``: at DEBUG. Warnings (``warnings.warn``) are kept for what needs
+            acting on, and the equilibrium events with ``on_equilibrium="warn"``.
+        log_level: ``"summary"`` (the keys of the table above, and ``sdm/tolerance_band/lower``
+            and ``upper``, the band ``1 -/+ tolerance`` of the ratio's chart) or ``"detailed"``:
+            also ``sdm/regime/<name>`` (the regime's code in
+            :data:`~lightning_sdm.keys.REGIME_CODES`) and ``sdm/regime_count/<regime>`` (for the
+            regimes seen in the run). In TensorBoard the regimes are also a text,
+            ``sdm/regimes``, whenever one changes.
+        engine: ``"eager"``, ``"compiled"`` (one ``torch.compile``'d pass per measured step) or
+            ``"auto"`` (see :data:`~lightning_sdm.config.Engine`).
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -141,8 +155,12 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         prog_bar: bool = True,
         sync_timeout: float = MonitorConfig.sync_timeout,
         alerts: bool = False,
+        verbose: bool = True,
+        log_level: LogLevel = "summary",
+        engine: Engine = MonitorConfig.engine,
     ) -> None:
         self.params = check_params_spec(params)
+        self._window = window  # as asked: a longer window than the interval is said so
         config = MonitorConfig(
             granularity=granularity,
             every_n_steps=every_n_steps,
@@ -151,6 +169,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             verify_steps=verify_steps,
             orthogonality_tolerance=orthogonality_tolerance,
             sync_timeout=sync_timeout,
+            engine=engine,
         )
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         policy = EquilibriumPolicy(as_action(on_equilibrium))
@@ -158,7 +177,12 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             if not isinstance(flag, bool):
                 raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
         self.prog_bar = prog_bar
-        self.session = Session(config, detector, policy, alerts=alerts)
+        if log_level not in LOG_LEVELS:
+            raise ValueError(_messages.bad_log_level(log_level, LOG_LEVELS))
+        notices = Notices(check_verbose(verbose))
+        self.session = Session(
+            config, detector, policy, alerts=alerts, notices=notices, log_level=log_level
+        )
         # Every setting, as given (setup may resolve every_n_steps): two callbacks that differ in
         # any of them may share a Trainer and a checkpoint.
         self._key_arguments = {"params": repr(params), **config.key(), **self.session.settings()}
@@ -208,11 +232,26 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                 self.session.config = self.config.resolve(every)
             except ValueError as error:
                 raise MisconfigurationException(_messages.window_too_long(error, every)) from None
+        if stage == "fit" and self.config.window < self._window:
+            assert self.config.every_n_steps is not None  # resolved above
+            message = _messages.window_clamped(self._window, self.config.every_n_steps)
+            self._notices.info_once("window_clamped", message)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check that the action can be carried out with these optimizers and schedulers."""
+        """Check the action against the optimizers; write the TensorBoard hparams experiment.
+
+        The experiment goes first (Lightning logs the hyper-parameters right after this hook, and
+        TensorBoard reads the first experiment of a run), with the module's columns and ours.
+        """
         self.policy.action.setup(trainer.optimizers, _trainer.lr_schedulers(trainer))
+        if trainer.is_global_zero:
+            _loggers.on_fit_started(
+                trainer.loggers,
+                hparams=_trainer.logged_hparams(trainer),
+                columns=_loggers.fit_hparams(trainer.optimizers, repr(self.policy.action)),
+                warned=self.session.logger_failures,
+            )
         every = self.config.every_n_steps
         assert every is not None  # resolved in setup
         for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
@@ -288,7 +327,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Give logger integrations the final per-unit results."""
+        """The summary table, and the final per-unit results for the logger integrations."""
         if self.monitor is None:
             return
         if not self.history and self.monitor.stopped is None:
@@ -296,13 +335,29 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             self._notices.warn_once("no_window", message)
         if trainer.is_global_zero:
             predictions = self.monitor.predictions()
+            results = _loggers.unit_results(self.history, predictions, self.detector.state)
+            if self.history:
+                rows = [
+                    (
+                        r.unit,
+                        r.final_angular_update,
+                        r.final_theory,
+                        r.final_ratio,
+                        r.equilibrium_step,
+                    )
+                    for r in results
+                ]
+                fraction = self.detector.fraction()
+                self._notices.info(_messages.fit_summary(rows, fraction, trainer.global_step))
             _loggers.on_monitoring_finished(
                 trainer.loggers,
-                results=_loggers.unit_results(self.history, predictions, self.detector.state),
+                results=results,
                 fraction=self.detector.fraction(),
                 global_step=trainer.global_step,
                 warned=self.session.logger_failures,
                 predictions={name: p.hyperparameters for name, p in predictions.items()},
+                history=self.history,
+                tolerance=self.detector.tolerance,
             )
 
     @override

@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 from lightning.fabric.wrappers import _FabricModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -60,6 +59,7 @@ from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport, SharedTrace, find_scale_invariant_units
 from lightning_sdm.lightning import _loggers
+from lightning_sdm.lightning._notices import Notices, check_verbose
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
 from lightning_sdm.records import Granularity, UnitWindow
@@ -99,6 +99,8 @@ class FabricSphericalDynamics(SessionViews):
         patience: the detector's patience.
         on_equilibrium: only ``"warn"`` is carried out under Fabric; another value is reported
             once and treated as ``"warn"``.
+        verbose: routine events and notes on the ``logging`` logger ``"lightning_sdm"`` at
+            INFO (``False``: DEBUG); warnings are shown either way.
 
     Raises:
         ValueError: for an invalid argument (the message names it).
@@ -113,12 +115,15 @@ class FabricSphericalDynamics(SessionViews):
         tolerance: float = EquilibriumDetector.DEFAULT_TOLERANCE,
         patience: int = EquilibriumDetector.DEFAULT_PATIENCE,
         on_equilibrium: Any = "warn",
+        verbose: bool = True,
     ) -> None:
         self.params = check_params_spec(params)
         every = DEFAULT_EVERY_N_STEPS if every_n_steps is None else every_n_steps
         config = MonitorConfig(granularity=granularity, every_n_steps=every, window=window)
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
-        self.session = Session(config, detector, EquilibriumPolicy(Warn()))
+        self.session = Session(
+            config, detector, EquilibriumPolicy(Warn()), notices=Notices(check_verbose(verbose))
+        )
         self.monitor: SphericalMonitor | None = None
         self.fabric: Any = None
         self._models: list[_Model] = []  # candidates, until one is chosen
@@ -132,6 +137,8 @@ class FabricSphericalDynamics(SessionViews):
         self._disabled = False
         if on_equilibrium != "warn":
             self._notices.warn_once("on_equilibrium", _messages.fabric_warn_only(on_equilibrium))
+        if config.window < window:
+            self._notices.info_once("window_clamped", _messages.window_clamped(window, every))
 
     @property
     def report(self) -> InvarianceReport | None:
@@ -295,7 +302,7 @@ class FabricSphericalDynamics(SessionViews):
         waiting = len(self._units) - len(monitor.units)
         every = self.config.every_n_steps
         assert every is not None
-        rank_zero_info(
+        self._notices.info(
             _messages.fabric_measuring(monitor.units, len(self._optimizers), every, waiting)
         )
 

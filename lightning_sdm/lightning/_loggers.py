@@ -28,16 +28,32 @@ Weights & Biases (:class:`~lightning.pytorch.loggers.WandbLogger`):
   one row per unit (NaN where there is no value);
 * at every logged window: the rows of an incremental table ``sdm/unit_windows`` (one row per
   unit and window, :data:`WINDOW_COLUMNS`; W&B uploads only the new rows);
-* with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event (the event's
-  message; level WARN when the LR changed or training stopped, else INFO).
+* at the end of fit, charts: per unit (the first :data:`MAX_CHARTS`), ``sdm/charts/<unit>``,
+  a ``wandb.plot.line_series`` of the measured angular update, the prediction and the
+  prediction's tolerance band (``prediction * (1 -+ tolerance)``) over the global step, each line
+  with its own colour and legend entry; and ``sdm/charts/ratio``, every unit's ratio measured /
+  predicted with the band ``1 -+ tolerance``. The report figure of
+  :func:`lightning_sdm.report.plot_run` as a ``wandb.Image`` under ``sdm/report`` (with
+  matplotlib installed; its first 24 units);
+* with ``alerts=True`` on the callback: ``run.alert`` at each equilibrium event, titled with what
+  happened (:func:`~lightning_sdm._messages.alert_title`: equilibrium reached, the LR decayed,
+  training stopped, or the planned end-of-budget decay), the event's message as text; level WARN
+  when the LR changed or training stopped, else INFO.
 
-TensorBoard, at the end of fit: an hparams session (the "HParams" dashboard), in the run
-:data:`HPARAMS_RUN` under the logger's directory, holding the logger's hyper-parameters, the
-theory's inputs of the first monitored unit (``sdm/optimizer``, ``sdm/lr``,
-``sdm/weight_decay``, ``sdm/momentum``) and, as metrics,
-``sdm/hparams/equilibrium_step`` (the step the last unit reached equilibrium; absent if one
-never did), ``sdm/hparams/equilibrium_fraction`` and ``sdm/hparams/final_ratio`` (median over
-the units): runs compare by when they equilibrated.
+TensorBoard, the "HParams" dashboard: one experiment per run, in the run itself. At the start
+of fit (:func:`on_fit_started`, from the callback's ``on_fit_start``, which Lightning calls just
+before its own ``log_hyperparams``), the experiment definition and the session: the module's and
+datamodule's hyper-parameters as Lightning writes them (flattened, sanitised), the theory's inputs
+of the first optimizer's first param group with weight decay (``sdm/optimizer``, ``sdm/lr``,
+``sdm/weight_decay``, ``sdm/momentum``) and the action (``sdm/action``); as metrics
+``hp_metric`` (when the logger has ``default_hp_metric``) and :data:`HPARAMS_METRICS`.
+TensorBoard keeps the first experiment and session of a run (Lightning's, written right after,
+is ignored), so the table is the same after a restart and each run has one row. At the end of
+fit, the metrics' values are scalars of the run: ``sdm/hparams/equilibrium_step`` (the step the
+last unit reached equilibrium; absent if one never did), ``sdm/hparams/equilibrium_fraction``
+and ``sdm/hparams/final_ratio`` (median over the units): runs compare by when they
+equilibrated. (Earlier versions wrote the session in a run of its own, :data:`HPARAMS_RUN`;
+``lightning-sdm report`` still skips it.)
 """
 
 from __future__ import annotations
@@ -57,20 +73,26 @@ from lightning_sdm import _messages
 from lightning_sdm.equilibrium._detector import UnitEquilibrium
 from lightning_sdm.keys import HPARAMS_RUN, Keys
 from lightning_sdm.records import HistoryRecord
-from lightning_sdm.theory._predictions import Prediction
+from lightning_sdm.theory._predictions import Prediction, predict_param_group
 
 __all__ = [
+    "HPARAMS_METRICS",
     "HPARAMS_RUN",
+    "MAX_CHARTS",
     "TABLE_COLUMNS",
     "WINDOW_COLUMNS",
     "WANDB_STEP_KEY_ATTRIBUTES",
     "UnitResult",
     "on_monitoring_finished",
+    "fit_hparams",
     "on_equilibrium_event",
+    "on_fit_started",
     "on_monitoring_started",
     "on_windows_logged",
+    "regimes_markdown",
     "tensorboard_layout",
     "unit_results",
+    "wandb_chart_series",
     "wandb_step_key",
 ]
 
@@ -153,14 +175,83 @@ def unit_results(
 # The margin chart of a unit with granularity="channel": value, lower and upper bound (keys of
 # `CHANNEL_SUMMARIES`).
 _CHANNEL_MARGIN = ("median", "p10", "p90")
+#: Per-unit W&B charts at most (the first units): beyond, a workspace is a wall of panels, and
+#: the table ``sdm/unit_windows`` holds every unit for views of one's own.
+MAX_CHARTS = 24
+# W&B keys of the charts and the report figure.
+_CHARTS = f"{Keys.PREFIX}charts/"
+_REPORT_IMAGE = f"{Keys.PREFIX}report"
 #: Where a WandbLogger may name the key it logs the step under (checked in this order).
 WANDB_STEP_KEY_ATTRIBUTES = ("step_key", "_step_key", "step_metric", "_step_metric")
+#: The metrics of the TensorBoard hparams experiment (scalars logged at the end of fit).
+HPARAMS_METRICS = (
+    f"{Keys.PREFIX}hparams/equilibrium_step",
+    f"{Keys.PREFIX}hparams/equilibrium_fraction",
+    f"{Keys.PREFIX}hparams/final_ratio",
+)
+# SummaryWriters that already hold an hparams experiment (TensorBoard reads the first).
+_HPARAMS_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+# The regimes each SummaryWriter's last `sdm/regimes` text showed, by unit.
+_REGIMES_SHOWN: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
 # SummaryWriters that already hold a layout (a writer accepts one: a second fit keeps the first).
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 # The incremental table of each W&B run (rows are added to it, and it is logged again).
 _WINDOW_TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 _F = TypeVar("_F", bound=Callable[..., None])
+
+
+def fit_hparams(optimizers: Sequence[Any], action: str) -> dict[str, Any]:
+    """The ``sdm/`` columns of the hparams experiment, known at the start of fit.
+
+    The units are found on the first batch, after the experiment must be written; the theory's
+    inputs are read from the first optimizer's first param group with weight decay (where the
+    normalised weights of a usual set-up sit), else its first group.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+        >>> sgd = torch.optim.SGD([{"params": [b], "weight_decay": 0.0}, {"params": [w]}],
+        ...                       lr=0.1, momentum=0.9, weight_decay=5e-4)
+        >>> fit_hparams([sgd], "'warn'")  # doctest: +NORMALIZE_WHITESPACE
+        {'sdm/action': "'warn'", 'sdm/optimizer': 'SGD', 'sdm/lr': 0.1, 'sdm/weight_decay': 0.0005,
+         'sdm/momentum': 0.9}
+    """
+    columns: dict[str, Any] = {f"{Keys.PREFIX}action": action}
+    if not optimizers or not optimizers[0].param_groups:
+        return columns
+    optimizer = optimizers[0]
+    groups = optimizer.param_groups
+    group = next((g for g in groups if _number(g.get("weight_decay")) > 0), groups[0])
+    prediction = predict_param_group(optimizer, group)
+    hyper = prediction.hyperparameters
+    columns[f"{Keys.PREFIX}optimizer"] = prediction.optimizer
+    for name in ("lr", "weight_decay", "momentum"):
+        if name in hyper and math.isfinite(hyper[name]):
+            columns[f"{Keys.PREFIX}{name}"] = float(hyper[name])
+    return columns
+
+
+def on_fit_started(
+    loggers: Iterable[Logger],
+    *,
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+    warned: set[str],
+) -> None:
+    """At the start of fit, before Lightning logs the hyper-parameters: the hparams experiment.
+
+    Args:
+        loggers: the Trainer's loggers (call on rank zero).
+        hparams: the hyper-parameters Lightning is about to log (the module's and the
+            datamodule's ``hparams_initial``).
+        columns: the ``sdm/`` columns (:func:`fit_hparams`).
+        warned: the integrations that already reported a failure (updated).
+    """
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _tensorboard_experiment(logger, warned, hparams, columns)
 
 
 def on_monitoring_started(
@@ -213,21 +304,36 @@ def on_windows_logged(
     global_step: int,
     warned: set[str],
 ) -> None:
-    """After each batch of windows: the new rows of the W&B table ``sdm/unit_windows``."""
+    """After each batch of windows: the W&B table's new rows, TensorBoard's regimes as text.
+
+    The rows of the W&B table ``sdm/unit_windows``; the TensorBoard text ``sdm/regimes`` when a
+    unit's regime changed (a table: unit, regime, why).
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger) and records:
             _wandb_windows(logger, warned, records, global_step)
+        elif isinstance(logger, TensorBoardLogger) and records:
+            _tensorboard_regimes(logger, warned, records, global_step)
 
 
 def on_equilibrium_event(
-    loggers: Iterable[Logger], *, message: str, changed: bool, alerts: bool, warned: set[str]
+    loggers: Iterable[Logger],
+    *,
+    message: str,
+    changed: bool,
+    alerts: bool,
+    warned: set[str],
+    title: str = "lightning_sdm: equilibrium",
 ) -> None:
-    """An equilibrium event: a W&B alert if ``alerts`` (WARN if it ``changed`` the run)."""
+    """An equilibrium event: a W&B alert if ``alerts`` (WARN if it ``changed`` the run).
+
+    ``title`` says what happened (:func:`~lightning_sdm._messages.alert_title`).
+    """
     if not alerts:
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            _wandb_alert(logger, warned, message, changed)
+            _wandb_alert(logger, warned, title, message, changed)
 
 
 def on_monitoring_finished(
@@ -238,13 +344,22 @@ def on_monitoring_finished(
     global_step: int,
     warned: set[str],
     predictions: Mapping[str, Mapping[str, Any]] | None = None,
+    history: Sequence[HistoryRecord] = (),
+    tolerance: float | None = None,
 ) -> None:
-    """At the end of fit: the W&B run summary and per-unit table, the TensorBoard hparams."""
+    """At the end of fit: W&B summary, per-unit table, charts and figure; TensorBoard hparams.
+
+    ``history`` (the callback's) feeds the W&B charts and figure; ``tolerance`` (the
+    detector's) draws the band around the prediction.
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             _wandb_finish(logger, warned, results, fraction, global_step)
+            if history:
+                _wandb_charts(logger, warned, history, tolerance, global_step)
+                _wandb_report_figure(logger, warned, history, global_step)
         elif isinstance(logger, TensorBoardLogger) and results:
-            _tensorboard_hparams(logger, warned, results, fraction, predictions or {}, global_step)
+            _tensorboard_hparams(logger, warned, results, fraction, global_step)
 
 
 def hparams_metrics(results: Sequence[UnitResult], fraction: float) -> dict[str, float]:
@@ -276,23 +391,31 @@ def tensorboard_layout(
 ) -> dict[str, dict[str, list[Any]]]:
     r"""The custom-scalars layout for ``units`` (the argument of ``add_custom_scalars``).
 
-    Multiline charts take anchored, escaped regular expressions, so ``net.1.weight`` never
-    matches ``net.11.weight``. A unit in ``channel_units`` gets a ``Margin`` chart, whose three
-    tags are exact tag names (TensorBoard's margin chart reads them literally): the channels'
-    median between their 10th and 90th percentiles; and a multiline chart of that median and
-    the prediction.
+    Per unit, first a ``Margin`` chart: the ratio measured / predicted inside the tolerance band
+    (``sdm/tolerance_band/lower`` and ``upper``); a margin chart draws one line and shades its
+    band, so the prediction (the band around 1) cannot be mistaken for the measurement. Then a
+    multiline chart of the angular update and the prediction. A unit in ``channel_units`` charts
+    the channels' median ratio, and gets a second margin chart: the channels' median angular
+    update between their 10th and 90th percentiles. Margin charts take exact tag names;
+    multiline charts anchored, escaped regular expressions, so ``net.1.weight`` never matches
+    ``net.11.weight``.
 
     Example::
 
         >>> layout = tensorboard_layout(["net.0.weight"])
-        >>> kind, tags = layout["SDM per unit"]["net.0.weight: angular update (rad/step)"]
-        >>> kind, tags[0]
+        >>> ratio, lines = layout["SDM per unit"].values()
+        >>> ratio  # doctest: +NORMALIZE_WHITESPACE
+        ['Margin', ['sdm/angular_update_ratio/net.0.weight', 'sdm/tolerance_band/lower',
+                    'sdm/tolerance_band/upper']]
+        >>> lines[0], lines[1][0]
         ('Multiline', '^sdm/angular_update/net\\.0\\.weight$')
         >>> sorted(layout["SDM overview"])
         ['angular update / theory', 'weight norm']
         >>> layout = tensorboard_layout(["net.0.weight"], channel_units=["net.0.weight"])
-        >>> band, median = layout["SDM per unit"].values()
-        >>> band  # doctest: +NORMALIZE_WHITESPACE
+        >>> ratio, spread, median = layout["SDM per unit"].values()
+        >>> ratio[1][0]
+        'sdm/angular_update_ratio/net.0.weight/median'
+        >>> spread  # doctest: +NORMALIZE_WHITESPACE
         ['Margin', ['sdm/angular_update/net.0.weight/median',
                     'sdm/angular_update/net.0.weight/p10', 'sdm/angular_update/net.0.weight/p90']]
         >>> median[0]
@@ -302,28 +425,40 @@ def tensorboard_layout(
     def tag(key: str) -> str:
         return f"^{re.escape(prefix + key)}$"
 
+    band = [f"{prefix}{Keys.TOLERANCE_LOWER}", f"{prefix}{Keys.TOLERANCE_UPPER}"]
     per_unit: dict[str, list[Any]] = {}
     ratios, norms = [], []
     by_channel = set(channel_units)
     for unit in units:
         theory = tag(f"{Keys.THEORY}{unit}")
+        # First, the chart read at a glance: measured / predicted inside the band the detector
+        # accepts (a margin chart: one line, its band shaded; no smoothing bends it).
         if unit in by_channel:
-            band = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
+            ratio = f"{Keys.RATIO}{unit}/median"
+            per_unit[f"{unit}: channels' median of measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            spread = [f"{prefix}{Keys.ANGULAR_UPDATE}{unit}/{key}" for key in _CHANNEL_MARGIN]
             per_unit[f"{unit}: angular update, channels' median and p10-p90 band (rad/step)"] = [
                 "Margin",
-                band,
+                spread,
             ]
             per_unit[f"{unit}: channels' median angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}/median"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}/median"))
         else:
-            per_unit[f"{unit}: angular update (rad/step)"] = [
+            ratio = f"{Keys.RATIO}{unit}"
+            per_unit[f"{unit}: measured / predicted, band 1 ± tolerance"] = [
+                "Margin",
+                [prefix + ratio, *band],
+            ]
+            per_unit[f"{unit}: angular update and prediction (rad/step)"] = [
                 "Multiline",
                 [tag(f"{Keys.ANGULAR_UPDATE}{unit}"), theory],
             ]
-            ratios.append(tag(f"{Keys.RATIO}{unit}"))
+        ratios.append(tag(ratio))
         norms.append(tag(f"{Keys.WEIGHT_NORM}{unit}"))
     overview = {
         "angular update / theory": ["Multiline", [*ratios, tag(Keys.MEDIAN_RATIO)]],
@@ -400,6 +535,42 @@ def _tensorboard_text(logger: TensorBoardLogger, warned: set[str], name: str, te
     # Markdown: indented by four spaces, the table keeps its columns.
     body = "\n".join("    " + line for line in text.splitlines())
     logger.experiment.add_text(f"{_prefix(logger)}{Keys.PREFIX}{name}", body, global_step=0)
+
+
+@_guarded("TensorBoard text (regimes)")
+def _tensorboard_regimes(
+    logger: TensorBoardLogger, warned: set[str], records: Sequence[HistoryRecord], global_step: int
+) -> None:
+    writer = logger.experiment
+    shown = _REGIMES_SHOWN.setdefault(writer, {})
+    now = {record.unit: record.regime or "unknown" for record in records}
+    if all(shown.get(unit) == regime for unit, regime in now.items()):
+        return
+    shown.update(now)
+    logger.experiment.add_text(
+        f"{_prefix(logger)}{Keys.PREFIX}regimes", regimes_markdown(records), global_step=global_step
+    )
+
+
+def regimes_markdown(records: Sequence[HistoryRecord]) -> str:
+    """The units' regimes as a Markdown table (TensorBoard's Text tab renders it).
+
+    Example::
+
+        >>> from types import SimpleNamespace as Record
+        >>> record = Record(unit="net.0.weight", regime="non_stationary",
+        ...                 regime_note="ratio trend +3%/tau")
+        >>> print(regimes_markdown([record]))
+        | unit | regime | why |
+        |---|---|---|
+        | net.0.weight | non stationary | ratio trend +3%/tau |
+    """
+    lines = ["| unit | regime | why |", "|---|---|---|"]
+    for record in records:
+        regime = (record.regime or "unknown").replace("_", " ")
+        note = (record.regime_note or "").replace("|", "/")
+        lines.append(f"| {record.unit} | {regime} | {note} |")
+    return "\n".join(lines)
 
 
 def wandb_step_key(logger: Logger) -> str:
@@ -493,49 +664,166 @@ def _wandb_windows(
 
 
 @_guarded("Weights & Biases alert")
-def _wandb_alert(logger: WandbLogger, warned: set[str], message: str, changed: bool) -> None:
+def _wandb_alert(
+    logger: WandbLogger, warned: set[str], title: str, message: str, changed: bool
+) -> None:
     from wandb import AlertLevel  # type: ignore[attr-defined]
 
     level = AlertLevel.WARN if changed else AlertLevel.INFO
     # wait_duration 0: every event alerts (W&B would otherwise drop repeats within a minute).
-    logger.experiment.alert(
-        title="lightning_sdm: equilibrium", text=message, level=level, wait_duration=0
-    )
+    logger.experiment.alert(title=title, text=message, level=level, wait_duration=0)
 
 
-@_guarded("TensorBoard hparams")
+def wandb_chart_series(
+    history: Sequence[HistoryRecord], tolerance: float | None
+) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], dict[str, tuple[list, list]]]:
+    """The lines of the W&B charts: per unit, and of the ratio chart, ``{label: (xs, ys)}``.
+
+    Per unit: ``measured``, ``predicted`` and, with a ``tolerance``, ``predicted -<tol>`` and
+    ``predicted +<tol>`` (windows without a prediction are left out of those); the ratio chart:
+    one line per unit and the band ``1 -<tol>``, ``1 +<tol>`` over the steps of the windows.
+
+    Example::
+
+        >>> from lightning_sdm.records import HistoryRecord
+        >>> rows = [HistoryRecord(global_step=s, optimizer_step=s, unit="w", angular_update=a,
+        ...                       theory=0.02, ratio=a / 0.02, weight_norm=1.0, lr=0.1,
+        ...                       in_equilibrium=False) for s, a in ((10, 0.03), (20, 0.021))]
+        >>> units, ratio = wandb_chart_series(rows, 0.1)
+        >>> units["w"]["measured"]
+        ([10, 20], [0.03, 0.021])
+        >>> sorted(units["w"])
+        ['measured', 'predicted', 'predicted +10%', 'predicted -10%']
+        >>> sorted(ratio)
+        ['1 +10%', '1 -10%', 'w']
+    """
+    units: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    ratio: dict[str, tuple[list, list]] = {}
+    steps: list[int] = []
+    band = f"{tolerance:.0%}" if tolerance is not None else ""
+    for record in history:
+        lines = units.setdefault(record.unit, {"measured": ([], []), "predicted": ([], [])})
+        _add_point(lines["measured"], record.global_step, record.angular_update)
+        if record.theory is not None:
+            _add_point(lines["predicted"], record.global_step, record.theory)
+            if tolerance is not None:
+                for sign, factor in (("-", 1 - tolerance), ("+", 1 + tolerance)):
+                    line = lines.setdefault(f"predicted {sign}{band}", ([], []))
+                    _add_point(line, record.global_step, record.theory * factor)
+        if record.ratio is not None:
+            _add_point(ratio.setdefault(record.unit, ([], [])), record.global_step, record.ratio)
+        if not steps or steps[-1] != record.global_step:
+            steps.append(record.global_step)
+    if tolerance is not None and ratio:
+        for sign, level in (("-", 1 - tolerance), ("+", 1 + tolerance)):
+            ratio[f"1 {sign}{band}"] = (list(steps), [level] * len(steps))
+    return units, ratio
+
+
+def _add_point(line: tuple[list, list], step: int, value: float) -> None:
+    line[0].append(step)
+    line[1].append(float(value))
+
+
+@_guarded("Weights & Biases charts")
+def _wandb_charts(
+    logger: WandbLogger,
+    warned: set[str],
+    history: Sequence[HistoryRecord],
+    tolerance: float | None,
+    global_step: int,
+) -> None:
+    import wandb
+
+    units, ratio = wandb_chart_series(history, tolerance)
+    charts: dict[str, Any] = {}
+    for unit, lines in list(units.items())[:MAX_CHARTS]:
+        drawn = {label: line for label, line in lines.items() if line[0]}
+        charts[f"{_CHARTS}{unit}"] = wandb.plot.line_series(
+            xs=[xs for xs, _ in drawn.values()],
+            ys=[ys for _, ys in drawn.values()],
+            keys=list(drawn),
+            title=_messages.wandb_unit_chart_title(unit),
+            xname="global step",
+        )
+    if ratio:
+        charts[f"{_CHARTS}ratio"] = wandb.plot.line_series(
+            xs=[xs for xs, _ in ratio.values()],
+            ys=[ys for _, ys in ratio.values()],
+            keys=list(ratio),
+            title=_messages.wandb_ratio_chart_title(tolerance),
+            xname="global step",
+        )
+    # Through the logger, like the scalars: its prefix and its step key.
+    logger.log_metrics(charts, step=global_step)
+
+
+@_guarded("Weights & Biases report figure")
+def _wandb_report_figure(
+    logger: WandbLogger, warned: set[str], history: Sequence[HistoryRecord], global_step: int
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the figure is optional: [plot]
+        return
+    import tempfile
+    import warnings
+
+    import wandb
+
+    from lightning_sdm.report import plot_run, run_from_history
+    from lightning_sdm.report._plot import MAX_UNIT_PANELS
+
+    data = run_from_history(history, source="lightning_sdm")
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "only the first 24 units": the caption says it
+        path = f"{directory}/sdm_report.png"
+        plot_run(data, path=path, dpi=80)
+        shown = min(len(data.units), MAX_UNIT_PANELS)
+        caption = _messages.report_figure_caption(shown, len(data.units), global_step)
+        # wandb.Image copies the file into the run when logged, before the directory goes.
+        image = wandb.Image(path, caption=caption)
+        logger.log_metrics({_REPORT_IMAGE: image}, step=global_step)  # type: ignore[dict-item]
+
+
+@_guarded("TensorBoard hparams experiment")
+def _tensorboard_experiment(
+    logger: TensorBoardLogger,
+    warned: set[str],
+    hparams: Mapping[str, Any],
+    columns: Mapping[str, Any],
+) -> None:
+    writer = logger.experiment
+    if writer in _HPARAMS_WRITTEN:  # a second fit into the same run: TensorBoard reads the first
+        return
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
+    # scalars as numbers), so a column is named and typed as without the callback.
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(dict(hparams))))
+    params = {key: _hparam_value(value) for key, value in flat.items()}
+    prefix = _prefix(logger)
+    metrics = dict.fromkeys((prefix + key for key in HPARAMS_METRICS), 0.0)
+    if getattr(logger, "_default_hp_metric", False):  # the column Lightning's session defines
+        metrics[f"{prefix}hp_metric"] = -1.0
+    file_writer = writer._get_file_writer()
+    for summary in hparams_summaries({**params, **columns}, metrics):
+        file_writer.add_summary(summary)
+    file_writer.flush()
+    _HPARAMS_WRITTEN.add(writer)
+
+
+@_guarded("TensorBoard hparams metrics")
 def _tensorboard_hparams(
     logger: TensorBoardLogger,
     warned: set[str],
     results: Sequence[UnitResult],
     fraction: float,
-    predictions: Mapping[str, Mapping[str, Any]],
     global_step: int,
 ) -> None:
-    first = results[0]
-    inputs = dict(predictions.get(first.unit, {}))
-    ours = {
-        f"{Keys.PREFIX}optimizer": first.optimizer,
-        f"{Keys.PREFIX}lr": first.lr,
-        f"{Keys.PREFIX}weight_decay": first.weight_decay,
-        f"{Keys.PREFIX}momentum": _number(inputs.get("momentum")),
-    }
-    ours = {k: v for k, v in ours.items() if not (isinstance(v, float) and math.isnan(v))}
-    # A run of its own (TensorBoard reads one session per run, the first: Lightning's, written
-    # at the start, stays as it is), with the logger's own hyper-parameters beside ours so that
-    # the dashboard compares runs on both.
-    # Flattened and sanitised as Lightning writes its own session (nested dicts as a/b, numpy
-    # scalars as numbers), so the columns of both sessions line up; then what remains as text.
-    from lightning.fabric.utilities.logger import _flatten_dict
-
-    flat = logger._sanitize_params(_flatten_dict(dict(logger.hparams)))
-    params = {key: _hparam_value(value) for key, value in flat.items()}
-    logger.experiment.add_hparams(
-        {**params, **ours},
-        hparams_metrics(results, fraction),
-        run_name=HPARAMS_RUN,
-        global_step=global_step,
-    )
+    # Scalars of the run: the metric columns of the experiment written at the start.
+    logger.log_metrics(hparams_metrics(results, fraction), step=global_step)
 
 
 def _hparam_value(value: Any) -> Any:

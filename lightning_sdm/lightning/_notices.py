@@ -1,16 +1,30 @@
-"""What the callback tells the user, each thing once, on rank zero (texts in ``_messages``)."""
+"""What the callback tells the user, each thing once, on rank zero (texts in ``_messages``).
+
+Two channels, as in Lightning:
+
+* :data:`log`, the ``logging`` logger ``"lightning_sdm"`` (set up as Lightning sets up
+  ``"lightning.pytorch"``: level INFO, its own console handler unless the root logger has one),
+  for routine events and advisory notes: what was found, what theory predicts, the notes on the
+  param groups and the schedule, units entering equilibrium, the summary at the end of fit. With
+  ``verbose=False`` they go to DEBUG (``logging.getLogger("lightning_sdm").setLevel`` works too).
+  They are not Python warnings: ``python -W error`` never stops a run on a note.
+* ``warnings`` (``rank_zero_warn``) for what a user must act on: no unit found, a failed trace, a
+  unit that fails the invariance check, NaN, a param-group set-up that breaks the predictions, a
+  lost logger, and the equilibrium events with ``on_equilibrium="warn"``.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
-from lightning_sdm.advice._advice import Advice, advise
+from lightning_sdm.advice._advice import Advice, GroupAdvice, advise
 from lightning_sdm.advice._audit import Finding, audit_param_groups
 from lightning_sdm.advice._schedule import ScheduledLR
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
@@ -19,10 +33,25 @@ from lightning_sdm.monitor._cost import schedule_within
 from lightning_sdm.monitor._monitor import SphericalMonitor, orthogonality_threshold
 from lightning_sdm.records import UnitWindow
 
-__all__ = ["Notices"]
+__all__ = ["Notices", "check_verbose", "log"]
+
+#: The package's logger (see the module docstring).
+log = logging.getLogger("lightning_sdm")
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers() and not log.handlers:
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
 
 # Audit findings that break the predictions: warnings; the others are notes.
 _SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit")
+
+
+def check_verbose(verbose: object) -> bool:
+    """``verbose`` as given, or a ``ValueError`` naming it."""
+    if not isinstance(verbose, bool):
+        raise ValueError(_messages.not_a_bool("verbose", verbose))
+    return verbose
 
 
 def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) -> dict[str, str]:
@@ -39,19 +68,36 @@ def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) ->
 class Notices:
     """One-time warnings and notes of one callback (the estimate survives a resume)."""
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = True) -> None:
+        self.verbose = verbose
         self.warned: set[str] = set()
         self.estimate_announced = False
         self._without_prediction: set[str] | None = None
 
     def warn_once(self, key: str, message: str) -> None:
+        """A Python warning, once: something the user must act on."""
         if key not in self.warned:
             self.warned.add(key)
             rank_zero_warn(message)
 
+    def info(self, message: str) -> None:
+        """A routine event or an advisory note: INFO on rank zero, DEBUG when not verbose."""
+        _emit(logging.INFO if self.verbose else logging.DEBUG, message)
+
+    def detail(self, message: str) -> None:
+        """What the loggers and the callback's attributes hold in full: DEBUG only."""
+        _emit(logging.DEBUG, message)
+
+    def info_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.info(message)
+
     def discovery(self, report: InvarianceReport, model: str) -> None:
-        """What the traces of the first batch found."""
-        rank_zero_info(f"{_messages.PREFIX} {report.short_summary()}")
+        """What the traces of the first batch found (one line; ``report.summary()``: all)."""
+        names = [unit.name for unit in report.units]
+        self.info(_messages.units_found(names, report.method, report.rejection_counts()))
+        self.detail(f"{_messages.PREFIX} {report.short_summary()}")
         if report.failed:
             names = [unit.name for unit in report.units]
             self.warn_once("trace_failed", _messages.trace_failed(report.notes, names))
@@ -77,11 +123,13 @@ class Notices:
             for name, (opt, group) in monitor.parameter_groups().items()
         }
         advice = advise(optimizers, units, budget, steps_per_epoch, list(schedules))
-        rank_zero_info(
+        # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
+        self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))
+        self.detail(
             f"{_messages.PREFIX} What theory predicts for these settings:\n{advice.table()}"
         )
-        for line in advice.warnings():
-            self.warn_once(f"advice:{line}", f"{_messages.PREFIX} {line}")
+        for line in advice.warnings():  # advisory: the run is valid as it is
+            self.info_once(f"advice:{line}", f"{_messages.PREFIX} note: {line}")
         invariant = report.units if report is not None else monitor.unit_specs
         findings = audit_param_groups(module, optimizers, invariant, report)
         for finding in findings:
@@ -89,7 +137,7 @@ class Notices:
             if finding.kind in _SERIOUS:
                 self.warn_once(f"audit:{finding.kind}", text)
             else:
-                rank_zero_info(text)
+                self.info_once(f"audit:{finding.kind}", text)
         return advice, findings
 
     def monitor_started(self, monitor: SphericalMonitor) -> None:
@@ -130,7 +178,7 @@ class Notices:
             assert every is not None
             fitting = schedule_within(budget, every, window, per_measured, per_step)
             figures = (fraction, per_measured, per_step, every, window, budget, fitting)
-            rank_zero_info(_messages.monitor_cost(*figures))
+            self.info(_messages.monitor_cost(*figures))
 
     def verification(self, monitor: SphericalMonitor, tolerance: float) -> None:
         """Units whose gradient is not orthogonal to them (probably not scale-invariant)."""
@@ -154,11 +202,24 @@ class Notices:
         estimate = detector.steps_to_equilibrium()
         if not self.estimate_announced and math.isfinite(estimate) and estimate > 0:
             self.estimate_announced = True
-            rank_zero_info(_messages.steps_to_equilibrium(global_step, estimate, detector.quorum))
-        for name in entered:
+            self.info(_messages.steps_to_equilibrium(global_step, estimate, detector.quorum))
+        for name in entered:  # each unit in the summary at the end; the event says the quorum
             state = detector.state[name]
-            rank_zero_info(
+            self.detail(
                 _messages.entered_equilibrium(
                     name, state.reached_global_step, state.reached_optimizer_step, state.criterion
                 )
             )
+
+
+def _prediction_line(group: GroupAdvice) -> tuple[str, float | None, float | None]:
+    """A group's label, predicted angle and relaxation time at the peak LR, for the console."""
+    where = f"{group.prediction.optimizer} optimizer {group.optimizer_index} group "
+    taus = [phase.relaxation_time for phase in group.phases if phase.relaxation_time]
+    tau = min(taus) if taus else None  # at the peak LR, as the angle
+    return f"{where}{group.group_index}", group.prediction.angular_update, tau
+
+
+@rank_zero_only
+def _emit(level: int, message: str) -> None:
+    log.log(level, message)

@@ -16,6 +16,7 @@ variable                            argument of :class:`~lightning_sdm.Spherical
 ``LIGHTNING_SDM_TOLERANCE``         ``tolerance`` (number)
 ``LIGHTNING_SDM_PATIENCE``          ``patience`` (integer)
 ``LIGHTNING_SDM_ON_EQUILIBRIUM``    ``on_equilibrium``: ``warn``, ``stop`` or ``decay_lr``
+``LIGHTNING_SDM_VERBOSE``           ``verbose``: on (1/true/yes/on) or off (0/false/no/off)
 ==================================  =============================================================
 
 An invalid value raises a ``ValueError`` naming the variable when the ``Trainer`` is created. If
@@ -42,7 +43,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_sdm import _messages
@@ -72,6 +73,13 @@ def _params(raw: str) -> str | list[str]:
     return "auto" if patterns == ["auto"] else patterns
 
 
+def _switch(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _ON or value in _OFF:
+        return value in _ON
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+
 # variable suffix -> (argument, parser)
 _SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PARAMS": ("params", _params),
@@ -81,6 +89,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TOLERANCE": ("tolerance", float),
     "PATIENCE": ("patience", int),
     "ON_EQUILIBRIUM": ("on_equilibrium", str.strip),
+    "VERBOSE": ("verbose", _switch),
 }
 
 
@@ -105,7 +114,7 @@ class EnvSphericalDynamicsCallback(SphericalDynamicsCallback):
             # A new list: Lightning is iterating over the current one to call `setup`.
             remaining = [cb for cb in trainer.callbacks if cb is not self]  # type: ignore[attr-defined]
             trainer.callbacks = remaining  # type: ignore[attr-defined]
-            rank_zero_info(_messages.plugin_not_used(ENV_PREFIX))
+            self._notices.info(_messages.plugin_not_used(ENV_PREFIX))
             return
         super().setup(trainer, pl_module, stage)
 

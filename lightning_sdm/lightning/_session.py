@@ -28,14 +28,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sdm import _messages
 from lightning_sdm.actions._actions import ActionContext, EquilibriumAction
 from lightning_sdm.actions._policy import EquilibriumPolicy, decays_of
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
-from lightning_sdm.keys import event_metrics, summary_metrics, window_metrics
+from lightning_sdm.keys import Keys, LogLevel, event_metrics, summary_metrics, window_metrics
 from lightning_sdm.lightning import _loggers
 from lightning_sdm.lightning._notices import Notices
 from lightning_sdm.monitor._monitor import SphericalMonitor
@@ -84,16 +84,20 @@ class Session:
         detector: judges each unit's windows.
         policy: turns the detector's verdicts into events and carries out its action.
         alerts: send each event to W&B as an alert.
+        log_level: which keys each window logs (:data:`~lightning_sdm.keys.LogLevel`).
     """
 
     config: MonitorConfig
     detector: EquilibriumDetector
     policy: EquilibriumPolicy
     alerts: bool = False
+    log_level: LogLevel = "summary"
     history: list[HistoryRecord] = field(default_factory=list)
     notices: Notices = field(default_factory=Notices)
     #: Logger extras that already reported a failure (each is reported once).
     logger_failures: set[str] = field(default_factory=set)
+    #: The regimes some unit was in (``log_level="detailed"`` counts these, zeros included).
+    regimes_seen: set[str] = field(default_factory=set)
 
     @property
     def action(self) -> EquilibriumAction:
@@ -118,10 +122,13 @@ class Session:
         detector = self.detector
         entered = detector.update(windows)
         invariance = monitor.invariance
-        metrics: dict[str, float] = {}
+        detailed = self.log_level == "detailed"
+        tolerance = detector.tolerance
+        metrics = {Keys.TOLERANCE_LOWER: 1.0 - tolerance, Keys.TOLERANCE_UPPER: 1.0 + tolerance}
         for window in windows:
             state = detector.state[window.unit]
-            metrics.update(window_metrics(window, state.in_equilibrium, state.regime))
+            regime = state.regime if detailed else None  # as text in TensorBoard either way
+            metrics.update(window_metrics(window, state.in_equilibrium, regime))
             self.history.append(
                 HistoryRecord.from_window(
                     window,
@@ -140,7 +147,10 @@ class Session:
                 warned=self.logger_failures,
             )
         fraction, eta = detector.fraction(), detector.steps_to_equilibrium()
-        metrics.update(summary_metrics(windows, fraction, eta, detector.regimes()))
+        counts = detector.regimes()
+        self.regimes_seen.update(counts)
+        regimes = {regime: counts.get(regime, 0) for regime in self.regimes_seen}
+        metrics.update(summary_metrics(windows, fraction, eta, regimes if detailed else None))
         self.notices.windows(windows, detector, entered, step)
         try:
             metrics.update(self._act(monitor, windows, host))
@@ -177,7 +187,8 @@ class Session:
             host.request_stop()
         action = self.policy.action
         text = _messages.describe_event(event, decays_of(action))
-        (rank_zero_warn if action.warns else rank_zero_info)(text)
+        # "warn" asked for a warning; another action's event is routine: the log, once.
+        rank_zero_warn(text) if action.warns else self.notices.info(text)
         if host.is_global_zero:
             # Stopped by the action (request_stop sets it) or by a user callable: the Trainer
             # knows either way; under Fabric the loop is the user's and nothing stops.
@@ -188,6 +199,7 @@ class Session:
                 changed=event.new_lrs != event.old_lrs or stopped,
                 alerts=self.alerts,
                 warned=self.logger_failures,
+                title=_messages.alert_title(event, stopped),
             )
         return event_metrics(event, decays_of(action))
 

@@ -10,6 +10,7 @@ from lightning_sdm.advice._schedule import ScheduledLR
 
 __all__ = [
     "budget_of",
+    "logged_hparams",
     "optimizer_budget",
     "stepping_optimizers",
     "lr_schedulers",
@@ -19,6 +20,31 @@ __all__ = [
     "steps_per_epoch",
     "trainer_schedules",
 ]
+
+
+def logged_hparams(trainer: Any) -> dict[str, Any]:
+    """The hyper-parameters Lightning logs at the start of fit (``loggers/utilities.py``).
+
+    The module's and the datamodule's ``hparams_initial``, each only where it logs them
+    (``save_hyperparameters(logger=False)`` keeps them out), without LightningCLI's
+    ``_class_path``. A conflict between the two is Lightning's to report, right after.
+
+    Example::
+
+        >>> from types import SimpleNamespace as Namespace
+        >>> module = Namespace(_log_hyperparams=True, hparams_initial={"lr": 0.1})
+        >>> data = Namespace(_log_hyperparams=True, hparams_initial={"batch_size": 32})
+        >>> logged_hparams(Namespace(lightning_module=module, datamodule=data))
+        {'lr': 0.1, 'batch_size': 32}
+        >>> logged_hparams(Namespace(lightning_module=module, datamodule=None))
+        {'lr': 0.1}
+    """
+    hparams: dict[str, Any] = {}
+    for owner in (trainer.lightning_module, getattr(trainer, "datamodule", None)):
+        if owner is not None and getattr(owner, "_log_hyperparams", False):
+            hparams.update(owner.hparams_initial)
+    hparams.pop("_class_path", None)
+    return hparams
 
 
 def budget_of(trainer: Any) -> int | None:

@@ -6,8 +6,8 @@ per unit each time a window closes. It knows no Trainer and no logger: the adapt
 :mod:`lightning_sdm.lightning` (and ``examples/plain_pytorch.py``) drive it.
 
 Inside: ``_monitor`` (the object and its hooks), ``_watch`` (which tensors of which optimizer,
-laid out once), ``_sync`` (the monitor's own process group and bounded collectives) and
-``_cost`` (the time its hooks take).
+laid out once), ``_sync`` (the monitor's own process group; one bounded collective per closed
+window) and ``_cost`` (the time its hooks take).
 """
 
 from lightning_sdm.monitor._monitor import SphericalMonitor, orthogonality_threshold

@@ -37,6 +37,9 @@ class CostMeter:
         self._start: float | None = None
         self._last: float | None = None
         self._freeze = False
+        #: Seconds the fused measurement spent compiling (``engine="compiled"``; 0 otherwise):
+        #: paid once per layout at the first measured step, so outside the steady figures.
+        self.compile_seconds = 0.0
         #: The first steady-state interval's figures, as they were when its window closed:
         #: ``(fraction, seconds per measured step, seconds per step)``; ``None`` until then.
         self.steady: tuple[float, float, float] | None = None

@@ -39,8 +39,8 @@ from lightning_sdm.monitor._state import check_monitor_state
 from lightning_sdm.monitor._sync import (
     RanksOutOfStepError,
     all_agree,
-    all_reduce_sum,
     monitor_group,
+    reduce_window,
     run_collective,
 )
 from lightning_sdm.monitor._watch import (
@@ -55,6 +55,7 @@ from lightning_sdm.theory._predictions import (
     Prediction,
     equilibrium_norm_exponent,
     explain_equilibrium,
+    for_shape,
     relaxation_time,
 )
 from lightning_sdm.units import Unit
@@ -165,7 +166,7 @@ class SphericalMonitor:
             )
         optimizer_list = list(optimizer_list)
         self._watches, self.skipped = build_watches(
-            module, optimizer_list, unit_list, config.granularity, self._group
+            module, optimizer_list, unit_list, config.granularity, self._group, config.engine
         )
 
     # ---------------------------------------------------------------- public API
@@ -205,7 +206,7 @@ class SphericalMonitor:
         for watch in self._watches:
             groups = explain_equilibrium(watch.optimizer)
             for unit in watch.units:
-                result[unit.spec.name] = groups[unit.group_index]
+                result[unit.spec.name] = for_shape(groups[unit.group_index], unit.tensors[0].shape)
         return result
 
     def parameter_groups(self) -> dict[str, tuple[Optimizer, int]]:
@@ -319,6 +320,7 @@ class SphericalMonitor:
             watch.horizon_metric.reset()
             watch.free_buffers()
             watch.predictions = []
+            watch.pending_checks = []
             watch.measuring = watch.provisional = False
             if watch.optimizer_index not in saved_indices:
                 continue
@@ -395,7 +397,7 @@ class SphericalMonitor:
             if closes:
                 where = f"the window closing at optimizer step {watch.steps_done}"
                 with torch.no_grad():
-                    self._collective(lambda: self._close_window(watch), where)
+                    self._collective(lambda: self._close_window(watch, where), where)
             if measured or closes:
                 self.cost.add(self.cost.clock() - start, measured)
             if closes and watch is self._watches[0]:
@@ -439,6 +441,7 @@ class SphericalMonitor:
             watch.free_buffers()
             watch.measuring = watch.provisional = False
             watch.predictions = []
+            watch.pending_checks = []
             watch.metric.reset()
             watch.horizon_metric.reset()
         warnings.warn(self.stopped, UserWarning, stacklevel=2)
@@ -463,6 +466,8 @@ class SphericalMonitor:
         assert watch.snapshot is not None
         currents = [p.detach() for p in watch.tensors]
         rows = watch.statistics(watch.snapshot, currents)
+        # The fused engine's one-time compile, counted apart from the steady per-step cost.
+        self.cost.compile_seconds = sum(w.statistics.compile_seconds for w in self._watches)
         watch.metric.update(statistics=self._to_unit_rows(watch, rows))
         position = self.config.position_in_window(watch.steps_done)
         horizon = self.config.horizon
@@ -496,9 +501,13 @@ class SphericalMonitor:
         rows = watch.tensor_statistics(
             watch.snapshot, [g.detach() for g in grads if g is not None], curr_is_delta=True
         )
-        per_tensor = self._collective(
-            lambda: all_reduce_sum(rows, self._group), "the gradient-orthogonality check"
-        )
+        if self._group is None:
+            self._apply_check(watch, rows)
+        else:  # summed over the ranks with the window's statistics, in its one collective
+            watch.pending_checks.append(rows)
+
+    def _apply_check(self, watch: _OptimizerWatch, per_tensor: Tensor) -> None:
+        """One step's check from its per-tensor statistics (summed over the ranks)."""
         tolerance = self.config.orthogonality_tolerance
         for unit, tensor_rows in zip(watch.units, unit_tensor_rows(watch.units), strict=True):
             cosine = cosine_from_statistics(per_tensor[tensor_rows].sum(dim=0)).abs().item()
@@ -508,14 +517,43 @@ class SphericalMonitor:
             violated = unit.max_abs_cosine > orthogonality_threshold(unit.tensors, tolerance)
             unit.invariance = "violated" if violated else "verified"
 
-    def _close_window(self, watch: _OptimizerWatch) -> None:
-        watch.metric.sync_on_compute = self.sync_on_compute
+    def _reduce_window(self, watch: _OptimizerWatch, where: str) -> None:
+        """Sum the window's statistics and its pending checks over the ranks: one collective.
+
+        Everything the window needs from the other ranks travels in one buffer (the per-step
+        and the multi-step statistics of every unit row, the orthogonality checks' rows), so a
+        window costs one all-reduce of ``O(window * rows)`` float64 values whatever the number
+        of units, tensors or mesh dimensions (torchmetrics' own synchronisation would gather
+        each state separately, after a gather of the shapes).
+        """
+        checks = torch.stack(watch.pending_checks) if watch.pending_checks else None
+        watch.pending_checks = []
+        config = self.config
+        parts: list[tuple[Tensor, int, int]] = []
+        synced = self._group is not None and self.sync_on_compute
+        if synced:
+            horizon = watch.horizon_metric.step_statistics
+            parts.append((watch.metric.step_statistics, config.window, watch.num_rows))
+            parts.append((horizon, config.window // config.horizon, watch.num_rows))
+        if checks is not None:  # the first windows only (``verify_steps``), alike on every rank
+            parts.append((checks, min(config.window, config.verify_steps), len(watch.tensors)))
+        if not parts:
+            return
+        device = watch.tensors[0].device
+        summed = reduce_window(parts, self._group, device, where, config.sync_timeout)
+        if synced:
+            watch.metric.step_statistics, watch.horizon_metric.step_statistics = summed[:2]
+        if checks is not None:
+            for rows in summed[-1]:
+                self._apply_check(watch, rows)
+
+    def _close_window(self, watch: _OptimizerWatch, where: str) -> None:
+        self._reduce_window(watch, where)  # the metrics themselves never synchronise
         # torchmetrics squeezes one-element results to scalars: restore the unit axis. The
         # results go to the host once per window, not once per unit and value.
         result = {key: value.reshape(-1).cpu() for key, value in watch.metric.compute().items()}
         watch.metric.reset()
         if watch.horizon_metric.step_statistics.shape[0] > 0:
-            watch.horizon_metric.sync_on_compute = self.sync_on_compute
             result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
@@ -552,7 +590,9 @@ class SphericalMonitor:
         global_step: int,
     ) -> UnitWindow:
         """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
-        values = [p[unit.group_index].angular_update for p in predictions]
+        # Muon's prediction depends on the matrix's shape: the group's value is refined per unit.
+        shape = unit.tensors[0].shape
+        values = [for_shape(p[unit.group_index], shape).angular_update for p in predictions]
         frozen_now = not any(t.requires_grad for t in unit.tensors)
         theory = None
         if not frozen_now and all(v is not None for v in values):

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sdm._engine import BatchedStatistics, reshard_fsdp
+from lightning_sdm._engine import BatchedStatistics, check_placements, reshard_fsdp
+from lightning_sdm.config import Engine
 from lightning_sdm.metric import AngularUpdate
+from lightning_sdm.monitor._fused import statistics_engine
 from lightning_sdm.records import Granularity, Invariance
 from lightning_sdm.theory._predictions import Prediction
 from lightning_sdm.units import Unit
@@ -55,12 +57,15 @@ class _OptimizerWatch:
     steps_done: int = 0
     snapshot: list[Tensor] | None = None
     anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
-    horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)
+    horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)  # (set by _make_watch)
     predictions: list[list[Prediction]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     measuring: bool = False
     provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)
     optimizer_index: int = 0  # position among the optimizers given to the monitor
+    # Per-tensor rows of the gradient-orthogonality checks of the open window, not yet summed
+    # over ranks: they travel with the window's statistics in its one collective.
+    pending_checks: list[Tensor] = field(default_factory=list)
 
     @property
     def unit_rows(self) -> int:
@@ -88,6 +93,7 @@ def build_watches(
     specs: Sequence[Unit],
     granularity: Granularity,
     group: Any | None,
+    engine: Engine = "eager",
 ) -> tuple[list[_OptimizerWatch], dict[str, str]]:
     """One watch per optimizer that updates some of ``specs``; and the units none updates (why).
 
@@ -116,7 +122,7 @@ def build_watches(
             continue
         assigned[owner[0]].append((spec, tensors, owner[1]))
     watches = [
-        _make_watch(index, opt, entries, granularity, group)
+        _make_watch(index, opt, entries, granularity, group, engine)
         for index, (opt, entries) in enumerate(zip(optimizers, assigned, strict=True))
         if entries
     ]
@@ -131,6 +137,7 @@ def _check_unit_tensors(spec: Unit, tensors: list[nn.Parameter]) -> None:
                 f"Unit {spec.name!r}: parameter {name!r} is {tensor.dtype}; angular updates are "
                 "defined for real floating-point tensors. Leave it out of `params`."
             )
+        check_placements(tensor, f"Unit {spec.name!r}: parameter {name!r}")
     ndim = tensors[0].dim()
     if not -max(ndim, 1) <= spec.channel_dim < max(ndim, 1):
         raise ValueError(
@@ -173,6 +180,7 @@ def _make_watch(
     entries: list[tuple[Unit, list[nn.Parameter], int]],
     granularity: Granularity,
     group: Any | None,
+    engine: Engine,
 ) -> _OptimizerWatch:
     units: list[_Unit] = []
     tensors: list[nn.Parameter] = []
@@ -198,8 +206,9 @@ def _make_watch(
         units.append(_Unit(spec, unit_tensors, group_index, rows, per_channel))
         row += channels
     row_to_unit_row = torch.cat(row_map)
-    statistics = BatchedStatistics(dims)
-    # Whole-tensor units already have one row per tensor: the check shares their layout.
+    statistics = statistics_engine(dims, engine)
+    # Whole-tensor units already have one row per tensor: the check shares their layout (the
+    # check's sums, of a gradient, always run eagerly: three measured steps of a run).
     whole = all(d is None for d in dims)
     return _OptimizerWatch(
         optimizer=optimizer,
@@ -208,8 +217,10 @@ def _make_watch(
         dims=dims,
         row_to_unit_row=row_to_unit_row,
         num_rows=row,
-        metric=AngularUpdate(process_group=group),
-        horizon_metric=AngularUpdate(process_group=group),
+        # Not synchronised by torchmetrics: the monitor sums a window's statistics itself, all
+        # of them in one collective (SphericalMonitor._reduce_window).
+        metric=AngularUpdate(process_group=group, sync_on_compute=False),
+        horizon_metric=AngularUpdate(process_group=group, sync_on_compute=False),
         statistics=statistics,
         tensor_statistics=statistics if whole else BatchedStatistics([None] * len(dims)),
         member_counts=torch.bincount(row_to_unit_row, minlength=row).to(torch.float64),

@@ -1,8 +1,9 @@
 """After the run, without torch: read a run's logs, draw its figure, the ``lightning-sdm`` command.
 
-``_rundata`` reads TensorBoard event files, ``metrics.csv`` or a callback's ``history`` into a
-:class:`RunData`; ``_plot`` draws it (matplotlib, imported on first use); ``_cli`` is the command
-line. Nothing here imports torch, torchmetrics or Lightning (a test holds it to that).
+``_rundata`` reads TensorBoard event files, ``metrics.csv``, a W&B run (through ``_wandb``) or a
+callback's ``history`` into a :class:`RunData`; ``_plot`` draws it (matplotlib, imported on first
+use); ``_cli`` is the command line. Nothing here imports torch, torchmetrics or Lightning (a test
+holds it to that).
 """
 
 from lightning_sdm.report._cli import format_summary, main

@@ -1,11 +1,12 @@
 """The ``lightning-sdm`` command.
 
 ``lightning-sdm report LOG_DIR -o report.png`` finds a run written with
-:class:`~lightning_sdm.SphericalDynamicsCallback` under ``LOG_DIR`` (TensorBoard event files or a
-CSVLogger ``metrics.csv``, in subdirectories too; the newest run with ``sdm/`` keys unless
-``--run`` names one), draws the report figure (:func:`lightning_sdm.report.plot_run`), and prints
-per unit the last measured RMS angular update, the prediction, their ratio and the equilibrium
-step. ``--summary FILE.md`` also writes that table as Markdown (GitHub-flavoured: unit names in
+:class:`~lightning_sdm.SphericalDynamicsCallback` under ``LOG_DIR`` (TensorBoard event files, a
+CSVLogger ``metrics.csv`` or a W&B run directory, offline or synced, read from its files without
+network; in subdirectories too; the newest run with ``sdm/`` keys unless ``--run`` names one),
+draws the report figure (:func:`lightning_sdm.report.plot_run`), and prints per unit the last
+measured RMS angular update, the prediction, their ratio and the equilibrium step.
+``--summary FILE.md`` also writes that table as Markdown (GitHub-flavoured: unit names in
 code spans, ``|`` escaped).
 
 The figure has the panels of at most 24 units (the first ones; its ratio and norm panels show
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="draw the figure and print the per-unit summary of a logged run",
         description=(
-            "Read a TensorBoard or CSV log directory written with SphericalDynamicsCallback, "
+            "Read a TensorBoard, CSV or W&B (offline or synced run directory, or its wandb/ "
+            "parent; no network) log written with SphericalDynamicsCallback, "
             "save the report figure and print a per-unit summary. The figure has the panels of "
             f"at most {MAX_UNIT_PANELS} units (the first ones; its ratio and norm panels show "
             "all, and so does the table): --units picks which. Nothing is written over an "
@@ -167,7 +169,9 @@ def _report(args: argparse.Namespace) -> int:
     runs = find_runs(log_dir)
     if args.list:
         if not runs:
-            raise RunDataError(f"no TensorBoard event files or metrics.csv under {log_dir}")
+            raise RunDataError(
+                f"no TensorBoard event files, metrics.csv or W&B run under {log_dir}"
+            )
         for run in runs:
             print(printable(f"{run.kind:<12} {relative_path(run.path, log_dir)}"))
         return 0

@@ -1,19 +1,23 @@
 """Reading what :class:`~lightning_sdm.SphericalDynamicsCallback` recorded, from any source.
 
-Three sources give the same :class:`RunData`:
+Four sources give the same :class:`RunData`:
 
 * ``callback.history`` (in-process, the most complete: it knows when each unit was in
   equilibrium) through :func:`run_from_history`;
 * a TensorBoard run directory (``events.out.tfevents.*``, read with TensorBoard's
   ``EventAccumulator``; every scalar is kept, no reservoir sampling) and
-* a ``metrics.csv`` written by Lightning's ``CSVLogger``, both through :func:`load_run`, which also
-  searches a log root for runs (:func:`find_runs`) and picks the newest one with ``sdm/`` keys.
+* a ``metrics.csv`` written by Lightning's ``CSVLogger`` and
+* a Weights & Biases run directory, offline or synced (its ``run-<id>.wandb`` transaction log,
+  read from the file with the ``wandb`` package's protobuf classes, no network: see
+  ``_wandb``), all three through :func:`load_run`, which also searches a log root (a ``wandb/``
+  directory included) for runs (:func:`find_runs`) and picks the newest one with ``sdm/`` keys.
 
 Units logged with ``granularity="channel"`` carry ``/mean``, ``/std``, ... suffixes instead of one
 value; their unit-level RMS angular update is recovered exactly as ``sqrt(mean^2 + std^2)`` (the
 RMS over channels of the per-channel RMS, which is what ``history`` holds), and the unit-level
 ratio as that RMS over the prediction. TensorBoard stores scalars as float32, so values read from
-event files agree with the history to about 1e-7 relative; ``metrics.csv`` holds them exactly.
+event files agree with the history to about 1e-7 relative; ``metrics.csv`` and W&B hold them
+exactly.
 
 Logs hold only the overall ``sdm/equilibrium_fraction``, not which unit was in equilibrium: per
 unit, :meth:`RunData.equilibrium` is exact for the history (and for a run with one unit), and
@@ -73,11 +77,15 @@ REGIME = Keys.REGIME
 
 TENSORBOARD = "tensorboard"
 CSV = "csv"
+WANDB = "wandb"
 HISTORY = "history"
 
 _REGIME_NAMES = {float(code): name for name, code in REGIME_CODES.items()}
 _EVENTS_PREFIX = "events.out.tfevents."
 _METRICS_CSV = "metrics.csv"
+# A W&B run's transaction log, and the history file of runs from wandb releases before 0.18.
+_WANDB_LOG = re.compile(r"run-.+\.wandb")
+_WANDB_HISTORY = "wandb-history.jsonl"
 # LearningRateMonitor logs ``lr-<Optimizer>[/pg<i>]`` and, optionally, momentum / weight decay.
 _LR_KEY = re.compile(r"^lr-.*$")
 _NOT_LR_SUFFIXES = ("-momentum", "-weight_decay")
@@ -177,18 +185,19 @@ class UnitSummary:
 
 @dataclass(frozen=True)
 class RunLocation:
-    """A run found on disk: a TensorBoard event directory or a ``metrics.csv``."""
+    """A run found on disk: a TensorBoard event directory, a ``metrics.csv`` or a W&B run."""
 
     path: Path
     kind: str
     mtime: float
-    #: The files read: the event files, or the ``metrics.csv`` (empty: listed when read).
+    #: The files read: the event files, the ``metrics.csv`` or the W&B run's log (empty: listed
+    #: when read).
     files: tuple[Path, ...] = ()
 
     @property
     def directory(self) -> Path:
         """The run's directory."""
-        return self.path if self.kind == TENSORBOARD else self.path.parent
+        return self.path if self.kind in (TENSORBOARD, WANDB) else self.path.parent
 
 
 @dataclass
@@ -197,7 +206,7 @@ class RunData:
 
     Attributes:
         source: where it was read from (a path, or ``"callback.history"``).
-        kind: ``"tensorboard"``, ``"csv"`` or ``"history"``.
+        kind: ``"tensorboard"``, ``"csv"``, ``"wandb"`` or ``"history"``.
         scalars: every series read, by logged key (derived unit-level series of channel units
             included, see the module docstring).
         units: the monitored units, in logging order.
@@ -398,8 +407,12 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     """Every run under ``root`` (itself included), newest first.
 
     A run is a directory with TensorBoard event files (not a run's ``sdm_hparams``, the callback's
-    HParams session), or a ``metrics.csv``; ``root`` may be one such file. Files named like run
-    files that are not regular files (FIFOs, devices, broken links) are skipped with a warning.
+    HParams session), a ``metrics.csv``, or a W&B run directory (with its ``run-<id>.wandb``
+    transaction log; or, from ``wandb`` releases before 0.18, ``files/wandb-history.jsonl``);
+    ``root`` may be one such file. Given a ``wandb/`` directory, its runs are listed (its
+    ``latest-run`` link is not followed: the run is listed once), a resumed run once, with the
+    logs of all its directories. Files named like run files that
+    are not regular files (FIFOs, devices, broken links) are skipped with a warning.
 
     Raises:
         RunDataError: if ``root`` does not exist, or is a file but not a regular one.
@@ -414,19 +427,27 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
     if not root_path.is_dir():
         info, what = _stat_regular(root_path)
         event_file = root_path.name.startswith(_EVENTS_PREFIX)
-        if info is None or not (event_file or root_path.suffix == ".csv"):
+        wandb_file = _is_wandb_file(root_path)
+        if info is None or not (event_file or wandb_file or root_path.suffix == ".csv"):
             what = f"{what}, not a regular file" if info is None else "not a run's file"
             raise RunDataError(
-                f"{root_path} is {what}: give a log directory, a TensorBoard event file or a "
-                "CSVLogger metrics.csv."
+                f"{root_path} is {what}: give a log directory, a TensorBoard event file, a "
+                "CSVLogger metrics.csv or a W&B run-<id>.wandb."
             )
-        kind, path = (TENSORBOARD, root_path.parent) if event_file else (CSV, root_path)
+        kind, path = (CSV, root_path)
+        if event_file:
+            kind, path = TENSORBOARD, root_path.parent
+        elif wandb_file:  # the run directory (wandb-history.jsonl is in its files/)
+            kind, path = WANDB, root_path.parent
+            path = path.parent if root_path.name == _WANDB_HISTORY else path
         return [RunLocation(path, kind, info.st_mtime, (root_path,))]
     runs = []
+    wandb_runs: set[Path] = set()  # W&B run directories with a transaction log
     for directory, dirnames, filenames in os.walk(root_path):
-        events, tables = [], []
+        events, tables, logs = [], [], []
         for name in sorted(filenames):
-            if name != _METRICS_CSV and not name.startswith(_EVENTS_PREFIX):
+            wandb_file = _is_wandb_file(Path(directory, name))
+            if name != _METRICS_CSV and not name.startswith(_EVENTS_PREFIX) and not wandb_file:
                 continue  # other files, broken links included, are none of our business
             path = Path(directory, name)
             info, what = _stat_regular(path)
@@ -435,37 +456,70 @@ def find_runs(root: str | os.PathLike[str]) -> list[RunLocation]:
                 warnings.warn(text, RunDataWarning, stacklevel=2)
             elif name == _METRICS_CSV:
                 tables.append(RunLocation(path, CSV, info.st_mtime, (path,)))
+            elif wandb_file:
+                logs.append((path, info.st_mtime))
             else:
                 events.append((path, info.st_mtime))
+        if logs and logs[0][0].name == _WANDB_HISTORY:  # an old client's run: not if it has a log
+            run_dir = Path(directory).parent
+            if run_dir not in wandb_runs:
+                runs.append(RunLocation(run_dir, WANDB, logs[0][1], (logs[0][0],)))
+        elif logs:
+            wandb_runs.add(Path(directory))
+            files = tuple(path for path, _ in logs)
+            runs.append(RunLocation(Path(directory), WANDB, max(m for _, m in logs), files))
         dirnames[:] = sorted(d for d in dirnames if not (events and d == HPARAMS_RUN))  # ours
         if events:
             files = tuple(path for path, _ in events)
             runs.append(RunLocation(Path(directory), TENSORBOARD, max(m for _, m in events), files))
         runs += tables
+    runs = _join_resumed(runs)
     runs.sort(key=lambda run: run.mtime, reverse=True)
     return runs
 
 
+def _join_resumed(runs: list[RunLocation]) -> list[RunLocation]:
+    """One location per W&B run: a resumed run writes a directory per resumption.
+
+    They sit side by side (``wandb/run-<time>-<id>/run-<id>.wandb``, same ``<id>``): joined into
+    the newest directory's location, their logs in the order they were written.
+    """
+    groups: dict[tuple[Path, str], list[RunLocation]] = {}
+    kept: list[RunLocation] = []
+    for run in runs:
+        if run.kind == WANDB and len(run.files) == 1 and run.files[0].name != _WANDB_HISTORY:
+            groups.setdefault((run.path.parent, run.files[0].name), []).append(run)
+        else:
+            kept.append(run)
+    for parts in groups.values():
+        parts.sort(key=lambda run: (run.mtime, run.path.name))
+        files = tuple(run.files[0] for run in parts)
+        kept.append(RunLocation(parts[-1].path, WANDB, parts[-1].mtime, files))
+    return kept
+
+
 def load_run(path: str | os.PathLike[str] | RunLocation, run: str | None = None) -> RunData:
-    """Read the SDM series of a run from a log directory, an event file or a ``metrics.csv``.
+    """Read the SDM series of a run from a log directory, an event file, a ``metrics.csv`` or W&B.
 
     Args:
-        path: a run directory, a log root to search (subdirectories included), a TensorBoard
-            event file, a ``metrics.csv``, or a :class:`RunLocation` from :func:`find_runs`.
+        path: a run directory (a W&B one included), a log root to search (subdirectories
+            included: a ``wandb/`` directory too), a TensorBoard event file, a ``metrics.csv``, a
+            W&B ``run-<id>.wandb``, or a :class:`RunLocation` from :func:`find_runs`.
         run: which run under a log root: a path relative to it, or a substring that matches one
             run's path. By default the newest run that holds ``sdm/`` keys.
 
     Raises:
         RunDataError: no such path, no run, an ambiguous ``run``, or no ``sdm/`` data.
-        ImportError: TensorBoard event files without the ``tensorboard`` package.
+        ImportError: TensorBoard event files without the ``tensorboard`` package, or a W&B run
+            without the ``wandb`` package (whose protobuf classes decode its log).
     """
     if isinstance(path, RunLocation):
         return _read(path)
     candidates = find_runs(path)
     if not candidates:
         raise RunDataError(
-            f"No TensorBoard event files (events.out.tfevents.*) or CSVLogger metrics.csv "
-            f"under {path}."
+            f"No TensorBoard event files (events.out.tfevents.*), CSVLogger metrics.csv or W&B "
+            f"run (run-<id>.wandb) under {path}."
         )
     if run is not None:
         return _read(select_run(candidates, path, run))
@@ -512,7 +566,12 @@ def relative_path(path: Path, root: Path) -> str:
 
 
 def _read(location: RunLocation, require_sdm: bool = True) -> RunData:
-    raw = _read_tensorboard(location) if location.kind == TENSORBOARD else _read_csv(location.path)
+    if location.kind == WANDB:
+        raw = _read_wandb(location)
+    elif location.kind == TENSORBOARD:
+        raw = _read_tensorboard(location)
+    else:
+        raw = _read_csv(location.path)
     data = _from_scalars(str(location.path), location.kind, raw)
     if require_sdm and not data.units:
         raise RunDataError(
@@ -520,6 +579,37 @@ def _read(location: RunLocation, require_sdm: bool = True) -> RunData:
             "among the Trainer's callbacks, and did a window close?"
         )
     return data
+
+
+def _is_wandb_file(path: Path) -> bool:
+    """A W&B run's transaction log, or an old client's ``files/wandb-history.jsonl``."""
+    if path.name == _WANDB_HISTORY:
+        return path.parent.name == "files"
+    return _WANDB_LOG.fullmatch(path.name) is not None
+
+
+def _read_wandb(location: RunLocation) -> dict[str, Series]:
+    # Imported here: the module is only needed, like the `wandb` package it uses, for W&B runs.
+    from lightning_sdm.report._wandb import read_wandb
+
+    files = location.files or tuple(sorted(location.path.glob("run-*.wandb")))
+    parts: dict[str, list[Series]] = {}
+    for path in files:
+        for key, series in read_wandb(path).items():
+            parts.setdefault(key, []).append(series)
+    merged = {}
+    for key, pieces in parts.items():
+        if len(pieces) == 1:
+            merged[key] = pieces[0]
+            continue
+        # A resumed run (one log per resumption, in the order written): in step order, the
+        # later of two values of a step last (a resumption from an earlier checkpoint logs
+        # steps again), as for a metrics.csv.
+        steps = np.concatenate([np.asarray(piece.steps) for piece in pieces])
+        values = np.concatenate([np.asarray(piece.values) for piece in pieces])
+        order = np.argsort(steps, kind="stable")
+        merged[key] = Series(steps[order], values[order])
+    return merged
 
 
 def _stat_regular(path: Path) -> tuple[os.stat_result | None, str]:
@@ -772,8 +862,9 @@ def _from_scalars(source: str, kind: str, raw: Mapping[str, Series]) -> RunData:
         unit = Keys.unit_of(key, ANGULAR_UPDATE)
         if unit not in units:
             units.append(unit)
-    if kind == CSV:
-        # CSVLogger sorts its columns by name: natural order puts layer2 before layer10.
+    if kind in (CSV, WANDB):
+        # CSVLogger sorts its columns by name, W&B's rows hold no order: natural order puts
+        # layer2 before layer10.
         units.sort(key=_natural_key)
     for unit in units:
         if ANGULAR_UPDATE + unit in scalars:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_sdm.theory._muon import DEFAULT_NS
+
 __all__ = [
     "Family",
     "check_optimizers",
@@ -26,8 +28,10 @@ __all__ = [
 ]
 
 #: The kind of dynamics: ``"sgd"`` (steps proportional to the gradient: SGD, momentum, Nesterov),
-#: ``"adam"`` (steps normalised per element: Adam, AdamW, RAdam, NAdam), ``"lion"`` (sign steps).
-Family = Literal["sgd", "adam", "lion"]
+#: ``"adam"`` (steps normalised per element: Adam, AdamW, RAdam, NAdam), ``"lion"`` (sign steps),
+#: ``"muon"`` (orthogonalised momentum of a whole matrix), ``"adafactor"`` (factored second
+#: moment, steps relative to the weight's RMS).
+Family = Literal["sgd", "adam", "lion", "muon", "adafactor"]
 
 # LightningOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`; a bound on the
 # unwrapping depth guards against a wrapper that points to itself.
@@ -66,7 +70,12 @@ def _known_classes() -> list[tuple[str, type]]:
         ("RAdam", torch.optim.RAdam),
         ("NAdam", torch.optim.NAdam),
         ("SGD", torch.optim.SGD),
+        # In torch >= 2.9 (Muon) and 2.5 (Adafactor); the package supports older torch.
+        *[(name, getattr(torch.optim, name)) for name in _RECENT if hasattr(torch.optim, name)],
     ]
+
+
+_RECENT = ("Muon", "Adafactor")
 
 
 def _step_function(cls: type) -> Any:
@@ -79,7 +88,8 @@ def recognise(optimizer: Any) -> tuple[str | None, str]:
     """(formula key or None or ``"overridden"``, class name) of an unwrapped optimizer.
 
     The formula key is one of ``"SGD"``, ``"Adam"``, ``"AdamW"``, ``"RAdam"``, ``"NAdam"``,
-    ``"Lion"``; ``"overridden"`` for a subclass of a known optimizer that replaces its ``step``.
+    ``"Muon"``, ``"Adafactor"``, ``"Lion"``; ``"overridden"`` for a subclass of a known optimizer
+    that replaces its ``step``.
     """
     cls = type(optimizer)
     name = cls.__name__
@@ -113,6 +123,19 @@ def read_hyperparameters(family: str, optimizer: Any, group: Mapping[str, Any]) 
         hyper["dampening"] = as_float(group.get("dampening", 0))
         hyper["nesterov"] = float(bool(group.get("nesterov", False)))
         return hyper
+    if family == "Muon":
+        hyper["momentum"] = as_float(group["momentum"])
+        hyper["nesterov"] = float(bool(group.get("nesterov", True)))
+        coefficients, steps = group.get("ns_coefficients"), group.get("ns_steps")
+        default = tuple(map(float, coefficients or ())) == DEFAULT_NS[0] and steps == DEFAULT_NS[1]
+        hyper["default_newton_schulz"] = float(default)
+        return hyper
+    if family == "Adafactor":
+        hyper["d"] = as_float(group.get("d", 1.0))
+        hyper["eps2"] = as_float(group.get("eps2", 1e-3))
+        hyper["memory_exponent"] = -as_float(group.get("beta2_decay", -0.8))  # 1-beta2 = step^-x
+        hyper["step"] = _adafactor_step(optimizer, group)
+        return hyper
     beta1, beta2 = group["betas"]
     hyper["beta1"], hyper["beta2"] = as_float(beta1), as_float(beta2)
     if family in ("Adam", "AdamW", "RAdam"):
@@ -125,6 +148,15 @@ def read_hyperparameters(family: str, optimizer: Any, group: Mapping[str, Any]) 
         # p *= 1 - lr * wd / init_lr.
         hyper["weight_decay"] /= as_float(optimizer._init_lr)
     return hyper
+
+
+def _adafactor_step(optimizer: Any, group: Mapping[str, Any]) -> float:
+    """The step Adafactor takes next, from its first parameter's state (a CPU tensor: no sync)."""
+    for param in group["params"][:1]:
+        state = getattr(optimizer, "state", {}).get(param, {})
+        if "step" in state:
+            return as_float(state["step"]) + 1.0
+    return 1.0
 
 
 def basic_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
@@ -160,6 +192,8 @@ _FAMILIES: dict[str, Family] = {
     "RAdam": "adam",
     "NAdam": "adam",
     "Lion": "lion",
+    "Muon": "muon",
+    "Adafactor": "adafactor",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ def simulate_scale_invariant(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    invariance: Literal["row", "matrix"] = "row",
 ) -> SimulationResult:
     """Run an optimizer on a scale-invariant problem made of pure gradient noise, and measure it.
 
@@ -79,6 +81,11 @@ def simulate_scale_invariant(
         dtype: dtype of the parameter; float64 keeps the simulation clean.
         before_step: called as ``before_step(step, optimizer)`` before every step (0-based,
             burn-in included), e.g. to change the learning rate in the middle of a run.
+        invariance: ``"row"``: each row is invariant on its own (BatchNorm after a layer);
+            ``"matrix"``: only the whole matrix is (LayerNorm or RMSNorm after it): the noise is
+            projected orthogonal to the whole weight and divided by its norm. The angles are
+            still measured per row; Muon, which orthogonalises the whole matrix, is checked in
+            both.
 
     Speed: a step costs well under a millisecond for the default size with
     ``torch.set_num_threads(1)``; with several intra-op threads on a busy machine it was up to 8x
@@ -108,6 +115,8 @@ def simulate_scale_invariant(
     check_number("initial_norm", initial_norm, low=0.0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
+    if invariance not in ("row", "matrix"):
+        raise ValueError(f"`invariance` must be 'row' or 'matrix', got {invariance!r}.")
     if not callable(make_optimizer):
         raise ValueError("`make_optimizer` must be a callable: parameters -> optimizer.")
 
@@ -128,7 +137,7 @@ def simulate_scale_invariant(
         if before_step is not None:
             before_step(step, optimizer)
         with torch.no_grad():
-            weight.grad = _orthogonal_noise(weight.detach(), generator)
+            weight.grad = _orthogonal_noise(weight.detach(), generator, invariance == "matrix")
             prev = weight.detach().clone()
         optimizer.step()
         curr = weight.detach()
@@ -138,12 +147,13 @@ def simulate_scale_invariant(
     return SimulationResult(angular_updates=angles, norms=norms, grad_sq_unit=float(dim - 1))
 
 
-def _orthogonal_noise(weight: Tensor, generator: torch.Generator) -> Tensor:
-    """Per row: Gaussian noise projected orthogonal to the row, divided by the row's norm."""
+def _orthogonal_noise(weight: Tensor, generator: torch.Generator, whole: bool = False) -> Tensor:
+    """Per row (or whole matrix): Gaussian noise projected orthogonal to it, over its norm."""
     # float32 draws are ~5x faster than float64 ones and the noise needs no more precision; the
     # projection below runs in the weight's dtype, so <w, g> = 0 holds to that precision.
     noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight.dtype)
-    norm = weight.norm(dim=1, keepdim=True)
+    dims = (0, 1) if whole else 1
+    norm = weight.norm(dim=dims, keepdim=True)
     unit = weight / norm
-    noise -= (noise * unit).sum(dim=1, keepdim=True) * unit
+    noise -= (noise * unit).sum(dim=dims, keepdim=True) * unit
     return noise / norm

@@ -1,4 +1,3 @@
-import logging
 import math
 import warnings
 from typing import Any
@@ -11,6 +10,7 @@ from torch import nn
 
 from lightning_sdm import HistoryRecord, SphericalDynamicsCallback
 from lightning_sdm.functional import angles_from_statistics, angular_update_statistics
+from lightning_sdm.keys import REGIME_CODES
 from lightning_sdm.records import REGIMES
 from tests.helpers import (
     BNNet,
@@ -46,6 +46,8 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
         "sdm/angular_update_ratio",
         "sdm/equilibrium_fraction",
         "sdm/steps_to_equilibrium",
+        "sdm/tolerance_band/lower",
+        "sdm/tolerance_band/upper",
         "step",
     }
     for unit in UNITS:
@@ -53,9 +55,10 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
         expected_keys.add(f"sdm/in_equilibrium/{unit}")
-        expected_keys.add(f"sdm/regime/{unit}")
-    expected_keys |= {f"sdm/regime_count/{regime}" for regime in REGIMES}
-    assert set(logged[-1]) == expected_keys
+    assert set(logged[-1]) == expected_keys  # log_level="summary": no regime codes or counts
+    tolerance = callback.detector.tolerance
+    assert logged[-1]["sdm/tolerance_band/lower"] == pytest.approx(1 - tolerance)
+    assert logged[-1]["sdm/tolerance_band/upper"] == pytest.approx(1 + tolerance)
     theory = sgdm_prediction(0.1, 5e-3, 0.9)
     for row in logged:
         for unit in UNITS:
@@ -209,11 +212,10 @@ class TwoClocks(TwoOptimizers):
         return first, second
 
 
-def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog):
+def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, sdm_log):
     torch.manual_seed(5)
     callback = SphericalDynamicsCallback(every_n_steps=4, window=2, tolerance=0.9, patience=2)
-    with caplog.at_level(logging.INFO):
-        run, _ = _fit(tmp_path, callback, module=TwoClocks())
+    run, _ = _fit(tmp_path, callback, module=TwoClocks())  # each unit's entry: in the DEBUG log
     assert run.global_step == 16 + 8  # Lightning counts the steps of both optimizers
 
     def global_step_after_batch(batch: int) -> int:
@@ -231,7 +233,7 @@ def test_every_logged_and_printed_step_is_on_the_clock_it_names(tmp_path, caplog
     logged = sorted({int(row["step"]) for row in read_csv_metrics(run) if len(row) > 1})
     assert logged == sorted({record.global_step for record in callback.history})
     messages = [
-        r.getMessage() for r in caplog.records if "reached equilibrium at" in r.getMessage()
+        r.getMessage() for r in sdm_log.records if "reached equilibrium at" in r.getMessage()
     ]
     assert messages
     for name, state in callback.detector.state.items():
@@ -403,3 +405,29 @@ def test_two_callbacks_share_a_trainer_and_a_checkpoint(tmp_path):
     run.save_checkpoint(tmp_path / "both.ckpt")
     states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
     assert {layer.state_key, channel.state_key} <= set(states)
+
+
+def test_log_level_detailed_adds_regime_codes_and_the_counts_of_seen_regimes(tmp_path):
+    torch.manual_seed(0)
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=4, log_level="detailed")
+    run, _ = _fit(tmp_path, callback, max_epochs=2)
+    rows = [row for row in read_csv_metrics(run) if "sdm/angular_update_ratio" in row]
+    seen: set[str] = set()
+    for row in rows:
+        step = int(row["step"])
+        records = [r for r in callback.history if r.global_step == step]
+        for record in records:
+            assert row[f"sdm/regime/{record.unit}"] == REGIME_CODES[record.regime]
+        seen |= {record.regime for record in records}
+        # A regime is counted from the first window a unit is in it, zeros included after.
+        counts = {key.rsplit("/", 1)[1]: v for key, v in row.items() if "regime_count" in key}
+        assert set(counts) == seen
+        for regime in seen:
+            assert counts[regime] == sum(r.regime == regime for r in records)
+    assert set(REGIMES) - seen  # some regimes never happened: never logged
+
+
+@pytest.mark.parametrize("value", ["full", "", None, 1])
+def test_log_level_is_checked(value):
+    with pytest.raises(ValueError, match="`log_level` must be one of 'summary', 'detailed'"):
+        SphericalDynamicsCallback(log_level=value)

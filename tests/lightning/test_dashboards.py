@@ -2,9 +2,11 @@
 
 * W&B (offline run): the incremental table ``sdm/unit_windows`` (one row per unit and window,
   only the new rows in each upload) equals ``callback.history``; with ``alerts=True`` every
-  equilibrium event is one ``run.alert`` with the event's message (WARN when the LR changed).
-* TensorBoard: an hparams session at the end of fit, with the module's own hyper-parameters kept,
-  the theory's inputs, and the equilibrium metrics whose scalars hold the callback's values.
+  equilibrium event is one ``run.alert`` with the event's message, titled with what happened
+  (WARN when the LR changed).
+* TensorBoard: one hparams experiment per run (read back by TensorBoard's own HParams plugin code),
+  written at the start of fit with the module's own hyper-parameters and the theory's inputs, whose
+  equilibrium metrics are scalars of the run holding the callback's values.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from lightning_sdm import SphericalDynamicsCallback
-from lightning_sdm._messages import describe_event
+from lightning_sdm._messages import alert_title, describe_event
 from lightning_sdm.actions._actions import DecayLR
 from lightning_sdm.lightning import _loggers as integrations
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
@@ -79,7 +81,13 @@ def test_wandb_window_table_and_alerts(tmp_path, wandb_offline):
     for alert, event in zip(alerts, callback.events, strict=True):
         decays += event.new_lrs != event.old_lrs
         assert alert.text == describe_event(event, decays)
-    assert all(a.title == "lightning_sdm: equilibrium" for a in alerts)
+    # The title says what happened: the planned end-of-budget decay is no equilibrium.
+    assert [a.title for a in alerts] == [alert_title(event, False) for event in callback.events]
+    titles = {a.title for a in alerts}
+    assert "lightning_sdm: equilibrium reached, LR decayed" in titles
+    assert ("lightning_sdm: planned end-of-budget LR decay" in titles) == any(
+        event.criterion == "budget" for event in callback.events
+    )
     levels = ["WARN" if event.new_lrs != event.old_lrs else "INFO" for event in callback.events]
     assert [a.level for a in alerts] == levels
     assert "WARN" in levels  # at least one decay happened
@@ -110,47 +118,102 @@ def test_alerts_must_be_a_bool():
         SphericalDynamicsCallback(alerts="yes")
 
 
-def test_tensorboard_hparams_session(tmp_path):
+def _tensorboard_experiment(root):
+    """The HParams experiment as TensorBoard's own plugin builds it from ``root``, by run."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(root))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(root))
+    plugin = backend_context.Context(base_plugin.TBContext(data_provider=provider))
+    request = context.RequestContext()
+    metadata = plugin.hparams_metadata(request, "")
+    hparams = plugin.hparams_from_data_provider(request, "", 0)
+    experiment = plugin.experiment_from_metadata(request, "", True, metadata, hparams)
+    return metadata, experiment
+
+
+def test_tensorboard_hparams_one_experiment_per_run(tmp_path):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    run, callback = _fit(tmp_path, logger)
-    # A run of its own, beside Lightning's (whose session at the start stays untouched).
-    accumulator = EventAccumulator(str(Path(logger.log_dir) / integrations.HPARAMS_RUN))
-    accumulator.Reload()
-    content = accumulator.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    hparams = start.session_start_info.hparams
-    assert hparams["sdm/optimizer"].string_value == "SGD"
-    assert hparams["sdm/lr"].number_value == pytest.approx(0.1)
-    assert hparams["sdm/weight_decay"].number_value == pytest.approx(0.05)
-    assert hparams["sdm/momentum"].number_value == pytest.approx(0.9)
-    assert hparams["weight_decay"].number_value == pytest.approx(0.05)  # the module's own
-    metrics = {info.name.tag for info in experiment.experiment.metric_infos}
-    assert {"sdm/hparams/equilibrium_fraction", "sdm/hparams/final_ratio"} <= metrics
-    (fraction,) = accumulator.Scalars("sdm/hparams/equilibrium_fraction")
-    assert fraction.step == run.global_step
-    assert fraction.value == pytest.approx(callback.detector.fraction())
-    last = {record.unit: record.ratio for record in callback.history}
-    median = sorted(last.values())[len(last) // 2 - 1 : len(last) // 2 + 1]
-    final_ratio = accumulator.Scalars("sdm/hparams/final_ratio")[-1].value
-    assert final_ratio == pytest.approx(sum(median) / 2, rel=1e-6)
-    # The report command lists the training run, not the hparams session beside it.
+    runs = []
+    for _ in range(2):  # a second run beside the first, as `make demo` twice
+        logger = TensorBoardLogger(tmp_path, name="tb")
+        run, callback = _fit(tmp_path, logger)
+        runs.append((logger, run, callback))
+    # No run directory beside Lightning's: each run is one directory, one HParams row.
+    metadata, experiment = _tensorboard_experiment(tmp_path)
+    assert sorted(metadata) == ["tb/version_0", "tb/version_1"]
+    assert not list(tmp_path.rglob(integrations.HPARAMS_RUN))
+    # The table TensorBoard shows, whichever run's definition it picks: the module's columns
+    # (save_hyperparameters) and ours, Lightning's hp_metric and ours.
+    columns = {info.name for info in experiment.hparam_infos}
+    assert {"lr", "weight_decay", "momentum", "optimizer", "hidden"} <= columns
+    assert {"sdm/optimizer", "sdm/lr", "sdm/weight_decay", "sdm/momentum", "sdm/action"} <= columns
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert metrics == {"hp_metric", *integrations.HPARAMS_METRICS}
+    for logger, run, callback in runs:
+        accumulator = EventAccumulator(logger.log_dir)
+        accumulator.Reload()
+        content = accumulator.PluginTagToContent("hparams")
+        read = plugin_data_pb2.HParamsPluginData.FromString
+        first = read(content["_hparams_/experiment"]).experiment  # the one TensorBoard reads
+        assert {info.name for info in first.hparam_infos} == columns
+        hparams = read(content["_hparams_/session_start_info"]).session_start_info.hparams
+        assert hparams["sdm/optimizer"].string_value == "SGD"
+        assert hparams["sdm/lr"].number_value == pytest.approx(0.1)
+        assert hparams["sdm/weight_decay"].number_value == pytest.approx(0.05)
+        assert hparams["sdm/momentum"].number_value == pytest.approx(0.9)
+        assert hparams["sdm/action"].string_value == "Warn()"
+        assert hparams["weight_decay"].number_value == pytest.approx(0.05)  # the module's own
+        assert hparams["hidden"].number_value == 32
+        # The metrics' values: scalars of the run itself, at the end of fit.
+        (fraction,) = accumulator.Scalars("sdm/hparams/equilibrium_fraction")
+        assert fraction.step == run.global_step
+        assert fraction.value == pytest.approx(callback.detector.fraction())
+        last = {record.unit: record.ratio for record in callback.history}
+        median = sorted(last.values())[len(last) // 2 - 1 : len(last) // 2 + 1]
+        final_ratio = accumulator.Scalars("sdm/hparams/final_ratio")[-1].value
+        assert final_ratio == pytest.approx(sum(median) / 2, rel=1e-6)
+        steps = [state.reached_global_step for state in callback.detector.state.values()]
+        if all(step is not None for step in steps):
+            equilibrium = accumulator.Scalars("sdm/hparams/equilibrium_step")[-1].value
+            assert equilibrium == max(steps)
+        else:
+            assert "sdm/hparams/equilibrium_step" not in accumulator.Tags()["scalars"]
+    # The report command lists the two training runs.
     from lightning_sdm.report._rundata import find_runs
 
-    (found,) = find_runs(tmp_path)
-    assert found.path == Path(logger.log_dir)
-    states = callback.detector.state
-    steps = [state.reached_global_step for state in states.values()]
-    if all(step is not None for step in steps):
-        equilibrium = accumulator.Scalars("sdm/hparams/equilibrium_step")[-1].value
-        assert equilibrium == max(steps)
-    else:
-        assert "sdm/hparams/equilibrium_step" not in accumulator.Tags()["scalars"]
+    found = sorted(run.path for run in find_runs(tmp_path))
+    assert found == [Path(logger.log_dir) for logger, _, _ in runs]
+
+
+def test_tensorboard_hparams_without_logged_module_hparams(tmp_path):
+    """``save_hyperparameters(logger=False)``: the experiment holds our columns only."""
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class Quiet(BNNet):
+        def __init__(self) -> None:
+            super().__init__(weight_decay=0.05)
+            self.save_hyperparameters(logger=False)
+
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix="pre", default_hp_metric=False)
+    callback = SphericalDynamicsCallback(**FAST)
+    run = trainer(tmp_path, logger=logger, callbacks=[callback], max_epochs=1, log_every_n_steps=4)
+    run.fit(Quiet(), loader(noisy_classification_data()))
+    _, experiment = _tensorboard_experiment(tmp_path)
+    assert all(info.name.startswith("sdm/") for info in experiment.hparam_infos)
+    metrics = {info.name.tag for info in experiment.metric_infos}  # the logger's prefix, as logged
+    assert metrics == {f"pre-{key}" for key in integrations.HPARAMS_METRICS}
 
 
 def test_the_report_reads_a_prefixed_logger_and_a_run_named_like_ours(tmp_path, capsys):

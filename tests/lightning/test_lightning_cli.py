@@ -117,7 +117,7 @@ def test_cli_fit_runs_the_callback(tmp_path):
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Scale-invariant units (method: trace): 3" in result.stdout + result.stderr
+    assert "3 scale-invariant units (trace)" in result.stdout + result.stderr
 
     logs = tmp_path / "lightning_logs"
     with (logs / "digits_cli_csv" / "version_0" / "metrics.csv").open() as handle:

@@ -4,6 +4,7 @@ Every test runs a real short fit and reads back what the logger wrote (event fil
 offline run directory, metrics.csv).
 """
 
+import itertools
 import json
 import math
 import os
@@ -62,8 +63,9 @@ def _expected_scalars(callback):
             for key, value in entry.channels.items():
                 expected.setdefault(f"sdm/angular_update/{unit}/{key}", {})[step] = value
     by_step: dict[int, list[float]] = {}
-    for entry in callback.history:
-        by_step.setdefault(entry.global_step, []).append(entry.ratio)
+    for entry in callback.history:  # the ratio the unit's chart shows (channels: their median)
+        shown = entry.ratio if entry.channel_ratios is None else entry.channel_ratios["median"]
+        by_step.setdefault(entry.global_step, []).append(shown)
     expected["sdm/angular_update_ratio"] = {s: statistics.median(r) for s, r in by_step.items()}
     return expected
 
@@ -124,14 +126,29 @@ def test_tensorboard_scalars_and_layout(tmp_path):
 
     assert list(charts) == ["SDM per unit", "SDM overview"]
     per_unit = charts["SDM per unit"]
-    assert list(per_unit) == [f"{unit}: angular update (rad/step)" for unit in UNITS]
+    assert list(per_unit) == [
+        title
+        for unit in UNITS
+        for title in (
+            f"{unit}: measured / predicted, band 1 ± tolerance",
+            f"{unit}: angular update and prediction (rad/step)",
+        )
+    ]
     tags = list(scalars)
+    band = ("sdm/tolerance_band/lower", "sdm/tolerance_band/upper")
+    tolerance = callback.detector.tolerance
     for unit in UNITS:
-        patterns = per_unit[f"{unit}: angular update (rad/step)"]
+        # First the ratio inside the detector's band: one line, a shaded band, told apart.
+        kind, series = per_unit[f"{unit}: measured / predicted, band 1 ± tolerance"]
+        assert (kind, series) == ("Margin", [(f"sdm/angular_update_ratio/{unit}", *band)])
+        patterns = per_unit[f"{unit}: angular update and prediction (rad/step)"]
         assert _resolve(patterns, tags) == [
             [f"sdm/angular_update/{unit}"],
             [f"sdm/angular_update_theory/{unit}"],
         ]
+    for key, value in zip(band, (1 - tolerance, 1 + tolerance), strict=True):
+        assert sorted(scalars[key]) == STEPS
+        assert list(scalars[key].values()) == pytest.approx([value] * len(STEPS))
     overview = charts["SDM overview"]
     assert _resolve(overview["angular update / theory"], tags) == [
         [f"sdm/angular_update_ratio/{UNITS[0]}"],
@@ -163,6 +180,26 @@ def test_tensorboard_scalars_and_layout(tmp_path):
     for rejected in callback.report.rejected:
         assert f"{rejected.name}: {rejected.reason}" in text
 
+    # The regimes, as a text table whenever one changed (not as smoothed numeric codes).
+    texts = accumulator.Tensors("sdm/regimes/text_summary")
+    assert texts and "sdm/regime/net.0.weight" not in scalars
+    previous = None
+    for event in texts:
+        records = [r for r in callback.history if r.global_step == event.step]
+        regimes = {r.unit: r.regime for r in records}
+        assert regimes != previous  # written on a change only
+        previous = regimes
+        text = event.tensor_proto.string_val[0].decode()
+        assert text.splitlines()[0] == "| unit | regime | why |"
+        for record in records:
+            assert f"| {record.unit} | {record.regime.replace('_', ' ')} |" in text
+    changes = 1 + sum(
+        {r.unit: r.regime for r in callback.history if r.global_step == step}
+        != {r.unit: r.regime for r in callback.history if r.global_step == before}
+        for before, step in itertools.pairwise(STEPS)
+    )
+    assert len(texts) == changes
+
     # A second fit on the same logger (and writer) keeps the one layout.
     _fit(tmp_path, logger)
     _, charts_again = _read_tensorboard(logger.log_dir)
@@ -181,7 +218,12 @@ def test_csv_and_tensorboard_together_channel_granularity(tmp_path):
             if key.startswith("sdm/"):
                 csv_scalars.setdefault(key, {})[int(row["step"])] = value
     tb_scalars, charts = _read_tensorboard(loggers[1].log_dir)
-    tb_sdm = {tag: values for tag, values in tb_scalars.items() if tag.startswith("sdm/")}
+    # The hparams metrics are TensorBoard's own (the HParams experiment's columns).
+    tb_sdm = {
+        tag: values
+        for tag, values in tb_scalars.items()
+        if tag.startswith("sdm/") and not tag.startswith("sdm/hparams/")
+    }
 
     # Both loggers got the same keys at the same steps, with the same values.
     assert set(csv_scalars) == set(tb_sdm)
@@ -200,14 +242,16 @@ def test_csv_and_tensorboard_together_channel_granularity(tmp_path):
             assert f"sdm/angular_update/{unit}/{key}" in csv_scalars
             assert f"sdm/angular_update_ratio/{unit}/{key}" in csv_scalars
 
-    # Channel layout, per unit: a margin chart (the channels' median between p10 and p90) and the
-    # median with the prediction; in the overview, the channels' median ratio.
+    # Channel layout, per unit: the channels' median ratio in the tolerance band, a margin chart
+    # (the channels' median between p10 and p90) and the median with the prediction; in the
+    # overview, the channels' median ratios, and their median (what the lines beside it show).
     tags = list(tb_scalars)
     per_unit = charts["SDM per unit"]
     assert list(per_unit) == [
         title
         for unit in UNITS
         for title in (
+            f"{unit}: channels' median of measured / predicted, band 1 ± tolerance",
             f"{unit}: angular update, channels' median and p10-p90 band (rad/step)",
             f"{unit}: channels' median angular update and prediction (rad/step)",
         )
@@ -235,6 +279,11 @@ def test_csv_and_tensorboard_together_channel_granularity(tmp_path):
         [f"sdm/angular_update_ratio/{UNITS[1]}/median"],
         ["sdm/angular_update_ratio"],
     ]
+    for step in STEPS:
+        medians = [tb_scalars[f"sdm/angular_update_ratio/{unit}/median"][step] for unit in UNITS]
+        assert tb_scalars["sdm/angular_update_ratio"][step] == pytest.approx(
+            statistics.median(medians), rel=1e-6
+        )
 
 
 def test_a_failing_integration_warns_once_and_training_goes_on(tmp_path, monkeypatch):
@@ -264,7 +313,8 @@ def test_a_failing_integration_warns_once_and_training_goes_on(tmp_path, monkeyp
 
 def test_tensorboard_layout_anchors_and_escapes():
     layout = integrations.tensorboard_layout(["net.1.weight"], prefix="run-")
-    (measured, theory) = layout["SDM per unit"]["net.1.weight: angular update (rad/step)"][1]
+    charts = layout["SDM per unit"]
+    (measured, theory) = charts["net.1.weight: angular update and prediction (rad/step)"][1]
     assert re.match(measured, "run-sdm/angular_update/net.1.weight")
     for other in ("run-sdm/angular_update/net.11.weight", "run-sdm/angular_update/netx1.weight"):
         assert not re.match(measured, other)
@@ -284,7 +334,8 @@ def test_tensorboard_margin_chart_tags_are_exact_names_with_the_prefix():
     ]
     # The unit logged whole keeps its one chart; and torch writes the layout as given.
     assert [title for title in per_unit if title.startswith("net.2.weight")] == [
-        "net.2.weight: angular update (rad/step)"
+        "net.2.weight: measured / predicted, band 1 ± tolerance",
+        "net.2.weight: angular update and prediction (rad/step)",
     ]
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard.summary import custom_scalars
@@ -294,7 +345,7 @@ def test_tensorboard_margin_chart_tags_are_exact_names_with_the_prefix():
 
     parsed = layout_pb2.Layout()
     parsed.ParseFromString(value.tensor.string_val[0])
-    (series,) = parsed.category[0].chart[0].margin.series
+    (series,) = parsed.category[0].chart[1].margin.series
     assert (series.value, series.lower, series.upper) == tuple(
         f"run-sdm/angular_update/net.1.weight/{key}" for key in ("median", "p10", "p90")
     )

@@ -59,12 +59,18 @@ class Compute(BNNet):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.fixture(autouse=True)
+def _package_log(sdm_log):
+    """The cost note is a record of the package's logger (see tests/conftest.py)."""
+    return sdm_log
+
+
 def _fit(tmp_path, module, caplog, clock, monkeypatch, steps=12, **settings):
     monkeypatch.setattr(CostMeter, "clock", staticmethod(clock))
     callback = SphericalDynamicsCallback(**settings)
     outside = BatchClock(clock)
     run = trainer(tmp_path, callbacks=[callback, outside], max_steps=steps, log_every_n_steps=4)
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+    with caplog.at_level(logging.INFO, logger="lightning_sdm"):
         run.fit(module, loader(noisy_classification_data(samples=384)))
     notices = [r.getMessage() for r in caplog.records if COST_TEXT in r.getMessage()]
     return callback, outside, notices

@@ -97,8 +97,13 @@ def layer_fit(tmp_path_factory: pytest.TempPathFactory) -> Fit:
 
 def _train(granularity: str, root: Path) -> Fit:
     pl.seed_everything(0, verbose=False)
-    sdm = SphericalDynamicsCallback(
-        granularity=granularity, every_n_steps=2, window=2, tolerance=0.3, patience=2
+    sdm = SphericalDynamicsCallback(  # "detailed": the regime codes are logged, and read back
+        granularity=granularity,
+        every_n_steps=2,
+        window=2,
+        tolerance=0.3,
+        patience=2,
+        log_level="detailed",
     )
     trainer = pl.Trainer(
         max_epochs=3,

@@ -618,15 +618,23 @@ def test_small_helpers() -> None:
     assert result.norms[0].tolist() == pytest.approx([1.0, 1.0])
 
 
-@pytest.mark.parametrize("name", ["Muon", "Adafactor"])
-def test_optimizers_without_a_published_equilibrium_say_so(name: str) -> None:
-    # No hyper-parameter-only prediction is derived and checked for these yet: an honest
-    # "unknown" with the reason, never a borrowed formula (Muon's orthogonalised step is not
-    # orthogonal to the weight, so the AdamW/Lion balance does not carry over unchecked).
+@pytest.mark.parametrize(("name", "family"), [("Muon", "muon"), ("Adafactor", "adafactor")])
+def test_muon_and_adafactor_are_recognised_and_their_overrides_are_not(
+    name: str, family: str
+) -> None:
+    # Their formulas are checked in tests/theory/test_muon.py; a subclass that replaces step()
+    # is another update, with no prediction.
     cls = getattr(torch.optim, name, None)
     if cls is None:
         pytest.skip(f"torch.optim.{name} is not in this PyTorch")
     weight = torch.nn.Parameter(torch.randn(8, 8))
-    (prediction,) = explain_equilibrium(cls([weight], lr=0.01, weight_decay=0.1))
-    assert prediction.angular_update is None and prediction.rule == "unknown"
-    assert f"no published equilibrium for {name}" in prediction.reason
+    (prediction,) = explain_equilibrium(cls([weight], lr=0.01, weight_decay=0.001))
+    assert prediction.available and prediction.family == family
+
+    class Custom(cls):  # type: ignore[misc, valid-type]
+        def step(self, closure=None):  # type: ignore[no-untyped-def]
+            return None
+
+    (custom,) = explain_equilibrium(Custom([weight], lr=0.01, weight_decay=0.1))
+    assert custom.angular_update is None and custom.rule == "unknown"
+    assert "overrides the step()" in custom.reason

@@ -1,0 +1,1 @@
+"""Muon's equilibrium angular update: the memory-factor table and its validation."""

@@ -1,0 +1,233 @@
+"""Muon and Adafactor: the memory factor, the predictions, against simulation and measurement.
+
+The predictions are checked against :func:`~lightning_sdm.theory.simulate_scale_invariant`
+running the real ``torch.optim`` classes, never against their own formula; the real-network
+measurement is ``studies/muon/measure.py`` (its numbers are in ``docs/muon.md``), a short version
+of it runs here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_sdm.theory import (
+    equilibrium_norm_exponent,
+    for_shape,
+    predict_param_group,
+    relaxation_time,
+    simulate_scale_invariant,
+)
+from lightning_sdm.theory._muon import (
+    DEFAULT_TABLE,
+    linear_memory_factor,
+    muon_memory_factor,
+    muon_memory_ratio,
+)
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon") or not hasattr(torch.optim, "Adafactor"),
+    reason="torch.optim.Muon and Adafactor need torch >= 2.9",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The simulated matrices are small: one thread is faster than several on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prediction(optimizer: torch.optim.Optimizer, shape: tuple[int, int]) -> float:
+    value = for_shape(predict_param_group(optimizer, optimizer.param_groups[0]), shape)
+    assert value.angular_update is not None
+    return value.angular_update
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_linear_memory_factor_is_that_of_torchs_momentum_filter(momentum, nesterov):
+    # Run Muon's own momentum recursion (lerp, then Nesterov's lerp) on white noise, without the
+    # orthogonalisation, and measure E u^2 over the long-run variance rate of the summed updates.
+    generator = torch.Generator().manual_seed(0)
+    chains, steps, burn = 8192, int(400 / (1 - momentum)), int(10 / (1 - momentum))
+    buf = torch.zeros(chains, dtype=torch.float64)
+    total = torch.zeros_like(buf)
+    squares = 0.0
+    for t in range(burn + steps):
+        grad = torch.randn(chains, generator=generator, dtype=torch.float64)
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if nesterov else buf
+        if t >= burn:
+            total += update
+            squares += update.square().mean().item()
+    measured = (squares / steps) / (total.square().mean().item() / steps)
+    assert measured == pytest.approx(linear_memory_factor(momentum, nesterov), rel=0.03)
+
+
+def test_the_table_is_reproduced_by_the_monte_carlo():
+    # Fewer chains and a shorter average than the table's: agreement within the noise.
+    for nesterov, aspect, momentum, column in [(True, 1.0, 0.9, 2), (False, 0.25, 0.5, 0)]:
+        factor = muon_memory_factor(aspect, momentum, nesterov, chains=8, memory_times=60)
+        ratio = factor / linear_memory_factor(momentum, nesterov)
+        assert ratio == pytest.approx(DEFAULT_TABLE[(nesterov, aspect)][column], rel=0.04)
+
+
+def test_memory_factor_grows_with_the_aspect_ratio_and_is_one_without_momentum():
+    square, _ = muon_memory_ratio(1.0, 0.95, True)
+    wide, _ = muon_memory_ratio(1 / 16, 0.95, True)
+    assert square > 1.25 * wide
+    assert muon_memory_factor(0.5, 0.0, True) == 1.0
+    assert muon_memory_ratio(0.5, 0.0, False) == (1.0, "")
+    r, note = muon_memory_ratio(1 / 64, 0.995, True)
+    assert "aspect" in note and "momentum" in note and r > 0
+
+
+# (rows, cols, lr, wd, momentum, nesterov, adjust_lr_fn, invariance)
+MUON_CASES = [
+    (64, 64, 0.02, 0.1, 0.95, True, None, "matrix"),
+    (32, 128, 0.02, 0.1, 0.9, False, "match_rms_adamw", "row"),
+    (96, 48, 0.02, 0.1, 0.8, True, "original", "matrix"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MUON_CASES, ids=lambda c: f"{c[0]}x{c[1]}-mu{c[4]}-{c[7]}")
+def test_muon_prediction_matches_simulation(case):
+    rows, cols, lr, wd, momentum, nesterov, adjust, invariance = case
+
+    def make(params):
+        return torch.optim.Muon(
+            params,
+            lr=lr,
+            weight_decay=wd,
+            momentum=momentum,
+            nesterov=nesterov,
+            adjust_lr_fn=adjust,
+        )
+
+    result = simulate_scale_invariant(
+        make,
+        steps=1500,
+        burn_in=int(5 / (lr * wd)),
+        rows=rows,
+        dim=cols,
+        dtype=torch.float32,
+        invariance=invariance,
+    )
+    probe = make([torch.nn.Parameter(torch.zeros(rows, cols))])
+    predicted = _prediction(probe, (rows, cols))
+    assert result.rms_angular_update == pytest.approx(predicted, rel=0.05)
+
+
+def test_muon_prediction_reads_the_group_and_adjust_lr_fn_cancels():
+    values = set()
+    for adjust in (None, "original", "match_rms_adamw"):
+        w = torch.nn.Parameter(torch.zeros(64, 256))
+        opt = torch.optim.Muon([w], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+        group = predict_param_group(opt, opt.param_groups[0])
+        assert group.rule == "muon" and group.family == "muon"
+        assert "adjust_lr_fn cancels" in group.reason and "Monte Carlo" in group.source
+        values.add(_prediction(opt, (64, 256)))
+    assert len(values) == 1
+    no_decay = torch.optim.Muon([torch.nn.Parameter(torch.zeros(4, 4))], weight_decay=0.0)
+    assert predict_param_group(no_decay, no_decay.param_groups[0]).rule == "no_weight_decay"
+    # Same norm dynamics as decoupled weight decay: |W*|^2 proportional to lr.
+    group = predict_param_group(opt, opt.param_groups[0])
+    assert equilibrium_norm_exponent(group) == 0.5
+    assert relaxation_time(group) == pytest.approx(1 / (2 * 0.02 * 0.1))
+
+
+def test_muon_with_its_own_newton_schulz_keeps_the_wide_value_and_says_so():
+    w = torch.nn.Parameter(torch.zeros(64, 64))
+    opt = torch.optim.Muon([w], lr=0.02, weight_decay=0.1, ns_steps=7)
+    group = predict_param_group(opt, opt.param_groups[0])
+    square = for_shape(group, (64, 64))
+    assert square.angular_update == group.angular_update
+    assert "default Newton-Schulz" in square.reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("invariance", ["matrix", "row"])
+def test_adafactor_relative_steps_turn_by_rho_t(invariance):
+    # lr = 0.1: rho_t = min(lr, 1/sqrt(step)) falls below lr after step 100, so the prediction
+    # must read the optimizer's step count. Measured over the last 200 of 1200 steps.
+    def make(params):
+        return torch.optim.Adafactor(params, lr=0.1, weight_decay=0.001)
+
+    holder: dict[str, torch.optim.Optimizer] = {}
+
+    def keep(step: int, optimizer: torch.optim.Optimizer) -> None:
+        holder["opt"] = optimizer
+
+    result = simulate_scale_invariant(
+        make,
+        steps=200,
+        burn_in=1000,
+        rows=32,
+        dim=128,
+        dtype=torch.float32,
+        invariance=invariance,
+        before_step=keep,
+    )
+    opt = holder["opt"]
+    prediction = predict_param_group(opt, opt.param_groups[0])
+    assert prediction.rule == "adafactor_relative"
+    assert prediction.hyperparameters["step"] == 1201
+    # The prediction at the window's middle step (1100) against the RMS over the window.
+    opt.state[opt.param_groups[0]["params"][0]]["step"] = torch.tensor(1099.0)
+    middle = predict_param_group(opt, opt.param_groups[0]).angular_update
+    assert middle is not None and middle < 1 / math.sqrt(1100)  # below rho_t: the weight grows
+    assert result.rms_angular_update == pytest.approx(middle, rel=0.04)
+    assert equilibrium_norm_exponent(prediction) is None
+
+
+def test_adafactor_large_decay_predicts_the_floor_equilibrium_and_says_when():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    opt = torch.optim.Adafactor([w], lr=1e-2, weight_decay=0.1)
+    prediction = predict_param_group(opt, opt.param_groups[0])
+    assert prediction.rule == "adafactor_floor"
+    assert prediction.angular_update == pytest.approx(math.sqrt(2 * 1e-2 * 0.1))
+    assert "eps2" in prediction.reason and "until then" in prediction.reason
+
+
+@pytest.mark.slow
+def test_monitor_predicts_per_matrix_shape_on_a_real_network():
+    # The generated teacher-student task of studies/muon/measure.py (LayerNorm and RMSNorm after
+    # the hidden layers: whole-matrix units), Muon on the hidden matrices, through the monitor.
+    from lightning_sdm import SphericalMonitor, Unit
+    from lightning_sdm.config import MonitorConfig
+    from studies.muon.measure import teacher_task
+
+    torch.manual_seed(0)
+    batch, model, _ = teacher_task(0)
+    hidden = [model[0].weight, model[3].weight]  # 128x32 and 192x128
+    muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1)
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    adamw = torch.optim.AdamW(rest, lr=1e-3)
+    units = [Unit("0.weight", ("0.weight",)), Unit("3.weight", ("3.weight",))]
+    monitor = SphericalMonitor(model, muon, units, MonitorConfig(every_n_steps=100)).attach()
+    windows = []
+    for step in range(1500):
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        muon.zero_grad()
+        adamw.zero_grad()
+        loss.backward()
+        muon.step()
+        adamw.step()
+        windows += monitor.pop_windows()
+    group = predict_param_group(muon, muon.param_groups[0])
+    late = [w for w in windows if w.optimizer_step > 750]
+    for name, shape in (("0.weight", (128, 32)), ("3.weight", (192, 128))):
+        mine = [w for w in late if w.unit == name]
+        assert mine[-1].theory == pytest.approx(for_shape(group, shape).angular_update)
+        measured = math.sqrt(sum(w.angular_update**2 for w in mine) / len(mine))
+        # docs/muon.md: 1.13 and 1.17 on this task (the real gradients' memory factor differs
+        # from Gaussian noise's); within 20% here, the simulation holds it to 5%.
+        assert 0.8 < measured / mine[-1].theory < 1.25
+    assert windows[0].theory != windows[1].theory  # the two shapes get their own predictions
