@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck unit bench bench-gpu study clean
+.PHONY: demo test test-fast lint typecheck unit bench bench-gpu study study-llm clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-fast: $(STAMP)
 # The paper reproduction of docs/reproduction.md (about 4 minutes with 2 processes).
 study: $(STAMP)
 	$(BIN)/python -m studies.reproduction --out docs --jobs 2
+
+# The QK-norm decoder LLM with Muon + AdamW of docs/llm.md (two runs of 400 steps, about 2 CPU-minutes).
+study-llm: $(STAMP)
+	$(BIN)/python -m studies.llm --out docs
 
 # Overhead of the monitor on a CPU ResNet-18 (vs no monitor and wandb.watch), then the cost of one
 # measurement against model size and number of tensors. About 40 minutes on 2 CPU cores.

@@ -71,6 +71,7 @@ def run_arm(name: str, argv: list[str], log_dir: str) -> dict[str, Any]:
         "history": [asdict(record) for record in callback.history],
         "detector": {unit: asdict(state) for unit, state in callback.detector.state.items()},
         "events": [asdict(event) for event in callback.events],
+        "advice": callback.advice.as_dict() if callback.advice is not None else None,
         "cost": {
             "steady": list(meter.steady) if meter.steady is not None else None,
             "hook_seconds": meter.hook_seconds,

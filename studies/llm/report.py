@@ -7,11 +7,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from lightning_sdm.equilibrium._detector import _DEFAULT_HORIZON_WINDOWS
+
 FIGURE = "llm_qknorm.png"
 TITLES = {
     "muon": "Muon on the hidden matrices, AdamW on the rest",
     "adamw": "AdamW everywhere (baseline)",
 }
+
+
+#: The regime shown for a unit without a prediction that the detector judged stationary.
+STATIONARY = "no prediction, stationary"
+
+
+def _regime(window: dict[str, Any]) -> str:
+    """The window's regime, telling a stationary unit without a prediction apart."""
+    if window["regime"] == "no_prediction" and window["in_equilibrium"]:
+        return STATIONARY
+    return window["regime"]
 
 
 def _short(unit: str) -> str:
@@ -24,6 +37,13 @@ def _short(unit: str) -> str:
 def _median(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
+
+
+def _steps(steps: list[int]) -> str:
+    """``median (low-high)`` of optimizer steps, ``-`` for none."""
+    if not steps:
+        return "-"
+    return f"{statistics.median(steps):.0f} ({steps[0]}-{steps[-1]})"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -62,12 +82,21 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "head_ratio_min_late": _median([head_ratio(w, "min") for w in late]),
         "head_ratio_max_late": _median([head_ratio(w, "max") for w in late]),
         "ratio_flagged": _median([w["ratio"] for w in flagged]),
+        # How far the norm moved while flagged (first to last flagged window): a unit that
+        # tracks a moving LR is in equilibrium with it, not at a fixed point.
+        "norm_change_flagged": (
+            flagged[-1]["weight_norm"] / flagged[0]["weight_norm"] - 1 if flagged else math.nan
+        ),
+        "flagged_span": (flagged[0]["optimizer_step"], flagged[-1]["optimizer_step"])
+        if flagged
+        else None,
         "norm_first": windows[0]["weight_norm"],
         "norm_last": last["weight_norm"],
         "first_equilibrium": first,
         "in_equilibrium_after_first": (
             sum(w["in_equilibrium"] for w in after) / len(after) if after else math.nan
         ),
+        "lagging_from": _lagging_from(windows),
         "regime_last": last["regime"],
         "note_last": last["regime_note"],
         "regimes": sorted({w["regime"] for w in windows}),
@@ -98,8 +127,50 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "cost_ms_per_measured_step": 1e3 * steady[1] if steady else math.nan,
             "cost_ms_per_step": 1e3 * steady[2] if steady else math.nan,
             "hook_share_whole_run": run["cost"]["hook_seconds"] / run["figures"]["seconds"],
+            "ratio_flagged_median": _median([s["ratio_flagged"] for s in summaries]),
+            "norm_change_flagged": _median([s["norm_change_flagged"] for s in summaries]),
+            "lr_change_flagged": _median(
+                [_lr_change(run, s["unit"], s["flagged_span"]) for s in summaries]
+            ),
+            "flagged_windows": sum(w["in_equilibrium"] for w in run["history"]),
+            "windows": len(run["history"]),
+            "lagging_from": sorted(
+                s["lagging_from"] for s in summaries if s["lagging_from"] is not None
+            ),
+            "advised_lag_onset": _lag_onset(run.get("advice")),
         }
     return result
+
+
+def _lr_change(run: dict[str, Any], unit: str, span: tuple[int, int] | None) -> float:
+    """Relative change of the unit's LR between two optimizer steps (its windows')."""
+    if span is None:
+        return math.nan
+    lrs = {w["optimizer_step"]: w["lr"] for w in unit_series(run, unit)}
+    return lrs[span[1]] / lrs[span[0]] - 1
+
+
+def _lagging_from(windows: list[dict[str, Any]]) -> int | None:
+    """The first step of the run's final stretch of ``lagging`` verdicts (None: it ends otherwise).
+
+    Its window's step minus the interval: the verdict comes at the window that closes it.
+    """
+    start = None
+    for previous, window in zip([None, *windows], windows, strict=False):
+        if window["regime"] == "lagging" and (previous is None or previous["regime"] != "lagging"):
+            start = window["optimizer_step"]
+        elif window["regime"] != "lagging":
+            start = None
+    return start
+
+
+def _lag_onset(advice: dict[str, Any] | None) -> int | None:
+    """The step from which the advice said the LR falls faster than the units' weights relax."""
+    for group in (advice or {}).get("groups", []):
+        for phase in group["phases"]:
+            if phase.get("lag_onset") is not None:
+                return int(phase["lag_onset"])
+    return None
 
 
 # ------------------------------------------------------------------ figure
@@ -122,8 +193,9 @@ def write_figure(raw: dict[str, Any], path: Path) -> None:
         "lagging",
         "non_stationary",
         "no_prediction",
+        STATIONARY,
     ]
-    colors = dict(zip(regimes, ["0.85", "C1", "C2", "C9", "C3", "C4", "C8"], strict=True))
+    colors = dict(zip(regimes, ["0.85", "C1", "C2", "C9", "C3", "C4", "C8", "C5"], strict=True))
     for row, arm in enumerate(arms):
         run = raw["runs"][arm]
         units = [u["name"] for u in run["units"]]
@@ -157,7 +229,7 @@ def write_figure(raw: dict[str, Any], path: Path) -> None:
                     index,
                     run["config"]["every_n_steps"],
                     left=w["optimizer_step"] - run["config"]["every_n_steps"],
-                    color=colors.get(w["regime"], "k"),
+                    color=colors.get(_regime(w), "k"),
                     height=0.8,
                 )
         angle_ax.set_yscale("log")
@@ -191,7 +263,7 @@ def write_figure(raw: dict[str, Any], path: Path) -> None:
         regime_ax.set_yticks(range(len(units)), [_short(u) for u in units], fontsize=8)
         regime_ax.set_xlabel("optimizer step")
         regime_ax.set_title(f"{arm}: the detector's regime per window", fontsize=10)
-        seen = {w["regime"] for w in run["history"]}
+        seen = {_regime(w) for w in run["history"]}
         for regime in regimes:
             if regime in seen:
                 regime_ax.barh(-10, 0, color=colors[regime], label=regime.replace("_", " "))
@@ -286,7 +358,13 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "own). Every other matrix reaches the residual stream, a SiLU or the softmax first "
         "(the rejected parameters are listed with their reason by `callback.report.summary()`)."
     )
-    lines += ["", "## Predictions", ""]
+    lines += [
+        "",
+        "## Predictions",
+        "",
+        "As the callback held them at the end of the run (at the final LR):",
+        "",
+    ]
     for arm, run in runs.items():
         prediction = run["predictions"][unit_rows[0]["name"]]
         lines.append(f"- **{arm}** ({prediction['optimizer']}): {_prediction_line(prediction)}")
@@ -308,9 +386,9 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         lines += [
             f"**{arm}**: {TITLES.get(arm, arm)}",
             "",
-            "| unit | angle, last window | predicted | ratio, 2nd half (heads) | |w| first -> last "
-            "| first equilibrium (kept) | regime at the end |",
-            "|---|---|---|---|---|---|---|",
+            "| unit | angle, last window | predicted | ratio, 2nd half (heads) | ratio, flagged "
+            "windows | \\|w\\| first -> last | first equilibrium (kept) | regime at the end |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in result["units"]:
             heads = (
@@ -327,18 +405,23 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
                 f"| `{s['unit'].removeprefix('model.')}` | {s['angle_last']:.4f} "
                 f"({s['angle_last_min']:.4f}-{s['angle_last_max']:.4f}) | "
                 f"{_fmt(s['theory_last'])} | {_fmt(s['ratio_late'], 3)}{heads} | "
-                f"{s['norm_first']:.2f} -> {s['norm_last']:.2f} | {kept} | "
-                f"{s['regime_last'].replace('_', ' ')} |"
+                f"{_fmt(s['ratio_flagged'], 3)} | {s['norm_first']:.2f} -> {s['norm_last']:.2f} "
+                f"| {kept} | {s['regime_last'].replace('_', ' ')} |"
             )
         lines.append("")
     lines += ["## Detection and cost", ""]
     lines += [
-        "| arm | units with a prediction | ratio, 2nd half: median (range over units) | "
-        "units ever in equilibrium | in equilibrium at the end | monitor cost (same run) |",
-        "|---|---|---|---|---|---|",
+        "Flagged: windows after which the detector held the unit in equilibrium (regimes "
+        "`equilibrium` and `tracking`, or, without a prediction, stationary). The advice is what "
+        "the callback printed before the first step: the step from which the schedule takes the "
+        "LR down faster than the weights relax.",
+        "",
+        "| arm | units with a prediction | windows flagged | ratio in flagged windows (median "
+        "over units) | units ever flagged / at the end | `lagging` to the end from step: "
+        "median over units, range (advice) | monitor cost (same run) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, result in analysis.items():
-        low, high = result["ratio_late_range"]
         n = len(result["units"])
         cost = (
             f"{100 * result['cost_fraction']:.2f}% of the step time "
@@ -347,11 +430,13 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
             if math.isfinite(result["cost_fraction"])
             else "not measured (too few windows)"
         )
+        advised = result["advised_lag_onset"]
         lines.append(
-            f"| {arm} | {result['predicted_units']} of {n} | "
-            f"{_fmt(result['ratio_late_median'], 3)} ({_fmt(low, 3)}-{_fmt(high, 3)}) | "
-            f"{result['ever_in_equilibrium']} of {n} | {result['in_equilibrium_last']} of {n} | "
-            f"{cost} |"
+            f"| {arm} | {result['predicted_units']} of {n} | {result['flagged_windows']} of "
+            f"{result['windows']} | {_fmt(result['ratio_flagged_median'], 3)} | "
+            f"{result['ever_in_equilibrium']} / {result['in_equilibrium_last']} of {n} | "
+            f"{_steps(result['lagging_from'])} "
+            f"({advised if advised is not None else '-'}) | {cost} |"
         )
     lines += [
         "",
@@ -378,22 +463,41 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
         run = raw["runs"][arm]
         n = len(result["units"])
         prediction = run["predictions"][result["units"][0]["unit"]]
+        flagged = f"{result['ever_in_equilibrium']} of {n}"
         if result["predicted_units"] == 0:
-            stationary = result["in_equilibrium_last"]
             notes.append(
                 f"- **{arm}**: {prediction['optimizer']} has no prediction in this version of "
-                "the package, so the callback logs the measured angles without a ratio and the "
-                "detector judges by stationarity alone (regime `no_prediction`, in equilibrium "
-                f"when the norm and the angle stop moving): {stationary} of {n} units were "
-                "stationary by that test at the end."
+                "the package: the callback logs the measured angles without a ratio, and the "
+                "detector judges by stationarity alone (regime `no_prediction`; stationary when "
+                f"the norm and the angle stop moving). {flagged} units were stationary at some "
+                f"point ({result['flagged_windows']} of {result['windows']} windows), "
+                f"{result['in_equilibrium_last']} at the end. While flagged, the norm moved by "
+                f"{100 * result['norm_change_flagged']:+.0f}% and the LR by "
+                f"{100 * result['lr_change_flagged']:+.0f}% (median over the units, first to "
+                "last flagged window): without a prediction there is no relaxation time, so "
+                f"the detector pools a fixed {_DEFAULT_HORIZON_WINDOWS} windows "
+                f"({_DEFAULT_HORIZON_WINDOWS * run['config']['every_n_steps']} steps here), "
+                "over which a norm that follows a slowly falling LR changes by less than the "
+                "tolerance: it passes as stationary."
             )
-        else:
-            low, high = result["ratio_late_range"]
-            notes.append(
-                f"- **{arm}**: in the second half of the run the measured per-step angle is "
-                f"{_fmt(result['ratio_late_median'], 3)} times the prediction (median over the "
-                f"{n} units; {_fmt(low, 3)}-{_fmt(high, 3)}); {result['ever_in_equilibrium']} "
-                f"of {n} units were flagged in equilibrium at some point, "
-                f"{result['in_equilibrium_last']} at the end."
+            continue
+        low, high = result["ratio_late_range"]
+        text = (
+            f"- **{arm}**: {flagged} units were flagged at some point; in the flagged windows "
+            f"the measured per-head angle was {_fmt(result['ratio_flagged_median'], 3)} times "
+            "the prediction (median over the units)."
+        )
+        if result["lagging_from"]:
+            advised = result["advised_lag_onset"]
+            text += (
+                f" From optimizer step {_steps(result['lagging_from'])} on (`lagging` to the "
+                "end; median over the units and range"
+                + (f"; the advice put the onset at step {advised}" if advised is not None else "")
+                + ") the cosine takes the LR down faster than the weights relax: the norm "
+                "stays above the equilibrium norm of the falling LR, so the angle falls below "
+                "the prediction (the annealing a decaying schedule relies on); over the second "
+                f"half of the run the ratio is {_fmt(result['ratio_late_median'], 3)} "
+                f"({_fmt(low, 3)}-{_fmt(high, 3)} over the units)."
             )
+        notes.append(text)
     return notes
