@@ -809,18 +809,25 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
             f"{_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)), a = rho_t^2 - 2*lr*wd "
             "the growth of log|W|^2 per step, M = step^0.8 the second moment's memory: steps "
             "relative to the weight's RMS turn it by rho_t times the update's RMS, which the "
-            "second moment of a growing weight's shrinking gradients keeps under 1; when the "
-            "normalised update is noise (its RMS ~1 per element); less where whole rows or "
-            "columns of the gradient are ~0 (dead inputs)"
+            "second moment of a growing weight's shrinking gradients keeps under 1; for "
+            "noise-dominated gradients (a real network's factored update can be smaller: an "
+            "upper bound there)"
         )
         return Prediction(value, name, "adafactor_relative", reason, _ADAFACTOR_SOURCE, hyper)
+    # Weight decay wins: the weight shrinks (its gradients grow, the second moment lags, the
+    # update is clipped at RMS d) and turns by rho_t * min(1, d) per step until its RMS reaches
+    # eps2, ln(RMS / eps2) / |a| steps away (tens of thousands from a usual init); there the step
+    # size is fixed and the AdamW balance without momentum gives sqrt(2 lr wd).
+    value = rho * min(1.0, d)
     floor = math.sqrt(2 * lr * wd)
     reason = (
-        f"sqrt(2*lr*wd) = sqrt(2*{_fmt(lr)}*{_fmt(wd)}) = {_fmt(floor)} rad per step once the "
-        f"weight's RMS has shrunk to eps2 = {_fmt(hyper['eps2'])} (2*lr*wd > rho_t^2 = "
-        f"{_fmt(rho**2)}); until then it turns by ~{_fmt(rho)} per step"
+        f"rho_t*min(1, d) = {_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)): weight "
+        f"decay (2*lr*wd = {_fmt(2 * lr * wd)} > rho_t^2 = {_fmt(rho**2)}) shrinks the weight, "
+        "whose relative steps turn it by rho_t; once its RMS is down to eps2 = "
+        f"{_fmt(hyper['eps2'])} (ln(RMS/eps2)/{_fmt(-growth)} steps) the steps stop shrinking "
+        f"and the angle rises to sqrt(2*lr*wd) = {_fmt(floor)}, which this value does not follow"
     )
-    return Prediction(floor, name, "adafactor_floor", reason, _ADAFACTOR_SOURCE, hyper)
+    return Prediction(value, name, "adafactor_shrinking", reason, _ADAFACTOR_SOURCE, hyper)
 
 
 _ADAFACTOR_SOURCE = (
