@@ -67,6 +67,13 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
     after = [w for w in windows if first is not None and w["optimizer_step"] >= first]
     last = windows[-1]
     heads = last["channels"] or {}
+    # The plateau: from three relaxation times (at the peak LR) after the warm-up until the
+    # unit lags the cosine to the end: where the weights can follow the LR.
+    args = run["args"]
+    tau = 1 / (2 * args["hidden_lr"] * args["hidden_weight_decay"])
+    lagging_from = _lagging_from(windows)
+    end = lagging_from if lagging_from is not None else steps + 1
+    plateau = [w for w in windows if args["warmup"] + 3 * tau <= w["optimizer_step"] < end]
 
     def head_ratio(window: dict[str, Any], key: str) -> float:
         return (window["channel_ratios"] or {}).get(key, math.nan)
@@ -79,6 +86,10 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "angle_last_max": heads.get("max", math.nan),
         "theory_last": last["theory"],
         "ratio_late": _median([w["ratio"] for w in late]),
+        "ratio_plateau": _median([w["ratio"] for w in plateau]),
+        "plateau": (plateau[0]["optimizer_step"], plateau[-1]["optimizer_step"])
+        if plateau
+        else None,
         "head_ratio_min_late": _median([head_ratio(w, "min") for w in late]),
         "head_ratio_max_late": _median([head_ratio(w, "max") for w in late]),
         "ratio_flagged": _median([w["ratio"] for w in flagged]),
@@ -96,7 +107,7 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "in_equilibrium_after_first": (
             sum(w["in_equilibrium"] for w in after) / len(after) if after else math.nan
         ),
-        "lagging_from": _lagging_from(windows),
+        "lagging_from": lagging_from,
         "regime_last": last["regime"],
         "note_last": last["regime_note"],
         "regimes": sorted({w["regime"] for w in windows}),
@@ -128,6 +139,29 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "cost_ms_per_step": 1e3 * steady[2] if steady else math.nan,
             "hook_share_whole_run": run["cost"]["hook_seconds"] / run["figures"]["seconds"],
             "ratio_flagged_median": _median([s["ratio_flagged"] for s in summaries]),
+            "ratio_plateau_range": (
+                min(
+                    (s["ratio_plateau"] for s in summaries if math.isfinite(s["ratio_plateau"])),
+                    default=math.nan,
+                ),
+                max(
+                    (s["ratio_plateau"] for s in summaries if math.isfinite(s["ratio_plateau"])),
+                    default=math.nan,
+                ),
+            ),
+            "ratio_flagged_range": (
+                min(
+                    (s["ratio_flagged"] for s in summaries if math.isfinite(s["ratio_flagged"])),
+                    default=math.nan,
+                ),
+                max(
+                    (s["ratio_flagged"] for s in summaries if math.isfinite(s["ratio_flagged"])),
+                    default=math.nan,
+                ),
+            ),
+            "non_stationary_units": [
+                s["unit"] for s in summaries if "non_stationary" in s["regimes"]
+            ],
             "norm_change_flagged": _median([s["norm_change_flagged"] for s in summaries]),
             "lr_change_flagged": _median(
                 [_lr_change(run, s["unit"], s["flagged_span"]) for s in summaries]
@@ -370,15 +404,18 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"- **{arm}** ({prediction['optimizer']}): {_prediction_line(prediction)}")
     lines += [
         "",
-        "The prediction is the param group's, evaluated per window at the window's learning "
-        "rates (RMS), so it follows the cosine; per head it is the same value.",
+        "The prediction is the unit's (its param group's; for Muon refined by the matrix's "
+        "shape, see [muon.md](muon.md)), evaluated per window at the window's learning rates "
+        "(RMS), so it follows the cosine; every head of a unit takes its matrix's value.",
         "",
         "## Results per unit",
         "",
         "Angle: RMS angular update per step of the last window, median over the heads "
-        "(min-max in brackets). Ratio: measured / predicted, median over the windows of the "
-        "second half of the run (heads: the median over those windows of the lowest and the "
-        "highest head's ratio). First equilibrium: the optimizer step at which the detector first "
+        "(min-max in brackets). Ratios: measured / predicted, the median over the windows of "
+        "the plateau (from three relaxation times after the warm-up until the unit lags the "
+        "cosine to the end), over the windows the detector flagged, and over the second half "
+        "of the run (heads: the median over those windows of the lowest and the highest "
+        "head's ratio). First equilibrium: the optimizer step at which the detector first "
         "flagged the unit; then the share of the later windows it kept the flag.",
         "",
     ]
@@ -386,9 +423,10 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         lines += [
             f"**{arm}**: {TITLES.get(arm, arm)}",
             "",
-            "| unit | angle, last window | predicted | ratio, 2nd half (heads) | ratio, flagged "
-            "windows | \\|w\\| first -> last | first equilibrium (kept) | regime at the end |",
-            "|---|---|---|---|---|---|---|---|",
+            "| unit | angle, last window | predicted | ratio, plateau (steps) | ratio, flagged "
+            "windows | ratio, 2nd half (heads) | \\|w\\| first -> last | first equilibrium "
+            "(kept) | regime at the end |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in result["units"]:
             heads = (
@@ -396,6 +434,7 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
                 if math.isfinite(s["head_ratio_min_late"])
                 else ""
             )
+            plateau = f" ({s['plateau'][0]}-{s['plateau'][1]})" if s["plateau"] else ""
             kept = (
                 f"{s['first_equilibrium']} ({100 * s['in_equilibrium_after_first']:.0f}%)"
                 if s["first_equilibrium"] is not None
@@ -404,8 +443,9 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
             lines.append(
                 f"| `{s['unit'].removeprefix('model.')}` | {s['angle_last']:.4f} "
                 f"({s['angle_last_min']:.4f}-{s['angle_last_max']:.4f}) | "
-                f"{_fmt(s['theory_last'])} | {_fmt(s['ratio_late'], 3)}{heads} | "
-                f"{_fmt(s['ratio_flagged'], 3)} | {s['norm_first']:.2f} -> {s['norm_last']:.2f} "
+                f"{_fmt(s['theory_last'])} | {_fmt(s['ratio_plateau'], 3)}{plateau} | "
+                f"{_fmt(s['ratio_flagged'], 3)} | {_fmt(s['ratio_late'], 3)}{heads} | "
+                f"{s['norm_first']:.2f} -> {s['norm_last']:.2f} "
                 f"| {kept} | {s['regime_last'].replace('_', ' ')} |"
             )
         lines.append("")
@@ -482,11 +522,21 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
             )
             continue
         low, high = result["ratio_late_range"]
+        plow, phigh = result["ratio_plateau_range"]
+        flow, fhigh = result["ratio_flagged_range"]
         text = (
             f"- **{arm}**: {flagged} units were flagged at some point; in the flagged windows "
             f"the measured per-head angle was {_fmt(result['ratio_flagged_median'], 3)} times "
-            "the prediction (median over the units)."
+            f"the prediction (median over the units; {_fmt(flow, 3)}-{_fmt(fhigh, 3)}). Over "
+            f"the whole plateau the units' median ratios span {_fmt(plow, 3)}-{_fmt(phigh, 3)}."
         )
+        odd = result["non_stationary_units"]
+        if odd:
+            text += (
+                f" {len(odd)} units ({', '.join(_short(u) for u in odd)}) were `non_stationary` "
+                "for a while: their ratio drifted while the norm did not explain it, and the "
+                "detector did not flag them then."
+            )
         if result["lagging_from"]:
             advised = result["advised_lag_onset"]
             text += (
