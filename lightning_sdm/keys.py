@@ -39,6 +39,8 @@ class Keys:
     PREFIX = "sdm/"
     ANGULAR_UPDATE = "sdm/angular_update/"
     THEORY = "sdm/angular_update_theory/"
+    #: Per unit: the angle the norm balance predicts for now under the real schedule.
+    TRAJECTORY = "sdm/angular_update_trajectory/"
     RATIO = "sdm/angular_update_ratio/"
     WEIGHT_NORM = "sdm/weight_norm/"
     IN_EQUILIBRIUM = "sdm/in_equilibrium/"
@@ -116,6 +118,8 @@ def window_metrics(
         for key, value in (window.channel_ratios or {}).items():
             metrics[f"{Keys.RATIO}{name}/{key}"] = value
     metrics[f"{Keys.THEORY}{name}"] = theory
+    if window.trajectory is not None:
+        metrics[f"{Keys.TRAJECTORY}{name}"] = window.trajectory
     if window.horizon_angular_update is not None:
         metrics[f"{Keys.HORIZON}{name}"] = window.horizon_angular_update
     metrics[f"{Keys.IN_EQUILIBRIUM}{name}"] = float(in_equilibrium)
