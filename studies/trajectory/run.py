@@ -201,3 +201,87 @@ def run(
             )
     monitor.detach()
     return rows
+
+
+def pooled_reference(rows: Sequence[Row]) -> list[float]:
+    """Per row, dense / trajectory pooled over the last relaxation time (at least its window).
+
+    The dense RMS of one 20-step interval of a real network scatters by +-20% at a constant LR
+    (momentum makes neighbouring steps alike): one relaxation time of steps is the reference the
+    issue defines, and the ratio of mean squares over it is compared with 1.
+    """
+    out = []
+    by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
+    for row in rows:
+        by_unit.setdefault((row.task, row.optimizer, row.schedule, row.unit), []).append(row)
+    index = {id(row): i for i, row in enumerate(rows)}
+    values = [math.nan] * len(rows)
+    for series in by_unit.values():
+        for i, row in enumerate(series):
+            span = [
+                r
+                for r in series[: i + 1]
+                if r.elapsed_tau > row.elapsed_tau - 1 and math.isfinite(r.trajectory)
+            ] or [row]
+            if not all(math.isfinite(r.trajectory) for r in span):
+                continue
+            dense = sum(r.dense_interval**2 for r in span)
+            predicted = sum(r.trajectory**2 for r in span)
+            values[index[id(row)]] = math.sqrt(dense / predicted) if predicted > 0 else math.nan
+    out.extend(values)
+    return out
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, float]:
+    """The issue's numbers for a set of rows (one task, optimizer and schedule, or more).
+
+    ``accuracy``: fraction of windows after the first relaxation time whose pooled dense /
+    trajectory is within 10%; ``recall``: of the windows within 10%, the fraction the detector
+    flags (equilibrium or tracking); ``false_flags``: of those more than 25% off, the fraction
+    flagged; ``static_recall``: of the windows within 10% of the static prediction (dense over
+    the same span), the fraction flagged.
+    """
+    reference = pooled_reference(rows)
+    judged = [(r, x) for r, x in zip(rows, reference, strict=True) if math.isfinite(x)]
+    settled = [(r, x) for r, x in judged if r.elapsed_tau > 1]
+    near = [r for r, x in judged if abs(x - 1) <= 0.1]
+    far = [r for r, x in judged if abs(x - 1) > 0.25]
+
+    def fraction(values: Sequence[bool]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    static = []  # settled windows whose dense RMS over one relaxation time is near the static one
+    for (r, _), x in zip(judged, _pooled_static(rows, [r for r, _ in judged]), strict=True):
+        if r.elapsed_tau > 1 and math.isfinite(x) and abs(x - 1) <= 0.1:
+            static.append(r)
+    return {
+        "static_recall": fraction([r.flagged for r in static]),
+        "static_near": float(len(static)),
+        "windows": float(len(settled)),
+        "accuracy": fraction([abs(x - 1) <= 0.1 for _, x in settled]),
+        "median_error": sorted(abs(x - 1) for _, x in settled)[len(settled) // 2]
+        if settled
+        else math.nan,
+        "near": float(len(near)),
+        "recall": fraction([r.flagged for r in near]),
+        "far": float(len(far)),
+        "false_flags": fraction([r.flagged for r in far]),
+    }
+
+
+def _pooled_static(rows: Sequence[Row], chosen: Sequence[Row]) -> list[float]:
+    """Dense / static prediction pooled over the last relaxation time, for ``chosen`` rows."""
+    out = []
+    for row in chosen:
+        span = [
+            r
+            for r in rows
+            if (r.task, r.optimizer, r.schedule, r.unit)
+            == (row.task, row.optimizer, row.schedule, row.unit)
+            and r.step <= row.step
+            and r.elapsed_tau > row.elapsed_tau - 1
+        ]
+        predicted = sum(r.theory**2 for r in span)
+        dense = sum(r.dense_interval**2 for r in span)
+        out.append(math.sqrt(dense / predicted) if predicted > 0 else math.nan)
+    return out
