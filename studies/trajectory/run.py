@@ -204,11 +204,12 @@ def run(
 
 
 def pooled_reference(rows: Sequence[Row]) -> list[float]:
-    """Per row, dense / trajectory pooled over the last relaxation time (at least its window).
+    """Per row, dense / trajectory pooled over the last relaxation time (at least 3 windows).
 
-    The dense RMS of one 20-step interval of a real network scatters by +-20% at a constant LR
-    (momentum makes neighbouring steps alike): one relaxation time of steps is the reference the
-    issue defines, and the ratio of mean squares over it is compared with 1.
+    The dense angles of exactly the steps the trajectory predicts (each window's measured
+    steps; the whole interval would mix in earlier LRs, which a warm-up makes 30-40% lower),
+    as the ratio of mean squares over the windows of the last relaxation time, at least the
+    last 3 (one window's 2 steps scatter by +-20% on these networks).
     """
     out = []
     by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
@@ -218,14 +219,10 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
     values = [math.nan] * len(rows)
     for series in by_unit.values():
         for i, row in enumerate(series):
-            span = [
-                r
-                for r in series[: i + 1]
-                if r.elapsed_tau > row.elapsed_tau - 1 and math.isfinite(r.trajectory)
-            ] or [row]
+            span = _span(series, i)
             if not all(math.isfinite(r.trajectory) for r in span):
                 continue
-            dense = sum(r.dense_interval**2 for r in span)
+            dense = sum(r.dense**2 for r in span)
             predicted = sum(r.trajectory**2 for r in span)
             values[index[id(row)]] = math.sqrt(dense / predicted) if predicted > 0 else math.nan
     out.extend(values)
@@ -269,19 +266,25 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     }
 
 
+def _span(series: Sequence[Row], i: int) -> list[Row]:
+    """The windows of one unit's series pooled for row ``i``: last relaxation time, >= 3."""
+    row = series[i]
+    span = [r for r in series[: i + 1] if r.elapsed_tau > row.elapsed_tau - 1]
+    return span if len(span) >= 3 else list(series[max(i - 2, 0) : i + 1])
+
+
 def _pooled_static(rows: Sequence[Row], chosen: Sequence[Row]) -> list[float]:
-    """Dense / static prediction pooled over the last relaxation time, for ``chosen`` rows."""
+    """Dense / static prediction pooled like :func:`pooled_reference`, for ``chosen`` rows."""
     out = []
     for row in chosen:
-        span = [
+        series = [
             r
             for r in rows
             if (r.task, r.optimizer, r.schedule, r.unit)
             == (row.task, row.optimizer, row.schedule, row.unit)
-            and r.step <= row.step
-            and r.elapsed_tau > row.elapsed_tau - 1
         ]
+        span = _span(series, series.index(row))
         predicted = sum(r.theory**2 for r in span)
-        dense = sum(r.dense_interval**2 for r in span)
+        dense = sum(r.dense**2 for r in span)
         out.append(math.sqrt(dense / predicted) if predicted > 0 else math.nan)
     return out
