@@ -51,6 +51,8 @@ class Keys:
     PREFIX = "sdm/"
     ANGULAR_UPDATE = "sdm/angular_update/"
     THEORY = "sdm/angular_update_theory/"
+    #: Per unit: the angle the norm balance predicts for now under the real schedule.
+    TRAJECTORY = "sdm/angular_update_trajectory/"
     RATIO = "sdm/angular_update_ratio/"
     WEIGHT_NORM = "sdm/weight_norm/"
     IN_EQUILIBRIUM = "sdm/in_equilibrium/"
@@ -117,7 +119,8 @@ def window_metrics(
         >>> window = UnitWindow("net.0.weight", 40, 40, 0.02, 0.02, 0.025, 0.8, 3.1, 8, 0.1)
         >>> sorted(window_metrics(window, in_equilibrium=False).items())  # doctest: +NORMALIZE_WHITESPACE
         [('sdm/angular_update/net.0.weight', 0.02), ('sdm/angular_update_ratio/net.0.weight', 0.8),
-         ('sdm/angular_update_theory/net.0.weight', 0.025), ('sdm/in_equilibrium/net.0.weight', 0.0),
+         ('sdm/angular_update_theory/net.0.weight', 0.025),
+         ('sdm/angular_update_trajectory/net.0.weight', nan), ('sdm/in_equilibrium/net.0.weight', 0.0),
          ('sdm/weight_norm/net.0.weight', 3.1)]
     """  # noqa: E501
     name = window.unit
@@ -133,6 +136,8 @@ def window_metrics(
         for key, value in (window.channel_ratios or {}).items():
             metrics[f"{Keys.RATIO}{name}/{key}"] = value
     metrics[f"{Keys.THEORY}{name}"] = theory
+    trajectory = window.trajectory
+    metrics[f"{Keys.TRAJECTORY}{name}"] = trajectory if trajectory is not None else math.nan
     if window.horizon_angular_update is not None:
         metrics[f"{Keys.HORIZON}{name}"] = window.horizon_angular_update
     metrics[f"{Keys.IN_EQUILIBRIUM}{name}"] = float(in_equilibrium)

@@ -102,6 +102,11 @@ class UnitWindow:
         norm_exponent: how the equilibrium norm scales with the LR
             (:func:`lightning_sdm.theory.equilibrium_norm_exponent`: 1/4 for SGD, 1/2 for AdamW),
             ``None`` without a prediction; the detector reads the norm's trend with it.
+        trajectory: the RMS angular update the norm balance predicted for this window from the
+            real per-step LR and weight decay since the unit's first window
+            (:mod:`lightning_sdm.theory._trajectory`), made before the window was measured;
+            ``None`` for the first window and without a prediction. Under a constant LR it
+            tends to ``theory``; under a schedule it says where the weights should be now.
     """
 
     unit: str
@@ -120,6 +125,7 @@ class UnitWindow:
     time_scale: float | None = None
     horizon_angular_update: float | None = None
     norm_exponent: float | None = None
+    trajectory: float | None = None
 
     def __post_init__(self) -> None:
         # Built by the monitor, or by hand (plain PyTorch loops, tests): a wrong field fails
@@ -159,6 +165,7 @@ class HistoryRecord:
     channel_ratios: dict[str, float] | None = None
     time_scale: float | None = None
     horizon_angular_update: float | None = None
+    trajectory: float | None = None
 
     @classmethod
     def from_window(

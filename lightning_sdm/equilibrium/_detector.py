@@ -75,7 +75,7 @@ _EXIT = 1.25
 _SHORT_TREND_WINDOWS = 5
 
 # Columns of a stored sample.
-_T, _RHO, _MS, _N, _LOGNORM, _LOGTHEORY, _TAU, _POWER = range(8)
+_T, _RHO, _MS, _N, _LOGNORM, _LOGTHEORY, _TAU, _POWER, _TRAJ = range(9)
 
 
 @dataclass
@@ -424,6 +424,8 @@ class EquilibriumDetector:
         unit.ratio, unit.ratio_error = now, ratio_error
         unit.norm_drift, unit.norm_drift_error, unit.lr_drift = drift, drift_margin / z, lr_drift
         unit.period = math.nan
+        if moving and self._against_trajectory(unit, samples, now, lr_drift):
+            return
         if unit.in_equilibrium:  # hysteresis: leave only on clear evidence
             exit_at = _EXIT * tol
             leaving = (
@@ -482,6 +484,59 @@ class EquilibriumDetector:
         note = f"pooled ratio {now:.2f}; the norm moves towards equilibrium"
         self._set(unit, "relaxing", False, note, eta)
 
+    def _against_trajectory(
+        self, unit: UnitEquilibrium, samples: Sequence[list[float]], now: float, lr_drift: float
+    ) -> bool:
+        """Under a moving LR: the verdict against the predicted trajectory, if there is one.
+
+        The trajectory (:mod:`lightning_sdm.theory._trajectory`) says where the weights should be
+        now, lag included. Within tolerance of it (not significantly outside, pooled over the
+        horizon): ``tracking``. Off it, on the side of more lag than the schedule explains:
+        ``lagging``, with the measured and the expected lag; off it on the other side: the
+        gradient statistics change faster than the model follows (``non_stationary``).
+        Returns whether it decided (``False``: too few windows with a trajectory).
+        """
+        rows = [s for s in samples if len(s) > _TRAJ and math.isfinite(s[_TRAJ])]
+        if len(rows) < self.patience:
+            return False
+        tol, z = self.tolerance, self.confidence
+        rho, rho_error = mean_with_error([s[_TRAJ] for s in rows], [s[_N] for s in rows])
+        ratio = math.sqrt(max(rho, 0.0))
+        error = rho_error / (2 * max(ratio, 1e-12))
+        # Expected lag: trajectory / static at the last window; measured: measured / static.
+        last = rows[-1]
+        # Expected lag: trajectory / static at the last window; measured: that times the pooled
+        # ratio to the trajectory.
+        expected = math.sqrt(last[_RHO] / last[_TRAJ]) if last[_TRAJ] > 0 else 1.0
+        measured = ratio * expected
+        limit = _EXIT * tol if unit.in_equilibrium else tol
+        unit.relaxing_since = None
+        if abs(ratio - 1) - z * error <= limit:
+            note = (
+                f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
+                f"static prediction, measured {measured:.2f}; the LR changes by "
+                f"{abs(lr_drift):.0%} per relaxation time)"
+            )
+            self._set(unit, "tracking", True, note, 0.0)
+            return True
+        # Off the trajectory towards more lag: on the side the trajectory already lags (or, with
+        # the trajectory at the static value, on the side the LR's motion leaves behind).
+        side = expected - 1 if abs(expected - 1) > tol / 2 else -lr_drift
+        if (ratio - 1) * side > 0:
+            note = (
+                f"lags more than the schedule explains: measured {measured:.2f} of the static "
+                f"prediction, expected {expected:.2f} (the trajectory; {ratio:.2f} of it)"
+            )
+            self._set(unit, "lagging", False, note, math.nan)
+            return True
+        note = (
+            f"at {ratio:.2f} of the predicted trajectory, on the side it does not lag to "
+            f"({measured:.2f} of the static prediction, expected {expected:.2f}): the gradient "
+            "statistics change"
+        )
+        self._set(unit, "non_stationary", False, note, math.nan)
+        return True
+
     def _without_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
         samples = unit.samples
         tol, z = self.tolerance, self.confidence
@@ -532,6 +587,7 @@ def _sample(window: UnitWindow, theory: float | None) -> list[float]:
     mean_square = window.angular_update**2
     tau = window.time_scale if window.time_scale is not None else math.nan
     exponent = window.norm_exponent if window.norm_exponent else 0.25
+    trajectory = window.trajectory if window.trajectory is not None and theory else None
     return [
         float(window.optimizer_step),
         mean_square / theory**2 if theory is not None else math.nan,
@@ -541,6 +597,7 @@ def _sample(window: UnitWindow, theory: float | None) -> list[float]:
         math.log(theory**2) if theory is not None else math.nan,
         float(tau),
         1.0 / exponent,
+        mean_square / trajectory**2 if trajectory else math.nan,
     ]
 
 

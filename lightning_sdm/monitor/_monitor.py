@@ -58,6 +58,7 @@ from lightning_sdm.theory._predictions import (
     for_shape,
     relaxation_time,
 )
+from lightning_sdm.theory._trajectory import TrajectoryState, observe, trajectory_constants
 from lightning_sdm.units import Unit
 
 __all__ = ["SphericalMonitor"]
@@ -295,6 +296,16 @@ class SphericalMonitor:
                 ]
                 for w in self._watches
             ],
+            "window_schedules": [
+                [[measured, list(lrs), list(wds)] for measured, lrs, wds in w.schedule]
+                for w in self._watches
+            ],
+            "trajectories": {
+                unit.spec.name: unit.trajectory.as_list()
+                for watch in self._watches
+                for unit in watch.units
+                if unit.trajectory is not None
+            },
             "verified_steps": self._measured_steps,
             "invariance": {
                 unit.spec.name: (unit.invariance, unit.max_abs_cosine)
@@ -321,12 +332,19 @@ class SphericalMonitor:
             watch.free_buffers()
             watch.predictions = []
             watch.pending_checks = []
+            watch.schedule = []
             watch.measuring = watch.provisional = False
             if watch.optimizer_index not in saved_indices:
                 continue
             index = saved_indices.index(watch.optimizer_index)
             if index < len(state.get("steps_done", [])):
                 watch.steps_done = int(state["steps_done"][index])
+            schedules = state.get("window_schedules", [])
+            if index < len(schedules):
+                watch.schedule = [
+                    (bool(m), tuple(map(float, lrs)), tuple(map(float, wds)))
+                    for m, lrs, wds in schedules[index]
+                ]
             statistics = state.get("window_statistics", [])
             predictions = state.get("window_predictions", [])
             if index >= len(statistics) or not statistics[index].numel():
@@ -340,8 +358,11 @@ class SphericalMonitor:
             ]
             self._restore_horizon(watch, state, index)
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
+        trajectories = state.get("trajectories", {})
         for watch in self._watches:
             for unit in watch.units:
+                saved_path = trajectories.get(unit.spec.name)
+                unit.trajectory = None if saved_path is None else TrajectoryState(*saved_path)
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
                     unit.invariance, unit.max_abs_cosine = status, float(cosine)
@@ -376,6 +397,7 @@ class SphericalMonitor:
             watch.provisional = False
             watch.predictions.pop()
         watch.measuring = self.config.is_measured(watch.steps_done)
+        watch.schedule.append(_schedule_entry(watch.optimizer, watch.measuring))
         if watch.measuring:
             start = self.cost.clock()
             self._take_snapshot(watch)
@@ -442,6 +464,7 @@ class SphericalMonitor:
             watch.measuring = watch.provisional = False
             watch.predictions = []
             watch.pending_checks = []
+            watch.schedule = []
             watch.metric.reset()
             watch.horizon_metric.reset()
         warnings.warn(self.stopped, UserWarning, stacklevel=2)
@@ -557,12 +580,13 @@ class SphericalMonitor:
             result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
             watch.horizon_metric.reset()
         predictions, watch.predictions = watch.predictions, []
+        schedule, watch.schedule = watch.schedule, []
         if self.config.every_n_steps != self.config.window:
             watch.free_buffers()  # no extra memory between windows
         rows = {key: value.tolist() for key, value in result.items()}
         global_step = sum(w.steps_done for w in self._watches)
         self._windows.extend(
-            self._unit_window(watch, unit, result, rows, predictions, global_step)
+            self._unit_window(watch, unit, result, rows, predictions, schedule, global_step)
             for unit in watch.units
         )
 
@@ -587,6 +611,7 @@ class SphericalMonitor:
         result: Mapping[str, Tensor],
         rows: Mapping[str, list[float]],
         predictions: list[list[Prediction]],
+        schedule: Sequence[tuple[bool, tuple[float, ...], tuple[float, ...]]],
         global_step: int,
     ) -> UnitWindow:
         """One unit's window from the (host) results; ``rows`` holds them as Python lists."""
@@ -620,6 +645,11 @@ class SphericalMonitor:
         # Frozen: no gradient now and no rotation in the window. A unit frozen during the window
         # moved in part of it: its angle is logged, without a prediction to compare it with.
         frozen = frozen_now and angle == 0.0
+        trajectory = None
+        if theory is not None and not frozen:
+            trajectory = _follow_trajectory(unit, for_shape(latest, shape), schedule, angle, norm)
+        else:
+            unit.trajectory = None  # no equilibrium to follow: it restarts when one returns
         return UnitWindow(
             unit=unit.spec.name,
             optimizer_step=watch.steps_done,
@@ -637,7 +667,55 @@ class SphericalMonitor:
             time_scale=relaxation_time(latest),
             horizon_angular_update=horizon_angle,
             norm_exponent=equilibrium_norm_exponent(latest),
+            trajectory=trajectory,
         )
+
+
+# -------------------------------------------------------------------- the trajectory
+
+
+def _host_float(value: Any) -> float:
+    """A hyper-parameter as a float, read without a device sync (NaN for a device tensor)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.device.type == "cpu" and value.numel() == 1 else math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _schedule_entry(
+    optimizer: Optimizer, measured: bool
+) -> tuple[bool, tuple[float, ...], tuple[float, ...]]:
+    """This step's LR and weight decay per group: host values, one dict read each."""
+    groups = optimizer.param_groups
+    return (
+        measured,
+        tuple(_host_float(g.get("lr", math.nan)) for g in groups),
+        tuple(_host_float(g.get("weight_decay", 0.0)) for g in groups),
+    )
+
+
+def _follow_trajectory(
+    unit: _Unit,
+    latest: Prediction,
+    schedule: Sequence[tuple[bool, tuple[float, ...], tuple[float, ...]]],
+    angle: float,
+    norm: float,
+) -> float | None:
+    """The unit's predicted angle for this window (before seeing it); its state moves on."""
+    constants = trajectory_constants(latest)
+    index = unit.group_index
+    steps = [entry for entry in schedule if index < len(entry[1])]
+    lrs = [entry[1][index] for entry in steps]
+    wds = [entry[2][index] for entry in steps]
+    if constants is None or len(steps) < len(schedule) or not all(map(math.isfinite, lrs + wds)):
+        unit.trajectory = None  # a schedule it cannot read: start again from the next window
+        return None
+    unit.trajectory, predicted = observe(
+        unit.trajectory, lrs, wds, [entry[0] for entry in steps], constants, angle, norm
+    )
+    return predicted
 
 
 # -------------------------------------------------------------------- construction helpers

@@ -62,6 +62,23 @@ def check_monitor_state(state: Any) -> None:
                         f"{where}: `window_predictions` holds {saved!r:.60}, not "
                         "(angular update, hyper-parameters, family)."
                     )
+    for schedule in _sequence(state, "window_schedules", where):
+        for entry in schedule if isinstance(schedule, (list, tuple)) else [None]:
+            if not _schedule_entry(entry):
+                raise ValueError(
+                    f"{where}: `window_schedules` holds {entry!r:.60}, not "
+                    "(measured, lrs, weight decays)."
+                )
+    trajectories = state.get("trajectories", {})
+    if not isinstance(trajectories, Mapping):
+        raise ValueError(f"{where}: `trajectories` is a {type(trajectories).__name__}.")
+    for name, value in trajectories.items():
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError(f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G).")
     if "verified_steps" in state and not _count(state["verified_steps"]):
         raise ValueError(f"{where}: `verified_steps` is {state['verified_steps']!r}.")
     invariance = state.get("invariance", {})
@@ -88,6 +105,16 @@ def _count(value: Any) -> bool:
 
 def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _schedule_entry(entry: Any) -> bool:
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], bool):
+        return False
+    return all(
+        isinstance(values, (list, tuple))
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+        for values in entry[1:]
+    )
 
 
 def _prediction(saved: Any) -> bool:

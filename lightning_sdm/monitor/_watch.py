@@ -23,6 +23,7 @@ from lightning_sdm.metric import AngularUpdate
 from lightning_sdm.monitor._fused import statistics_engine
 from lightning_sdm.records import Granularity, Invariance
 from lightning_sdm.theory._predictions import Prediction
+from lightning_sdm.theory._trajectory import TrajectoryState
 from lightning_sdm.units import Unit
 
 __all__ = ["build_watches", "param_groups", "unit_tensor_rows"]
@@ -37,6 +38,8 @@ class _Unit:
     per_channel: bool  # summarised over its channels (granularity "channel", channel-invariant)
     invariance: Invariance = "unverified"
     max_abs_cosine: float = 0.0
+    # Where the norm balance puts the unit on its trajectory (None before its first window).
+    trajectory: TrajectoryState | None = None
 
 
 @dataclass
@@ -59,6 +62,9 @@ class _OptimizerWatch:
     anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
     horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)  # (set by _make_watch)
     predictions: list[list[Prediction]] = field(default_factory=list)
+    # Every optimizer step since the last window: (measured, lr per group, weight decay per
+    # group), host floats read from the param groups (the trajectory integrates them).
+    schedule: list[tuple[bool, tuple[float, ...], tuple[float, ...]]] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     measuring: bool = False
     provisional: bool = False  # snapshot taken outside the hooks (see catch_running_step)

@@ -283,6 +283,11 @@ def plot_unit(ax: Axes, run: RunData, unit: str) -> None:
         constant = low == np.max(values, where=finite, initial=-math.inf)
         label = f"theory = {low:.3g}" if constant else "theory"
         _line(ax, theory, color="black", linestyle="--", label=label, marker=None)
+    trajectory = run.trajectory(unit)
+    if trajectory is not None and trajectory.finite():
+        # Where the schedule should have the weights now (lag included); on the static value
+        # under a constant LR.
+        _line(ax, trajectory, color="gray", linestyle="-.", label="trajectory", marker=None)
     codes = run.scalars.get(Keys.REGIME + unit)
     if codes is not None and len(codes):
         shaded: set[str] = set()

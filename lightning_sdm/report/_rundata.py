@@ -234,6 +234,10 @@ class RunData:
         """Predicted equilibrium angular update per window, if logged."""
         return self.scalars.get(THEORY + unit)
 
+    def trajectory(self, unit: str) -> Series | None:
+        """The angle the norm balance predicted per window under the real schedule, if logged."""
+        return self.scalars.get(Keys.TRAJECTORY + unit)
+
     def ratio(self, unit: str) -> Series | None:
         """Measured / predicted per window, if logged."""
         return self.scalars.get(RATIO + unit)
@@ -376,6 +380,7 @@ def run_from_history(
             units.append(unit)
         add(ANGULAR_UPDATE + unit, step, entry.get("angular_update"))
         add(THEORY + unit, step, entry.get("theory"))
+        add(Keys.TRAJECTORY + unit, step, entry.get("trajectory"))
         add(RATIO + unit, step, entry.get("ratio"))
         add(WEIGHT_NORM + unit, step, entry.get("weight_norm"))
         for name, value in (entry.get("channels") or {}).items():

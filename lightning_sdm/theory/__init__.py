@@ -25,12 +25,14 @@ from lightning_sdm.theory._predictions import (
     steps_to_equilibrium,
 )
 from lightning_sdm.theory._simulation import SimulationResult, simulate_scale_invariant
+from lightning_sdm.theory._trajectory import angular_update_trajectory
 
 __all__ = [
     "Family",
     "Prediction",
     "SimulationResult",
     "adamw_equilibrium_weight_norm",
+    "angular_update_trajectory",
     "decoupled_relaxation_steps",
     "equilibrium_angular_update",
     "equilibrium_norm_exponent",

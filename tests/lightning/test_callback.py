@@ -51,7 +51,12 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
         "step",
     }
     for unit in UNITS:
-        for prefix in ["angular_update", "angular_update_theory", "angular_update_ratio"]:
+        for prefix in [
+            "angular_update",
+            "angular_update_theory",
+            "angular_update_ratio",
+            "angular_update_trajectory",  # NaN at the first window
+        ]:
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
         expected_keys.add(f"sdm/in_equilibrium/{unit}")

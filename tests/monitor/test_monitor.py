@@ -93,3 +93,50 @@ def test_functional_refuses_complex_and_integer_tensors():
         angular_update(z, z * 1j)
     with pytest.raises(ValueError, match=r"got torch\.int64"):
         angular_update(torch.arange(3), torch.arange(3) + 1)
+
+
+def _trajectory_run(steps, state=None, lr_at=lambda t: 0.1):
+    """A BatchNorm-free invariant weight (gradient projected orthogonal) under SGD-M with wd."""
+    torch.manual_seed(0)
+    model = Rotor(dim=32)
+    model.weight.data = torch.randn(32, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    monitor = SphericalMonitor(
+        model, optimizer, [Unit("weight", ("weight",))], every_n_steps=10, window=2
+    )
+    if state is not None:
+        monitor.load_state_dict(state)
+    monitor.attach()
+    for t in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(t)
+        w = model.weight.detach()
+        noise = torch.randn(32, dtype=torch.float64, generator=generator)
+        model.weight.grad = (noise - (noise @ w) / (w @ w) * w) / w.norm()
+        optimizer.step()
+    monitor.detach()
+    return monitor, monitor.pop_windows()
+
+
+def test_the_trajectory_is_predicted_from_the_second_window_and_checkpointed():
+    monitor, windows = _trajectory_run(40)
+    assert windows[0].trajectory is None
+    assert all(w.trajectory is not None and w.trajectory > 0 for w in windows[1:])
+    state = monitor.state_dict()
+    assert list(state["trajectories"]) == ["weight"]
+    assert state["window_schedules"] == [[]]  # the window just closed: nothing pending
+    _, more = _trajectory_run(10, state=state)
+    assert more[0].trajectory is not None  # the restored state predicts at once
+    with pytest.raises(ValueError, match="trajectories"):
+        _trajectory_run(0, state={**state, "trajectories": {"weight": ["q", 1.0]}})
+    with pytest.raises(ValueError, match="window_schedules"):
+        _trajectory_run(0, state={**state, "window_schedules": [[[True, [0.1], "x"]]]})
+
+
+def test_the_trajectory_follows_a_per_step_lr_between_windows():
+    """The LR halves at an unmeasured step: the next window's prediction halves at once."""
+    _, windows = _trajectory_run(60, lr_at=lambda t: 0.1 if t < 45 else 0.05)
+    before, after = windows[3], windows[4]  # windows close after steps 40 and 50
+    assert after.trajectory / before.trajectory == pytest.approx(0.5, rel=0.05)
+    assert after.angular_update / after.trajectory == pytest.approx(1.0, abs=0.3)

@@ -341,13 +341,16 @@ def test_figure_has_the_expected_panels(fit: Fit, source: str):
         ax = axes[unit_title(unit)]
         entries = [h for h in fit.history if h.unit == unit]
         first = next(h.global_step for h in entries if h.in_equilibrium)
-        measured, theory, marker = _lines(ax)
+        measured, theory, trajectory, marker = _lines(ax)
         # The measured line is the history's RMS angular update, at the history's steps.
         assert list(measured.get_xdata()) == [h.global_step for h in entries]
         assert list(measured.get_ydata()) == pytest.approx(
             [h.angular_update for h in entries], rel=1e-6
         )
         assert list(theory.get_ydata()) == pytest.approx([h.theory for h in entries])
+        assert trajectory.get_label() == "trajectory"
+        want = [math.nan if h.trajectory is None else h.trajectory for h in entries]
+        assert list(trajectory.get_ydata()) == pytest.approx(want, rel=1e-6, nan_ok=True)
         assert theory.get_label() == f"theory = {entries[0].theory:.3g}"
         # The equilibrium mark: per unit from the history, the all-units step from the logs.
         assert list(marker.get_xdata()) == [first, first] if source == "history" else [all_step] * 2

@@ -1,0 +1,290 @@
+"""Predicted trajectory against a dense (every-step) measurement, and the detector against both.
+
+Two tasks (scikit-learn's digits with a BatchNorm convnet; a generated image task with a
+BatchNorm MLP), SGD with momentum and AdamW, six per-step schedules. Each run trains with a
+:class:`~lightning_sdm.monitor.SphericalMonitor` at its default window (2 measured steps per
+window) and an independent float64 recorder of every step's angle per unit; the default
+:class:`~lightning_sdm.equilibrium.EquilibriumDetector` judges the monitor's windows.
+
+Per unit-window it records: the trajectory's prediction (made before the window), the dense RMS
+angle over the window's measured steps and over its whole interval, the static prediction, and
+the detector's regime. ``python -m studies.trajectory --out docs`` writes the table of
+``docs/trajectory.md``; :func:`run` is what the fast test calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_sdm.config import MonitorConfig
+from lightning_sdm.equilibrium import EquilibriumDetector
+from lightning_sdm.monitor import SphericalMonitor
+from lightning_sdm.units import Unit
+
+SCHEDULES = ("constant", "step", "warmup_cosine", "onecycle", "wsd", "linear_to_zero")
+OPTIMIZERS = ("sgdm", "adamw")
+TASKS = ("digits", "blobs")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One unit-window."""
+
+    task: str
+    optimizer: str
+    schedule: str
+    unit: str
+    step: int
+    lr: float
+    trajectory: float  # NaN where the monitor made none
+    dense: float  # RMS of the dense angle over the window's measured steps
+    dense_interval: float  # ... over all the steps since the last window (a steadier reference)
+    theory: float
+    regime: str
+    flagged: bool  # the detector's equilibrium or tracking
+    elapsed_tau: float  # relaxation times since the start (integrated, 1/tau per step)
+
+
+def schedule_factor(name: str, total: int) -> Callable[[int], float]:
+    """The LR multiplier of step ``t`` (0-based) of a schedule of ``total`` steps."""
+    warm = max(total // 20, 1)
+
+    def factor(t: int) -> float:
+        f = t / total
+        if name == "constant":
+            return 1.0
+        if name == "step":
+            return 1.0 if f < 0.5 else 0.1 if f < 0.75 else 0.01
+        if name == "warmup_cosine":
+            return min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * f))
+        if name == "onecycle":  # torch's OneCycleLR shape: div 25, final div 1e4, 30% up
+            up = 0.3
+            if f < up:
+                return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * f / up))
+            return 4e-6 + (1 - 4e-6) * 0.5 * (1 + math.cos(math.pi * (f - up) / (1 - up)))
+        if name == "wsd":
+            return min(1.0, (t + 1) / warm) * (1.0 if f < 0.8 else (1 - f) / 0.2)
+        if name == "linear_to_zero":
+            return 1 - f
+        raise ValueError(f"unknown schedule {name!r}")
+
+    return factor
+
+
+def _data(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if task == "digits":
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        return x, torch.tensor(labels, dtype=torch.long)
+    # Generated: 8 classes of random smooth 12x12 prototypes under heavy noise (not digits).
+    g = torch.Generator().manual_seed(1000 + seed)
+    protos = torch.nn.functional.avg_pool2d(torch.randn(8, 1, 16, 16, generator=g), 5, 1)
+    labels = torch.randint(0, 8, (1600,), generator=g)
+    x = protos[labels] + 0.6 * torch.randn(1600, 1, 12, 12, generator=g)
+    return x.flatten(1), labels
+
+
+def _model(task: str, seed: int) -> tuple[nn.Module, list[Unit]]:
+    torch.manual_seed(seed)
+    if task == "digits":
+        width = 16
+        model = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 1, bias=False),  # a 1x1 conv
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, 10),
+        )
+        names = ["0.weight", "3.weight", "7.weight"]
+    else:
+        model = nn.Sequential(
+            nn.Linear(144, 64, bias=False),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+            nn.Linear(64, 64, bias=False),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+            nn.Linear(64, 8),
+        )
+        names = ["0.weight", "3.weight"]
+    return model, [Unit(name=n, params=(n,)) for n in names]
+
+
+def _optimizer(name: str, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=5e-3)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
+
+
+def run(
+    task: str,
+    optimizer: str,
+    schedule: str,
+    steps: int = 1200,
+    every_n_steps: int = 20,
+    seed: int = 0,
+) -> list[Row]:
+    """One training run; one :class:`Row` per unit and window."""
+    x, y = _data(task, seed)
+    model, units = _model(task, seed)
+    invariant = {u.params[0] for u in units}
+    named = dict(model.named_parameters())
+    decayed = [p for n, p in named.items() if n in invariant]
+    rest = [p for n, p in named.items() if n not in invariant]
+    opt = _optimizer(optimizer, decayed)
+    opt.add_param_group({"params": rest, "weight_decay": 0.0})
+    factor = schedule_factor(schedule, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    monitor = SphericalMonitor(model, opt, units, MonitorConfig(every_n_steps=every_n_steps))
+    monitor.attach()
+    detector = EquilibriumDetector()
+    g = torch.Generator().manual_seed(seed)
+    dense: dict[str, list[float]] = {u.name: [] for u in units}
+    taus: list[float] = []
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    rows: list[Row] = []
+    elapsed = 0.0
+    for _ in range(steps):
+        batch = torch.randint(0, len(x), (64,), generator=g)
+        before = {n: named[n].detach().double().clone() for n in invariant}
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[batch]), y[batch]).backward()
+        lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+        rate = (4 * lr * wd / 0.1) if optimizer == "sgdm" else 2 * lr * wd
+        elapsed += rate
+        taus.append(elapsed)
+        opt.step()
+        sched.step()
+        for n in invariant:
+            a, b = before[n], named[n].detach().double()
+            a, b = a.flatten() / a.norm(), b.flatten() / b.norm()
+            dense[n].append(2 * math.asin(min(float((a - b).norm()) / 2, 1.0)))
+        for window in monitor.pop_windows():
+            detector.update([window])
+            state = detector.state[window.unit]
+            end = window.optimizer_step
+            measured = dense[window.unit][end - window.steps : end]
+            rms = math.sqrt(sum(v * v for v in measured) / len(measured))
+            interval = dense[window.unit][end - every_n_steps : end]
+            rms_interval = math.sqrt(sum(v * v for v in interval) / len(interval))
+            rows.append(
+                Row(
+                    task,
+                    optimizer,
+                    schedule,
+                    window.unit,
+                    end,
+                    window.lr,
+                    window.trajectory if window.trajectory is not None else math.nan,
+                    rms,
+                    rms_interval,
+                    window.theory if window.theory is not None else math.nan,
+                    state.regime,
+                    state.in_equilibrium,
+                    taus[end - 1],
+                )
+            )
+    monitor.detach()
+    return rows
+
+
+def pooled_reference(rows: Sequence[Row]) -> list[float]:
+    """Per row, dense / trajectory pooled over the last relaxation time (at least 3 windows).
+
+    The dense angles of exactly the steps the trajectory predicts (each window's measured
+    steps; the whole interval would mix in earlier LRs, which a warm-up makes 30-40% lower),
+    as the ratio of mean squares over the windows of the last relaxation time, at least the
+    last 3 (one window's 2 steps scatter by +-20% on these networks).
+    """
+    out = []
+    by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
+    for row in rows:
+        by_unit.setdefault((row.task, row.optimizer, row.schedule, row.unit), []).append(row)
+    index = {id(row): i for i, row in enumerate(rows)}
+    values = [math.nan] * len(rows)
+    for series in by_unit.values():
+        for i, row in enumerate(series):
+            span = _span(series, i)
+            if not all(math.isfinite(r.trajectory) for r in span):
+                continue
+            dense = sum(r.dense**2 for r in span)
+            predicted = sum(r.trajectory**2 for r in span)
+            values[index[id(row)]] = math.sqrt(dense / predicted) if predicted > 0 else math.nan
+    out.extend(values)
+    return out
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, float]:
+    """The issue's numbers for a set of rows (one task, optimizer and schedule, or more).
+
+    ``accuracy``: fraction of windows after the first relaxation time whose pooled dense /
+    trajectory is within 10%; ``recall``: of the windows within 10%, the fraction the detector
+    flags (equilibrium or tracking); ``false_flags``: of those more than 25% off, the fraction
+    flagged; ``static_recall``: of the windows within 10% of the static prediction (dense over
+    the same span), the fraction flagged.
+    """
+    reference = pooled_reference(rows)
+    judged = [(r, x) for r, x in zip(rows, reference, strict=True) if math.isfinite(x)]
+    settled = [(r, x) for r, x in judged if r.elapsed_tau > 1]
+    near = [r for r, x in judged if abs(x - 1) <= 0.1]
+    far = [r for r, x in judged if abs(x - 1) > 0.25]
+
+    def fraction(values: Sequence[bool]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    static = []  # settled windows whose dense RMS over one relaxation time is near the static one
+    for (r, _), x in zip(judged, _pooled_static(rows, [r for r, _ in judged]), strict=True):
+        if r.elapsed_tau > 1 and math.isfinite(x) and abs(x - 1) <= 0.1:
+            static.append(r)
+    return {
+        "static_recall": fraction([r.flagged for r in static]),
+        "static_near": float(len(static)),
+        "windows": float(len(settled)),
+        "accuracy": fraction([abs(x - 1) <= 0.1 for _, x in settled]),
+        "median_error": sorted(abs(x - 1) for _, x in settled)[len(settled) // 2]
+        if settled
+        else math.nan,
+        "near": float(len(near)),
+        "recall": fraction([r.flagged for r in near]),
+        "far": float(len(far)),
+        "false_flags": fraction([r.flagged for r in far]),
+    }
+
+
+def _span(series: Sequence[Row], i: int) -> list[Row]:
+    """The windows of one unit's series pooled for row ``i``: last relaxation time, >= 3."""
+    row = series[i]
+    span = [r for r in series[: i + 1] if r.elapsed_tau > row.elapsed_tau - 1]
+    return span if len(span) >= 3 else list(series[max(i - 2, 0) : i + 1])
+
+
+def _pooled_static(rows: Sequence[Row], chosen: Sequence[Row]) -> list[float]:
+    """Dense / static prediction pooled like :func:`pooled_reference`, for ``chosen`` rows."""
+    out = []
+    for row in chosen:
+        series = [
+            r
+            for r in rows
+            if (r.task, r.optimizer, r.schedule, r.unit)
+            == (row.task, row.optimizer, row.schedule, row.unit)
+        ]
+        span = _span(series, series.index(row))
+        predicted = sum(r.theory**2 for r in span)
+        dense = sum(r.dense**2 for r in span)
+        out.append(math.sqrt(dense / predicted) if predicted > 0 else math.nan)
+    return out
