@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from pathlib import Path
@@ -68,12 +69,19 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
     last = windows[-1]
     heads = last["channels"] or {}
     # The plateau: from three relaxation times (at the peak LR) after the warm-up until the
-    # unit lags the cosine to the end: where the weights can follow the LR.
+    # step from which the advice said the LR falls faster than the weights relax (or, without
+    # one, the unit lags to the end): where the static prediction applies.
     args = run["args"]
     tau = 1 / (2 * args["hidden_lr"] * args["hidden_weight_decay"])
     lagging_from = _lagging_from(windows)
-    end = lagging_from if lagging_from is not None else steps + 1
+    onset = _lag_onset(run.get("advice"))
+    end = next((x for x in (onset, lagging_from) if x is not None), steps + 1)
     plateau = [w for w in windows if args["warmup"] + 3 * tau <= w["optimizer_step"] < end]
+    to_trajectory = [
+        w["angular_update"] / w["trajectory"]
+        for w in late
+        if w.get("trajectory") is not None and w["trajectory"] > 0
+    ]
 
     def head_ratio(window: dict[str, Any], key: str) -> float:
         return (window["channel_ratios"] or {}).get(key, math.nan)
@@ -87,12 +95,13 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "theory_last": last["theory"],
         "ratio_late": _median([w["ratio"] for w in late]),
         "ratio_plateau": _median([w["ratio"] for w in plateau]),
+        "ratio_trajectory_late": _median(to_trajectory),
         "plateau": (plateau[0]["optimizer_step"], plateau[-1]["optimizer_step"])
         if plateau
         else None,
         "head_ratio_min_late": _median([head_ratio(w, "min") for w in late]),
         "head_ratio_max_late": _median([head_ratio(w, "max") for w in late]),
-        "ratio_flagged": _median([w["ratio"] for w in flagged]),
+        "ratio_flagged": _median([_to_reference(w) for w in flagged]),
         # How far the norm moved while flagged (first to last flagged window): a unit that
         # tracks a moving LR is in equilibrium with it, not at a fixed point.
         "norm_change_flagged": (
@@ -139,6 +148,24 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "cost_ms_per_step": 1e3 * steady[2] if steady else math.nan,
             "hook_share_whole_run": run["cost"]["hook_seconds"] / run["figures"]["seconds"],
             "ratio_flagged_median": _median([s["ratio_flagged"] for s in summaries]),
+            "ratio_trajectory_late_range": (
+                min(
+                    (
+                        s["ratio_trajectory_late"]
+                        for s in summaries
+                        if math.isfinite(s["ratio_trajectory_late"])
+                    ),
+                    default=math.nan,
+                ),
+                max(
+                    (
+                        s["ratio_trajectory_late"]
+                        for s in summaries
+                        if math.isfinite(s["ratio_trajectory_late"])
+                    ),
+                    default=math.nan,
+                ),
+            ),
             "ratio_plateau_range": (
                 min(
                     (s["ratio_plateau"] for s in summaries if math.isfinite(s["ratio_plateau"])),
@@ -174,6 +201,15 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
             "advised_lag_onset": _lag_onset(run.get("advice")),
         }
     return result
+
+
+def _to_reference(window: dict[str, Any]) -> float:
+    """Measured / what the detector judged the window against: the trajectory under a moving
+    LR (``tracking``), the static prediction otherwise; NaN without either."""
+    reference = window["theory"]
+    if window["regime"] == "tracking" and window.get("trajectory"):
+        reference = window["trajectory"]
+    return window["angular_update"] / reference if reference else math.nan
 
 
 def _lr_change(run: dict[str, Any], unit: str, span: tuple[int, int] | None) -> float:
@@ -255,6 +291,19 @@ def write_figure(raw: dict[str, Any], path: Path) -> None:
             theory = [w["theory"] if w["theory"] is not None else math.nan for w in windows]
             if index == 0 and any(math.isfinite(t) for t in theory):
                 angle_ax.plot(steps, theory, "k:", lw=2.2, label="predicted")
+            trajectory = [
+                w["trajectory"] if w.get("trajectory") is not None else math.nan for w in windows
+            ]
+            if any(math.isfinite(t) for t in trajectory):
+                angle_ax.plot(
+                    steps,
+                    trajectory,
+                    ":",
+                    color=color,
+                    lw=0.9,
+                    alpha=0.8,
+                    label="trajectory (dotted)" if index == 0 else None,
+                )
             ratio = [w["ratio"] if w["ratio"] is not None else math.nan for w in windows]
             ratio_ax.plot(steps, ratio, style, color=color, lw=1.2)
             norm_ax.plot(steps, [w["weight_norm"] for w in windows], style, color=color, lw=1.2)
@@ -411,11 +460,17 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "## Results per unit",
         "",
         "Angle: RMS angular update per step of the last window, median over the heads "
-        "(min-max in brackets). Ratios: measured / predicted, the median over the windows of "
-        "the plateau (from three relaxation times after the warm-up until the unit lags the "
-        "cosine to the end), over the windows the detector flagged, and over the second half "
-        "of the run (heads: the median over those windows of the lowest and the highest "
-        "head's ratio). First equilibrium: the optimizer step at which the detector first "
+        "(min-max in brackets). Ratios: measured / predicted (the static equilibrium), the "
+        "median over the windows of the plateau (from three relaxation times after the "
+        "warm-up until the step from which the advice said the LR falls faster than the "
+        "weights relax), over the windows the detector flagged, and over the second half of "
+        "the run (heads: the median over those windows of the lowest and the highest head's "
+        "ratio). Flagged windows are compared with what the detector judged them against (the "
+        "reference): the trajectory in `tracking` windows, the static prediction in "
+        "`equilibrium` ones. Trajectory: the angle the monitor predicted for each window "
+        "before measuring it, by integrating the norm balance along the real LR schedule "
+        "(`HistoryRecord.trajectory`); measured / trajectory over the second half. First "
+        "equilibrium: the optimizer step at which the detector first "
         "flagged the unit; then the share of the later windows it kept the flag.",
         "",
     ]
@@ -424,9 +479,9 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
             f"**{arm}**: {TITLES.get(arm, arm)}",
             "",
             "| unit | angle, last window | predicted | ratio, plateau (steps) | ratio, flagged "
-            "windows | ratio, 2nd half (heads) | \\|w\\| first -> last | first equilibrium "
-            "(kept) | regime at the end |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "windows (reference) | ratio, 2nd half (heads) | measured / trajectory, 2nd half "
+            "| \\|w\\| first -> last | first equilibrium (kept) | regime at the end |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in result["units"]:
             heads = (
@@ -445,6 +500,7 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
                 f"({s['angle_last_min']:.4f}-{s['angle_last_max']:.4f}) | "
                 f"{_fmt(s['theory_last'])} | {_fmt(s['ratio_plateau'], 3)}{plateau} | "
                 f"{_fmt(s['ratio_flagged'], 3)} | {_fmt(s['ratio_late'], 3)}{heads} | "
+                f"{_fmt(s['ratio_trajectory_late'], 3)} | "
                 f"{s['norm_first']:.2f} -> {s['norm_last']:.2f} "
                 f"| {kept} | {s['regime_last'].replace('_', ' ')} |"
             )
@@ -456,9 +512,9 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "the callback printed before the first step: the step from which the schedule takes the "
         "LR down faster than the weights relax.",
         "",
-        "| arm | units with a prediction | windows flagged | ratio in flagged windows (median "
-        "over units) | units ever flagged / at the end | `lagging` to the end from step: "
-        "median over units, range (advice) | monitor cost (same run) |",
+        "| arm | units with a prediction | windows flagged | measured / reference in flagged "
+        "windows (median over units) | units ever flagged / at the end | `lagging` to the end "
+        "from step: median over units, range (advice) | monitor cost (same run) |",
         "|---|---|---|---|---|---|---|",
     ]
     for arm, result in analysis.items():
@@ -527,27 +583,40 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
         text = (
             f"- **{arm}**: {flagged} units were flagged at some point; in the flagged windows "
             f"the measured per-head angle was {_fmt(result['ratio_flagged_median'], 3)} times "
-            f"the prediction (median over the units; {_fmt(flow, 3)}-{_fmt(fhigh, 3)}). Over "
-            f"the whole plateau the units' median ratios span {_fmt(plow, 3)}-{_fmt(phigh, 3)}."
+            "the detector's reference (median over the units; "
+            f"{_fmt(flow, 3)}-{_fmt(fhigh, 3)}). Over the plateau the units' median ratios to "
+            f"the static prediction span {_fmt(plow, 3)}-{_fmt(phigh, 3)}."
         )
         odd = result["non_stationary_units"]
         if odd:
             text += (
                 f" {len(odd)} units ({', '.join(_short(u) for u in odd)}) were `non_stationary` "
-                "for a while: their ratio drifted while the norm did not explain it, and the "
-                "detector did not flag them then."
+                "for a while (off the detector's reference, the trajectory under the cosine, "
+                "by more than the tolerance on the side the norm does not explain) and not "
+                "flagged then."
             )
-        if result["lagging_from"]:
-            advised = result["advised_lag_onset"]
+        tlow, thigh = result["ratio_trajectory_late_range"]
+        if math.isfinite(tlow):
             text += (
-                f" From optimizer step {_steps(result['lagging_from'])} on (`lagging` to the "
-                "end; median over the units and range"
-                + (f"; the advice put the onset at step {advised}" if advised is not None else "")
-                + ") the cosine takes the LR down faster than the weights relax: the norm "
-                "stays above the equilibrium norm of the falling LR, so the angle falls below "
-                "the prediction (the annealing a decaying schedule relies on); over the second "
-                f"half of the run the ratio is {_fmt(result['ratio_late_median'], 3)} "
-                f"({_fmt(low, 3)}-{_fmt(high, 3)} over the units)."
+                " In the second half, where the cosine takes the LR down faster than the weights "
+                "relax, the angle falls below the static prediction (ratio "
+                f"{_fmt(result['ratio_late_median'], 3)}, {_fmt(low, 3)}-{_fmt(high, 3)} over "
+                "the units: the annealing a decaying schedule relies on), and measured / "
+                f"trajectory is {_fmt(tlow, 3)}-{_fmt(thigh, 3)} over the units."
+            )
+        advised = result["advised_lag_onset"]
+        said = f"; the advice put the onset of the lag at step {advised}" if advised else ""
+        if result["lagging_from"]:
+            text += (
+                f" The detector reads `lagging` to the end from step "
+                f"{_steps(result['lagging_from'])} (median over the units and range{said})."
+            )
+        else:
+            ends = collections.Counter(s["regime_last"] for s in result["units"])
+            text += (
+                " At the end the detector reads "
+                + ", ".join(f"{k.replace('_', ' ')} ({v} units)" for k, v in ends.items())
+                + f"{said}."
             )
         notes.append(text)
     return notes
