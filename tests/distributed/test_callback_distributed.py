@@ -246,7 +246,8 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
         "sdm/tolerance_band/upper",
     }
     for unit in UNITS:  # log_level="summary": no regime counts
-        for prefix in ("angular_update", "angular_update_theory", "angular_update_ratio"):
+        prefixes = ("angular_update", "angular_update_theory", "angular_update_ratio")
+        for prefix in (*prefixes, "angular_update_trajectory"):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
         window_keys.add(f"sdm/in_equilibrium/{unit}")
