@@ -245,7 +245,12 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
         "sdm/steps_to_equilibrium",
     }
     for unit in UNITS:
-        for prefix in ("angular_update", "angular_update_theory", "angular_update_ratio"):
+        for prefix in (
+            "angular_update",
+            "angular_update_theory",
+            "angular_update_ratio",
+            "angular_update_trajectory",
+        ):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
         window_keys.add(f"sdm/in_equilibrium/{unit}")
