@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch.optim import Optimizer
@@ -42,6 +42,7 @@ from lightning_sdm.theory._predictions import (
     predict_param_group,
 )
 from lightning_sdm.theory._predictions import relaxation_time as _relaxation_time
+from lightning_sdm.theory._trajectory import trajectory_constants
 
 __all__ = ["Advice", "GroupAdvice", "Phase", "advise"]
 
@@ -72,6 +73,11 @@ class Phase:
         lag_onset: inside the phase, the first step from which the LR falls by more than 10%
             per relaxation time (the weights no longer follow it), ``None`` if it never does.
         tail: the phase starts below 1% of the peak LR (the annealing tail).
+        expected_ratio: at the phase's last step, the angular update the norm balance predicts
+            along the whole sampled schedule, over the equilibrium at that step's LR
+            (:func:`~lightning_sdm.theory.angular_update_trajectory`, starting in equilibrium at
+            step 0): 1 when the weights have caught up, below 1 while they lag a decay, above
+            while they lag a rise; ``None`` without a prediction.
     """
 
     start: int
@@ -86,6 +92,7 @@ class Phase:
     fits: bool | None
     lag_onset: int | None
     tail: bool
+    expected_ratio: float | None = None
 
     @property
     def length(self) -> int:
@@ -147,6 +154,13 @@ class Advice:
                     f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {_lr_range(phase):<21} "
                     f"{_value(phase.angular_update):<11} "
                     f"{_steps(tau, epoch) if tau else 'n/a':<29} {_verdict(phase, epoch)}"
+                )
+            ratios = [p.expected_ratio for p in group.phases]
+            if any(r is not None for r in ratios):
+                lines.append(
+                    "  expected angle / equilibrium at each phase's end (the norm balance along "
+                    "this schedule, from equilibrium): "
+                    + ", ".join("n/a" if r is None else f"{r:.2g}" for r in ratios)
                 )
         if self.note:
             lines.append(f"Note: {self.note}")
@@ -259,6 +273,7 @@ def _group_advice(
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
     ema = 1.0 / (peak_lr * wd) if peak_lr > 0 and wd > 0 and prediction.available else None
     phases = _phases(optimizer, group, changes, total_steps)
+    phases = _with_expected_ratios(prediction, phases, changes)
     notes = [
         _phase_note(phase, previous, wd, steps_per_epoch)
         for previous, phase in itertools.pairwise(phases)
@@ -278,6 +293,46 @@ def _group_advice(
         tuple(phases),
         tuple(notes),
     )
+
+
+def _with_expected_ratios(
+    prediction: Prediction, phases: Sequence[Phase], changes: Sequence[tuple[int, float]]
+) -> list[Phase]:
+    """Each phase with the trajectory's ratio to the equilibrium at its last step.
+
+    The norm balance of :mod:`lightning_sdm.theory._trajectory` integrated over the run-length
+    encoded schedule: over a run of one LR the relaxation of ``q`` is exact in closed form, so a
+    step schedule of a million steps costs one term per change.
+    """
+    constants = trajectory_constants(prediction)
+    wd = prediction.hyperparameters.get("weight_decay", 0.0)
+    first = changes[0][1] if changes else 0.0
+    if constants is None or not first > 0 or not wd > 0:
+        return list(phases)
+    # Units where G = 1, starting in equilibrium at the first LR (see angular_update_trajectory).
+    q = first * constants.growth / (constants.decay * wd)
+    bounds = [step for step, _ in changes]
+    out = []
+    position, index = 0, 0
+    for phase in phases:
+        last = phase.end - 1
+        while position < last:
+            while index + 1 < len(bounds) and bounds[index + 1] <= position:
+                index += 1
+            lr = changes[index][1]
+            run_end = bounds[index + 1] if index + 1 < len(bounds) else last
+            n = max(min(run_end, last) - position, 1)
+            x = constants.decay * max(lr, 0.0) * wd
+            target = lr * constants.growth / (constants.decay * wd) if lr > 0 else 0.0
+            q = target + (q - target) * math.exp(-n * x)
+            position += n
+        lr_last = _lr_at(changes, last)  # once per phase
+        ratio = None
+        if lr_last > 0 and q > 0:
+            # angle^2 = lr^2 / q against the equilibrium's lr^2 / q*: ratio = sqrt(q* / q).
+            ratio = math.sqrt(lr_last * constants.growth / (constants.decay * wd) / q)
+        out.append(replace(phase, expected_ratio=ratio))
+    return out
 
 
 def _phases(

@@ -235,7 +235,7 @@ def angular_update_trajectory(
         >>> w = torch.nn.Parameter(torch.randn(8, 4))
         >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-3)
         >>> p = predict_param_group(opt, opt.param_groups[0])
-        >>> path = angular_update_trajectory(p, [0.1] * 100 + [0.01] * 2000)
+        >>> path = angular_update_trajectory(p, [0.1] * 100 + [0.01] * 4000)  # 8 relaxation times
         >>> round(path[99] / p.angular_update, 3)  # in equilibrium before the drop
         1.0
         >>> round(path[100] / p.angular_update, 3)  # the angle falls by 10x at once ...

@@ -334,3 +334,24 @@ def test_a_scheduler_that_raises_ahead_is_sampled_up_to_there():
     assert trajectory.total_steps == 11  # steps 0 to 10: the schedule has 10 more
     assert "OneCycleLR raised at step 11" in trajectory.note
     assert (optimizer.param_groups[0]["lr"], schedule.last_epoch) == before  # live one untouched
+
+
+def test_expected_ratio_at_each_phase_end_follows_the_relaxation_after_each_decay() -> None:
+    """ImageNet's step schedule: caught up after the first decay, far behind after the second.
+
+    Expected values from the relaxation of ``lr_change_relaxation_steps`` (x = q / q* - 1 decays
+    as exp(-t / tau) from 1 / ratio - 1, the angle reads (1 + x)^-1/2), not the integrator.
+    """
+    opt = torch.optim.SGD([_weight()], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60], gamma=0.1)
+    advice = advise([opt], {"layer1.0.conv1.weight": (0, 0)}, 90 * 5005, 5005, [ScheduledLR(sched)])
+    (group,) = advice.groups
+    first, second, third = group.phases
+    assert first.expected_ratio == pytest.approx(1.0, rel=1e-9)  # starts and stays there
+    length = 150150 - 1
+    x2 = 9 * math.exp(-length / second.relaxation_time)
+    assert second.expected_ratio == pytest.approx((1 + x2) ** -0.5, rel=1e-3)
+    x3 = (10 * (1 + x2) - 1) * math.exp(-length / third.relaxation_time)
+    assert third.expected_ratio == pytest.approx((1 + x3) ** -0.5, rel=1e-3)
+    assert third.expected_ratio < 0.5  # still lagging at the end of the budget
+    assert "expected angle / equilibrium at each phase's end" in advice.table()
