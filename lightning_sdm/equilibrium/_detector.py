@@ -509,9 +509,15 @@ class EquilibriumDetector:
         # ratio to the trajectory.
         expected = math.sqrt(last[_RHO] / last[_TRAJ]) if last[_TRAJ] > 0 else 1.0
         measured = ratio * expected
-        limit = _EXIT * tol if unit.in_equilibrium else tol
         unit.relaxing_since = None
-        if abs(ratio - 1) - z * error <= limit:
+        # As under a constant LR: a unit enters on positive evidence (the whole confidence
+        # interval inside the band) and leaves only on clear evidence (hysteresis). A noisy pool
+        # far from the trajectory (late in a schedule to zero) is not "tracking".
+        if unit.in_equilibrium:
+            inside = abs(ratio - 1) - z * error <= _EXIT * tol
+        else:
+            inside = abs(ratio - 1) + z * error <= tol
+        if inside:
             note = (
                 f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
                 f"static prediction, measured {measured:.2f}; the LR changes by "

@@ -764,7 +764,9 @@ def for_shape(prediction: Prediction, shape: Sequence[int]) -> Prediction:
     """
     _check_prediction(prediction)
     hyper = prediction.hyperparameters
-    if prediction.rule != "muon" or prediction.angular_update is None or len(shape) < 2:
+    # By family, not rule: a prediction restored from a checkpoint keeps its family and
+    # hyper-parameters only.
+    if prediction.family != "muon" or not prediction.angular_update or len(shape) < 2:
         return prediction
     rows, cols = int(shape[0]), int(math.prod(shape[1:]))
     if rows <= 0 or cols <= 0:

@@ -223,6 +223,24 @@ def test_off_the_trajectory_is_lagging_with_the_measured_and_the_expected_lag():
     assert "measured 0.60" in state.note and "expected 0.90" in state.note
 
 
+def test_a_pool_too_noisy_to_place_is_not_tracking():
+    """Found by a probe on a tiny model under a per-step cosine: the angle scatters by a factor
+    of 3 from window to window around its trajectory. Not significantly outside the band is not
+    inside it: such a unit must not enter ``tracking``, which counts as equilibrium (it stayed
+    there while single windows read 0.2 of the trajectory)."""
+    detector = EquilibriumDetector()
+    scatter = [1.6, 0.3, 1.5, 0.4, 1.6, 0.3, 1.4, 0.5, 1.6, 0.3, 1.5, 0.4, 1.6, 0.3, 1.5]
+    for i, noise in enumerate(scatter, start=1):
+        theory = 0.01 * math.exp(-i / 10)  # the LR falls: moving
+        w = dataclasses.replace(
+            window(50 * i, noise * 0.9 * theory, theory=theory, time_scale=100.0),
+            trajectory=0.9 * theory,
+        )
+        detector.update([w])
+        state = detector.state["w"]
+        assert state.regime != "tracking" and not state.in_equilibrium, (i, state.note)
+
+
 def test_a_step_decay_restarts_and_waits_for_the_relaxation_theory_gives():
     rows = _schedule_regimes(lambda t: 0.1 if t < 1500 else 0.01, steps=3000)
     assert _between(rows, 500, 1500) == {"equilibrium"}

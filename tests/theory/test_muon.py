@@ -233,3 +233,19 @@ def test_monitor_predicts_per_matrix_shape_on_a_real_network():
         # from Gaussian noise's); within 20% here, the simulation holds it to 5%.
         assert 0.8 < measured / mine[-1].theory < 1.25
     assert windows[0].theory != windows[1].theory  # the two shapes get their own predictions
+
+
+def test_a_restored_muon_prediction_keeps_its_shape_correction():
+    # A checkpoint keeps a prediction's value, hyper-parameters and family, not its rule: the
+    # shape correction must not depend on the rule (a resumed window blended the wide value
+    # and the per-shape one, and the detector took the jump for a moving LR).
+    from lightning_sdm.monitor._monitor import _restored_prediction
+
+    w = torch.nn.Parameter(torch.zeros(64, 64))
+    opt = torch.optim.Muon([w], lr=0.02, weight_decay=0.1)
+    group = predict_param_group(opt, opt.param_groups[0])
+    restored = _restored_prediction(group.angular_update, group.hyperparameters, group.family)
+    assert restored.rule != "muon"
+    expected = for_shape(group, (64, 64)).angular_update
+    assert for_shape(restored, (64, 64)).angular_update == expected
+    assert expected is not None and expected > 1.1 * (group.angular_update or 0.0)
