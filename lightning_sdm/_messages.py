@@ -465,29 +465,36 @@ def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
 
 
 def fit_summary(
-    rows: Sequence[tuple[str, float, float, float, int]], fraction: float, global_step: int
+    rows: Sequence[tuple[str, float, float, float, int, bool]], fraction: float, global_step: int
 ) -> str:
-    """The end-of-fit table: per unit ``(name, measured, predicted, ratio, equilibrium step)``.
+    """The end-of-fit table: per unit ``(name, measured, predicted, ratio, step, in equilibrium)``.
 
-    NaN where there is no value; an equilibrium step of -1: never reached.
+    ``step``: when the unit last entered equilibrium (-1: never); NaN where there is no value.
+    A unit that left equilibrium before the end says so (``lightning-sdm report`` gives the
+    first step instead, and says the same).
 
     Example::
 
         >>> nan = float("nan")
-        >>> print(fit_summary([("net.0.weight", 0.0231, 0.0229, 1.0087, 240),
-        ...                    ("net.3.weight", 0.05, nan, nan, -1)], 0.5, 660))
-        [lightning_sdm] end of fit at global step 660: 50% of the units in equilibrium
+        >>> print(fit_summary([("net.0.weight", 0.0231, 0.0229, 1.0087, 240, True),
+        ...                    ("net.3.weight", 0.031, 0.0229, 1.35, 180, False),
+        ...                    ("net.6.weight", 0.05, nan, nan, -1, False)], 1 / 3, 660))
+        [lightning_sdm] end of fit at global step 660: 33% of the units in equilibrium
           unit          rad/step  predicted  ratio  equilibrium
-          net.0.weight  0.0231    0.0229     1.01   step 240
-          net.3.weight  0.05      -          -      not reached
+          net.0.weight  0.0231    0.0229     1.01   since step 240
+          net.3.weight  0.031     0.0229     1.35   left it (entered at step 180)
+          net.6.weight  0.05      -          -      not reached
     """
 
     def number(value: float, digits: str) -> str:
         return format(value, digits) if math.isfinite(value) else "-"
 
     table = [("unit", "rad/step", "predicted", "ratio", "equilibrium")]
-    for name, measured, theory, ratio, step in rows:
-        reached = f"step {step}" if step >= 0 else "not reached"
+    for name, measured, theory, ratio, step, now in rows:
+        if step < 0:
+            reached = "not reached"
+        else:
+            reached = f"since step {step}" if now else f"left it (entered at step {step})"
         table.append(
             (name, number(measured, ".3g"), number(theory, ".3g"), number(ratio, ".2f"), reached)
         )

@@ -338,6 +338,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             predictions = self.monitor.predictions()
             results = _loggers.unit_results(self.history, predictions, self.detector.state)
             if self.history:
+                states = self.detector.state
                 rows = [
                     (
                         r.unit,
@@ -345,6 +346,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                         r.final_theory,
                         r.final_ratio,
                         r.equilibrium_step,
+                        r.unit in states and states[r.unit].in_equilibrium,
                     )
                     for r in results
                 ]

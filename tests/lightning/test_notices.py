@@ -59,8 +59,14 @@ def test_a_healthy_fit_logs_its_events_and_raises_no_warning(tmp_path, sdm_log):
     for unit, record in last.items():
         assert float(rows[unit][1]) == pytest.approx(record.angular_update, rel=5e-3)
         assert float(rows[unit][3]) == pytest.approx(record.ratio, abs=5e-3)
-        step = callback.detector.state[unit].reached_global_step
-        assert rows[unit][4:] == (["step", str(step)] if step is not None else ["not", "reached"])
+        state = callback.detector.state[unit]
+        step = state.reached_global_step
+        if step is None:
+            assert rows[unit][4:] == ["not", "reached"]
+        elif state.in_equilibrium:
+            assert rows[unit][4:] == ["since", "step", str(step)]
+        else:  # left it before the end: said so, with when it entered
+            assert rows[unit][4:] == ["left", "it", "(entered", "at", "step", f"{step})"]
     # Each routine event once: one summary, one discovery line, one prediction line.
     assert sum("predicted equilibrium" in line for line in info) == 1
     assert math.isfinite(callback.detector.fraction())
