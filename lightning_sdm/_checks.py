@@ -12,7 +12,16 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_fraction", "check_integer", "check_number", "check_record"]
+__all__ = ["check_bool", "check_fraction", "check_integer", "check_number", "check_record"]
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is ``True`` or ``False``.
+
+    A switch given as ``1`` or ``"yes"`` is a mistake, not a truth value to interpret.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def check_integer(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:

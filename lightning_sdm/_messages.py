@@ -419,11 +419,6 @@ def fabric_stand_down(why: str) -> str:
     return f"{FABRIC_PREFIX} {why}; nothing more is measured."
 
 
-def not_a_bool(name: str, value: object) -> str:
-    """A switch that is not ``True``/``False``."""
-    return f"`{name}` must be True or False, got {value!r}."
-
-
 def units_found(units: Sequence[str], method: str, rejected: Mapping[str, int]) -> str:
     """One line for what the trace found (``report.summary()`` has the full list).
 

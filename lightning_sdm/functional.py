@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_sdm._checks import check_bool
 from lightning_sdm._engine import (
     ACCELERATOR_CHUNK_NUMEL,
     COVERAGE,
@@ -167,8 +168,7 @@ def angular_update_statistics(
                 [2., 2., 2., 1.],
                 [4., 0., 0., 1.]], dtype=torch.float64)
     """
-    if not isinstance(curr_is_delta, bool):
-        raise ValueError(f"`curr_is_delta` must be True or False, got {curr_is_delta!r}.")
+    check_bool("curr_is_delta", curr_is_delta)
     prev, curr, geometries = check_arguments(prev, curr, dim, chunk_numel)
     if not geometries:
         return torch.zeros(0, NUM_STATISTICS, dtype=torch.float64)

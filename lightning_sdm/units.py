@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from lightning_sdm._checks import check_record
+from lightning_sdm._checks import check_bool, check_record
 from lightning_sdm.records import UnitSource
 
 __all__ = ["ParamsSpec", "Unit", "check_params_spec", "select_units"]
@@ -86,10 +86,7 @@ class Unit:
         if twice:
             raise ValueError(f"`params` names {twice[0]!r} twice; list each parameter once.")
         object.__setattr__(self, "params", params)
-        if not isinstance(self.channel_invariant, bool):
-            raise ValueError(
-                f"`channel_invariant` must be True or False, got {self.channel_invariant!r}."
-            )
+        check_bool("channel_invariant", self.channel_invariant)
         if isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int):
             raise ValueError(f"`channel_dim` must be an int, got {self.channel_dim!r}.")
         group = self.channel_group

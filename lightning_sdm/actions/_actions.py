@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sdm._checks import check_fraction, check_integer, check_number
+from lightning_sdm._checks import check_bool, check_fraction, check_integer, check_number
 from lightning_sdm.actions._lr_control import (
     check_schedulers_supported,
     decay_param_groups,
@@ -228,12 +228,8 @@ class DecayLR(EquilibriumAction):
         check_number("min_lr", min_lr, low=0.0, low_open=False)
         check_integer("max_decays", max_decays, 0, allow_none=True)
         check_integer("cooldown", cooldown, 0, allow_none=True)
-        for flag, value in (
-            ("rescale_weights", rescale_weights),
-            ("stop_at_min_lr", stop_at_min_lr),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{flag}` must be True or False, got {value!r}.")
+        check_bool("rescale_weights", rescale_weights)
+        check_bool("stop_at_min_lr", stop_at_min_lr)
         self.factor = factor
         self.min_lr = min_lr
         self.max_decays = None if max_decays is None else int(max_decays)
@@ -323,8 +319,7 @@ class DecayLR(EquilibriumAction):
             raise ValueError(f"DecayLR's state must be a mapping, got {type(state).__name__}.")
         decays, final_done = state.get("decays", self.decays), state.get("final_done", False)
         check_integer("decays", decays, 0)
-        if not isinstance(final_done, bool):
-            raise ValueError(f"`final_done` must be True or False, got {final_done!r}.")
+        check_bool("final_done", final_done)
         self.decays, self.final_done = int(decays), final_done
 
     def _final_start(self, context: ActionContext) -> int:

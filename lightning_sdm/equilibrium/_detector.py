@@ -490,10 +490,11 @@ class EquilibriumDetector:
         """Under a moving LR: the verdict against the predicted trajectory, if there is one.
 
         The trajectory (:mod:`lightning_sdm.theory._trajectory`) says where the weights should be
-        now, lag included. Within tolerance of it (not significantly outside, pooled over the
-        horizon): ``tracking``. Off it, on the side of more lag than the schedule explains:
-        ``lagging``, with the measured and the expected lag; off it on the other side: the
-        gradient statistics change faster than the model follows (``non_stationary``).
+        now, lag included. Within tolerance of it, pooled over the horizon (to enter, the whole
+        confidence interval inside the band; to leave, clearly outside it): ``tracking``. Off
+        it, on the side of more lag than the schedule explains: ``lagging``, with the measured
+        and the expected lag; off it on the other side: the gradient statistics change faster
+        than the model follows (``non_stationary``).
         Returns whether it decided (``False``: too few windows with a trajectory).
         """
         rows = [s for s in samples if len(s) > _TRAJ and math.isfinite(s[_TRAJ])]
@@ -503,7 +504,6 @@ class EquilibriumDetector:
         rho, rho_error = mean_with_error([s[_TRAJ] for s in rows], [s[_N] for s in rows])
         ratio = math.sqrt(max(rho, 0.0))
         error = rho_error / (2 * max(ratio, 1e-12))
-        # Expected lag: trajectory / static at the last window; measured: measured / static.
         last = rows[-1]
         # Expected lag: trajectory / static at the last window; measured: that times the pooled
         # ratio to the trajectory.

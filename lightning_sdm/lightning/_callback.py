@@ -22,6 +22,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sdm import _messages
+from lightning_sdm._checks import check_bool
 from lightning_sdm.actions._actions import EquilibriumAction, as_action
 from lightning_sdm.actions._policy import EquilibriumPolicy
 from lightning_sdm.advice._advice import Advice
@@ -32,7 +33,7 @@ from lightning_sdm.invariance import InvarianceReport
 from lightning_sdm.keys import LOG_LEVELS, SUMMARY_KEYS, Keys, LogLevel
 from lightning_sdm.lightning import _loggers, _trainer
 from lightning_sdm.lightning._discovery import UnitDiscovery
-from lightning_sdm.lightning._notices import Notices, check_verbose, texts_for_loggers
+from lightning_sdm.lightning._notices import Notices, texts_for_loggers
 from lightning_sdm.lightning._resume import adopt_state
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
@@ -173,13 +174,12 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         )
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience, quorum=quorum)
         policy = EquilibriumPolicy(as_action(on_equilibrium))
-        for name, flag in (("prog_bar", prog_bar), ("alerts", alerts)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
+        check_bool("prog_bar", prog_bar)
+        check_bool("alerts", alerts)
         self.prog_bar = prog_bar
         if log_level not in LOG_LEVELS:
             raise ValueError(_messages.bad_log_level(log_level, LOG_LEVELS))
-        notices = Notices(check_verbose(verbose))
+        notices = Notices(verbose)
         self.session = Session(
             config, detector, policy, alerts=alerts, notices=notices, log_level=log_level
         )
@@ -338,7 +338,6 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             predictions = self.monitor.predictions()
             results = _loggers.unit_results(self.history, predictions, self.detector.state)
             if self.history:
-                states = self.detector.state
                 rows = [
                     (
                         r.unit,
@@ -346,7 +345,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                         r.final_theory,
                         r.final_ratio,
                         r.equilibrium_step,
-                        r.unit in states and states[r.unit].in_equilibrium,
+                        r.in_equilibrium,
                     )
                     for r in results
                 ]

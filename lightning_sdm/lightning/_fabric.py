@@ -59,7 +59,7 @@ from lightning_sdm.config import DEFAULT_EVERY_N_STEPS, MonitorConfig
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.invariance import InvarianceReport, SharedTrace, find_scale_invariant_units
 from lightning_sdm.lightning import _loggers
-from lightning_sdm.lightning._notices import Notices, check_verbose
+from lightning_sdm.lightning._notices import Notices
 from lightning_sdm.lightning._session import Host, Session, SessionViews
 from lightning_sdm.monitor._monitor import SphericalMonitor
 from lightning_sdm.records import Granularity, UnitWindow
@@ -122,7 +122,7 @@ class FabricSphericalDynamics(SessionViews):
         config = MonitorConfig(granularity=granularity, every_n_steps=every, window=window)
         detector = EquilibriumDetector(tolerance=tolerance, patience=patience)
         self.session = Session(
-            config, detector, EquilibriumPolicy(Warn()), notices=Notices(check_verbose(verbose))
+            config, detector, EquilibriumPolicy(Warn()), notices=Notices(verbose)
         )
         self.monitor: SphericalMonitor | None = None
         self.fabric: Any = None

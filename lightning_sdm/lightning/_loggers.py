@@ -549,7 +549,7 @@ def _tensorboard_regimes(
     if all(shown.get(unit) == regime for unit, regime in now.items()):
         return
     shown.update(now)
-    logger.experiment.add_text(
+    writer.add_text(
         f"{_prefix(logger)}{Keys.PREFIX}regimes", regimes_markdown(records), global_step=global_step
     )
 
@@ -737,25 +737,22 @@ def _wandb_charts(
 ) -> None:
     import wandb
 
+    def chart(lines: Mapping[str, tuple[list, list]], title: str) -> Any:
+        return wandb.plot.line_series(
+            xs=[xs for xs, _ in lines.values()],
+            ys=[ys for _, ys in lines.values()],
+            keys=list(lines),
+            title=title,
+            xname="global step",
+        )
+
     units, ratio = wandb_chart_series(history, tolerance)
     charts: dict[str, Any] = {}
     for unit, lines in list(units.items())[:MAX_CHARTS]:
         drawn = {label: line for label, line in lines.items() if line[0]}
-        charts[f"{_CHARTS}{unit}"] = wandb.plot.line_series(
-            xs=[xs for xs, _ in drawn.values()],
-            ys=[ys for _, ys in drawn.values()],
-            keys=list(drawn),
-            title=_messages.wandb_unit_chart_title(unit),
-            xname="global step",
-        )
+        charts[f"{_CHARTS}{unit}"] = chart(drawn, _messages.wandb_unit_chart_title(unit))
     if ratio:
-        charts[f"{_CHARTS}ratio"] = wandb.plot.line_series(
-            xs=[xs for xs, _ in ratio.values()],
-            ys=[ys for _, ys in ratio.values()],
-            keys=list(ratio),
-            title=_messages.wandb_ratio_chart_title(tolerance),
-            xname="global step",
-        )
+        charts[f"{_CHARTS}ratio"] = chart(ratio, _messages.wandb_ratio_chart_title(tolerance))
     # Through the logger, like the scalars: its prefix and its step key.
     logger.log_metrics(charts, step=global_step)
 
@@ -811,9 +808,8 @@ def _tensorboard_experiment(
     if getattr(logger, "_default_hp_metric", False):  # the column Lightning's session defines
         metrics[f"{prefix}hp_metric"] = -1.0
     file_writer = writer._get_file_writer()
-    columns = fit_hparams(
-        optimizers, action
-    )  # inside the guard: an odd optimizer never stops a fit
+    # Inside the guard: an optimizer the theory cannot read never stops a fit.
+    columns = fit_hparams(optimizers, action)
     for summary in hparams_summaries({**params, **columns}, metrics):
         file_writer.add_summary(summary)
     file_writer.flush()

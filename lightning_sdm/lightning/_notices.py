@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
+from lightning_sdm._checks import check_bool
 from lightning_sdm.advice._advice import Advice, GroupAdvice, advise
 from lightning_sdm.advice._audit import Finding, audit_param_groups
 from lightning_sdm.advice._schedule import ScheduledLR
@@ -33,7 +34,7 @@ from lightning_sdm.monitor._cost import schedule_within
 from lightning_sdm.monitor._monitor import SphericalMonitor, orthogonality_threshold
 from lightning_sdm.records import UnitWindow
 
-__all__ = ["Notices", "check_verbose", "log"]
+__all__ = ["Notices", "log"]
 
 #: The package's logger (see the module docstring).
 log = logging.getLogger("lightning_sdm")
@@ -45,13 +46,6 @@ if not logging.getLogger().hasHandlers() and not log.handlers:
 
 # Audit findings that break the predictions: warnings; the others are notes.
 _SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit")
-
-
-def check_verbose(verbose: object) -> bool:
-    """``verbose`` as given, or a ``ValueError`` naming it."""
-    if not isinstance(verbose, bool):
-        raise ValueError(_messages.not_a_bool("verbose", verbose))
-    return verbose
 
 
 def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) -> dict[str, str]:
@@ -69,6 +63,7 @@ class Notices:
     """One-time warnings and notes of one callback (the estimate survives a resume)."""
 
     def __init__(self, verbose: bool = True) -> None:
+        check_bool("verbose", verbose)  # the callback's and the plugin's argument
         self.verbose = verbose
         self.warned: set[str] = set()
         self.estimate_announced = False

@@ -152,11 +152,9 @@ def read_hyperparameters(family: str, optimizer: Any, group: Mapping[str, Any]) 
 
 def _adafactor_step(optimizer: Any, group: Mapping[str, Any]) -> float:
     """The step Adafactor takes next, from its first parameter's state (a CPU tensor: no sync)."""
-    for param in group["params"][:1]:
-        state = getattr(optimizer, "state", {}).get(param, {})
-        if "step" in state:
-            return as_float(state["step"]) + 1.0
-    return 1.0
+    params = group["params"]
+    state = getattr(optimizer, "state", {}).get(params[0], {}) if params else {}
+    return as_float(state["step"]) + 1.0 if "step" in state else 1.0
 
 
 def basic_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
