@@ -172,6 +172,30 @@ def test_audit_flags_decay_on_everything() -> None:
     }
 
 
+def test_audit_without_a_report_names_the_same_roles() -> None:
+    # Units restored from a checkpoint are not traced again: the audit then has no report and
+    # must still tell norm gains and embeddings from plain biases (it called them biases).
+    torch.manual_seed(0)
+    net = Net()
+    units = find_scale_invariant_units(net, torch.randint(0, 10, (16,))).units
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=1e-4)
+    found = {f.kind: f.params for f in audit_param_groups(net, [opt], units)}
+    assert found == _audit([{"params": list(dict(net.named_parameters())), "weight_decay": 1e-4}])
+
+    class RMSNorm(nn.Module):  # written by hand, as Llama's and Qwen3's are
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    block = nn.Sequential(nn.Linear(4, 8, bias=False), RMSNorm(8), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(block.parameters(), lr=0.1, weight_decay=0.1)
+    found = {f.kind: f.params for f in audit_param_groups(block, [opt], [])}
+    assert found == {"decay_on_norm_affine": ("1.weight",), "decay_on_bias": ("2.bias",)}
+
+
 def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
     groups = [
         {"params": ["conv.weight", "conv.bias"], "weight_decay": 0.0},
