@@ -650,7 +650,7 @@ def advice_lagging_at_end(
         f"({shown}) is expected at {ratio:.2g}x its equilibrium at that LR{off}, beyond the "
         f"{tolerance:.0%} tolerance: they will still be {way}."
     )
-    if catch_up is not None:
+    if catch_up is not None and not tail:  # an annealing LR is not meant to be waited out
         times = f" ({catch_up / tau:.2g} tau)" if tau else ""
         text += f" At this LR they need {catch_up:,.0f} more steps{times} to get within "
         text += f"{tolerance:.0%}."

@@ -19,7 +19,11 @@ import torch
 from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.advice._advice import advise
 from lightning_sdm.advice._schedule import ScheduledLR
-from lightning_sdm.theory import equilibrium_weight_norm, simulate_scale_invariant
+from lightning_sdm.theory import (
+    equilibrium_weight_norm,
+    predict_param_group,
+    simulate_scale_invariant,
+)
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-3  # tau = (1 - m) / (4 lr wd) = 250 steps at LR
@@ -171,3 +175,72 @@ def test_two_optimizers_under_manual_optimization_each_get_their_catch_up(tmp_pa
         assert phase.within_off == (None, None)
     assert "within 20% (norm balance)" in advice.table()
     assert advice.as_dict()["groups"][1]["phases"][0]["within_off"] == (None, None)
+
+
+def test_warm_up_cosine_entry_and_lag_onset_match_the_simulation() -> None:
+    """Per-step schedule: when the weights catch up after the warm-up and when they fall behind.
+
+    The equilibrium at each step's LR is the static prediction (checked against the simulation
+    in tests/theory); the trajectory is the simulation's.
+    """
+    warm, total = 200, 3000
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    opt = _optimizer()
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    advice = advise([opt], {"w": (0, 0)}, total, None, [ScheduledLR(schedule, "step")])
+    (phase,) = advice.groups[0].phases
+    assert phase.within is not None and phase.leaves is not None
+
+    lrs = [LR * factor(step) for step in range(total)]
+    angle = _simulate(lrs, _start_norm(1.0))  # the initial norm: the equilibrium at the peak
+    static = torch.tensor(
+        [predict_param_group(opt, {**opt.param_groups[0], "lr": lr}).angular_update for lr in lrs]
+    )
+    outside = ((angle / static - 1).abs() > TOLERANCE).tolist()
+    entry = next(t for t in range(total) if not any(outside[t : t + 50]))
+    onset = next(t for t in range(entry, total) if all(outside[t : t + 50]))
+    # Measured: within from step 145 (predicted 145), beyond it again from 1,266 (1,286).
+    assert entry == pytest.approx(phase.within, abs=0.05 * 250)  # 5% of a relaxation time
+    assert onset == pytest.approx(phase.leaves, rel=0.03)
+    assert f"from {phase.within:,}, lags from {phase.leaves:,}" in advice.table()
+    (line,) = [w for w in advice.warnings() if "at the end of the budget" in w]
+    assert "The schedule anneals" in line
+
+
+@pytest.mark.parametrize(("initial_norm", "rel"), [(0.3, 0.25), (3.0, 0.1)], ids=["above", "below"])
+def test_adamw_catch_up_from_initialisation_against_the_simulation(initial_norm, rel) -> None:
+    """AdamW (tau = 1 / (2 lr wd) = 250 steps): the start factor read off the simulation.
+
+    Adam's update has a fixed size per element, so its angle goes as ``1 / |w|``: the first
+    angle over the equilibrium is the plateau norm over the initial one.
+    """
+    lr, wd, steps = 1e-2, 0.2, 1750
+
+    def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.99))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = simulate_scale_invariant(
+            make, steps=steps, rows=ROWS, dim=DIM, initial_norm=initial_norm
+        )
+    finally:
+        torch.set_num_threads(threads)
+    square = result.angular_updates.square().mean(dim=1)[None, None]
+    pooled = torch.nn.functional.avg_pool1d(square, 41, 1, padding=20, count_include_pad=False)
+    angle = pooled[0, 0].sqrt()
+    factor = float(result.norms[1250:].mean()) / initial_norm
+    measured = _first_within(angle, float(angle[1250:].mean()))
+
+    opt = make([torch.nn.Parameter(torch.ones(4, 4))])
+    advice = advise([opt], {"w": (0, 0)}, steps, None, start_factor=max(factor, 1 / factor))
+    predicted = advice.groups[0].phases[0].within_off[0 if factor > 1 else 1]
+    # Measured: 5.8x above enters at step 517 (predicted 431: 20% late), 1.7x below at 477
+    # (predicted 513: 7% early). From far above the norm grows fast and Adam's second moment
+    # (100 steps of memory at beta2 = 0.99) remembers the larger gradients of the smaller norm:
+    # the update shrinks below the constant size the model assumes.
+    assert measured == pytest.approx(predicted, rel=rel)
