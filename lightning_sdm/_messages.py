@@ -559,26 +559,27 @@ def advice_within_cell(
 
     ``within``/``leaves``: from the reference start (the initial norm at the equilibrium of the
     first phase's peak LR); ``off``: the first step within it from a start ``factor`` x above and
-    below.
+    below (shown where they differ from ``within``).
 
     Example::
 
         >>> advice_within_cell(0, 80_000, (1_640, 3_530), 3.0)
-        'from 0, lags from 80,000 (3x off: from 1,640-3,530)'
+        'from 0, lags from 80,000 (3x above: from 1,640; below: from 3,530)'
+        >>> advice_within_cell(145, 1_286, (17, None), 3.0)
+        'from 145, lags from 1,286 (3x above: from 17; below: not in this phase)'
         >>> advice_within_cell(None, None, (None, None), 3.0)
         'not in this phase'
     """
-    text = "not in this phase" if within is None else f"from {within:,}"
+
+    def when(step: int | None) -> str:
+        return "not in this phase" if step is None else f"from {step:,}"
+
+    text = when(within)
     if within is not None and leaves is not None:
         text += f", lags from {leaves:,}"
-    if tuple(off) != (within, within):
-        steps = sorted(s for s in off if s is not None)
-        if not steps:
-            span = "not in this phase"
-        else:
-            span = f"from {steps[0]:,}" + (f"-{steps[-1]:,}" if steps[-1] != steps[0] else "")
-            span += ", or not" if len(steps) < len(off) else ""
-        text += f" ({factor:g}x off: {span})"
+    above, below = off
+    if (above, below) != (within, within):
+        text += f" ({factor:g}x above: {when(above)}; below: {when(below)})"
     return text
 
 
@@ -604,6 +605,27 @@ def advice_start_line(
         f"stated: a first angle {factor:g}x above its equilibrium at the first phase's peak LR "
         f"gets within {tolerance:.0%} {when(above)}, {factor:g}x below {when(below)}; table: "
         "from the initial norm at that equilibrium."
+    )
+
+
+def advice_lag_model(within: int | None, leaves: int | None, tolerance: float) -> str:
+    """After the rule of thumb for a falling LR, where the norm balance puts the lag.
+
+    ``within``/``leaves``: the phase's steps within tolerance and beyond it again (``within``
+    ``None``: never within, or no model; nothing to add).
+
+    Example::
+
+        >>> advice_lag_model(1_565, 46_383, 0.1)
+        ' The norm balance along this schedule puts the angle beyond 10% of its equilibrium from step 46,383.'
+    """  # noqa: E501
+    if within is None:
+        return ""
+    if leaves is None:
+        return f" The norm balance along this schedule keeps the angle within {tolerance:.0%}."
+    return (
+        f" The norm balance along this schedule puts the angle beyond {tolerance:.0%} of its "
+        f"equilibrium from step {leaves:,}."
     )
 
 

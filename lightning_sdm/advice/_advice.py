@@ -337,7 +337,7 @@ def _group_advice(
         if phase.lr_start < previous.lr_end and phase.lr_start >= _TAIL * peak_lr
     ]
     notes = [n for n in notes if n]
-    notes += _lag_notes(phases, steps_per_epoch)
+    notes += _lag_notes(phases, steps_per_epoch, tolerance)
     if ema is not None:
         notes += _timescale_notes(ema, total_steps, steps_per_epoch)
     end_ratio, spread, note = _end_of_budget(
@@ -596,7 +596,7 @@ def _phase_note(phase: Phase, previous: Phase, wd: float, epoch: int | None) -> 
     )
 
 
-def _lag_notes(phases: Sequence[Phase], epoch: int | None) -> list[str]:
+def _lag_notes(phases: Sequence[Phase], epoch: int | None, tolerance: float) -> list[str]:
     """Where the weights stop following a falling LR (once per group: the first such place)."""
     for phase in phases:
         if phase.lag_onset is not None and not phase.tail:
@@ -604,6 +604,7 @@ def _lag_notes(phases: Sequence[Phase], epoch: int | None) -> list[str]:
                 f"from about step {phase.lag_onset:,} on, the LR falls by more than 10% per "
                 "relaxation time: the weights no longer follow it, and the angular update lags "
                 "its prediction (regime 'lagging'; the annealing a decaying schedule relies on)."
+                + _messages.advice_lag_model(phase.within, phase.leaves, tolerance)
             ]
     return []
 

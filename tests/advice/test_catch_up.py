@@ -208,6 +208,8 @@ def test_warm_up_cosine_entry_and_lag_onset_match_the_simulation() -> None:
     assert f"from {phase.within:,}, lags from {phase.leaves:,}" in advice.table()
     (line,) = [w for w in advice.warnings() if "at the end of the budget" in w]
     assert "The schedule anneals" in line
+    (rule,) = [w for w in advice.warnings() if "per relaxation time" in w]  # beside the rule
+    assert f"beyond 10% of its equilibrium from step {phase.leaves:,}" in rule
 
 
 @pytest.mark.parametrize(("initial_norm", "rel"), [(0.3, 0.25), (3.0, 0.1)], ids=["above", "below"])
