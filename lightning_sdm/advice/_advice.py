@@ -454,15 +454,20 @@ def _follow(
     """
     low = 1.0 / (1.0 + tolerance) ** 2  # q / q* where the angle is (1 + tol) x the equilibrium
     high = 1.0 / (1.0 - tolerance) ** 2 if tolerance < 1 else math.inf
+    per_lr = constants.growth / (constants.decay * wd)  # q* = lr * per_lr
+    rate = constants.decay * wd  # x = lr * rate
 
-    def static(lr: float) -> float:
-        return lr * constants.growth / (constants.decay * wd)
+    def steps_to_band(relative: float, x: float) -> int:
+        """Steps until q / q* is within [low, high], from ``relative`` (0: already)."""
+        bound = low if relative < low else high if relative > high else relative
+        if bound == relative:
+            return 0
+        return math.ceil(math.log((relative - 1.0) / (bound - 1.0)) / x - 1e-9)
 
-    q = static(phases[0].lr_peak) / (start * start)
+    q = phases[0].lr_peak * per_lr / (start * start)
     bounds = [step for step, _ in changes] + [phases[-1].end]
     end_ratios, within, leaves = [], [], []
-    final = None
-    catch_up = None
+    last_run = None  # (q at its start, its start, its last step, lr) of the last run with lr > 0
     index = 0
     for phase in phases:
         entered = left = None
@@ -473,41 +478,45 @@ def _follow(
                 index += 1
             lr = changes[index][1]
             stop = min(bounds[index + 1], phase.end)
-            n = stop - position
-            x = constants.decay * max(lr, 0.0) * wd
-            target = static(lr) if lr > 0 else 0.0
-            if lr > 0 and x > 0:
-                # Steps of this run before q is within [low, high] x q* (0: from its first).
+            if lr > 0:
+                x = lr * rate
+                target = lr * per_lr
                 relative = q / target
-                bound = low if relative < low else high if relative > high else relative
-                need = (
-                    0
-                    if bound == relative
-                    else math.ceil(math.log((relative - 1.0) / (bound - 1.0)) / x - 1e-9)
-                )
-                if entered is None and need < n:
-                    entered = position + need
-                elif entered is not None and left is None and need > 0:
-                    left = position
-                last = stop - 1
-                q_last = target + (q - target) * math.exp(-(last - position) * x)
-                ratio = math.sqrt(target / q_last) if q_last > 0 else None
-                if ratio is not None:
-                    final = (last, lr, ratio, q_last / target)
-                q = target + (q - target) * math.exp(-n * x)
+                if entered is None:
+                    need = steps_to_band(relative, x)
+                    if need < stop - position:
+                        entered = position + need
+                elif left is None and not low <= relative <= high:
+                    left = position  # within tolerance before this run, not at its start
+                last_run = (q, position, stop - 1, lr)
+                q = target + (q - target) * math.exp(-(stop - position) * x)
+                ratio = -1.0  # computed below, once per phase
             elif stop == phase.end:
                 ratio = None  # no LR at the phase's end: no angle to compare
             position = stop
+        if ratio is not None and last_run is not None:
+            ratio = _ratio_at(last_run, per_lr, rate)
         end_ratios.append(ratio)
         within.append(entered)
         leaves.append(left)
-    if final is not None:
-        _, lr, _, relative = final
-        x = constants.decay * lr * wd
+    final = catch_up = None
+    if last_run is not None:
+        ratio = _ratio_at(last_run, per_lr, rate)
+        _, _, step, lr = last_run
+        relative = 1.0 / (ratio * ratio)
+        final = (step, lr, ratio, relative)
         bound = low if relative < low else high if relative > high else relative
         if bound != relative:
-            catch_up = math.log((relative - 1.0) / (bound - 1.0)) / x
+            catch_up = math.log((relative - 1.0) / (bound - 1.0)) / (lr * rate)
     return _Course(tuple(end_ratios), tuple(within), tuple(leaves), final, catch_up)
+
+
+def _ratio_at(run: tuple[float, int, int, float], per_lr: float, rate: float) -> float:
+    """The angle over the equilibrium at a run's last step: ``sqrt(q* / q)`` there."""
+    q, start, last, lr = run
+    target = lr * per_lr
+    q_last = target + (q - target) * math.exp(-(last - start) * lr * rate)
+    return math.sqrt(target / q_last)
 
 
 def _phases(
