@@ -17,7 +17,17 @@ group holding monitored units:
   shorter than that ends out of equilibrium, and the advice says by how much and what would fit
   (SMD's rescaling at the decay, a larger weight decay, a longer phase). Inside a phase whose LR
   moves smoothly (cosine, warm-up), the weights lag when the LR changes by more than the
-  tolerance per relaxation time.
+  tolerance per relaxation time;
+* per phase, from the norm balance of :mod:`lightning_sdm.theory._trajectory` integrated over the
+  whole sampled schedule (no rule of thumb): the step from which the angle is within the
+  detector's tolerance of its equilibrium at the step's LR, and the step from which it lags
+  again. The ratio to the equilibrium does not depend on the update size, which is unknown before
+  step 1, but the start does: the reference starts from the initial norm at the equilibrium of the
+  first phase's peak LR, and the catch-up is also given from a first angle ``start_factor`` x
+  above and below it;
+* the units still beyond tolerance at the end of the budget (the last LR phase shorter than its
+  relaxation, an annealing schedule), by how much and how many steps at the final LR would close
+  the gap.
 
 :func:`advise` computes it; :class:`Advice` holds it as data (:meth:`Advice.as_dict`) and as
 text (:meth:`Advice.table`, :meth:`Advice.warnings`).
