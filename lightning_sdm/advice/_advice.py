@@ -44,7 +44,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
-from lightning_sdm._checks import check_integer, check_number
+from lightning_sdm._checks import check_fraction, check_integer, check_number
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
@@ -289,7 +289,7 @@ def advise(
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
-    check_number("tolerance", tolerance, low=0.0, high=1.0)
+    check_fraction("tolerance", tolerance)
     check_number("start_factor", start_factor, low=1.0, low_open=False)
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
