@@ -246,3 +246,16 @@ def test_adamw_catch_up_from_initialisation_against_the_simulation(initial_norm,
     # (100 steps of memory at beta2 = 0.99) remembers the larger gradients of the smaller norm:
     # the update shrinks below the constant size the model assumes.
     assert measured == pytest.approx(predicted, rel=rel)
+
+
+def test_a_hundred_units_share_one_line_per_param_group() -> None:
+    # A last phase of 1 tau after a 10x decay: every unit of the group still lags at the end.
+    opt = _optimizer()
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, [1000], gamma=0.1)
+    units = {f"layers.{i}.conv.weight": (0, 0) for i in range(100)}
+    advice = advise([opt], units, 1000 + 2500, None, [ScheduledLR(schedule, "step")])
+    (group,) = advice.groups
+    assert len(advice.table().splitlines()) == 7  # label, prediction, header, 2 phases, 2 notes
+    (line,) = [w for w in advice.warnings() if "at the end of the budget" in w]
+    assert "100 units (layers.0.conv.weight, " in line and ", ... (95 more))" in line
+    assert group.end_ratio is not None and group.end_ratio < 0.9
