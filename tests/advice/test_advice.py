@@ -58,10 +58,13 @@ def test_imagenet_resnet50_step_schedule() -> None:
     assert third.smd_steps == pytest.approx(math.log(10) * 0.1 / (2e-4 * 1e-3), rel=1e-9)
     assert third.needed == pytest.approx(third.smd_steps, rel=0.05)  # 5% band vs SMD's ~4.5%
     assert [p.fits for p in group.phases] == [None, True, False]
-    (line,) = advice.warnings()
+    line, end = advice.warnings()
     assert "after the LR jump at step 300,300 (0.01 -> 0.001)" in line
     assert "SMD Cor. 3.1: 1,151,293 steps" in line and "the phase has 150,150 steps" in line
     assert "7.4x short" in line and "DecayLR(rescale_weights=True)" in line
+    # ... and the last phase ends lagging: named, with the trajectory's ratio there.
+    assert "at the end of the budget (step 450,449, lr 0.001)" in end
+    assert "1 unit (layer1.0.conv1.weight) is expected at 0.41x its equilibrium" in end
     # EMA timescale at the peak LR: 1 / (0.1 * 1e-4) = 100,000 steps = 20 epochs.
     assert group.ema_timescale == pytest.approx(1e5)
     assert "20.0 epochs" in advice.table()
