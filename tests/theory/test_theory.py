@@ -682,3 +682,26 @@ def test_muon_and_adafactor_are_recognised_and_their_overrides_are_not(
     (custom,) = explain_equilibrium(Custom([weight], lr=0.01, weight_decay=0.1))
     assert custom.angular_update is None and custom.rule == "unknown"
     assert "overrides the step()" in custom.reason
+
+
+@pytest.mark.parametrize(("beta2", "lr"), [(0.99, 1e-3), (0.999, 1e-3)])
+def test_lion_norm_relaxes_within_its_relaxation_time(beta2: float, lr: float) -> None:
+    # From half the equilibrium norm |w|^2 reaches 1/e of its deviation in 0.76-0.87 of
+    # 1/(2 lr wd) + 1/(1 - beta2); at beta2 = 0.999 that is 2.3x 1/(2 lr wd) alone.
+    betas, wd, dim = (0.9, beta2), 1.0, DIM
+    opt = Lion([_param()], lr=lr, weight_decay=wd, betas=betas)
+    tau = relaxation_time(explain_equilibrium(opt)[0])
+    assert tau is not None
+    _, norm, _ = lion_equilibrium(lr, wd, *betas)
+    target = norm * math.sqrt(dim)
+    result = simulate_scale_invariant(
+        lambda params: Lion(params, lr=lr, weight_decay=wd, betas=betas),
+        steps=1,
+        burn_in=math.ceil(1.5 * tau),
+        rows=ROWS,
+        dim=dim,
+        initial_norm=0.5 * target,
+    )
+    deviation = result.norms.square().mean(1) / target**2 - 1
+    reached = torch.nonzero(deviation > deviation[0] * math.exp(-1))[0].item()
+    assert 0.6 * tau < reached < 1.05 * tau
