@@ -42,7 +42,7 @@ failures). Findings worth knowing:
 * Lion: REQ's formula ``sqrt(pi/2) sqrt(2 eta lam K)``, ``K = (1-b1)^2 + b1^2 (1-b2)/(1+b2)``,
   linearises ``sign``: it read 0.94 at betas (0.5, 0.9), 1.03 at (0.9, 0.99) with
   ``lr * wd = 1e-3`` and 1.11 at (0.9, 0.999). The sign's autocorrelation by the arcsine law,
-  summed over the lags the weight remembers (:mod:`lightning_sdm.theory._lion`), is within 1.2%
+  summed over the lags the weight remembers (:mod:`lightning_sdm.theory._lion`), is within 0.5%
   on the grid (betas 0 to 0.99, ``beta2`` 0.9 to 0.999) and within 2% up to
   ``lr * wd = 1 - beta2`` (once settled), where REQ's formula is 15-40% off.
 * The norm relaxes twice as fast as the rate stated in SMD: see :func:`relaxation_steps`.
