@@ -735,8 +735,9 @@ _LION_REAL_NETWORKS = (
     "studies/lion/measure.py) 1.02-1.21x at betas (0.9, 0.99), 0.94-1.04x at (0.5, 0.9) but "
     "0.70-0.85x on the last conv and a shortcut (their gradient's sign persists), 1.02-1.40x "
     "at (0.9, 0.999) with lr*wd = 1-beta2, whose norms had not settled after 10 times "
-    "1/(2*lr*wd): real gradients' signs are less correlated than white noise's (the curvature "
-    "pushes back) or more (a persistent signal), which no hyper-parameter formula holds"
+    "1/(2*lr*wd), and 0.57-0.67x with clean labels (loss -> 0): real gradients' signs are "
+    "less correlated than white noise's (the curvature pushes back) or more (a persistent "
+    "signal), which no hyper-parameter formula holds"
 )
 
 
