@@ -1,0 +1,1 @@
+"""Lion on real BatchNorm convnets: measured against the prediction."""
