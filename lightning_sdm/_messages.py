@@ -542,3 +542,140 @@ def partial_placement(where: str, placements: str) -> str:
 
 
 STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of steps in the window"
+
+
+# -------------------------------------------------------------------------- advice (before step 1)
+
+
+def advice_within_header(tolerance: float) -> str:
+    """The advice table's column: when the norm balance puts the angle within tolerance."""
+    return f"within {tolerance:.0%} (norm balance)"
+
+
+def advice_within_cell(
+    within: int | None, leaves: int | None, off: tuple[int | None, int | None], factor: float
+) -> str:
+    """One phase's cell: from which step the angle is within tolerance, and for how long.
+
+    ``within``/``leaves``: from the reference start (the initial norm at the equilibrium of the
+    first phase's peak LR); ``off``: the first step within it from a start ``factor`` x above and
+    below (shown where they differ from ``within``).
+
+    Example::
+
+        >>> advice_within_cell(0, 80_000, (1_640, 3_530), 3.0)
+        'from 0, lags from 80,000 (3x above: from 1,640; below: from 3,530)'
+        >>> advice_within_cell(145, 1_286, (17, None), 3.0)
+        'from 145, lags from 1,286 (3x above: from 17; below: not in this phase)'
+        >>> advice_within_cell(None, None, (None, None), 3.0)
+        'not in this phase'
+    """
+
+    def when(step: int | None) -> str:
+        return "not in this phase" if step is None else f"from {step:,}"
+
+    text = when(within)
+    if within is not None and leaves is not None:
+        text += f", lags from {leaves:,}"
+    above, below = off
+    if (above, below) != (within, within):
+        text += f" ({factor:g}x above: {when(above)}; below: {when(below)})"
+    return text
+
+
+def advice_start_line(
+    factor: float, tolerance: float, off: tuple[int | None, int | None], tau: float | None
+) -> str:
+    """How the first phase's catch-up depends on where the initial norm starts.
+
+    Example::
+
+        >>> print(advice_start_line(3.0, 0.1, (1_640, 3_530), 1_000.0))
+          from initialisation: the update size is unknown before step 1, so the start is stated: a first angle 3x above its equilibrium at the first phase's peak LR gets within 10% from step 1,640 (1.6 tau), 3x below from step 3,530 (3.5 tau); table: from the initial norm at that equilibrium.
+    """  # noqa: E501
+
+    def when(step: int | None) -> str:
+        if step is None:
+            return "not in the first phase"
+        return f"from step {step:,}" + (f" ({step / tau:.2g} tau)" if tau else "")
+
+    above, below = off
+    return (
+        "  from initialisation: the update size is unknown before step 1, so the start is "
+        f"stated: a first angle {factor:g}x above its equilibrium at the first phase's peak LR "
+        f"gets within {tolerance:.0%} {when(above)}, {factor:g}x below {when(below)}; table: "
+        "from the initial norm at that equilibrium."
+    )
+
+
+def advice_lag_model(within: int | None, leaves: int | None, tolerance: float) -> str:
+    """After the rule of thumb for a falling LR, where the norm balance puts the lag.
+
+    ``within``/``leaves``: the phase's steps within tolerance and beyond it again (``within``
+    ``None``: never within, or no model; nothing to add).
+
+    Example::
+
+        >>> advice_lag_model(1_565, 46_383, 0.1)
+        ' The norm balance along this schedule puts the angle beyond 10% of its equilibrium from step 46,383.'
+    """  # noqa: E501
+    if within is None:
+        return ""
+    if leaves is None:
+        return f" The norm balance along this schedule keeps the angle within {tolerance:.0%}."
+    return (
+        f" The norm balance along this schedule puts the angle beyond {tolerance:.0%} of its "
+        f"equilibrium from step {leaves:,}."
+    )
+
+
+def advice_expected_ratios(ratios: Sequence[float | None]) -> str:
+    """The trajectory's angle over the equilibrium at each phase's last step, one line."""
+    return (
+        "  expected angle / equilibrium at each phase's end (the norm balance along this "
+        "schedule, from the initial norm at the equilibrium): "
+        + ", ".join("n/a" if r is None else f"{r:.2g}" for r in ratios)
+    )
+
+
+def advice_lagging_at_end(
+    units: Sequence[str],
+    step: int,
+    lr: float,
+    ratio: float,
+    spread: tuple[float, float],
+    tolerance: float,
+    catch_up: float | None,
+    tau: float | None,
+    tail: bool,
+    factor: float,
+) -> str:
+    """The units whose angle the norm balance leaves beyond tolerance at the end of the budget.
+
+    Example::
+
+        >>> print(advice_lagging_at_end(["a", "b"], 449_999, 1e-3, 0.41, (0.40, 0.42), 0.1,
+        ...                             2.4e6, 2.5e5, False, 3.0))
+        at the end of the budget (step 449,999, lr 0.001) the angular update of 2 units (a, b) is expected at 0.41x its equilibrium at that LR (0.4-0.42 from a start 3x off), beyond the 10% tolerance: they will still be lagging. At this LR they need 2,400,000 more steps (9.6 tau) to get within 10%.
+    """  # noqa: E501
+    shown = ", ".join(units[:5]) + (f", ... ({len(units) - 5} more)" if len(units) > 5 else "")
+    count = f"{len(units)} unit{'s' if len(units) != 1 else ''}"
+    low, high = spread
+    off = (
+        ""
+        if f"{low:.2g}" == f"{high:.2g}"
+        else (f" ({low:.2g}-{high:.2g} from a start {factor:g}x off)")
+    )
+    way = "lagging" if ratio < 1 else "ahead of it (the LR rose faster than the norm follows)"
+    text = (
+        f"at the end of the budget (step {step:,}, lr {lr:.3g}) the angular update of {count} "
+        f"({shown}) is expected at {ratio:.2g}x its equilibrium at that LR{off}, beyond the "
+        f"{tolerance:.0%} tolerance: they will still be {way}."
+    )
+    if catch_up is not None and not tail:  # an annealing LR is not meant to be waited out
+        times = f" ({catch_up / tau:.2g} tau)" if tau else ""
+        text += f" At this LR they need {catch_up:,.0f} more steps{times} to get within "
+        text += f"{tolerance:.0%}."
+    if tail:
+        text += " The schedule anneals (below 1% of its peak LR): this lag is what it intends."
+    return text

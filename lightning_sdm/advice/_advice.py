@@ -17,7 +17,17 @@ group holding monitored units:
   shorter than that ends out of equilibrium, and the advice says by how much and what would fit
   (SMD's rescaling at the decay, a larger weight decay, a longer phase). Inside a phase whose LR
   moves smoothly (cosine, warm-up), the weights lag when the LR changes by more than the
-  tolerance per relaxation time.
+  tolerance per relaxation time;
+* per phase, from the norm balance of :mod:`lightning_sdm.theory._trajectory` integrated over the
+  whole sampled schedule (no rule of thumb): the step from which the angle is within the
+  detector's tolerance of its equilibrium at the step's LR, and the step from which it lags
+  again. The ratio to the equilibrium does not depend on the update size, which is unknown before
+  step 1, but the start does: the reference starts from the initial norm at the equilibrium of the
+  first phase's peak LR, and the catch-up is also given from a first angle ``start_factor`` x
+  above and below it;
+* the units still beyond tolerance at the end of the budget (the last LR phase shorter than its
+  relaxation, an annealing schedule), by how much and how many steps at the final LR would close
+  the gap.
 
 :func:`advise` computes it; :class:`Advice` holds it as data (:meth:`Advice.as_dict`) and as
 text (:meth:`Advice.table`, :meth:`Advice.warnings`).
@@ -33,8 +43,10 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from lightning_sdm._checks import check_integer
+from lightning_sdm import _messages
+from lightning_sdm._checks import check_fraction, check_integer, check_number
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
     Prediction,
@@ -42,7 +54,7 @@ from lightning_sdm.theory._predictions import (
     predict_param_group,
 )
 from lightning_sdm.theory._predictions import relaxation_time as _relaxation_time
-from lightning_sdm.theory._trajectory import trajectory_constants
+from lightning_sdm.theory._trajectory import TrajectoryConstants, trajectory_constants
 
 __all__ = ["Advice", "GroupAdvice", "Phase", "advise"]
 
@@ -55,6 +67,12 @@ _ISOLATED = 5.0
 _TAIL = 0.01
 # "Near equilibrium": within this relative distance of the prediction.
 _NEAR = 0.05
+# The detector's default band, for the advice's "within tolerance" (the callback passes its own).
+_DEFAULT_TOLERANCE = EquilibriumDetector.DEFAULT_TOLERANCE
+# Before step 1 the update size is unknown, and with it where the initial norm stands against its
+# equilibrium: the advice states a start this many times above and below (a typical He/Xavier
+# initialisation against a weight decay of 1e-4 to 1e-1 lands within about that, either way).
+_START_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -75,9 +93,16 @@ class Phase:
         tail: the phase starts below 1% of the peak LR (the annealing tail).
         expected_ratio: at the phase's last step, the angular update the norm balance predicts
             along the whole sampled schedule, over the equilibrium at that step's LR
-            (:func:`~lightning_sdm.theory.angular_update_trajectory`, starting in equilibrium at
-            step 0): 1 when the weights have caught up, below 1 while they lag a decay, above
-            while they lag a rise; ``None`` without a prediction.
+            (:func:`~lightning_sdm.theory.angular_update_trajectory`), from the initial norm at
+            the equilibrium of the first phase's peak LR: 1 when the weights have caught up,
+            below 1 while they lag a decay, above while they lag a rise; ``None`` without a
+            prediction.
+        within: the first step of the phase at which that trajectory is within the tolerance of
+            the equilibrium at the step's LR (``None``: not within this phase, or no prediction).
+        leaves: the first step after ``within`` at which it is beyond the tolerance again (the
+            weights lag a falling LR), ``None`` if it stays within to the phase's end.
+        within_off: ``within`` from a start ``Advice.start_factor`` x above and below the
+            equilibrium (the update size, hence the start, is unknown before step 1).
     """
 
     start: int
@@ -93,6 +118,9 @@ class Phase:
     lag_onset: int | None
     tail: bool
     expected_ratio: float | None = None
+    within: int | None = None
+    leaves: int | None = None
+    within_off: tuple[int | None, int | None] = (None, None)
 
     @property
     def length(self) -> int:
@@ -112,6 +140,11 @@ class GroupAdvice:
     steps_per_epoch: int | None
     phases: tuple[Phase, ...]
     notes: tuple[str, ...]  # actionable lines, most important first
+    # At the last step with LR > 0, the trajectory's angle over the equilibrium at that LR (from
+    # the reference start; ``end_ratio_off``: the lowest and highest from a start off by the
+    # stated factor), ``None`` without a prediction.
+    end_ratio: float | None = None
+    end_ratio_off: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
@@ -128,6 +161,8 @@ class Advice:
     groups: tuple[GroupAdvice, ...]
     total_steps: int | None
     note: str = ""
+    tolerance: float = _DEFAULT_TOLERANCE  # of the angle to its equilibrium (the detector's)
+    start_factor: float = _START_FACTOR  # the stated offset of the initial angle (both ways)
 
     def warnings(self) -> list[str]:
         """The actionable lines of every group (empty when everything fits)."""
@@ -144,23 +179,37 @@ class Advice:
                     f"  at the peak LR: {group.prediction.reason}; EMA timescale 1/(lr*wd): "
                     f"{_steps(group.ema_timescale, epoch)}"
                 )
-            lines.append(
-                "  phase  steps              lr                    angle/step  tau (at peak lr)"
-                "              re-equilibrates"
+            modelled = any(p.expected_ratio is not None for p in group.phases)
+            verdicts = [_verdict(phase, epoch) for phase in group.phases]
+            width = max(len("re-equilibrates"), *(len(v) for v in verdicts)) if modelled else 0
+            header = (
+                f"  {'phase':<5}  {'steps':<17} {'lr':<21} {'angle/step':<11} "
+                f"{'tau (at peak lr)':<29} {'re-equilibrates':<{width}}"
             )
-            for number, phase in enumerate(group.phases, 1):
+            if modelled:
+                header += "  " + _messages.advice_within_header(self.tolerance)
+            lines.append(header.rstrip())
+            for number, (phase, verdict) in enumerate(zip(group.phases, verdicts, strict=True), 1):
                 tau = phase.relaxation_time
-                lines.append(
+                line = (
                     f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {_lr_range(phase):<21} "
                     f"{_value(phase.angular_update):<11} "
-                    f"{_steps(tau, epoch) if tau else 'n/a':<29} {_verdict(phase, epoch)}"
+                    f"{_steps(tau, epoch) if tau else 'n/a':<29} {verdict:<{width}}"
                 )
-            ratios = [p.expected_ratio for p in group.phases]
-            if any(r is not None for r in ratios):
+                if modelled:
+                    line += "  " + _messages.advice_within_cell(
+                        phase.within, phase.leaves, phase.within_off, self.start_factor
+                    )
+                lines.append(line.rstrip())
+            if modelled:
+                first = group.phases[0]
                 lines.append(
-                    "  expected angle / equilibrium at each phase's end (the norm balance along "
-                    "this schedule, from equilibrium): "
-                    + ", ".join("n/a" if r is None else f"{r:.2g}" for r in ratios)
+                    _messages.advice_start_line(
+                        self.start_factor, self.tolerance, first.within_off, first.relaxation_time
+                    )
+                )
+                lines.append(
+                    _messages.advice_expected_ratios([p.expected_ratio for p in group.phases])
                 )
         if self.note:
             lines.append(f"Note: {self.note}")
@@ -176,6 +225,8 @@ class Advice:
         return {
             "total_steps": self.total_steps,
             "note": self.note,
+            "tolerance": self.tolerance,
+            "start_factor": self.start_factor,
             "groups": [
                 {
                     "optimizer_index": g.optimizer_index,
@@ -186,6 +237,8 @@ class Advice:
                     "ema_timescale": g.ema_timescale,
                     "steps_per_epoch": g.steps_per_epoch,
                     "phases": [asdict(p) for p in g.phases],
+                    "end_ratio": g.end_ratio,
+                    "end_ratio_off": list(g.end_ratio_off) if g.end_ratio_off else None,
                     "notes": list(g.notes),
                 }
                 for g in self.groups
@@ -199,6 +252,9 @@ def advise(
     total_steps: int | None,
     steps_per_epoch: int | None = None,
     schedulers: Sequence[ScheduledLR] = (),
+    *,
+    tolerance: float = _DEFAULT_TOLERANCE,
+    start_factor: float = _START_FACTOR,
 ) -> Advice:
     """What each param group holding ``units`` will do over the budget.
 
@@ -209,6 +265,11 @@ def advise(
             checks).
         steps_per_epoch: optimizer steps per epoch, to show epochs and sample epoch schedulers.
         schedulers: the schedulers as the Trainer steps them; each is sampled on a copy.
+        tolerance: how far (relative) the angle may be from its equilibrium to count as within
+            it (the detector's ``tolerance``), in (0, 1).
+        start_factor: the stated offset of the first angle from its equilibrium, >= 1: the
+            update size is unknown before step 1, so the catch-up from initialisation is given
+            from a start this many times above and below (besides one at the equilibrium).
 
     Example::
 
@@ -228,6 +289,8 @@ def advise(
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
+    check_fraction("tolerance", tolerance)
+    check_number("start_factor", start_factor, low=1.0, low_open=False)
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
         by_group.setdefault(where, []).append(name)
@@ -253,9 +316,11 @@ def advise(
                 trajectory.changes[group_index],
                 trajectory.total_steps if total_steps else None,
                 steps_per_epoch,
+                tolerance,
+                float(start_factor),
             )
         )
-    return Advice(tuple(groups), total_steps, "; ".join(notes))
+    return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
 
 
 def _group_advice(
@@ -267,22 +332,28 @@ def _group_advice(
     changes: Sequence[tuple[int, float]],
     total_steps: int | None,
     steps_per_epoch: int | None,
+    tolerance: float,
+    start_factor: float,
 ) -> GroupAdvice:
     peak_lr = max(lr for _, lr in changes)
     prediction = predict_param_group(optimizer, {**group, "lr": peak_lr})
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
     ema = 1.0 / (peak_lr * wd) if peak_lr > 0 and wd > 0 and prediction.available else None
     phases = _phases(optimizer, group, changes, total_steps)
-    phases = _with_expected_ratios(prediction, phases, changes)
+    phases, ends = _with_trajectories(prediction, phases, changes, tolerance, start_factor)
     notes = [
         _phase_note(phase, previous, wd, steps_per_epoch)
         for previous, phase in itertools.pairwise(phases)
         if phase.lr_start < previous.lr_end and phase.lr_start >= _TAIL * peak_lr
     ]
     notes = [n for n in notes if n]
-    notes += _lag_notes(phases, steps_per_epoch)
+    notes += _lag_notes(phases, steps_per_epoch, tolerance)
     if ema is not None:
         notes += _timescale_notes(ema, total_steps, steps_per_epoch)
+    end_ratio, spread, note = _end_of_budget(
+        optimizer, group, names, ends, total_steps, tolerance, start_factor, peak_lr
+    )
+    notes += [note] if note else []
     return GroupAdvice(
         opt_index,
         group_index,
@@ -292,47 +363,170 @@ def _group_advice(
         steps_per_epoch,
         tuple(phases),
         tuple(notes),
+        end_ratio,
+        spread,
     )
 
 
-def _with_expected_ratios(
-    prediction: Prediction, phases: Sequence[Phase], changes: Sequence[tuple[int, float]]
-) -> list[Phase]:
-    """Each phase with the trajectory's ratio to the equilibrium at its last step.
+def _end_of_budget(
+    optimizer: Optimizer,
+    group: Mapping[str, Any],
+    names: Sequence[str],
+    courses: Sequence[_Course],
+    total_steps: int | None,
+    tolerance: float,
+    factor: float,
+    peak_lr: float,
+) -> tuple[float | None, tuple[float, float] | None, str]:
+    """The trajectory's ratio at the budget's last step with LR > 0, and the warning if lagging.
 
-    The norm balance of :mod:`lightning_sdm.theory._trajectory` integrated over the run-length
-    encoded schedule: over a run of one LR the relaxation of ``q`` is exact in closed form, so a
-    step schedule of a million steps costs one term per change.
+    The ratio from the reference start, its spread over all starts, and a note when it is beyond
+    ``tolerance`` (only with a known budget: without one the schedule's end is not the run's).
+    """
+    finals = [course.final for course in courses if course.final is not None]
+    if not finals or courses[0].final is None:
+        return None, None, ""
+    step, lr, ratio, _ = courses[0].final
+    spread = (min(f[2] for f in finals), max(f[2] for f in finals))
+    if not total_steps or abs(ratio - 1) <= tolerance:
+        return ratio, spread, ""
+    tau = _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
+    note = _messages.advice_lagging_at_end(
+        names, step, lr, ratio, spread, tolerance, courses[0].catch_up, tau,
+        lr < _TAIL * peak_lr, factor,
+    )  # fmt: skip
+    return ratio, spread, note
+
+
+def _with_trajectories(
+    prediction: Prediction,
+    phases: Sequence[Phase],
+    changes: Sequence[tuple[int, float]],
+    tolerance: float,
+    factor: float,
+) -> tuple[list[Phase], list[_Course]]:
+    """Each phase with its trajectory's ratio and catch-up steps; the courses (reference first).
+
+    Three starts: the initial norm at the equilibrium of the first phase's peak LR, and the
+    first angle ``factor`` x above and below it.
     """
     constants = trajectory_constants(prediction)
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
-    first = changes[0][1] if changes else 0.0
-    if constants is None or not first > 0 or not wd > 0:
-        return list(phases)
-    # Units where G = 1, starting in equilibrium at the first LR (see angular_update_trajectory).
-    q = first * constants.growth / (constants.decay * wd)
-    bounds = [step for step, _ in changes]
-    out = []
-    position, index = 0, 0
+    if constants is None or not wd > 0 or not phases or not phases[0].lr_peak > 0:
+        return list(phases), []
+    courses = [
+        _follow(constants, wd, phases, changes, start, tolerance)
+        for start in (1.0, factor, 1.0 / factor)
+    ]
+    reference, above, below = courses
+    out = [
+        replace(
+            phase,
+            expected_ratio=reference.end_ratios[i],
+            within=reference.within[i],
+            leaves=reference.leaves[i],
+            within_off=(above.within[i], below.within[i]),
+        )
+        for i, phase in enumerate(phases)
+    ]
+    return out, courses
+
+
+@dataclass(frozen=True)
+class _Course:
+    """One start's trajectory over the phases (the norm balance, see :func:`_follow`)."""
+
+    end_ratios: tuple[float | None, ...]  # at each phase's last step
+    within: tuple[int | None, ...]  # first step of each phase within tolerance
+    leaves: tuple[int | None, ...]  # first step after that beyond it again
+    final: tuple[int, float, float, float] | None  # last step with lr > 0: step, lr, ratio, q/q*
+    catch_up: float | None  # steps still needed at the final LR to get within tolerance
+
+
+def _follow(
+    constants: TrajectoryConstants,
+    wd: float,
+    phases: Sequence[Phase],
+    changes: Sequence[tuple[int, float]],
+    start: float,
+    tolerance: float,
+) -> _Course:
+    """The norm balance integrated over the run-length encoded schedule, from ``start``.
+
+    ``start``: the first angle over the equilibrium at the first phase's peak LR, with the
+    initial norm (1: the initial norm is that equilibrium's; 3: it is smaller, the angle 3x
+    larger). Units where ``G = 1`` (the ratio to the equilibrium does not depend on ``G``), so
+    ``q* = lr B / (K wd)`` at every LR. Over a run of one LR ``q`` relaxes to ``q*`` in closed
+    form, ``q* + (q0 - q*) exp(-n K lr wd)``, the exact sum of
+    :func:`~lightning_sdm.theory._trajectory.advance`'s steps; its distance to ``q*`` only
+    shrinks, so the steps within tolerance of a run are a suffix of it, found in closed form
+    too: a step schedule of a million steps costs one term per change.
+    """
+    low = 1.0 / (1.0 + tolerance) ** 2  # q / q* where the angle is (1 + tol) x the equilibrium
+    high = 1.0 / (1.0 - tolerance) ** 2 if tolerance < 1 else math.inf
+    per_lr = constants.growth / (constants.decay * wd)  # q* = lr * per_lr
+    rate = constants.decay * wd  # x = lr * rate
+
+    def steps_to_band(relative: float, x: float) -> int:
+        """Steps until q / q* is within [low, high], from ``relative`` (0: already)."""
+        bound = low if relative < low else high if relative > high else relative
+        if bound == relative:
+            return 0
+        return math.ceil(math.log((relative - 1.0) / (bound - 1.0)) / x - 1e-9)
+
+    q = phases[0].lr_peak * per_lr / (start * start)
+    bounds = [step for step, _ in changes] + [phases[-1].end]
+    end_ratios, within, leaves = [], [], []
+    last_run = None  # (q at its start, its start, its last step, lr) of the last run with lr > 0
+    index = 0
     for phase in phases:
-        last = phase.end - 1
-        while position < last:
-            while index + 1 < len(bounds) and bounds[index + 1] <= position:
+        entered = left = None
+        ratio = None
+        position = phase.start
+        while position < phase.end:
+            while bounds[index + 1] <= position:
                 index += 1
             lr = changes[index][1]
-            run_end = bounds[index + 1] if index + 1 < len(bounds) else last
-            n = max(min(run_end, last) - position, 1)
-            x = constants.decay * max(lr, 0.0) * wd
-            target = lr * constants.growth / (constants.decay * wd) if lr > 0 else 0.0
-            q = target + (q - target) * math.exp(-n * x)
-            position += n
-        lr_last = _lr_at(changes, last)  # once per phase
-        ratio = None
-        if lr_last > 0 and q > 0:
-            # angle^2 = lr^2 / q against the equilibrium's lr^2 / q*: ratio = sqrt(q* / q).
-            ratio = math.sqrt(lr_last * constants.growth / (constants.decay * wd) / q)
-        out.append(replace(phase, expected_ratio=ratio))
-    return out
+            stop = min(bounds[index + 1], phase.end)
+            if lr > 0:
+                x = lr * rate
+                target = lr * per_lr
+                relative = q / target
+                if entered is None:
+                    need = steps_to_band(relative, x)
+                    if need < stop - position:
+                        entered = position + need
+                elif left is None and not low <= relative <= high:
+                    left = position  # within tolerance before this run, not at its start
+                last_run = (q, position, stop - 1, lr)
+                q = target + (q - target) * math.exp(-(stop - position) * x)
+                ratio = -1.0  # computed below, once per phase
+            elif stop == phase.end:
+                ratio = None  # no LR at the phase's end: no angle to compare
+            position = stop
+        if ratio is not None and last_run is not None:
+            ratio = _ratio_at(last_run, per_lr, rate)
+        end_ratios.append(ratio)
+        within.append(entered)
+        leaves.append(left)
+    final = catch_up = None
+    if last_run is not None:
+        ratio = _ratio_at(last_run, per_lr, rate)
+        _, _, step, lr = last_run
+        relative = 1.0 / (ratio * ratio)
+        final = (step, lr, ratio, relative)
+        bound = low if relative < low else high if relative > high else relative
+        if bound != relative:
+            catch_up = math.log((relative - 1.0) / (bound - 1.0)) / (lr * rate)
+    return _Course(tuple(end_ratios), tuple(within), tuple(leaves), final, catch_up)
+
+
+def _ratio_at(run: tuple[float, int, int, float], per_lr: float, rate: float) -> float:
+    """The angle over the equilibrium at a run's last step: ``sqrt(q* / q)`` there."""
+    q, start, last, lr = run
+    target = lr * per_lr
+    q_last = target + (q - target) * math.exp(-(last - start) * lr * rate)
+    return math.sqrt(target / q_last)
 
 
 def _phases(
@@ -421,7 +615,7 @@ def _phase_note(phase: Phase, previous: Phase, wd: float, epoch: int | None) -> 
     )
 
 
-def _lag_notes(phases: Sequence[Phase], epoch: int | None) -> list[str]:
+def _lag_notes(phases: Sequence[Phase], epoch: int | None, tolerance: float) -> list[str]:
     """Where the weights stop following a falling LR (once per group: the first such place)."""
     for phase in phases:
         if phase.lag_onset is not None and not phase.tail:
@@ -429,6 +623,7 @@ def _lag_notes(phases: Sequence[Phase], epoch: int | None) -> list[str]:
                 f"from about step {phase.lag_onset:,} on, the LR falls by more than 10% per "
                 "relaxation time: the weights no longer follow it, and the angular update lags "
                 "its prediction (regime 'lagging'; the annealing a decaying schedule relies on)."
+                + _messages.advice_lag_model(phase.within, phase.leaves, tolerance)
             ]
     return []
 

@@ -68,8 +68,10 @@ def audit_param_groups(
         module: the model (parameter names are taken from it).
         optimizers: its optimizers.
         units: the scale-invariant units (monitored or found).
-        report: the invariance report, to recognise norm affine parameters and embeddings
-            (without it only names and units are used).
+        report: the invariance report, to recognise norm affine parameters and embeddings.
+            Without one (units restored from a checkpoint are not traced again) they are
+            recognised by the module that owns them: PyTorch's normalisation layers, a module
+            whose class name ends in ``Norm`` (hand-written RMSNorm), embeddings.
 
     Example::
 
@@ -92,7 +94,7 @@ def audit_param_groups(
         raise ValueError(f"`units` must hold lightning_sdm.Unit objects, got {unit_list!r:.80}.")
     names = {id(p): name for name, p in module.named_parameters()}
     in_units = {name for unit in unit_list for name in unit.params}
-    roles = _roles(report)
+    roles = _roles(report) if report is not None else _structural_roles(module)
     found: dict[FindingKind, list[str]] = {}
     coupled: list[str] = []
     group_of: dict[str, tuple[int, int, float]] = {}
@@ -122,10 +124,28 @@ def audit_param_groups(
     return sorted(findings, key=lambda f: order.index(f.kind))
 
 
-def _roles(report: InvarianceReport | None) -> dict[str, str]:
-    if report is None:
-        return {}
+def _roles(report: InvarianceReport) -> dict[str, str]:
     return {item.name: item.reason for item in report.rejected}
+
+
+# Normalisation layers by type; a hand-written one (Llama's, Qwen3's, T5's RMSNorm) by its
+# class name, the convention of every model family we know of.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _structural_roles(module: nn.Module) -> dict[str, str]:
+    """Roles from the owning module's type, when no invariance report is at hand."""
+    roles: dict[str, str] = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, _NORMS) or type(sub).__name__.endswith("Norm"):
+            reason = NORM_AFFINE_REASON
+        elif isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+            reason = EMBEDDING_REASON
+        else:
+            continue
+        for name, _ in sub.named_parameters(recurse=False):
+            roles[f"{prefix}.{name}" if prefix else name] = reason
+    return roles
 
 
 def _kind(name: str, wd: float, in_units: set[str], roles: dict[str, str]) -> FindingKind | None:

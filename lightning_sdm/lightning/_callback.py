@@ -512,6 +512,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             budget=_trainer.optimizer_budget(trainer),  # each optimizer's own steps
             steps_per_epoch=_trainer.steps_per_epoch(trainer),
             schedules=_trainer.trainer_schedules(trainer),
+            tolerance=self.detector.tolerance,  # "within tolerance" as the detector judges it
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class Notices:
         budget: int | None,
         steps_per_epoch: int | None,
         schedules: Sequence[ScheduledLR],
+        tolerance: float,
     ) -> tuple[Advice, list[Finding]]:
         """What the hyper-parameters and the schedule predict, shown once, and the audit."""
         optimizers = list(optimizers)
@@ -117,7 +118,9 @@ class Notices:
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
             for name, (opt, group) in monitor.parameter_groups().items()
         }
-        advice = advise(optimizers, units, budget, steps_per_epoch, list(schedules))
+        advice = advise(
+            optimizers, units, budget, steps_per_epoch, list(schedules), tolerance=tolerance
+        )
         # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
         self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))
         self.detail(

@@ -58,10 +58,13 @@ def test_imagenet_resnet50_step_schedule() -> None:
     assert third.smd_steps == pytest.approx(math.log(10) * 0.1 / (2e-4 * 1e-3), rel=1e-9)
     assert third.needed == pytest.approx(third.smd_steps, rel=0.05)  # 5% band vs SMD's ~4.5%
     assert [p.fits for p in group.phases] == [None, True, False]
-    (line,) = advice.warnings()
+    line, end = advice.warnings()
     assert "after the LR jump at step 300,300 (0.01 -> 0.001)" in line
     assert "SMD Cor. 3.1: 1,151,293 steps" in line and "the phase has 150,150 steps" in line
     assert "7.4x short" in line and "DecayLR(rescale_weights=True)" in line
+    # ... and the last phase ends lagging: named, with the trajectory's ratio there.
+    assert "at the end of the budget (step 450,449, lr 0.001)" in end
+    assert "1 unit (layer1.0.conv1.weight) is expected at 0.41x its equilibrium" in end
     # EMA timescale at the peak LR: 1 / (0.1 * 1e-4) = 100,000 steps = 20 epochs.
     assert group.ema_timescale == pytest.approx(1e5)
     assert "20.0 epochs" in advice.table()
@@ -170,6 +173,30 @@ def test_audit_flags_decay_on_everything() -> None:
         "decay_on_embedding": ("emb.weight",),
         "decay_on_bias": ("head.bias",),
     }
+
+
+def test_audit_without_a_report_names_the_same_roles() -> None:
+    # Units restored from a checkpoint are not traced again: the audit then has no report and
+    # must still tell norm gains and embeddings from plain biases (it called them biases).
+    torch.manual_seed(0)
+    net = Net()
+    units = find_scale_invariant_units(net, torch.randint(0, 10, (16,))).units
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=1e-4)
+    found = {f.kind: f.params for f in audit_param_groups(net, [opt], units)}
+    assert found == _audit([{"params": list(dict(net.named_parameters())), "weight_decay": 1e-4}])
+
+    class RMSNorm(nn.Module):  # written by hand, as Llama's and Qwen3's are
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    block = nn.Sequential(nn.Linear(4, 8, bias=False), RMSNorm(8), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(block.parameters(), lr=0.1, weight_decay=0.1)
+    found = {f.kind: f.params for f in audit_param_groups(block, [opt], [])}
+    assert found == {"decay_on_norm_affine": ("1.weight",), "decay_on_bias": ("2.bias",)}
 
 
 def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
