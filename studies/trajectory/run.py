@@ -278,7 +278,7 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
     The model predicts the expected mean square of every step, so the reference is the dense
     angle of every step against the trajectory's prediction for the same step, as the ratio of
     mean squares over the windows of the last relaxation time, at least the last 3 (60 steps).
-    Not fewer: one 20-step window of these networks scatters by +-10-17% (90th percentile) around
+    Not fewer: one 20-step window of these networks scatters by +-12-17% (90th percentile) around
     a centred 100-step RMS at a constant LR, 60 steps by 9-12%; the update size itself moves
     from window to window, which no prediction made before the window can know.
     """

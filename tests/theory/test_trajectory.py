@@ -2,7 +2,7 @@
 
 The expected values are simulated (real ``torch.optim`` steps on a weight whose gradient is noise
 orthogonal to it), not the integrator's own formula. The network-level check is
-``tests/test_trajectory_study.py`` and ``docs/trajectory.md``.
+``tests/test_bench_trajectory.py`` and ``docs/trajectory.md``.
 """
 
 from __future__ import annotations
