@@ -204,9 +204,13 @@ def run(
             start = last_end[window.unit]
             interval = dense[window.unit][start:end]
             rms_interval = math.sqrt(sum(v * v for v in interval) / len(interval))
-            per_step, states[window.unit] = _replay(
-                states[window.unit], constants, lrs[start:end], wds[start:end], window
-            )
+            if window.theory is None or window.frozen:
+                # The monitor drops the trajectory there (lr = 0, frozen): so does the replay.
+                per_step, states[window.unit] = math.nan, None
+            else:
+                per_step, states[window.unit] = _replay(
+                    states[window.unit], constants, lrs[start:end], wds[start:end], window
+                )
             last_end[window.unit] = end
             lr_end = lrs[end - 1]
             static = math.nan
