@@ -22,10 +22,12 @@ def test_trajectory_and_detector_on_digits_under_warmup_cosine(optimizer):
     rows = run("digits", optimizer, "warmup_cosine", steps=1200)
     assert {r.unit for r in rows} == {"0.weight", "3.weight", "7.weight"}
     summary = summarize(rows)
-    # The study's run (docs/trajectory.md): 81% (SGD-M) and 84% (AdamW) of the windows within
-    # 10% of the dense reference, recall 92% and 98%; bounds with room for other CPUs' numerics.
-    assert summary["accuracy"] >= 0.7, summary
-    assert summary["recall"] >= 0.85, summary
+    # The study's run (docs/trajectory.md): 98% (SGD-M and AdamW) of the windows within 10% of
+    # the dense reference over every step of the last relaxation time; the model before each
+    # window took its update size from a running mean and its norm from its own integration:
+    # 85% and 85%. Recall 87% and 91%; bounds with room for other CPUs' numerics.
+    assert summary["accuracy"] >= 0.9, summary
+    assert summary["recall"] >= 0.8, summary
     # The trajectory moves away from the static prediction as the LR collapses (it is not the
     # static prediction in disguise): late windows lag it.
     late = [r for r in rows if r.step > 1100 and math.isfinite(r.trajectory)]

@@ -75,10 +75,12 @@ def check_monitor_state(state: Any) -> None:
     for name, value in trajectories.items():
         if not (
             isinstance(value, (list, tuple))
-            and len(value) == 2
+            and len(value) in (2, 3)  # (q, G) before Adam's memory was carried
             and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
         ):
-            raise ValueError(f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G).")
+            raise ValueError(
+                f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G, memory)."
+            )
     if "verified_steps" in state and not _count(state["verified_steps"]):
         raise ValueError(f"{where}: `verified_steps` is {state['verified_steps']!r}.")
     invariance = state.get("invariance", {})

@@ -17,11 +17,18 @@ size per element) both terms are linear in ``q``::
 decoupled weight decay) and ``B`` (the growth per unit of ``lr^2 G``) are the family's, read off
 the static prediction and its relaxation time (:func:`relaxation_time` is ``1 / x``; the fixed
 point is the static prediction), so the trajectory reduces to them under a constant LR and adds
-nothing fitted. ``G`` is the one data-dependent constant: the scale-invariant size of the update
+nothing fitted. ``G`` is the one data-dependent quantity: the scale-invariant size of the update
 (SGD: ``|grad|^2 |w|^2`` with momentum's factor; AdamW: the update's squared RMS times the
-fan-in). The monitor estimates it from what it measures at every window (the angle and the norm:
-``G = angle^2 q / lr^2``) and integrates ``q`` itself along the real per-step LR and weight decay,
-so that it predicts the angle of the next window, not repeats the last one.
+fan-in). The monitor measures it at every window (the angle and the norm: ``G = angle^2 q /
+lr^2``) and, from the measured norm, integrates ``q`` along the real per-step LR and weight decay
+of the next window, so that it predicts that window's angle before seeing it.
+
+Adam's second moment (``beta2``): the gradient of a scale-invariant weight scales as ``1/|w|``,
+so ``v`` is an average over the last ``1/(1 - beta2)`` steps of ``G_grad / q`` (``p = 2``), and
+the update's squared size is ``G (1/q_t) / u_t`` with ``u_t`` that average of ``1/q``
+(``u = 1/q`` when the norm stands still). After an LR decay the norm shrinks faster than ``u``
+follows and the update is larger than in equilibrium (up to 10-22% in the simulation); the
+integration carries ``u`` (:attr:`TrajectoryConstants.memory`).
 
 Without ``G``, the same model runs relative to the equilibrium: :func:`angular_update_trajectory`
 takes the ratio at which the weights start (1: in equilibrium) and returns the predicted angle of
@@ -51,10 +58,6 @@ __all__ = [
     "trajectory_constants",
 ]
 
-# How much of a new window's estimate of G enters the running one (in logs): the estimate of one
-# window scatters by the sampling error of its RMS (5-20% for short windows of small layers).
-_SCALE_WEIGHT = 1.0 / 3.0
-
 
 @dataclass(frozen=True)
 class TrajectoryConstants:
@@ -64,11 +67,14 @@ class TrajectoryConstants:
         decay: ``K``, the e-folding rate of ``q`` per unit of ``lr * weight_decay``.
         growth: ``B``, the growth of ``q`` per step per unit of ``lr^2 G``.
         power: ``p`` of ``q = |w|^p``.
+        memory: Adam's ``beta2`` (the second moment's memory of ``1/q``); 0 for the families
+            whose update size has no such memory.
     """
 
     decay: float
     growth: float
     power: float
+    memory: float = 0.0
 
 
 @dataclass
@@ -76,16 +82,18 @@ class TrajectoryState:
     """One unit's place on its trajectory (plain floats, checkpointed).
 
     Attributes:
-        q: ``|w|^p`` the model predicts now.
-        scale: ``G``, the running estimate of the update size (NaN before the first window).
+        q: ``|w|^p`` at the end of the last window (measured).
+        scale: ``G``, the update size the last window measured (NaN before the first window).
+        memory: ``u``, Adam's second-moment average of ``1/q`` (NaN: none, or taken as ``1/q``).
     """
 
     q: float
     scale: float = math.nan
+    memory: float = math.nan
 
     def as_list(self) -> list[float]:
-        """``[q, scale]``, for checkpoints."""
-        return [self.q, self.scale]
+        """``[q, scale, memory]``, for checkpoints."""
+        return [self.q, self.scale, self.memory]
 
 
 def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
@@ -114,7 +122,11 @@ def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
         return None
     if not (math.isfinite(tau) and tau > 0):
         return None
-    return TrajectoryConstants(1.0 / (tau * lr * wd), 1.0 / (tau * value * value), 1 / exponent)
+    beta2 = hyper.get("beta2", 0.0) if prediction.family == "adam" else 0.0
+    memory = beta2 if 0.0 < beta2 < 1.0 else 0.0
+    return TrajectoryConstants(
+        1.0 / (tau * lr * wd), 1.0 / (tau * value * value), 1 / exponent, memory
+    )
 
 
 def advance(
@@ -123,22 +135,34 @@ def advance(
     lrs: Sequence[float],
     weight_decays: Sequence[float],
     constants: TrajectoryConstants,
-) -> tuple[float, list[float]]:
-    """Integrate ``q`` over steps; returns the final ``q`` and ``lr_t^2 / q_t`` before each step.
+    memory: float = math.nan,
+) -> tuple[float, list[float], float]:
+    """Integrate ``q`` over steps: the final ``q``, each step's mean square per ``G``, the memory.
 
-    ``scale`` (``G``) is held constant over the steps. The angle of step ``t`` is
-    ``sqrt(G lr_t^2 / q_t)``: the second value, times ``G``, is each step's mean square.
+    ``scale`` (``G``) is held constant over the steps. The second value is, per step,
+    ``f_t lr_t^2 / q_t`` (``q_t`` before the step; ``f_t = (1/q_t) / u_t`` Adam's second-moment
+    factor, 1 without memory): times ``G``, the step's mean square angle. ``memory`` is ``u`` at
+    the start (NaN: ``1/q``, the norm stood still) and the third value ``u`` at the end (NaN
+    without memory).
     """
+    beta = constants.memory
+    if beta > 0 and not (math.isfinite(memory) and memory > 0):
+        memory = 1.0 / q if q > 0 else math.nan
     terms = []
     for lr, wd in zip(lrs, weight_decays, strict=True):
         lr, wd = max(lr, 0.0), max(wd, 0.0)
-        terms.append(lr * lr / q if q > 0 else math.inf)
+        factor = 1.0
+        if beta > 0 and q > 0:
+            # v_t = beta2 v_(t-1) + (1 - beta2) g_t^2 with g_t^2 ~ 1/q_t; the step uses v_t.
+            memory = beta * memory + (1.0 - beta) / q
+            factor = 1.0 / (q * memory)
+        terms.append(factor * lr * lr / q if q > 0 else math.inf)
         x = constants.decay * lr * wd
         keep = math.exp(-x)
         # (1 - e^-x) / x -> 1 without weight decay: the norm then only grows.
         gain = -math.expm1(-x) / x if x > 1e-12 else 1.0 - x / 2
-        q = q * keep + lr * lr * scale * constants.growth * gain
-    return q, terms
+        q = q * keep + factor * lr * lr * scale * constants.growth * gain
+    return q, terms, (memory if beta > 0 else math.nan)
 
 
 def observe(
@@ -151,6 +175,13 @@ def observe(
     norm: float,
 ) -> tuple[TrajectoryState | None, float | None]:
     """One window: the predicted RMS angle over its measured steps, then the state updated.
+
+    The prediction starts from the norm measured at the end of the last window (exact: the
+    model's own ``q`` would carry any mismatch of its norm balance for a relaxation time, which
+    at a small LR is the rest of the run) and from the update size ``G`` that window measured:
+    ``G`` of these networks moves by +-20% from one 20-step window to the next with a
+    correlation of 0.55-0.65 between neighbours, so the last window's is a better guess of the
+    next one's than a running mean, which lags it (``studies/trajectory``, ``docs/trajectory.md``).
 
     Args:
         state: the unit's state after the last window (``None``: this window starts it).
@@ -169,29 +200,28 @@ def observe(
     if not lrs or not any(measured):
         return state, None
     q_measured = norm**constants.power
+    predicted = None
     if state is None or not (math.isfinite(state.q) and state.q > 0):
         if not usable:
             return None, None
         # Start on the measured norm; within this first window it is taken as constant.
-        state = TrajectoryState(q_measured)
-        mean_terms = _measured_mean([lr * lr / q_measured for lr in lrs], measured)
-        if mean_terms > 0 and math.isfinite(mean_terms):
-            state.scale = angle * angle / mean_terms
-        return state, None
-    scale = state.scale if math.isfinite(state.scale) and state.scale > 0 else 0.0
-    q_end, terms = advance(state.q, scale, lrs, weight_decays, constants)
+        terms = [max(lr, 0.0) ** 2 / q_measured for lr in lrs]
+        q_end, memory = q_measured, (1.0 / q_measured if constants.memory > 0 else math.nan)
+    else:
+        scale = state.scale if math.isfinite(state.scale) and state.scale > 0 else 0.0
+        q_end, terms, memory = advance(state.q, scale, lrs, weight_decays, constants, state.memory)
+        mean_terms = _measured_mean(terms, measured)
+        if scale > 0 and math.isfinite(mean_terms):
+            predicted = math.sqrt(scale * mean_terms)
+    if not usable:
+        # Nothing measured: the model carries on alone (its own q, the last G).
+        return TrajectoryState(q_end, state.scale if state else math.nan, memory), predicted
+    new = TrajectoryState(q_measured, math.nan, memory)
     mean_terms = _measured_mean(terms, measured)
-    predicted = math.sqrt(scale * mean_terms) if scale > 0 and math.isfinite(mean_terms) else None
-    new = TrajectoryState(q_end, state.scale)
-    if usable and mean_terms > 0 and math.isfinite(mean_terms) and q_end > 0:
-        # G from this window: the model's shape of lr^2 / q within the window, its level set by
-        # the measured norm (the norm is exact; the model's q only carries the schedule's memory).
-        estimate = angle * angle / (mean_terms * q_end / q_measured)
-        if scale > 0:
-            log = math.log(scale) + _SCALE_WEIGHT * (math.log(estimate) - math.log(scale))
-            new.scale = math.exp(log)
-        else:
-            new.scale = estimate
+    if mean_terms > 0 and math.isfinite(mean_terms) and q_end > 0:
+        # G of this window: the model's shape of lr^2 / q within the window, its level set by
+        # the measured norm.
+        new.scale = angle * angle / (mean_terms * q_end / q_measured)
     return new, predicted
 
 
@@ -267,5 +297,5 @@ def angular_update_trajectory(
     lr0, wd0 = lrs[0], weight_decays[0]
     q_static = lr0 * lr0 * constants.growth / (constants.decay * lr0 * wd0)
     q = q_static / (start * start)
-    _, terms = advance(q, 1.0, lrs, weight_decays, constants)
+    _, terms, _ = advance(q, 1.0, lrs, weight_decays, constants)
     return [math.sqrt(t) for t in terms]

@@ -7,9 +7,11 @@ window) and an independent float64 recorder of every step's angle per unit; the 
 :class:`~lightning_sdm.equilibrium.EquilibriumDetector` judges the monitor's windows.
 
 Per unit-window it records: the trajectory's prediction (made before the window), the dense RMS
-angle over the window's measured steps and over its whole interval, the static prediction, and
-the detector's regime. ``python -m studies.trajectory --out docs`` writes the table of
-``docs/trajectory.md``; :func:`run` is what the fast test calls.
+angle over the window's measured steps and over its whole interval, the trajectory's prediction
+for every step of the interval (the model the monitor runs, replayed on the monitor's own window
+measurements: it gives the same value for the measured steps, checked at every window), the
+static prediction, and the detector's regime. ``python -m studies.trajectory --out docs``
+writes the table of ``docs/trajectory.md``; :func:`run` is what the fast test calls.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from torch import nn
 from lightning_sdm.config import MonitorConfig
 from lightning_sdm.equilibrium import EquilibriumDetector
 from lightning_sdm.monitor import SphericalMonitor
+from lightning_sdm.records import UnitWindow
+from lightning_sdm.theory import predict_param_group
+from lightning_sdm.theory._trajectory import (
+    TrajectoryConstants,
+    TrajectoryState,
+    advance,
+    observe,
+    trajectory_constants,
+)
 from lightning_sdm.units import Unit
 
 SCHEDULES = ("constant", "step", "warmup_cosine", "onecycle", "wsd", "linear_to_zero")
@@ -44,6 +55,9 @@ class Row:
     trajectory: float  # NaN where the monitor made none
     dense: float  # RMS of the dense angle over the window's measured steps
     dense_interval: float  # ... over all the steps since the last window (a steadier reference)
+    trajectory_interval: float  # the trajectory's RMS over the same steps (NaN: none)
+    steps_in_interval: int
+    static_interval: float  # the static prediction's RMS over the same steps (at each step's LR)
     theory: float
     regime: str
     flagged: bool  # the detector's equilibrium or tracking
@@ -152,6 +166,11 @@ def run(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     monitor = SphericalMonitor(model, opt, units, MonitorConfig(every_n_steps=every_n_steps))
     monitor.attach()
+    constants = trajectory_constants(predict_param_group(opt, opt.param_groups[0]))
+    states: dict[str, TrajectoryState | None] = {u.name: None for u in units}
+    lrs: list[float] = []
+    wds: list[float] = []
+    last_end: dict[str, int] = {u.name: 0 for u in units}
     detector = EquilibriumDetector()
     g = torch.Generator().manual_seed(seed)
     dense: dict[str, list[float]] = {u.name: [] for u in units}
@@ -165,6 +184,8 @@ def run(
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[batch]), y[batch]).backward()
         lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+        lrs.append(lr)
+        wds.append(wd)
         rate = (4 * lr * wd / 0.1) if optimizer == "sgdm" else 2 * lr * wd
         elapsed += rate
         taus.append(elapsed)
@@ -180,8 +201,24 @@ def run(
             end = window.optimizer_step
             measured = dense[window.unit][end - window.steps : end]
             rms = math.sqrt(sum(v * v for v in measured) / len(measured))
-            interval = dense[window.unit][end - every_n_steps : end]
+            start = last_end[window.unit]
+            interval = dense[window.unit][start:end]
             rms_interval = math.sqrt(sum(v * v for v in interval) / len(interval))
+            if window.theory is None or window.frozen:
+                # The monitor drops the trajectory there (lr = 0, frozen): so does the replay.
+                per_step, states[window.unit] = math.nan, None
+            else:
+                per_step, states[window.unit] = _replay(
+                    states[window.unit], constants, lrs[start:end], wds[start:end], window
+                )
+            last_end[window.unit] = end
+            lr_end = lrs[end - 1]
+            static = math.nan
+            if window.theory is not None and lr_end > 0:
+                # The static angle goes as sqrt(lr) (wd constant): each step's at its own LR.
+                static = window.theory * math.sqrt(
+                    sum(v for v in lrs[start:end]) / len(interval) / lr_end
+                )
             rows.append(
                 Row(
                     task,
@@ -193,6 +230,9 @@ def run(
                     window.trajectory if window.trajectory is not None else math.nan,
                     rms,
                     rms_interval,
+                    per_step,
+                    end - start,
+                    static,
                     window.theory if window.theory is not None else math.nan,
                     state.regime,
                     state.in_equilibrium,
@@ -203,15 +243,49 @@ def run(
     return rows
 
 
-def pooled_reference(rows: Sequence[Row]) -> list[float]:
-    """Per row, dense / trajectory pooled over the last relaxation time (at least 3 windows).
+def _replay(
+    state: TrajectoryState | None,
+    constants: TrajectoryConstants | None,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    window: UnitWindow,
+) -> tuple[float, TrajectoryState | None]:
+    """The trajectory's RMS over every step of a window, from the state the monitor holds.
 
-    The dense angles of exactly the steps the trajectory predicts (each window's measured
-    steps; the whole interval would mix in earlier LRs, which a warm-up makes 30-40% lower),
-    as the ratio of mean squares over the windows of the last relaxation time, at least the
-    last 3 (one window's 2 steps scatter by +-20% on these networks).
+    The monitor's model replayed on its own window (angle, norm) and the recorded schedule: the
+    prediction for the measured steps must equal the monitor's (a check that this is the same
+    model, not a second one).
     """
-    out = []
+    measured = [False] * (len(lrs) - window.steps) + [True] * window.steps
+    rms = math.nan
+    if state is not None and constants is not None and math.isfinite(state.scale):
+        _, terms, _ = advance(state.q, state.scale, lrs, wds, constants, state.memory)
+        rms = math.sqrt(state.scale * sum(terms) / len(terms))
+    if constants is None:
+        return rms, None
+    new, predicted = observe(
+        state, lrs, wds, measured, constants, window.angular_update, window.weight_norm
+    )
+    logged = window.trajectory
+    if (predicted is None) != (logged is None) or (
+        predicted is not None
+        and logged is not None
+        and not math.isclose(predicted, logged, rel_tol=1e-9)
+    ):
+        raise RuntimeError(f"the replayed trajectory {predicted} is not the monitor's {logged}")
+    return rms, new
+
+
+def pooled_reference(rows: Sequence[Row]) -> list[float]:
+    """Per row, dense / trajectory over every step of the last relaxation time (>= 3 windows).
+
+    The model predicts the expected mean square of every step, so the reference is the dense
+    angle of every step against the trajectory's prediction for the same step, as the ratio of
+    mean squares over the windows of the last relaxation time, at least the last 3 (60 steps).
+    Not fewer: one 20-step window of these networks scatters by +-12-17% (90th percentile) around
+    a centred 100-step RMS at a constant LR, 60 steps by 9-12%; the update size itself moves
+    from window to window, which no prediction made before the window can know.
+    """
     by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
     for row in rows:
         by_unit.setdefault((row.task, row.optimizer, row.schedule, row.unit), []).append(row)
@@ -220,13 +294,12 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
     for series in by_unit.values():
         for i, row in enumerate(series):
             span = _span(series, i)
-            if not all(math.isfinite(r.trajectory) for r in span):
+            if not all(math.isfinite(r.trajectory_interval) for r in span):
                 continue
-            dense = sum(r.dense**2 for r in span)
-            predicted = sum(r.trajectory**2 for r in span)
+            dense = sum(r.dense_interval**2 * r.steps_in_interval for r in span)
+            predicted = sum(r.trajectory_interval**2 * r.steps_in_interval for r in span)
             values[index[id(row)]] = math.sqrt(dense / predicted) if predicted > 0 else math.nan
-    out.extend(values)
-    return out
+    return values
 
 
 def summarize(rows: Sequence[Row]) -> dict[str, float]:
@@ -284,7 +357,7 @@ def _pooled_static(rows: Sequence[Row], chosen: Sequence[Row]) -> list[float]:
             == (row.task, row.optimizer, row.schedule, row.unit)
         ]
         span = _span(series, series.index(row))
-        predicted = sum(r.theory**2 for r in span)
-        dense = sum(r.dense**2 for r in span)
+        predicted = sum(r.static_interval**2 * r.steps_in_interval for r in span)
+        dense = sum(r.dense_interval**2 * r.steps_in_interval for r in span)
         out.append(math.sqrt(dense / predicted) if predicted > 0 else math.nan)
     return out

@@ -128,6 +128,10 @@ def test_the_trajectory_is_predicted_from_the_second_window_and_checkpointed():
     assert state["window_schedules"] == [[]]  # the window just closed: nothing pending
     _, more = _trajectory_run(10, state=state)
     assert more[0].trajectory is not None  # the restored state predicts at once
+    # A checkpoint from before Adam's memory was carried holds (q, G): it still loads.
+    old = {name: value[:2] for name, value in state["trajectories"].items()}
+    _, resumed = _trajectory_run(10, state={**state, "trajectories": old})
+    assert resumed[0].trajectory == pytest.approx(more[0].trajectory)
     with pytest.raises(ValueError, match="trajectories"):
         _trajectory_run(0, state={**state, "trajectories": {"weight": ["q", 1.0]}})
     with pytest.raises(ValueError, match="window_schedules"):
@@ -135,8 +139,14 @@ def test_the_trajectory_is_predicted_from_the_second_window_and_checkpointed():
 
 
 def test_the_trajectory_follows_a_per_step_lr_between_windows():
-    """The LR halves at an unmeasured step: the next window's prediction halves at once."""
+    """The LR halves at an unmeasured step: the next window's prediction halves at once.
+
+    Against the same run at a constant LR (identical up to step 45): the window's update size
+    is the last window's measurement, noisy for 32 elements, so the two runs share it.
+    """
     _, windows = _trajectory_run(60, lr_at=lambda t: 0.1 if t < 45 else 0.05)
-    before, after = windows[3], windows[4]  # windows close after steps 40 and 50
-    assert after.trajectory / before.trajectory == pytest.approx(0.5, rel=0.05)
+    _, constant = _trajectory_run(60)
+    after = windows[4]  # windows close after steps 40 and 50
+    assert windows[3].trajectory == constant[3].trajectory
+    assert after.trajectory / constant[4].trajectory == pytest.approx(0.5, rel=0.05)
     assert after.angular_update / after.trajectory == pytest.approx(1.0, abs=0.3)

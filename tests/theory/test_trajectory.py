@@ -2,7 +2,7 @@
 
 The expected values are simulated (real ``torch.optim`` steps on a weight whose gradient is noise
 orthogonal to it), not the integrator's own formula. The network-level check is
-``tests/test_trajectory_study.py`` and ``docs/trajectory.md``.
+``tests/test_bench_trajectory.py`` and ``docs/trajectory.md``.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ def _make(kind: str):
     return lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
 
 
-# AdamW deviates more after a 10x step decay: its second moment remembers the larger norm's
-# smaller gradients (measured: up to 10% at beta2 = 0.99, 20% at 0.999 in 1,500 steps).
+# AdamW after a 10x step decay: its second moment remembers the larger norm's smaller gradients.
+# The integration carries that memory (90th percentile 5.4% here; 8.1% without it, the old model).
 CASES = [
     ("sgdm", "step", 0.03),
     ("sgdm", "warmup_cosine", 0.03),
     ("sgdm", "onecycle", 0.03),
     ("sgdm", "linear", 0.03),
     ("adamw", "wsd", 0.06),
-    ("adamw", "step", 0.12),
+    ("adamw", "step", 0.07),
 ]
 
 
@@ -110,6 +110,87 @@ def test_trajectory_of_a_decay_recovers_on_the_relaxation_time():
     # x = q / q* - 1 decays as exp(-t / tau): after one tau the ratio is (1 + 9 / e)^-1/2.
     assert path[1 + round(tau_after)] / target == pytest.approx((1 + 9 / math.e) ** -0.5, rel=0.01)
     assert path[-1] / target == pytest.approx(1.0, abs=0.03)
+
+
+def test_the_next_window_follows_a_change_of_the_update_size():
+    """The gradient noise doubles (G x4) at a constant LR: the next window's angle is predicted
+    from the last window's measured G and the measured norm, not from a running mean that lags.
+
+    A scale-invariant weight (4,096 elements: a 2-step window's angle is sharp) under SGD with
+    momentum, its gradient drawn orthogonal to it and scaled as 1/|w|, as in
+    ``simulate_scale_invariant``; the norm then grows to the new equilibrium over ~2 relaxation
+    times (50 steps each). The old model (G a running mean in logs, weight 1/3, and its own
+    ``q``) was 11% off for the windows after the jump.
+    """
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(4096, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-3)
+    constants = trajectory_constants(predict_param_group(opt, opt.param_groups[0]))
+    assert constants is not None
+    every, measured = 20, [False] * 18 + [True] * 2
+    state, errors = None, []
+    for window in range(40):
+        angles = []
+        for step in range(window * every, (window + 1) * every):
+            before = w.detach().clone()
+            noise = torch.randn(4096, dtype=torch.float64, generator=generator)
+            orthogonal = noise - (noise @ before) / (before @ before) * before
+            w.grad = (1.0 if step < 400 else 2.0) * orthogonal / before.norm()
+            opt.step()
+            a, b = before / before.norm(), w.detach() / w.detach().norm()
+            angles.append(2 * math.asin(float((a - b).norm()) / 2))
+        angle = math.sqrt((angles[-1] ** 2 + angles[-2] ** 2) / 2)
+        norm = float(w.detach().norm())
+        state, predicted = observe(
+            state, [0.1] * every, [5e-3] * every, measured, constants, angle, norm
+        )
+        if predicted is not None and window * every >= 420:  # from the 2nd window after it
+            errors.append(abs(angle / predicted - 1))
+    assert max(errors) < 0.07, errors
+
+
+def test_a_falling_update_size_keeps_the_angle_below_the_static_prediction():
+    """Why units read below the static prediction after many relaxation times (issue 19's 1x1
+    convs, the slow-looking relaxation after a decay): the update size at unit norm ``G`` falls
+    as the loss falls, and the norm follows a moving target. For ``G`` falling at a rate ``r`` per
+    step the norm balance's particular solution is ``q = q* / (1 - r tau)``: the angle sits at
+    ``sqrt(1 - r tau)`` of the static prediction (which does not depend on ``G``), with the
+    relaxation time unchanged. Simulated: SGD-M, tau = 50 steps, ``r tau = 0.2``.
+
+    The trajectory, one window behind in ``G``, reads high by about ``r * 20 / 2`` (4%).
+    """
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(4096, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-3)
+    prediction = predict_param_group(opt, opt.param_groups[0])
+    constants = trajectory_constants(prediction)
+    assert constants is not None
+    rate, tau = 0.004, 50.0
+    state, ratios, errors = None, [], []
+    for window in range(50):
+        angles = []
+        for step in range(window * 20, (window + 1) * 20):
+            before = w.detach().clone()
+            noise = torch.randn(4096, dtype=torch.float64, generator=generator)
+            orthogonal = noise - (noise @ before) / (before @ before) * before
+            w.grad = math.exp(-rate * step / 2) * orthogonal / before.norm()
+            opt.step()
+            a, b = before / before.norm(), w.detach() / w.detach().norm()
+            angles.append(2 * math.asin(float((a - b).norm()) / 2))
+        measured = math.sqrt((angles[-1] ** 2 + angles[-2] ** 2) / 2)
+        norm = float(w.detach().norm())
+        state, predicted = observe(
+            state, [0.1] * 20, [5e-3] * 20, [False] * 18 + [True] * 2, constants, measured, norm
+        )
+        if window >= 25:  # after 10 relaxation times
+            rms = math.sqrt(sum(v * v for v in angles) / len(angles))
+            ratios.append(rms / prediction.angular_update)
+            assert predicted is not None
+            errors.append(measured / predicted - 1)
+    assert sum(ratios) / len(ratios) == pytest.approx(math.sqrt(1 - rate * tau), rel=0.015)
+    assert -0.06 < sum(errors) / len(errors) < 0.0
 
 
 def test_observe_predicts_the_next_window_from_the_last():
