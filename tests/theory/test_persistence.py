@@ -107,3 +107,20 @@ def test_simulation_checks_its_new_arguments():
         simulate_scale_invariant(_sgd, steps=1, correlation=1.0)
     with pytest.raises(ValueError, match="pull"):
         simulate_scale_invariant(_sgd, steps=1, pull=-1.0)
+
+
+def test_on_a_real_convnet_the_gap_is_the_updates_radial_part_not_their_memory():
+    # studies/muon/memory.py, short: AdamW on a BatchNorm convnet whose first layer is a 3x3
+    # convolution on one input channel (fan-in 9), generated images (not digits).
+    from studies.muon.memory import run
+
+    first = run("prototypes", "AdamW", {"lr": 5e-3, "weight_decay": 1.0}, steps=600)[0]
+    assert first["matrix"] == "16x1x3x3"
+    assert first["ratio_a_priori"] < 0.93  # the small-fan-in deficit (0.83-0.85 in the study)
+    # The update's radial part P = <w, Delta> / |Delta|^2 is the momentum filter's
+    # -beta1 / (1 - beta1) = -9 plus the radial leak of the fresh preconditioned gradient ...
+    assert first["radial_P"] < -10
+    assert first["radial_P_from_Q"] == pytest.approx(first["radial_P"], rel=0.06)
+    # ... while a memory factor read from the angle over 50 steps moves the prediction the
+    # wrong way (0.50-0.60 in the study).
+    assert abs(1 - first["ratio_refined_H50"]) > abs(1 - first["ratio_a_priori"]) + 0.1
