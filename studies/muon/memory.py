@@ -26,8 +26,8 @@ deviation is all in ``P``). For AdamW it also splits ``P`` into the momentum fil
 The angle of every step and over blocks of ``H`` steps is recomputed in float64 from the weights
 (independently of the monitor) over the second half of each run::
 
-    python -m studies.muon.memory             # about 8 minutes on one core
-    python -m studies.muon.memory --quick     # the probe and the convnet only
+    python -m studies.muon.memory             # about 15 minutes on one core
+    python -m studies.muon.memory --quick     # the probe and the convnet, 3000 steps
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _radial(
     lr, wd = group["lr"], group["weight_decay"]
     w = _rows(before, invariance)
     delta = _rows((1 - lr * wd) * before - weight.detach().double(), invariance)
-    fresh = torch.full_like(w[:, 0], math.nan)
+    fresh = radial = torch.full_like(w[:, 0], math.nan)
     if isinstance(optimizer, torch.optim.AdamW):
         state = optimizer.state[weight]
         step = float(state["step"])
@@ -194,7 +194,8 @@ def _radial(
         # Delta holds the first moment's bias correction: Q's gradient gets the same.
         scaled = grad / (v.sqrt() + group["eps"]) / (1 - group["betas"][0] ** step)
         fresh = lr * (w * _rows(scaled, invariance)).sum(1)
-    return torch.stack([(w * delta).sum(1), delta.square().sum(1), fresh])
+        radial = fresh / (lr * w.norm(dim=1))  # <w^, g / sqrt(v)>: no scale in it
+    return torch.stack([(w * delta).sum(1), delta.square().sum(1), fresh, radial])
 
 
 def run(
@@ -267,6 +268,13 @@ def run(
                 row["radial_P_from_Q"] = p_from_q.mean().item()
                 with_q = (2 * lr * wd / (1 - 2 * p_from_q)).mean().sqrt().item()
                 row["ratio_with_Q"] = measured / with_q
+                # The same balance without the weight's norm: Q = k / Delta with the scale-free
+                # leak k = E<w^, g / sqrt(v)> / sqrt(E|u|^2), so Delta^2 / R - 2 k Delta = 2 lr wd.
+                k = (sums[3] / count) / (sums[1] / count / lr**2).sqrt()
+                r = (1 - beta1) / (1 + beta1)
+                leak = r * (k + (k**2 + 2 * lr * wd / r).sqrt())
+                row["leak_k"] = k.mean().item()
+                row["ratio_with_leak"] = measured / leak.square().mean().sqrt().item()
         for horizon in HORIZONS:
             shots = snapshots[i][:: horizon // HORIZONS[0]]
             blocks = [_angles(a, b, invariance).square().mean() for a, b in pairwise(shots)]
@@ -285,6 +293,7 @@ CASES = [
     ("probe", "Muon", {"lr": 0.02, "weight_decay": 0.5}, 800),
     ("prototypes", "AdamW", {"lr": 2e-3, "weight_decay": 0.5}, 3000),
     ("prototypes", "SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3}, 3000),
+    ("prototypes", "AdamW", {"lr": 2e-3, "weight_decay": 0.5}, 8000),  # the norm settled
     ("digits", "Muon", MUON, 2000),
     ("digits", "Muon", {**MUON, "nesterov": False, "momentum": 0.9}, 2000),
     ("teacher", "Muon", MUON, 2000),
