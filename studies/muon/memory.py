@@ -263,16 +263,19 @@ def run(
                 beta1 = prediction.hyperparameters["beta1"]
                 q = sums[2] / sums[1]
                 row["fresh_Q"] = q.mean().item()
-                # The momentum filter's part of P plus the fresh gradient's radial leak.
-                p_from_q = -beta1 / (1 - beta1) + q
+                # The momentum filter's part of P plus the fresh gradient's radial leak: from
+                # m_t = beta1 m_{t-1} + (1 - beta1) g_t and w_t = (1 - lr wd) w_{t-1} - lr u_{t-1}
+                # (v slow), P (1 - beta1 + beta1 lr wd) = -beta1 + (1 - beta1) Q.
+                scale = 1 - beta1 + beta1 * lr * wd
+                p_from_q = (-beta1 + (1 - beta1) * q) / scale
                 row["radial_P_from_Q"] = p_from_q.mean().item()
                 with_q = (2 * lr * wd / (1 - 2 * p_from_q)).mean().sqrt().item()
                 row["ratio_with_Q"] = measured / with_q
                 # The same balance without the weight's norm: Q = k / Delta with the scale-free
-                # leak k = E<w^, g / sqrt(v)> / sqrt(E|u|^2), so Delta^2 / R - 2 k Delta = 2 lr wd.
+                # leak k = E<w^, g / sqrt(v)> / sqrt(E|u|^2), so a Delta^2 - b Delta = 2 lr wd.
                 k = (sums[3] / count) / (sums[1] / count / lr**2).sqrt()
-                r = (1 - beta1) / (1 + beta1)
-                leak = r * (k + (k**2 + 2 * lr * wd / r).sqrt())
+                a, b = 1 + 2 * beta1 / scale, 2 * (1 - beta1) * k / scale
+                leak = (b + (b**2 + 8 * lr * wd * a).sqrt()) / (2 * a)
                 row["leak_k"] = k.mean().item()
                 row["ratio_with_leak"] = measured / leak.square().mean().sqrt().item()
         for horizon in HORIZONS:

@@ -114,13 +114,14 @@ def test_on_a_real_convnet_the_gap_is_the_updates_radial_part_not_their_memory()
     # convolution on one input channel (fan-in 9), generated images (not digits).
     from studies.muon.memory import run
 
-    first = run("prototypes", "AdamW", {"lr": 5e-3, "weight_decay": 1.0}, steps=600)[0]
+    first = run("prototypes", "AdamW", {"lr": 1e-2, "weight_decay": 1.0}, steps=800)[0]
     assert first["matrix"] == "16x1x3x3"
-    assert first["ratio_a_priori"] < 0.93  # the small-fan-in deficit (0.83-0.85 in the study)
+    assert first["ratio_a_priori"] < 0.92  # the small-fan-in deficit (0.86 here)
     # The update's radial part P = <w, Delta> / |Delta|^2 is the momentum filter's
-    # -beta1 / (1 - beta1) = -9 plus the radial leak of the fresh preconditioned gradient ...
+    # -beta1 / (1 - beta1) = -9 plus the radial leak of the fresh preconditioned gradient
+    # (-11.2 measured, -11.2 from the leak, to 0.3% here) ...
     assert first["radial_P"] < -10
-    assert first["radial_P_from_Q"] == pytest.approx(first["radial_P"], rel=0.06)
+    assert first["radial_P_from_Q"] == pytest.approx(first["radial_P"], rel=0.03)
     # ... while a memory factor read from the angle over 50 steps moves the prediction the
-    # wrong way (0.50-0.60 in the study).
+    # wrong way (0.45 here, 0.61-0.66 in the study).
     assert abs(1 - first["ratio_refined_H50"]) > abs(1 - first["ratio_a_priori"]) + 0.1
