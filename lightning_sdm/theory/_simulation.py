@@ -7,6 +7,7 @@ a weight, with the real ``torch.optim`` classes; ``tests/test_theory.py`` compar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -55,6 +56,8 @@ def simulate_scale_invariant(
     dtype: torch.dtype = torch.float64,
     before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
     invariance: Literal["row", "matrix"] = "row",
+    correlation: float = 0.0,
+    pull: float = 0.0,
 ) -> SimulationResult:
     """Run an optimizer on a scale-invariant problem made of pure gradient noise, and measure it.
 
@@ -86,6 +89,13 @@ def simulate_scale_invariant(
             projected orthogonal to the whole weight and divided by its norm. The angles are
             still measured per row; Muon, which orthogonalises the whole matrix, is checked in
             both.
+        correlation: in ``[0, 1)``: the noise is persistent, ``xi_t = c xi_{t-1} +
+            sqrt(1 - c^2) n_t`` (a correlation time of ``1 / (1 - c)`` steps) instead of fresh
+            each step; the projection and the ``1/|w|`` scaling stay, so the gradient is still
+            exactly orthogonal to the weight.
+        pull: ``>= 0``: adds a loss with a minimum, ``-pull * <w^, a>`` per row for a fixed
+            random unit direction ``a`` of each row: a persistent gradient that holds the
+            direction near ``a`` (real networks have both, a persistent part and noise).
 
     Speed: a step costs well under a millisecond for the default size with
     ``torch.set_num_threads(1)``; with several intra-op threads on a busy machine it was up to 8x
@@ -113,6 +123,8 @@ def simulate_scale_invariant(
     check_integer("dim", dim, 2)  # a direction orthogonal to the weight
     check_integer("seed", seed, 0)
     check_number("initial_norm", initial_norm, low=0.0)
+    check_number("correlation", correlation, low=0.0, high=1.0, low_open=False)
+    check_number("pull", pull, low=0.0, low_open=False)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
     if invariance not in ("row", "matrix"):
@@ -124,6 +136,10 @@ def simulate_scale_invariant(
     start = torch.randn(rows, dim, generator=generator, dtype=dtype)
     start *= initial_norm / start.norm(dim=1, keepdim=True)
     weight = torch.nn.Parameter(start)
+    # The persistent parts draw from their own generator: the plain noise stays the same stream.
+    extra = torch.Generator().manual_seed(seed + 1)
+    target = torch.randn(rows, dim, generator=extra, dtype=dtype) if pull else None
+    previous = torch.randn(rows, dim, generator=extra, dtype=dtype) if correlation else None
     optimizer = make_optimizer([weight])
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(
@@ -137,7 +153,13 @@ def simulate_scale_invariant(
         if before_step is not None:
             before_step(step, optimizer)
         with torch.no_grad():
-            weight.grad = _orthogonal_noise(weight.detach(), generator, invariance == "matrix")
+            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+            raw = noise.to(weight.dtype)
+            if previous is not None:  # AR(1): persistent noise of unit variance per element
+                raw = previous = correlation * previous + math.sqrt(1 - correlation**2) * raw
+            if target is not None:  # the gradient of -pull <w^, a>, before the projection
+                raw = raw - pull * target / target.norm(dim=1, keepdim=True)
+            weight.grad = _orthogonal(weight.detach(), raw, invariance == "matrix")
             prev = weight.detach().clone()
         optimizer.step()
         curr = weight.detach()
@@ -147,11 +169,10 @@ def simulate_scale_invariant(
     return SimulationResult(angular_updates=angles, norms=norms, grad_sq_unit=float(dim - 1))
 
 
-def _orthogonal_noise(weight: Tensor, generator: torch.Generator, whole: bool = False) -> Tensor:
-    """Per row (or whole matrix): Gaussian noise projected orthogonal to it, over its norm."""
+def _orthogonal(weight: Tensor, noise: Tensor, whole: bool = False) -> Tensor:
+    """Per row (or whole matrix): ``noise`` projected orthogonal to the weight, over its norm."""
     # float32 draws are ~5x faster than float64 ones and the noise needs no more precision; the
     # projection below runs in the weight's dtype, so <w, g> = 0 holds to that precision.
-    noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight.dtype)
     dims = (0, 1) if whole else 1
     norm = weight.norm(dim=dims, keepdim=True)
     unit = weight / norm
