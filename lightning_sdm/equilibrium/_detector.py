@@ -517,8 +517,9 @@ class EquilibriumDetector:
         """Under a moving LR: the verdict against the predicted trajectory, if there is one.
 
         The trajectory (:mod:`lightning_sdm.theory._trajectory`) says where the weights should be
-        now, lag included. Within tolerance of it, pooled over the horizon (to enter, the whole
-        confidence interval inside the band; to leave, clearly outside it): ``tracking``. Off
+        now, lag included. Within tolerance of it, pooled over the horizon (to enter, inside the
+        band and placed there, see :func:`_placed_inside`; to leave, clearly outside it):
+        ``tracking``. Off
         it, on the side of more lag than the schedule explains: ``lagging``, with the measured
         and the expected lag; off it on the other side: the gradient statistics change faster
         than the model follows (``non_stationary``).
@@ -537,9 +538,9 @@ class EquilibriumDetector:
         expected = math.sqrt(last[_RHO] / last[_TRAJ]) if last[_TRAJ] > 0 else 1.0
         measured = ratio * expected
         unit.relaxing_since = None
-        # As under a constant LR: a unit enters on positive evidence (the whole confidence
-        # interval inside the band) and leaves only on clear evidence (hysteresis). A noisy pool
-        # far from the trajectory (late in a schedule to zero) is not "tracking".
+        # A unit enters on positive evidence (inside the band, with a margin no wider than it)
+        # and leaves only on clear evidence (hysteresis). A pool too noisy to place (a tiny
+        # model late in a schedule to zero) is not "tracking".
         if unit.in_equilibrium:
             inside = abs(ratio - 1) - z * error <= _EXIT * tol
         else:
@@ -582,9 +583,10 @@ class EquilibriumDetector:
         At a constant LR the unit still relaxes to its new equilibrium, so it is not in
         equilibrium (no action may take it for one); but when the ratio to the trajectory,
         pooled over the horizon (across the jump: the trajectory follows the jump, the static
-        prediction does not), is inside the band (the whole confidence interval to enter,
-        clearly outside the hysteresis band to leave), the weights follow the path theory
-        predicts: ``tracking``, with the expected and the measured lag, not in equilibrium.
+        prediction does not), is inside the band (placed there to enter, see
+        :func:`_placed_inside`; clearly outside the hysteresis band to leave), the weights follow
+        the path theory predicts: ``tracking``, with the expected and the measured lag, not in
+        equilibrium.
         Returns whether it decided (``False``: too few windows, or off the trajectory: the
         static logic's ``relaxing`` stands).
         """
