@@ -108,6 +108,30 @@ def test_a_norm_still_rising_towards_its_plateau_is_not_equilibrium(seed):
     assert out[-1][1]  # and it does get there
 
 
+def test_a_noisy_norm_at_equilibrium_is_placed_inside_with_few_windows():
+    """The study's AdamW runs: a relaxation time of 100 steps holds 5 windows of 2 measured steps
+    each; the angle sits at 0.98 of its prediction (+-15% per window) and the norm scatters by
+    3% per window around its plateau. The norm witness's best estimate is inside the band with
+    a margin no wider than it: in equilibrium. It used to need the whole margin inside the band,
+    which 5 windows (3 degrees of freedom) rarely give: 92% of the settled windows, 77% at worst.
+    """
+    fractions = []
+    for seed in range(16):
+        rng = random.Random(seed)
+        detector, flags = EquilibriumDetector(), []
+        for i in range(1, 41):
+            value = 0.01 * 0.98 * math.exp(rng.gauss(0, 0.15))
+            w = dataclasses.replace(
+                window(20 * i, value, time_scale=100.0, norm=math.exp(rng.gauss(0, 0.03))),
+                steps=2,
+                norm_exponent=0.5,
+            )
+            detector.update([w])
+            flags.append(detector.state["w"].in_equilibrium)
+        fractions.append(sum(flags[10:]) / len(flags[10:]))
+    assert sum(fractions) / len(fractions) >= 0.95, fractions
+
+
 def test_relaxing_carries_an_eta_that_shrinks():
     windows = synthetic.windows(steps=2000, start=3.0)
     _, out = _regimes(windows)
