@@ -85,6 +85,53 @@ def test_approach_from_below_or_above_is_relaxing_until_the_physics_says_equilib
     assert all(flagged[0] <= step for step in flagged)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_norm_still_rising_towards_its_plateau_is_not_equilibrium(seed):
+    """Issue 20's digits example, small: SGD (tau = 25 steps), a window every step, the first
+    conv relaxing from below more slowly than theory's relaxation time (here 3x: its norm still
+    rises while the angle reads ~1.16x the prediction). Read with theory's tau, the norm's trend
+    understates the deviation, and the old detector took the level for the prediction's bias
+    (allowed up to 2 tolerances) and declared equilibrium at ~1.16x; DecayLR fired there. A level
+    off the way the norm still moves is relaxation: no equilibrium before it is inside the
+    tolerance."""
+    rng = random.Random(seed)
+    tau, theory, out = 25.0, 0.02, []
+    detector = EquilibriumDetector(tolerance=0.1)
+    for t in range(1, 301):
+        q = 1 - 0.5 * math.exp(-t / (3 * tau))  # |w|^4 over its plateau, from 0.5
+        model = q**-0.5  # the noise-free ratio measured / predicted (angle ~ 1 / |w|^2)
+        value = theory * model * math.exp(rng.gauss(0, 0.15))
+        detector.update([window(t, value, theory=theory, time_scale=tau, norm=q**0.25)])
+        out.append((model, detector.state["w"].in_equilibrium))
+    flagged = [model for model, inside in out if inside]
+    assert flagged and max(flagged) <= 1.1 + 0.03, max(flagged)
+    assert out[-1][1]  # and it does get there
+
+
+def test_a_noisy_norm_at_equilibrium_is_placed_inside_with_few_windows():
+    """The study's AdamW runs: a relaxation time of 100 steps holds 5 windows of 2 measured steps
+    each; the angle sits at 0.98 of its prediction (+-15% per window) and the norm scatters by
+    3% per window around its plateau. The norm witness's best estimate is inside the band with
+    a margin no wider than it: in equilibrium. It used to need the whole margin inside the band,
+    which 5 windows (3 degrees of freedom) rarely give: 92% of the settled windows, 77% at worst.
+    """
+    fractions = []
+    for seed in range(16):
+        rng = random.Random(seed)
+        detector, flags = EquilibriumDetector(), []
+        for i in range(1, 41):
+            value = 0.01 * 0.98 * math.exp(rng.gauss(0, 0.15))
+            w = dataclasses.replace(
+                window(20 * i, value, time_scale=100.0, norm=math.exp(rng.gauss(0, 0.03))),
+                steps=2,
+                norm_exponent=0.5,
+            )
+            detector.update([w])
+            flags.append(detector.state["w"].in_equilibrium)
+        fractions.append(sum(flags[10:]) / len(flags[10:]))
+    assert sum(fractions) / len(fractions) >= 0.95, fractions
+
+
 def test_relaxing_carries_an_eta_that_shrinks():
     windows = synthetic.windows(steps=2000, start=3.0)
     _, out = _regimes(windows)
@@ -241,14 +288,72 @@ def test_a_pool_too_noisy_to_place_is_not_tracking():
         assert state.regime != "tracking" and not state.in_equilibrium, (i, state.note)
 
 
-def test_a_step_decay_restarts_and_waits_for_the_relaxation_theory_gives():
-    rows = _schedule_regimes(lambda t: 0.1 if t < 1500 else 0.01, steps=3000)
+def _falling_lr_regimes(seed, level, noise=0.15):
+    """A falling LR, windows of 2 measured steps scattering by ``noise`` (log-normal) around
+    ``level`` times the trajectory (itself 0.9 of the static prediction); the regimes."""
+    rng = random.Random(seed)
+    detector, regimes = EquilibriumDetector(), []
+    for i in range(1, 61):
+        theory = 0.01 * math.exp(-20 * i / 1000)  # ln(lr) falls by 0.2 per relaxation time
+        value = level * 0.9 * theory * math.exp(rng.gauss(0, noise))
+        w = dataclasses.replace(
+            window(20 * i, value, theory=theory, time_scale=200.0),
+            trajectory=0.9 * theory,
+            steps=2,
+        )
+        detector.update([w])
+        regimes.append(detector.state["w"].regime)
+    return regimes[15:]  # after the first relaxation time
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noisy_windows_on_their_trajectory_are_tracking(seed):
+    """The study's real networks: 2 measured steps per window scatter by +-15-20%, and AdamW
+    settles a few percent under its prediction. A unit at 0.95 of its trajectory is inside the
+    band, and ten windows per relaxation time place it there; it used to need the whole
+    confidence interval inside the band, and stayed out for whole runs (recall 19-73%)."""
+    regimes = _falling_lr_regimes(seed, level=0.95)
+    assert regimes.count("tracking") >= 0.9 * len(regimes), regimes
+    for level in (0.75, 1.3):  # off the trajectory: never tracking
+        assert "tracking" not in _falling_lr_regimes(seed, level=level)
+
+
+def test_a_step_decay_is_tracked_on_its_trajectory_but_not_in_equilibrium_before_the_wait():
+    """After a 10x step the weights relax for longer than the rest of the run: at a constant LR
+    that is no equilibrium (no action may take it for one), but they follow the trajectory, so
+    the windows say ``tracking`` with the lag theory expects (the angle drops ~3x at the jump and
+    recovers as the norm shrinks), not a bare ``relaxing``."""
+    windows = synthetic.windows(steps=3000, lr_at=lambda t: 0.1 if t < 1500 else 0.01)
+    _, out = _regimes(windows)
+    rows = [(w.optimizer_step, regime, state.note) for w, regime, state in out]
     assert _between(rows, 500, 1500) == {"equilibrium"}
     wait = lr_change_relaxation_steps(0.1, relaxation_steps(0.01, 1e-3, 0.9), 0.1)
     assert wait > 1500  # the weights need longer than the rest of the run
-    after = [(step, regime, note) for step, regime, note in rows if step > 1500]
-    assert {regime for _, regime, _ in after} == {"relaxing"}
-    assert "jumped by 0.1x" in after[0][2]
+    after = [(w, regime, state) for w, regime, state in out if w.optimizer_step > 1500]
+    assert not any(state.in_equilibrium for _, _, state in after)
+    assert {regime for _, regime, _ in after} == {"tracking"}
+    assert "jumped by 0.1x" in after[0][2].note
+    lags = _expected_lags(rows, 1500, 3000)
+    assert lags[0] < 0.5 and lags[-1] > lags[0]  # the norm shrinks: the lag closes
+    for w, _, state in after:  # the measured lag is the measured ratio to the static value
+        measured = float(re.search(r"measured ([0-9.]+)", state.note).group(1))
+        assert measured == pytest.approx(w.angular_update / w.theory, abs=0.1)
+
+
+def test_after_a_jump_off_the_trajectory_is_relaxing():
+    """A unit that does not follow its trajectory after a jump keeps theory's wait."""
+    detector = EquilibriumDetector()
+    for i in range(1, 25):
+        theory = 0.01 if i <= 10 else 0.001  # a 10x step at window 11
+        measured = theory * (1.0 if i <= 10 else 1.6)  # off its trajectory after the step
+        w = dataclasses.replace(
+            window(50 * i, measured, theory=theory, time_scale=100.0 if i <= 10 else 1000.0),
+            trajectory=theory if i <= 10 else 0.5 * theory,
+        )
+        detector.update([w])
+        state = detector.state["w"]
+        if i > 13:
+            assert state.regime == "relaxing" and not state.in_equilibrium, (i, state.note)
 
 
 def test_lr_zero_in_the_middle_and_back():
