@@ -235,7 +235,10 @@ def run(
                     static,
                     window.theory if window.theory is not None else math.nan,
                     state.regime,
-                    state.in_equilibrium,
+                    # Recognised as following theory: in equilibrium, or on its trajectory
+                    # (`tracking`, which after an LR jump is not yet `in_equilibrium`: theory's
+                    # wait keeps DecayLR off a unit that is only relaxing).
+                    state.in_equilibrium or state.regime == "tracking",
                     taus[end - 1],
                 )
             )
