@@ -283,8 +283,11 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
     """Per row, dense / trajectory over every step of the last relaxation time (>= 3 windows).
 
     The model predicts the expected mean square of every step, so the reference is the dense
-    angle of every step against the trajectory's prediction for the same step, as the ratio of
-    mean squares over the windows of the last relaxation time, at least the last 3 (60 steps).
+    angle of every step against the trajectory's prediction for the same step: each window's
+    ratio of mean squares, averaged (weighted by steps) over the windows of the last relaxation
+    time, at least the last 3 (60 steps). Averaged as ratios, not as sums of squares: after a
+    10x drop the angle's square falls ~10x, and pooled sums would let the windows before the
+    drop speak for those after it for a whole relaxation time.
     Not fewer: one 20-step window of these networks scatters by +-12-17% (90th percentile) around
     a centred 100-step RMS at a constant LR, 60 steps by 9-12%; the update size itself moves
     from window to window, which no prediction made before the window can know.
@@ -299,10 +302,20 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
             span = _span(series, i)
             if not all(math.isfinite(r.trajectory_interval) for r in span):
                 continue
-            dense = sum(r.dense_interval**2 * r.steps_in_interval for r in span)
-            predicted = sum(r.trajectory_interval**2 * r.steps_in_interval for r in span)
-            values[index[id(row)]] = math.sqrt(dense / predicted) if predicted > 0 else math.nan
+            values[index[id(row)]] = _mean_ratio(span, [r.trajectory_interval for r in span])
     return values
+
+
+def _mean_ratio(span: Sequence[Row], predicted: Sequence[float]) -> float:
+    """RMS of dense / predicted over ``span``: per-window ratios of mean squares, step-weighted."""
+    if not all(p > 0 for p in predicted):
+        return math.nan
+    steps = sum(r.steps_in_interval for r in span)
+    squares = sum(
+        (r.dense_interval / p) ** 2 * r.steps_in_interval
+        for r, p in zip(span, predicted, strict=True)
+    )
+    return math.sqrt(squares / steps)
 
 
 def summarize(rows: Sequence[Row]) -> dict[str, float]:
@@ -360,7 +373,5 @@ def _pooled_static(rows: Sequence[Row], chosen: Sequence[Row]) -> list[float]:
             == (row.task, row.optimizer, row.schedule, row.unit)
         ]
         span = _span(series, series.index(row))
-        predicted = sum(r.static_interval**2 * r.steps_in_interval for r in span)
-        dense = sum(r.dense_interval**2 * r.steps_in_interval for r in span)
-        out.append(math.sqrt(dense / predicted) if predicted > 0 else math.nan)
+        out.append(_mean_ratio(span, [r.static_interval for r in span]))
     return out
