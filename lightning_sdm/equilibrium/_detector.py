@@ -709,10 +709,13 @@ def _placed_inside(ratio: float, error: float, tol: float, z: float) -> bool:
 
 
 def _lag_note(lr_slope: float, tau: float, ratio: float) -> str:
+    # The slope is the prediction's (ln of its square), not the LR's: under Adafactor's relative
+    # steps the prediction falls as 1/sqrt(step) at a constant lr.
     how = "halves" if lr_slope < 0 else "doubles"
-    every = math.log(2) / abs(lr_slope)
+    every = 2 * math.log(2) / abs(lr_slope)
     text = (
-        f"lr {how} every {every:.0f} steps, the weights need {tau:.0f} to follow: ratio {ratio:.2f}"
+        f"the predicted angle {how} every {every:.0f} steps, the weights need {tau:.0f} to "
+        f"follow: ratio {ratio:.2f}"
     )
     if 1 + tau * lr_slope > 0:  # the steady lag u = 1 / (1 + tau g) exists
         return text + f" (steady lag: {math.sqrt(1 + tau * lr_slope):.2f})"

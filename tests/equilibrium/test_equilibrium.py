@@ -429,3 +429,13 @@ def test_state_dict_round_trip_gives_the_same_decisions():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EquilibriumDetector(**kwargs)
+
+
+def test_the_lag_note_speaks_of_the_prediction_not_the_lr() -> None:
+    # Adafactor's relative step falls as 1/sqrt(step) at a constant lr: the note must name what
+    # falls. A prediction that halves every 100 steps has ln(theory^2) falling by 2 ln 2 per 100.
+    from lightning_sdm.equilibrium._detector import _lag_note
+
+    note = _lag_note(-2 * math.log(2) / 100, tau=400.0, ratio=0.7)
+    assert note.startswith("the predicted angle halves every 100 steps"), note
+    assert "lr" not in note.split(":")[0]
