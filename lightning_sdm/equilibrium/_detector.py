@@ -338,10 +338,13 @@ class EquilibriumDetector:
         unit.samples = [s for s in unit.samples if s[_T] > t - horizon][-_MAX_HORIZON_WINDOWS:]
         if math.isfinite(sample[_TRAJ]):
             unit.trail.append([sample[_T], sample[_TRAJ], sample[_N]])
-        unit.trail = [s for s in unit.trail if s[0] > t - horizon][-_MAX_HORIZON_WINDOWS:]
+        # Two horizons of trajectory ratios: the pool is one horizon, but under a moving LR a
+        # pool too imprecise to place may draw on the windows before it (_against_trajectory).
+        unit.trail = [s for s in unit.trail if s[0] > t - 2 * horizon][-_MAX_HORIZON_WINDOWS:]
         if jump is not None:
             factor, wait = jump
-            if not self._in_transit(unit, sample, tracking, f"the LR jumped by {factor:.3g}x"):
+            change = f"the LR jumped by {factor:.3g}x"
+            if not self._in_transit(unit, sample, tracking, horizon, change):
                 note = (
                     f"the LR jumped by {factor:.3g}x: the weights need ~{wait:.0f} steps to follow"
                 )
@@ -349,7 +352,7 @@ class EquilibriumDetector:
             return
         if len(unit.samples) < self.patience:
             waiting = t < unit.relax_until
-            if waiting and self._in_transit(unit, sample, tracking):
+            if waiting and self._in_transit(unit, sample, tracking, horizon):
                 return
             regime: Regime = "relaxing" if waiting else "unknown"
             note = "the weights relax after an LR change" if waiting else "not enough windows yet"
@@ -362,7 +365,7 @@ class EquilibriumDetector:
             self._with_prediction(unit, window)
         # An LR jump or an action: not in equilibrium before theory's wait; whether the weights
         # are on their way as predicted, the trajectory says.
-        if t < unit.relax_until and not self._in_transit(unit, sample, tracking):
+        if t < unit.relax_until and not self._in_transit(unit, sample, tracking, horizon):
             note = "the weights relax after an LR change (theory's relaxation time)"
             self._set(unit, "relaxing", False, note, float(unit.relax_until - t))
 
@@ -399,6 +402,7 @@ class EquilibriumDetector:
 
     def _with_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
         samples = unit.samples
+        horizon = self._horizon(unit, window)
         tol, z = self.tolerance, self.confidence
         t = samples[-1][_T]
         times = [s[_T] for s in samples]
@@ -465,7 +469,7 @@ class EquilibriumDetector:
                 regime: Regime = "tracking" if moving else "equilibrium"
                 self._set(unit, regime, True, self._level_note(now, moving, lr_drift), 0.0)
                 return
-            if settled and self._follows(unit, now, level_margin, staying=True):
+            if settled and self._follows(unit, now, level_margin, staying=True, horizon=horizon):
                 return
         else:
             # A level off the prediction is taken for the prediction's bias (up to _MISMATCH
@@ -483,7 +487,7 @@ class EquilibriumDetector:
                 self._set(unit, entering, True, self._level_note(now, moving, lr_drift), 0.0)
                 unit.relaxing_since = None
                 return
-            if settled and self._follows(unit, now, level_margin, staying=False):
+            if settled and self._follows(unit, now, level_margin, staying=False, horizon=horizon):
                 unit.relaxing_since = None
                 return
         if moving and (now - 1) * lr_slope > 0:  # off to the side the lag predicts
@@ -523,7 +527,12 @@ class EquilibriumDetector:
         self._set(unit, "relaxing", False, note, eta)
 
     def _follows(
-        self, unit: UnitEquilibrium, now: float, level_margin: float, staying: bool
+        self,
+        unit: UnitEquilibrium,
+        now: float,
+        level_margin: float,
+        staying: bool,
+        horizon: float,
     ) -> bool:
         """Under a constant LR: at the prediction and on the trajectory, with a moving target?
 
@@ -543,7 +552,7 @@ class EquilibriumDetector:
         that relaxes more slowly than theory's relaxation time is off its trajectory.
         Returns whether it decided.
         """
-        rows = unit.trail
+        rows = [s for s in unit.trail if s[0] > unit.last_optimizer_step - horizon]
         if len(rows) < self.patience:
             return False
         tol, z = self.tolerance, self.confidence
@@ -600,6 +609,18 @@ class EquilibriumDetector:
             inside = abs(ratio - 1) - z * error <= _EXIT * tol
         else:
             inside = _placed_inside(ratio, error, tol, z)
+            # Inside the band but too imprecise to place (5 windows of 2 measured steps per
+            # relaxation time under AdamW on the study's networks): the trajectory follows the
+            # schedule, so its ratio need not be cut at one relaxation time; the windows since
+            # the last jump, up to two horizons, decide. Only then: a longer pool always would
+            # average over a real excursion (OneCycle's peak).
+            longer = [s for s in unit.trail if s[0] > unit.segment_start]
+            if not inside and abs(ratio - 1) <= tol and len(longer) > len(rows):
+                rho, rho_error = mean_with_error([s[1] for s in longer], [s[2] for s in longer])
+                ratio = math.sqrt(max(rho, 0.0))
+                error = rho_error / (2 * max(ratio, 1e-12))
+                measured = ratio * expected
+                inside = _placed_inside(ratio, error, tol, z)
         if inside:
             note = (
                 f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
@@ -631,6 +652,7 @@ class EquilibriumDetector:
         unit: UnitEquilibrium,
         sample: Sequence[float],
         tracking: bool,
+        horizon: float,
         change: str = "an LR change",
     ) -> bool:
         """After an LR jump or an action, before theory's wait: on the predicted trajectory?
@@ -645,7 +667,7 @@ class EquilibriumDetector:
         Returns whether it decided (``False``: too few windows, or off the trajectory: the
         static logic's ``relaxing`` stands).
         """
-        rows = unit.trail
+        rows = [s for s in unit.trail if s[0] > sample[_T] - horizon]
         if len(rows) < self.patience or not math.isfinite(sample[_TRAJ]) or sample[_TRAJ] <= 0:
             return False
         tol, z = self.tolerance, self.confidence
