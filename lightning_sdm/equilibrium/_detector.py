@@ -605,7 +605,7 @@ class EquilibriumDetector:
         # A unit enters on positive evidence (inside the band, with a margin no wider than it)
         # and leaves only on clear evidence (hysteresis). A pool too noisy to place (a tiny
         # model late in a schedule to zero) is not "tracking".
-        if unit.in_equilibrium:
+        if unit.in_equilibrium or unit.regime == "tracking":  # staying: hysteresis
             inside = abs(ratio - 1) - z * error <= _EXIT * tol
         else:
             inside = _placed_inside(ratio, error, tol, z)
@@ -627,7 +627,22 @@ class EquilibriumDetector:
                 f"static prediction, measured {measured:.2f}; the LR changes by "
                 f"{abs(lr_drift):.0%} per relaxation time)"
             )
-            self._set(unit, "tracking", True, note, 0.0)
+            # The trajectory starts each window from the measured norm, so a unit still relaxing
+            # from its initialisation follows it too, with a lag the schedule does not explain.
+            # In equilibrium only once it has been there in this segment (or is within the
+            # tolerance of the static prediction now): a lag the weights took from the static
+            # equilibrium is the schedule's; one they never left is the initialisation's.
+            reached = unit.reached_optimizer_step is not None and (
+                unit.reached_optimizer_step >= unit.segment_start
+            )
+            if unit.in_equilibrium or reached or abs(measured - 1) <= tol:
+                self._set(unit, "tracking", True, note, 0.0)
+            else:
+                note += (
+                    "; not yet in equilibrium: it has not reached its equilibrium since the "
+                    "start or the last LR jump (the lag is the initialisation's)"
+                )
+                self._set(unit, "tracking", False, note, math.nan)
             return True
         # Off the trajectory towards more lag: on the side the trajectory already lags (or, with
         # the trajectory at the static value, on the side the LR's motion leaves behind).
