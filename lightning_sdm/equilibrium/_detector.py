@@ -379,6 +379,8 @@ class EquilibriumDetector:
         typical = recent[len(recent) // 2] if recent else 0.0
         if abs(change) <= max(_JUMP, _JUMP_FACTOR * typical):
             return None
+        if _smooth(unit.history, sample):  # a schedule's tail to 0: large in logs, not a jump
+            return None
         tau = sample[_TAU]
         wait = 0.0
         if math.isfinite(tau):
@@ -769,6 +771,39 @@ def _sample(window: UnitWindow, theory: float | None) -> list[float]:
         1.0 / exponent,
         mean_square / trajectory**2 if trajectory else math.nan,
     ]
+
+
+def _smooth(history: Sequence[Sequence[float]], sample: Sequence[float]) -> bool:
+    """Whether the prediction's change is what its last three windows extrapolate to.
+
+    Near the end of a linear-to-zero or cosine schedule ``ln lr`` falls by more per window
+    than any threshold on its recent changes allows (0.13x in one window at the end of a
+    linear decay), yet nothing jumped: the squared prediction (``~ lr``) lies on the parabola
+    through its last three values, within a quarter of its last value. A step (x0.1 on a
+    plateau or a ramp) is off it by most of its last value.
+
+    Example::
+
+        >>> ramp = [[t, 1.0, math.log(1 - t / 100)] for t in (60, 70, 80)]
+        >>> _smooth(ramp, [90.0, 1.0, 1.0, 2, 0.0, math.log(0.1)])
+        True
+        >>> plateau = [[t, 1.0, math.log(0.5)] for t in (60, 70, 80)]
+        >>> _smooth(plateau, [90.0, 1.0, 1.0, 2, 0.0, math.log(0.05)])
+        False
+    """
+    points = [(h[0], math.exp(h[2])) for h in history if len(h) > 2 and math.isfinite(h[2])][-3:]
+    if len(points) < 3 or len({t for t, _ in points}) < 3:
+        return False
+    t = sample[_T]
+    expected = 0.0
+    for i, (ti, xi) in enumerate(points):  # Lagrange: the parabola through the three points
+        weight = 1.0
+        for j, (tj, _) in enumerate(points):
+            if j != i:
+                weight *= (t - tj) / (ti - tj)
+        expected += weight * xi
+    last = points[-1][1]
+    return abs(math.exp(sample[_LOGTHEORY]) - expected) <= 0.25 * last
 
 
 def _placed(deviation: float, margin: float, tol: float) -> bool:

@@ -538,3 +538,28 @@ def test_a_unit_relaxing_from_its_initialisation_under_a_moving_lr_is_not_in_equ
     assert not any(inside for _, inside in far), far
     near = run(0.97)
     assert sum(inside for _, inside in near[10:]) >= 0.9 * len(near[10:]), near
+
+
+def test_the_tail_of_a_linear_decay_to_zero_is_not_an_lr_jump():
+    """Found by a probe: at the last windows of a linear decay to zero ln(lr) falls by more per
+    window (0.13x at the end) than the jump threshold allows, and the detector said "the LR
+    jumped", left equilibrium and printed hundreds of thousands of steps to wait. The squared
+    prediction (~ lr) is on the line its last windows draw: no jump. A real x0.1 step is one."""
+    detector, notes = EquilibriumDetector(), []
+    for i in range(1, 31):
+        theory = 0.01 * math.sqrt(1 - (10 * i - 1) / 300)  # lr falls linearly to ~0 at step 300
+        w = dataclasses.replace(
+            window(10 * i, 0.9 * theory, theory=theory, time_scale=50.0),
+            trajectory=0.9 * theory,
+            steps=2,
+        )
+        detector.update([w])
+        notes.append(detector.state["w"].note)
+    assert not any("jumped" in note for note in notes), notes
+    assert detector.state["w"].regime == "tracking"
+    step = EquilibriumDetector()
+    for i in range(1, 31):
+        theory = 0.01 * (1.0 if i <= 20 else math.sqrt(0.1))
+        step.update([window(10 * i, theory, theory=theory, time_scale=50.0)])
+        if i == 21:
+            assert "jumped by 0.1x" in step.state["w"].note
