@@ -291,6 +291,13 @@ def advise(
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
     check_fraction("tolerance", tolerance)
     check_number("start_factor", start_factor, low=1.0, low_open=False)
+    schedulers = list(schedulers) if isinstance(schedulers, (list, tuple)) else schedulers
+    if not isinstance(schedulers, list) or not all(isinstance(s, ScheduledLR) for s in schedulers):
+        raise ValueError(
+            "`schedulers` must be a list of lightning_sdm.advice.ScheduledLR (a scheduler with "
+            "its interval and frequency, as the Trainer steps it), got "
+            f"{schedulers!r:.80}: wrap each, e.g. ScheduledLR(scheduler, interval='step')."
+        )
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
         by_group.setdefault(where, []).append(name)

@@ -94,7 +94,9 @@ def audit_param_groups(
         raise ValueError(f"`units` must hold lightning_sdm.Unit objects, got {unit_list!r:.80}.")
     names = {id(p): name for name, p in module.named_parameters()}
     in_units = {name for unit in unit_list for name in unit.params}
-    roles = _roles(report) if report is not None else _structural_roles(module)
+    # The report's roles, and the owning module's where it has one: a hand-written RMSNorm's
+    # gain is 'other' to the tracer (it multiplies after the normalisation) but a norm gain.
+    roles = {**(_roles(report) if report is not None else {}), **_structural_roles(module)}
     found: dict[FindingKind, list[str]] = {}
     coupled: list[str] = []
     group_of: dict[str, tuple[int, int, float]] = {}

@@ -197,6 +197,19 @@ def test_audit_without_a_report_names_the_same_roles() -> None:
     opt = torch.optim.AdamW(block.parameters(), lr=0.1, weight_decay=0.1)
     found = {f.kind: f.params for f in audit_param_groups(block, [opt], [])}
     assert found == {"decay_on_norm_affine": ("1.weight",), "decay_on_bias": ("2.bias",)}
+    # With a report (a fresh fit) too: the tracer sees the gain as a multiplication after the
+    # normalisation, not as a norm's affine parameter (a probe found it counted as "other").
+    report = find_scale_invariant_units(block, torch.randn(16, 4))
+    found = {f.kind: f.params for f in audit_param_groups(block, [opt], report.units, report)}
+    assert found == {"decay_on_norm_affine": ("1.weight",), "decay_on_bias": ("2.bias",)}
+
+
+def test_advise_names_a_scheduler_that_is_not_wrapped() -> None:
+    net = nn.Linear(4, 4, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+    with pytest.raises(ValueError, match=r"`schedulers` must be a list of .*ScheduledLR"):
+        advise([opt], {"w": (0, 0)}, 100, None, [sched])
 
 
 def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
