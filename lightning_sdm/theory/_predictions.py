@@ -722,10 +722,20 @@ def _predict_lion(name: str, group: Mapping[str, Any], hyper: dict[str, float]) 
         f"and S = {_fmt(s)}, the sign autocorrelation summed over lags (arcsine law on the "
         f"momentum's Gaussian filter of the noise) = {_fmt(value)} rad per step (REQ's "
         f"linearised sqrt(pi/2)*sqrt(2*lr*wd*K) = {_fmt(req)}); within 2% of the simulation "
-        "for betas 0-0.99, lr*wd up to 1-beta2; on real networks a guide only: "
-        f"{_LION_REAL_NETWORKS}"
+        "for betas 0-0.99 and lr*wd up to 0.2 (20 times 1-beta2 included); on real networks a "
+        f"guide only: {_LION_REAL_NETWORKS}"
     )
+    if lr * wd > _LION_LR_WD_CHECKED:
+        # Measured: 1.018 of the prediction at lr*wd = 0.2, 1.098 at 0.5 (betas (0.9, 0.99)).
+        reason += (
+            f"; this group's lr*wd = {_fmt(lr * wd)} is beyond 0.2, where the simulated angle "
+            "reads above the prediction (by 2% at 0.2, 10% at 0.5)"
+        )
     return Prediction(value, name, "lion", reason, _LION_SOURCE, hyper)
+
+
+# The largest lr*wd at which Lion's prediction was checked within 2% of the simulation.
+_LION_LR_WD_CHECKED = 0.2
 
 
 _LION_SOURCE = (

@@ -477,6 +477,28 @@ def test_lion_norm_and_radial_correction_against_simulation(
     assert result.rms_angular_update / angle == pytest.approx(1, abs=0.015)
 
 
+@pytest.mark.parametrize(("lr", "flagged"), [(0.05, False), (0.5, True)])
+def test_lion_beyond_its_checked_lr_wd_says_so(lr: float, flagged: bool) -> None:
+    # A probe: at lr*wd = 0.5 the simulation reads 1.10 of the prediction, and the reason said
+    # nothing. Checked to 2% up to lr*wd = 0.2 (here 0.05: 5 times 1-beta2); beyond, it says so.
+    betas = (0.9, 0.99)
+    opt = Lion([_param()], lr=lr, weight_decay=1.0, betas=betas)
+    prediction = explain_equilibrium(opt)[0]
+    assert ("beyond 0.2" in prediction.reason) is flagged
+    _, norm, _ = lion_equilibrium(lr, 1.0, *betas)
+    result = simulate_scale_invariant(
+        lambda params: Lion(params, lr=lr, weight_decay=1.0, betas=betas),
+        steps=400,
+        burn_in=math.ceil(6 / (2 * lr) + 6 / (1 - betas[1])),
+        rows=4,
+        dim=DIM,
+        initial_norm=norm * math.sqrt(DIM),
+        seed=2,
+    )
+    ratio = result.rms_angular_update / prediction.angular_update
+    assert (ratio > 1.05) is flagged, ratio
+
+
 def test_a_lion_without_betas_is_not_recognised() -> None:
     class Lion(torch.optim.Optimizer):  # same name, other hyper-parameters
         def __init__(self, params: list[torch.nn.Parameter]) -> None:
