@@ -626,8 +626,7 @@ class EquilibriumDetector:
         if inside:
             note = (
                 f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
-                f"static prediction, measured {measured:.2f}; the LR changes by "
-                f"{abs(lr_drift):.0%} per relaxation time)"
+                f"static prediction, measured {measured:.2f}; {_lr_motion(lr_drift)})"
             )
             # The trajectory starts each window from the measured norm, so a unit still relaxing
             # from its initialisation follows it too, with a lag the schedule does not explain.
@@ -738,8 +737,8 @@ class EquilibriumDetector:
     def _level_note(self, ratio: float, moving: bool = False, lr_drift: float = 0.0) -> str:
         if moving:
             return (
-                f"at {ratio:.3f} of the moving prediction (the LR changes by {abs(lr_drift):.0%} "
-                "per relaxation time: the weights follow)"
+                f"at {ratio:.3f} of the moving prediction ({_lr_motion(lr_drift)}: the weights "
+                "follow)"
             )
         if abs(ratio - 1) <= self.tolerance:
             return f"pooled ratio {ratio:.3f}, the norm steady"
@@ -832,6 +831,28 @@ def _placed_inside(ratio: float, error: float, tol: float, z: float) -> bool:
         (True, False)
     """
     return _placed(ratio - 1, z * error, tol)
+
+
+def _lr_motion(lr_drift: float) -> str:
+    """How fast the prediction's LR moves, with its direction, per relaxation time.
+
+    ``lr_drift`` is ``tau d ln(lr) / dt`` over the horizon: a percentage while small, a factor
+    once the LR changes by more than e per relaxation time (the end of a decay to zero).
+
+    Example::
+
+        >>> _lr_motion(-0.12)
+        'the LR falls by 12% per relaxation time'
+        >>> _lr_motion(0.3)
+        'the LR rises by 30% per relaxation time'
+        >>> _lr_motion(-11.95)
+        'the LR falls by a factor of 1.55e+05 per relaxation time'
+    """
+    how = "falls" if lr_drift < 0 else "rises"
+    if abs(lr_drift) <= 1:
+        return f"the LR {how} by {abs(lr_drift):.0%} per relaxation time"
+    factor = math.exp(min(abs(lr_drift), 700.0))  # at lr -> 0 the drift has no bound
+    return f"the LR {how} by a factor of {factor:.3g} per relaxation time"
 
 
 def _lag_note(lr_slope: float, tau: float, ratio: float) -> str:

@@ -563,3 +563,13 @@ def test_the_tail_of_a_linear_decay_to_zero_is_not_an_lr_jump():
         step.update([window(10 * i, theory, theory=theory, time_scale=50.0)])
         if i == 21:
             assert "jumped by 0.1x" in step.state["w"].note
+
+
+def test_the_tracking_note_gives_the_lr_direction_and_a_factor_when_large() -> None:
+    # A probe read "the LR changes by 1195% per relaxation time" just after a warm-up, with no
+    # direction; at the end of a decay to zero the drift has no bound (it must not overflow).
+    from lightning_sdm.equilibrium._detector import _lr_motion
+
+    assert _lr_motion(-0.2) == "the LR falls by 20% per relaxation time"
+    assert _lr_motion(2.0).startswith("the LR rises by a factor of 7.39")
+    assert "factor" in _lr_motion(-1e6)
