@@ -362,7 +362,7 @@ class EquilibriumDetector:
         if theory is None:
             self._without_prediction(unit, window)
         else:
-            self._with_prediction(unit, window)
+            self._with_prediction(unit, horizon)
         # An LR jump or an action: not in equilibrium before theory's wait; whether the weights
         # are on their way as predicted, the trajectory says.
         if t < unit.relax_until and not self._in_transit(unit, sample, tracking, horizon):
@@ -402,9 +402,8 @@ class EquilibriumDetector:
             return _DEFAULT_HORIZON_WINDOWS * interval + 0.5
         return min(max(tau, low), _MAX_HORIZON_WINDOWS * interval) + 0.5
 
-    def _with_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
+    def _with_prediction(self, unit: UnitEquilibrium, horizon: float) -> None:
         samples = unit.samples
-        horizon = self._horizon(unit, window)
         tol, z = self.tolerance, self.confidence
         t = samples[-1][_T]
         times = [s[_T] for s in samples]
@@ -557,17 +556,13 @@ class EquilibriumDetector:
         rows = [s for s in unit.trail if s[0] > unit.last_optimizer_step - horizon]
         if len(rows) < self.patience:
             return False
-        tol, z = self.tolerance, self.confidence
-        rho, rho_error = mean_with_error([s[1] for s in rows], [s[2] for s in rows])
-        ratio = math.sqrt(max(rho, 0.0))
-        error = rho_error / (2 * max(ratio, 1e-12))
+        tol = self.tolerance
+        ratio, error = _pooled_ratio(rows)
         if staying:
-            exit_at = _EXIT * tol
-            inside = (
-                abs(ratio - 1) - z * error <= exit_at and abs(now - 1) - level_margin <= exit_at
-            )
+            level = abs(now - 1) - level_margin <= _EXIT * tol
         else:
-            inside = _placed_inside(ratio, error, tol, z) and _placed(now - 1, level_margin, tol)
+            level = _placed(now - 1, level_margin, tol)
+        inside = self._on_path(ratio, error, staying) and level
         if not inside:
             return False
         note = (
@@ -594,10 +589,8 @@ class EquilibriumDetector:
         rows = [s for s in samples if len(s) > _TRAJ and math.isfinite(s[_TRAJ])]
         if len(rows) < self.patience:
             return False
-        tol, z = self.tolerance, self.confidence
-        rho, rho_error = mean_with_error([s[_TRAJ] for s in rows], [s[_N] for s in rows])
-        ratio = math.sqrt(max(rho, 0.0))
-        error = rho_error / (2 * max(ratio, 1e-12))
+        tol = self.tolerance
+        ratio, error = _pooled_ratio([[s[_T], s[_TRAJ], s[_N]] for s in rows])
         last = rows[-1]
         # Expected lag: trajectory / static at the last window; measured: that times the pooled
         # ratio to the trajectory.
@@ -607,10 +600,9 @@ class EquilibriumDetector:
         # A unit enters on positive evidence (inside the band, with a margin no wider than it)
         # and leaves only on clear evidence (hysteresis). A pool too noisy to place (a tiny
         # model late in a schedule to zero) is not "tracking".
-        if unit.in_equilibrium or unit.regime == "tracking":  # staying: hysteresis
-            inside = abs(ratio - 1) - z * error <= _EXIT * tol
-        else:
-            inside = _placed_inside(ratio, error, tol, z)
+        staying = unit.in_equilibrium or unit.regime == "tracking"
+        inside = self._on_path(ratio, error, staying)
+        if not staying:
             # Inside the band but too imprecise to place (5 windows of 2 measured steps per
             # relaxation time under AdamW on the study's networks): the trajectory follows the
             # schedule, so its ratio need not be cut at one relaxation time; the windows since
@@ -618,11 +610,9 @@ class EquilibriumDetector:
             # average over a real excursion (OneCycle's peak).
             longer = [s for s in unit.trail if s[0] > unit.segment_start]
             if not inside and abs(ratio - 1) <= tol and len(longer) > len(rows):
-                rho, rho_error = mean_with_error([s[1] for s in longer], [s[2] for s in longer])
-                ratio = math.sqrt(max(rho, 0.0))
-                error = rho_error / (2 * max(ratio, 1e-12))
+                ratio, error = _pooled_ratio(longer)
                 measured = ratio * expected
-                inside = _placed_inside(ratio, error, tol, z)
+                inside = self._on_path(ratio, error, False)
         if inside:
             note = (
                 f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
@@ -686,15 +676,8 @@ class EquilibriumDetector:
         rows = [s for s in unit.trail if s[0] > sample[_T] - horizon]
         if len(rows) < self.patience or not math.isfinite(sample[_TRAJ]) or sample[_TRAJ] <= 0:
             return False
-        tol, z = self.tolerance, self.confidence
-        rho, rho_error = mean_with_error([s[1] for s in rows], [s[2] for s in rows])
-        ratio = math.sqrt(max(rho, 0.0))
-        error = rho_error / (2 * max(ratio, 1e-12))
-        if tracking:  # at the last window
-            inside = abs(ratio - 1) - z * error <= _EXIT * tol
-        else:
-            inside = _placed_inside(ratio, error, tol, z)
-        if not inside:
+        ratio, error = _pooled_ratio(rows)
+        if not self._on_path(ratio, error, tracking):  # staying: tracking at the last window
             return False
         expected = math.sqrt(sample[_RHO] / sample[_TRAJ])
         t = sample[_T]
@@ -707,6 +690,17 @@ class EquilibriumDetector:
         unit.relaxing_since = None
         self._set(unit, "tracking", False, note, wait)
         return True
+
+    def _on_path(self, ratio: float, error: float, staying: bool) -> bool:
+        """Whether a pooled ratio to the trajectory is within the band (with hysteresis).
+
+        To enter: inside the band and placed there (:func:`_placed_inside`); to stay: not
+        clearly outside ``_EXIT`` times the tolerance.
+        """
+        tol, z = self.tolerance, self.confidence
+        if staying:
+            return abs(ratio - 1) - z * error <= _EXIT * tol
+        return _placed_inside(ratio, error, tol, z)
 
     def _without_prediction(self, unit: UnitEquilibrium, window: UnitWindow) -> None:
         samples = unit.samples
@@ -803,6 +797,13 @@ def _smooth(history: Sequence[Sequence[float]], sample: Sequence[float]) -> bool
         expected += weight * xi
     last = points[-1][1]
     return abs(math.exp(sample[_LOGTHEORY]) - expected) <= 0.25 * last
+
+
+def _pooled_ratio(rows: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The RMS ratio pooled from ``[t, ratio of mean squares, steps]`` rows, and its error."""
+    rho, rho_error = mean_with_error([r[1] for r in rows], [r[2] for r in rows])
+    ratio = math.sqrt(max(rho, 0.0))
+    return ratio, rho_error / (2 * max(ratio, 1e-12))
 
 
 def _placed(deviation: float, margin: float, tol: float) -> bool:
