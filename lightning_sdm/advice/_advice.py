@@ -473,14 +473,6 @@ def _follow(
     high = 1.0 / (1.0 - tolerance) ** 2 if tolerance < 1 else math.inf
     per_lr = constants.growth / (constants.decay * wd)  # q* = lr * per_lr
     rate = constants.decay * wd  # x = lr * rate
-
-    def steps_to_band(relative: float, x: float) -> int:
-        """Steps until q / q* is within [low, high], from ``relative`` (0: already)."""
-        bound = low if relative < low else high if relative > high else relative
-        if bound == relative:
-            return 0
-        return math.ceil(math.log((relative - 1.0) / (bound - 1.0)) / x - 1e-9)
-
     q = phases[0].lr_peak * per_lr / (start * start)
     bounds = [step for step, _ in changes] + [phases[-1].end]
     end_ratios, within, leaves = [], [], []
@@ -500,13 +492,13 @@ def _follow(
                 target = lr * per_lr
                 relative = q / target
                 if entered is None:
-                    need = steps_to_band(relative, x)
+                    need = math.ceil(_steps_to_band(relative, x, low, high) - 1e-9)
                     if need < stop - position:
                         entered = position + need
                 elif left is None and not low <= relative <= high:
                     left = position  # within tolerance before this run, not at its start
                 last_run = (q, position, stop - 1, lr)
-                q = target + (q - target) * math.exp(-(stop - position) * x)
+                q = _relaxed(q, target, stop - position, x)
                 ratio = -1.0  # computed below, once per phase
             elif stop == phase.end:
                 ratio = None  # no LR at the phase's end: no angle to compare
@@ -522,9 +514,8 @@ def _follow(
         _, _, step, lr = last_run
         relative = 1.0 / (ratio * ratio)
         final = (step, lr, ratio, relative)
-        bound = low if relative < low else high if relative > high else relative
-        if bound != relative:
-            catch_up = math.log((relative - 1.0) / (bound - 1.0)) / (lr * rate)
+        if not low <= relative <= high:
+            catch_up = _steps_to_band(relative, lr * rate, low, high)
     return _Course(tuple(end_ratios), tuple(within), tuple(leaves), final, catch_up)
 
 
@@ -532,8 +523,20 @@ def _ratio_at(run: tuple[float, int, int, float], per_lr: float, rate: float) ->
     """The angle over the equilibrium at a run's last step: ``sqrt(q* / q)`` there."""
     q, start, last, lr = run
     target = lr * per_lr
-    q_last = target + (q - target) * math.exp(-(last - start) * lr * rate)
-    return math.sqrt(target / q_last)
+    return math.sqrt(target / _relaxed(q, target, last - start, lr * rate))
+
+
+def _relaxed(q: float, target: float, steps: int, x: float) -> float:
+    """``q`` after ``steps`` at one LR: it relaxes to ``target`` by ``exp(-x)`` per step."""
+    return target + (q - target) * math.exp(-steps * x)
+
+
+def _steps_to_band(relative: float, x: float, low: float, high: float) -> float:
+    """Steps until ``q / q*`` is within ``[low, high]`` from ``relative`` (0: already)."""
+    bound = low if relative < low else high if relative > high else relative
+    if bound == relative:
+        return 0.0
+    return math.log((relative - 1.0) / (bound - 1.0)) / x
 
 
 def _phases(
