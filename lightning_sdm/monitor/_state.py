@@ -76,7 +76,7 @@ def check_monitor_state(state: Any) -> None:
         if not (
             isinstance(value, (list, tuple))
             and len(value) in (2, 3)  # (q, G) before Adam's memory was carried
-            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+            and all(_number(v) for v in value)
         ):
             raise ValueError(
                 f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G, memory)."
@@ -105,16 +105,20 @@ def _count(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
+def _number(value: Any) -> bool:
+    """A real number (NaN included: an unknown LR or update size), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return _number(value) and math.isfinite(value)
 
 
 def _schedule_entry(entry: Any) -> bool:
     if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], bool):
         return False
     return all(
-        isinstance(values, (list, tuple))
-        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+        isinstance(values, (list, tuple)) and all(_number(v) for v in values)
         for values in entry[1:]
     )
 

@@ -204,20 +204,21 @@ def observe(
     if state is None or not (math.isfinite(state.q) and state.q > 0):
         if not usable:
             return None, None
-        # Start on the measured norm; within this first window it is taken as constant.
+        # Start on the measured norm; within this first window it is taken as constant, and
+        # without a G yet nothing is predicted.
+        scale = 0.0
         terms = [max(lr, 0.0) ** 2 / q_measured for lr in lrs]
         q_end, memory = q_measured, (1.0 / q_measured if constants.memory > 0 else math.nan)
     else:
         scale = state.scale if math.isfinite(state.scale) and state.scale > 0 else 0.0
         q_end, terms, memory = advance(state.q, scale, lrs, weight_decays, constants, state.memory)
-        mean_terms = _measured_mean(terms, measured)
-        if scale > 0 and math.isfinite(mean_terms):
-            predicted = math.sqrt(scale * mean_terms)
+    mean_terms = _measured_mean(terms, measured)
+    if scale > 0 and math.isfinite(mean_terms):
+        predicted = math.sqrt(scale * mean_terms)
     if not usable:
         # Nothing measured: the model carries on alone (its own q, the last G).
         return TrajectoryState(q_end, state.scale if state else math.nan, memory), predicted
     new = TrajectoryState(q_measured, math.nan, memory)
-    mean_terms = _measured_mean(terms, measured)
     if mean_terms > 0 and math.isfinite(mean_terms) and q_end > 0:
         # G of this window: the model's shape of lr^2 / q within the window, its level set by
         # the measured norm.
