@@ -44,7 +44,8 @@ failures). Findings worth knowing:
   ``lr * wd = 1e-3`` and 1.11 at (0.9, 0.999). The sign's autocorrelation by the arcsine law,
   summed over the lags the weight remembers (:mod:`lightning_sdm.theory._lion`), is within 0.5%
   on the grid (betas 0 to 0.99, ``beta2`` 0.9 to 0.999) and within 2% up to
-  ``lr * wd = 1 - beta2`` (once settled), where REQ's formula is 15-40% off.
+  ``lr * wd = 0.2`` (``1 - beta2`` and beyond, once settled), where REQ's formula is 15-40% off;
+  1.10 at ``lr * wd = 0.5``.
 * The norm relaxes twice as fast as the rate stated in SMD: see :func:`relaxation_steps`.
 """
 
@@ -722,14 +723,14 @@ def _predict_lion(name: str, group: Mapping[str, Any], hyper: dict[str, float]) 
         f"and S = {_fmt(s)}, the sign autocorrelation summed over lags (arcsine law on the "
         f"momentum's Gaussian filter of the noise) = {_fmt(value)} rad per step (REQ's "
         f"linearised sqrt(pi/2)*sqrt(2*lr*wd*K) = {_fmt(req)}); within 2% of the simulation "
-        "for betas 0-0.99 and lr*wd up to 0.2 (20 times 1-beta2 included); on real networks a "
-        f"guide only: {_LION_REAL_NETWORKS}"
+        f"for betas 0-0.99 and lr*wd up to {_fmt(_LION_LR_WD_CHECKED)} (20 times 1-beta2 "
+        f"included); on real networks a guide only: {_LION_REAL_NETWORKS}"
     )
     if lr * wd > _LION_LR_WD_CHECKED:
         # Measured: 1.018 of the prediction at lr*wd = 0.2, 1.098 at 0.5 (betas (0.9, 0.99)).
         reason += (
-            f"; this group's lr*wd = {_fmt(lr * wd)} is beyond 0.2, where the simulated angle "
-            "reads above the prediction (by 2% at 0.2, 10% at 0.5)"
+            f"; this group's lr*wd = {_fmt(lr * wd)} is beyond {_fmt(_LION_LR_WD_CHECKED)}, "
+            "where the simulated angle reads above the prediction (by 2% at 0.2, 10% at 0.5)"
         )
     return Prediction(value, name, "lion", reason, _LION_SOURCE, hyper)
 
