@@ -51,11 +51,24 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lion_sign_correlation", "lion_equilibrium"]
+__all__ = ["lion_equilibrium", "lion_filter_variance", "lion_sign_correlation"]
 
 # Below this correlation arcsin(x) = x + x^3/6 to 1e-13 (the next term, 3x^5/40, is ~1e-16):
 # the rest of the sum over lags is geometric and summed in closed form.
 _SERIES_BELOW = 1e-3
+
+
+def lion_filter_variance(beta1: float, beta2: float) -> float:
+    """``K = (1-b1)^2 + b1^2 (1-b2)/(1+b2)``: the variance of ``c`` per unit gradient variance.
+
+    REQ's constant (step 2 of the derivation).
+
+    Example::
+
+        >>> round(lion_filter_variance(0.9, 0.99), 6)
+        0.01407
+    """
+    return (1 - beta1) ** 2 + beta1**2 * (1 - beta2) / (1 + beta2)
 
 
 def lion_sign_correlation(beta1: float, beta2: float, lr_wd: float) -> float:
@@ -79,7 +92,7 @@ def lion_sign_correlation(beta1: float, beta2: float, lr_wd: float) -> float:
         >>> round(lion_sign_correlation(0.9, 0.99, 1e-4), 1)  # near 1 - 2/pi + (2/pi)/K = 45.6
         45.5
     """
-    k_var = (1 - beta1) ** 2 + beta1**2 * (1 - beta2) / (1 + beta2)
+    k_var = lion_filter_variance(beta1, beta2)
     x = beta1 * (1 - beta2) * ((1 - beta1) + beta1 * beta2 / (1 + beta2)) / k_var  # r_1
     q = 1.0 - lr_wd
     weight, total = q, 0.0

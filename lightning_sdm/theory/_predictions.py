@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from lightning_sdm._checks import check_fraction, check_number
-from lightning_sdm.theory._lion import lion_equilibrium
+from lightning_sdm.theory._lion import lion_equilibrium, lion_filter_variance
 from lightning_sdm.theory._muon import linear_memory_factor, muon_memory_ratio
 from lightning_sdm.theory._optimizers import (
     Family,
@@ -716,7 +716,7 @@ def _predict_lion(name: str, group: Mapping[str, Any], hyper: dict[str, float]) 
     if not lr * wd < 1:
         return _none(name, "unknown", f"lr*wd = {_fmt(lr * wd)} >= 1 leaves no equilibrium", hyper)
     value, _, s = lion_equilibrium(lr, wd, beta1, beta2)
-    k = (1 - beta1) ** 2 + beta1**2 * (1 - beta2) / (1 + beta2)
+    k = lion_filter_variance(beta1, beta2)
     req = math.sqrt(math.pi / 2) * math.sqrt(2 * lr * wd) * math.sqrt(k)
     reason = (
         f"sqrt((1-q^2)/S * (1-(1-q^2)(S-1)^2/(4 q^2 S))) with q = 1-lr*wd = {_fmt(1 - lr * wd)} "
