@@ -259,6 +259,12 @@ def test_llm_study_quick_writes_its_report(tmp_path: Path):
         assert f"{run['figures']['seconds']:.0f} s" in text
     assert raw["runs"]["adamw"]["predictions"][units[0]]["optimizer"] == "AdamW"
     assert "| adamw | 2 of 2 |" in text  # AdamW predicts both units
+    # The rejected parameters, counted by their reason: every one of the summary's is counted.
+    rejected = re.search(r"^Rejected parameters: (\d+)$", raw["runs"]["muon"]["detection"], re.M)
+    sentence = re.search(r"The other (\d+) parameters are rejected[^\n]*", text)
+    assert rejected and sentence and sentence.group(1) == rejected.group(1) != "0"
+    counted = re.findall(r"\((\d+)\)|(\d+) for other reasons", sentence.group(0))
+    assert sum(int(a or b) for a, b in counted) == int(rejected.group(1)), sentence.group(0)
     assert_png(out / "figures" / "llm_qknorm.png")
 
     # Re-rendered from the raw numbers alone: the same report.

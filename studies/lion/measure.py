@@ -29,6 +29,7 @@ from torch import nn
 from lightning_sdm.theory import explain_equilibrium
 from lightning_sdm.theory._lion import lion_sign_correlation
 from lightning_sdm.theory.check_grid import Lion
+from studies.nets import digits
 
 Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -86,11 +87,7 @@ def gratings_task(generator: torch.Generator, batch: int = 64) -> tuple[Batches,
 
 
 def digits_task(generator: torch.Generator, batch: int = 64) -> tuple[Batches, int]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    images = torch.tensor(x / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    labels = torch.tensor(y)
+    images, labels = digits()
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, len(images), (batch,), generator=generator)

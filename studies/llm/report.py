@@ -53,6 +53,51 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+#: What the detector's note says made a window ``non_stationary`` (a phrase of the note, and how
+#: the report names it), in the order the report lists them.
+NON_STATIONARY_CAUSES = (
+    (
+        "is off while the norm is steady",
+        "the ratio to the static prediction off by more than the tolerance while the norm was "
+        "steady",
+    ),
+    (
+        "on the side it does not lag to",
+        "off the trajectory under the cosine on the side it does not lag to",
+    ),
+    ("has not come closer", "the ratio no closer to the prediction after two relaxation times"),
+    ("swings by", "the ratio oscillating"),
+)
+
+#: Why the tracer rejected a parameter (a phrase of its reason in ``report.summary()``), and how
+#: the report names it, in the order the report lists them.
+REJECTIONS = (
+    ("is added to a tensor", "the residual stream"),
+    ("reaches silu", "a SiLU"),
+    ("softmax", "the softmax"),
+    ("reaches cross_entropy", "the cross-entropy"),
+)
+EMBEDDING = "embedding table"
+
+
+def _cause(note: str | None) -> str:
+    """How the report names what made a window ``non_stationary`` (its note, if unknown)."""
+    for phrase, cause in NON_STATIONARY_CAUSES:
+        if phrase in (note or ""):
+            return cause
+    return note or "no note"
+
+
+def _non_stationary_spans(windows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Per cause (:func:`_cause`): the first and the last step it made a window non_stationary."""
+    spans: dict[str, tuple[int, int]] = {}
+    for w in windows:
+        if w["regime"] == "non_stationary":
+            cause, step = _cause(w["regime_note"]), w["optimizer_step"]
+            spans[cause] = (spans.get(cause, (step, step))[0], step)
+    return spans
+
+
 def unit_series(run: dict[str, Any], unit: str) -> list[dict[str, Any]]:
     """The unit's windows in order."""
     return [r for r in run["history"] if r["unit"] == unit]
@@ -120,6 +165,7 @@ def analyse_unit(run: dict[str, Any], unit: str) -> dict[str, Any]:
         "regime_last": last["regime"],
         "note_last": last["regime_note"],
         "regimes": sorted({w["regime"] for w in windows}),
+        "non_stationary": _non_stationary_spans(windows),
     }
 
 
@@ -438,8 +484,7 @@ def write_report(out: Path, raw: dict[str, Any]) -> dict[str, Any]:
         f"{len(unit_rows)} units, the q and k projections of every layer, each measured in blocks "
         f"of {', '.join(map(str, groups))} rows (`Unit.channel_group`, one block per head: the "
         "QK-norm normalises each head on its own, so each head's rows are invariant on their "
-        "own). Every other matrix reaches the residual stream, a SiLU or the softmax first "
-        "(the rejected parameters are listed with their reason by `callback.report.summary()`)."
+        f"own). {_rejections(first['detection'])}"
     )
     lines += [
         "",
@@ -591,9 +636,7 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
         if odd:
             text += (
                 f" {len(odd)} units ({', '.join(_short(u) for u in odd)}) were `non_stationary` "
-                "for a while (off the detector's reference, the trajectory under the cosine, "
-                "by more than the tolerance on the side the norm does not explain) and not "
-                "flagged then."
+                f"for a while and not flagged then; the detector's note: {_causes(result)}."
             )
         tlow, thigh = result["ratio_trajectory_late_range"]
         if math.isfinite(tlow):
@@ -620,3 +663,49 @@ def _notes(raw: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
             )
         notes.append(text)
     return notes
+
+
+def _causes(result: dict[str, Any]) -> str:
+    """What made the arm's units ``non_stationary``: per cause, the units (if not all of them)
+    and the steps."""
+    spans: dict[str, list[tuple[str, tuple[int, int]]]] = collections.defaultdict(list)
+    for s in result["units"]:
+        for cause, span in s["non_stationary"].items():
+            spans[cause].append((s["unit"], span))
+    order = [cause for _, cause in NON_STATIONARY_CAUSES]
+    parts = []
+    for cause in sorted(spans, key=lambda c: order.index(c) if c in order else len(order)):
+        first = min(span[0] for _, span in spans[cause])
+        last = max(span[1] for _, span in spans[cause])
+        where = f"step {first}" if first == last else f"steps {first}-{last}"
+        if len(spans) > 1:
+            where = f"{', '.join(_short(u) for u, _ in spans[cause])}, {where}"
+        parts.append(f"{cause} ({where})")
+    return "; ".join(parts)
+
+
+def _rejections(detection: str) -> str:
+    """The rejected parameters of ``report.summary()``, counted by what their reason says."""
+    lines = detection.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Rejected")), len(lines))
+    reasons = [line.split(": ", 1)[1] for line in lines[start + 1 :] if ": " in line]
+    if not reasons:
+        return ""
+    counts = collections.Counter(
+        next((label for phrase, label in REJECTIONS if phrase in reason), None)
+        or (EMBEDDING if EMBEDDING in reason else "other")
+        for reason in reasons
+    )
+    reached = [f"{label} ({counts[label]})" for _, label in REJECTIONS if counts[label]]
+    parts = []
+    if reached:
+        listed = ", ".join(reached[:-1]) + " or " + reached[-1] if len(reached) > 1 else reached[0]
+        parts.append(f"before any normalization they reach {listed}")
+    if counts[EMBEDDING]:
+        parts.append(f"the {EMBEDDING} ({counts[EMBEDDING]}) is a lookup")
+    if counts["other"]:
+        parts.append(f"{counts['other']} for other reasons")
+    return (
+        f"The other {len(reasons)} parameters are rejected, each with its reason in "
+        f"`callback.report.summary()`: {'; '.join(parts)}."
+    )

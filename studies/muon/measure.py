@@ -24,32 +24,21 @@ import torch
 from torch import nn
 
 from lightning_sdm.theory import for_shape, predict_param_group
+from studies.nets import digits, normed_mlp
 
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def digits_task(seed: int) -> tuple[Batches, nn.Module, str]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
+    images, y = digits()
+    x = images.flatten(1)
     generator = torch.Generator().manual_seed(seed)
 
     def batch(_: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, len(x), (64,), generator=generator)
         return x[index], y[index]
 
-    model = nn.Sequential(
-        nn.Linear(64, 256, bias=False),
-        nn.BatchNorm1d(256),
-        nn.ReLU(),
-        nn.Linear(256, 256, bias=False),
-        nn.BatchNorm1d(256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    return batch, model, "row"
+    return batch, normed_mlp([64, 256, 256], 10), "row"
 
 
 def teacher_task(seed: int) -> tuple[Batches, nn.Module, str]:
@@ -64,15 +53,7 @@ def teacher_task(seed: int) -> tuple[Batches, nn.Module, str]:
         noise = 0.1 * torch.randn(64, 1, generator=generator)
         return x, torch.tanh(x @ teacher[0]) @ teacher[1] + noise
 
-    model = nn.Sequential(
-        nn.Linear(32, 128, bias=False),
-        nn.LayerNorm(128),
-        nn.GELU(),
-        nn.Linear(128, 192, bias=False),
-        nn.RMSNorm(192),
-        nn.GELU(),
-        nn.Linear(192, 1),
-    )
+    model = normed_mlp([32, 128, 192], 1, norm=[nn.LayerNorm, nn.RMSNorm], activation=nn.GELU)
     return batch, model, "matrix"
 
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from lightning_sdm.theory import Prediction, for_shape, predict_param_group
 from studies.muon.measure import Batches, digits_task, teacher_task
+from studies.nets import bn_convnet, normed_mlp, smooth_prototypes
 
 
 def long_run_diffusion(prediction: Prediction) -> float:
@@ -102,47 +103,19 @@ def probe_task(seed: int) -> tuple[Batches, nn.Module, str]:
         noise = 0.1 * torch.randn(64, 1, generator=generator)
         return x, torch.tanh(x @ teacher) @ readout + noise
 
-    model = nn.Sequential(
-        nn.Linear(32, 64, bias=False),
-        nn.LayerNorm(64),
-        nn.GELU(),
-        nn.Linear(64, 64, bias=False),
-        nn.LayerNorm(64),
-        nn.GELU(),
-        nn.Linear(64, 256, bias=False),
-        nn.LayerNorm(256),
-        nn.GELU(),
-        nn.Linear(256, 1),
-    )
-    return batch, model, "matrix"
+    return batch, normed_mlp([32, 64, 64, 256], 1, norm=nn.LayerNorm, activation=nn.GELU), "matrix"
 
 
 def prototypes_task(seed: int) -> tuple[Batches, nn.Module, str]:
     """8 classes of smooth random 12x12 prototypes under heavy noise; a BatchNorm convnet."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    prototypes = nn.functional.avg_pool2d(torch.randn(8, 1, 16, 16, generator=generator), 5, 1)
+    prototypes = smooth_prototypes(generator)
 
     def batch(_: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, 8, (64,), generator=generator)
         return prototypes[labels] + 0.6 * torch.randn(64, 1, 12, 12, generator=generator), labels
 
-    width = 16
-    model = nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1, bias=False),  # fan-in 9
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(2 * width),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(2 * width),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(2 * width, 8),
-    )
-    return batch, model, "row"
+    return batch, bn_convnet(1, 16, 8), "row"  # the first conv has fan-in 9
 
 
 TASKS = {

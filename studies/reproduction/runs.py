@@ -27,6 +27,7 @@ from lightning_sdm.theory._predictions import (
     relaxation_steps,
 )
 from lightning_sdm.theory._simulation import simulate_scale_invariant
+from studies.nets import bn_convnet_features
 from studies.reproduction.common import AUTO_WINDOW, EVERY
 from studies.reproduction.data import DataConfig, load_data, train_loader
 
@@ -94,28 +95,10 @@ class BNConvNet(pl.LightningModule):
 
     def __init__(self, spec: RunSpec, in_channels: int, image_size: int) -> None:
         super().__init__()
-        width = spec.width
         self.spec = spec
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-        ]
-        if image_size > 16:
-            layers.append(nn.MaxPool2d(2))
-        layers += [
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        ]
+        layers = bn_convnet_features(in_channels, spec.width, pool_first=image_size > 16)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(2 * width, 10)
+        self.classifier = nn.Linear(2 * spec.width, 10)
         self.noise = torch.Generator().manual_seed(spec.seed + 1)
         self.losses: list[float] = []
 

@@ -36,6 +36,7 @@ from lightning_sdm.theory._trajectory import (
     trajectory_constants,
 )
 from lightning_sdm.units import Unit
+from studies.nets import bn_convnet, digits, normed_mlp, smooth_prototypes
 
 SCHEDULES = ("constant", "step", "warmup_cosine", "onecycle", "wsd", "linear_to_zero")
 OPTIMIZERS = ("sgdm", "adamw")
@@ -92,14 +93,10 @@ def schedule_factor(name: str, total: int) -> Callable[[int], float]:
 
 def _data(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if task == "digits":
-        from sklearn.datasets import load_digits
-
-        images, labels = load_digits(return_X_y=True)
-        x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-        return x, torch.tensor(labels, dtype=torch.long)
+        return digits()
     # Generated: 8 classes of random smooth 12x12 prototypes under heavy noise (not digits).
     g = torch.Generator().manual_seed(1000 + seed)
-    protos = torch.nn.functional.avg_pool2d(torch.randn(8, 1, 16, 16, generator=g), 5, 1)
+    protos = smooth_prototypes(g)
     labels = torch.randint(0, 8, (1600,), generator=g)
     x = protos[labels] + 0.6 * torch.randn(1600, 1, 12, 12, generator=g)
     return x.flatten(1), labels
@@ -108,33 +105,10 @@ def _data(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _model(task: str, seed: int) -> tuple[nn.Module, list[Unit]]:
     torch.manual_seed(seed)
     if task == "digits":
-        width = 16
-        model = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 1, bias=False),  # a 1x1 conv
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * width, 10),
-        )
+        model = bn_convnet(1, 16, 10, last_kernel=1)  # the third conv is a 1x1 conv
         names = ["0.weight", "3.weight", "7.weight"]
     else:
-        model = nn.Sequential(
-            nn.Linear(144, 64, bias=False),
-            nn.BatchNorm1d(64),
-            nn.ReLU(),
-            nn.Linear(64, 64, bias=False),
-            nn.BatchNorm1d(64),
-            nn.ReLU(),
-            nn.Linear(64, 8),
-        )
+        model = normed_mlp([144, 64, 64], 8)
         names = ["0.weight", "3.weight"]
     return model, [Unit(name=n, params=(n,)) for n in names]
 
