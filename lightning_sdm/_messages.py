@@ -547,6 +547,27 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def advice_bad_total_steps(value: object) -> str:
+    """``advise(total_steps=...)`` is not a budget: what it must be, and the fix.
+
+    Example::
+
+        >>> print(advice_bad_total_steps(0))
+        `total_steps` must be a positive integer (the optimizer steps in the budget) or None when the budget is unknown, got 0: a budget of no steps has nothing to advise on. Pass the steps the optimizer will take (Lightning: trainer.estimated_stepping_batches), or None.
+    """  # noqa: E501
+    return (
+        "`total_steps` must be a positive integer (the optimizer steps in the budget) or None "
+        f"when the budget is unknown, got {value!r:.40}: "
+        + (
+            "a budget of no steps has nothing to advise on. "
+            if isinstance(value, int) and not isinstance(value, bool) and value == 0
+            else ""
+        )
+        + "Pass the steps the optimizer will take (Lightning: "
+        "trainer.estimated_stepping_batches), or None."
+    )
+
+
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
     return f"within {tolerance:.0%} (norm balance)"

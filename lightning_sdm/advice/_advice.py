@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -261,8 +262,9 @@ def advise(
     Args:
         optimizers: the optimizers (read only).
         units: unit name -> (optimizer index, param group index).
-        total_steps: optimizer steps in the budget (``None``: unknown; one phase, no budget
-            checks).
+        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; one phase, no
+            budget checks). 0 is refused, not read as unknown: a budget of no steps has
+            nothing to advise on.
         steps_per_epoch: optimizer steps per epoch, to show epochs and sample epoch schedulers.
         schedulers: the schedulers as the Trainer steps them; each is sampled on a copy.
         tolerance: how far (relative) the angle may be from its equilibrium to count as within
@@ -289,6 +291,7 @@ def advise(
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
+    total_steps = None if total_steps is None else int(total_steps)  # a numpy integer too
     check_fraction("tolerance", tolerance)
     check_number("start_factor", start_factor, low=1.0, low_open=False)
     schedulers = list(schedulers) if isinstance(schedulers, (list, tuple)) else schedulers
@@ -308,7 +311,7 @@ def advise(
         own = [
             s for s in schedulers if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
         ]
-        steps = total_steps if total_steps else 1
+        steps = total_steps if total_steps is not None else 1
         trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
         if trajectory.note and trajectory.note not in notes:
             notes.append(trajectory.note)
@@ -321,7 +324,7 @@ def advise(
                 group,
                 tuple(names),
                 trajectory.changes[group_index],
-                trajectory.total_steps if total_steps else None,
+                trajectory.total_steps if total_steps is not None else None,
                 steps_per_epoch,
                 tolerance,
                 float(start_factor),
@@ -395,7 +398,7 @@ def _end_of_budget(
         return None, None, ""
     step, lr, ratio, _ = courses[0].final
     spread = (min(f[2] for f in finals), max(f[2] for f in finals))
-    if not total_steps or abs(ratio - 1) <= tolerance:
+    if total_steps is None or abs(ratio - 1) <= tolerance:
         return ratio, spread, ""
     tau = _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
     note = _messages.advice_lagging_at_end(
@@ -546,7 +549,7 @@ def _phases(
     total_steps: int | None,
 ) -> list[Phase]:
     """Split the trajectory at LR jumps; evaluate the theory in each phase."""
-    end_of_run = total_steps if total_steps else changes[-1][0] + 1
+    end_of_run = total_steps if total_steps is not None else changes[-1][0] + 1
     jumps = [changes[i][0] for i in range(1, len(changes)) if _is_jump(changes, i)]
     # Below 1% of the peak LR the schedule anneals: one tail phase, not one per step down.
     peak = max(lr for _, lr in changes)
@@ -644,7 +647,7 @@ def _timescale_notes(ema: float, total_steps: int | None, epoch: int | None) -> 
             f"EMA timescale 1/(lr*wd) = {_steps(ema, epoch)}, under one epoch: the weight decay "
             "is very strong (the weights forget everything older than a fraction of an epoch)."
         ]
-    if total_steps and ema > total_steps:
+    if total_steps is not None and ema > total_steps:
         return [
             f"EMA timescale 1/(lr*wd) = {_steps(ema, epoch)}, longer than the whole run "
             f"({_steps(total_steps, epoch)}): the weights never forget their initialisation; "
@@ -736,5 +739,7 @@ def _check_advise_arguments(
                 f"`units`: {name!r} names param group {where[1]} of optimizer {where[0]}, which "
                 f"has {len(groups)}."
             )
-    check_integer("total_steps", total_steps, 0, allow_none=True)
+    integral = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool)
+    if total_steps is not None and not (integral and int(total_steps) >= 1):
+        raise ValueError(_messages.advice_bad_total_steps(total_steps))
     check_integer("steps_per_epoch", steps_per_epoch, 1, allow_none=True)

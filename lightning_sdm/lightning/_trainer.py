@@ -66,7 +66,7 @@ def budget_of(trainer: Any) -> int | None:
 
 
 def optimizer_budget(trainer: Any) -> int | None:
-    """The budget of each optimizer in its own steps, if known and finite.
+    """The budget of each optimizer in its own steps, if known, finite and not 0.
 
     ``estimated_stepping_batches`` counts batches (one optimizer step each), capped by
     ``max_steps``, which counts global steps: with ``n`` optimizers stepping once per batch,
@@ -90,8 +90,9 @@ def optimizer_budget(trainer: Any) -> int | None:
         return None
     count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
     if count > 1 and isinstance(max_steps, int) and max_steps >= 0:
-        return min(int(total), max_steps // count)
-    return int(total)
+        total = min(int(total), max_steps // count)
+    # No step at all (max_steps=0, no batch): no budget to advise on, as when it is unknown.
+    return int(total) if total >= 1 else None
 
 
 def stepping_optimizers(trainer: Any) -> int:
