@@ -547,6 +547,32 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with three significant digits: a tolerance of 1e-12 is not 0%.
+
+    Example::
+
+        >>> [percent(f) for f in (0.1, 0.05, 0.125, 1 / 3, 1e-12)]
+        ['10%', '5%', '12.5%', '33.3%', '1e-10%']
+    """
+    return f"{fraction * 100:.3g}%"
+
+
+def _near_one(ratio: float) -> str:
+    """A ratio with the digits that show its distance to 1.
+
+    Two significant digits, more where that would round it to 1 (beyond a small tolerance).
+
+    Example::
+
+        >>> _near_one(0.41), _near_one(0.9995), _near_one(1 + 3e-9)
+        ('0.41', '0.9995', '1.000000003')
+    """
+    gap = abs(ratio - 1)
+    digits = 2 if gap <= 0 or gap >= 0.05 else 2 + math.ceil(-math.log10(gap))
+    return f"{ratio:.{min(digits, 15)}g}"
+
+
 def advice_bad_total_steps(value: object) -> str:
     """``advise(total_steps=...)`` is not a budget: what it must be, and the fix.
 
@@ -570,7 +596,7 @@ def advice_bad_total_steps(value: object) -> str:
 
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
-    return f"within {tolerance:.0%} (norm balance)"
+    return f"within {percent(tolerance)} (norm balance)"
 
 
 def advice_within_cell(
@@ -624,7 +650,7 @@ def advice_start_line(
     return (
         "  from initialisation: the update size is unknown before step 1, so the start is "
         f"stated: a first angle {factor:g}x above its equilibrium at the first phase's peak LR "
-        f"gets within {tolerance:.0%} {when(above)}, {factor:g}x below {when(below)}; table: "
+        f"gets within {percent(tolerance)} {when(above)}, {factor:g}x below {when(below)}; table: "
         "from the initial norm at that equilibrium."
     )
 
@@ -643,9 +669,10 @@ def advice_lag_model(within: int | None, leaves: int | None, tolerance: float) -
     if within is None:
         return ""
     if leaves is None:
-        return f" The norm balance along this schedule keeps the angle within {tolerance:.0%}."
+        band = percent(tolerance)
+        return f" The norm balance along this schedule keeps the angle within {band}."
     return (
-        f" The norm balance along this schedule puts the angle beyond {tolerance:.0%} of its "
+        f" The norm balance along this schedule puts the angle beyond {percent(tolerance)} of its "
         f"equilibrium from step {leaves:,}."
     )
 
@@ -681,22 +708,19 @@ def advice_lagging_at_end(
     """  # noqa: E501
     shown = ", ".join(units[:5]) + (f", ... ({len(units) - 5} more)" if len(units) > 5 else "")
     count = f"{len(units)} unit{'s' if len(units) != 1 else ''}"
-    low, high = spread
-    off = (
-        ""
-        if f"{low:.2g}" == f"{high:.2g}"
-        else (f" ({low:.2g}-{high:.2g} from a start {factor:g}x off)")
-    )
+    low, high = (_near_one(value) for value in spread)
+    off = "" if low == high else f" ({low}-{high} from a start {factor:g}x off)"
     way = "lagging" if ratio < 1 else "ahead of it (the LR rose faster than the norm follows)"
     text = (
         f"at the end of the budget (step {step:,}, lr {lr:.3g}) the angular update of {count} "
-        f"({shown}) is expected at {ratio:.2g}x its equilibrium at that LR{off}, beyond the "
-        f"{tolerance:.0%} tolerance: they will still be {way}."
+        f"({shown}) is expected at {_near_one(ratio)}x its equilibrium at that "
+        f"LR{off}, beyond the "
+        f"{percent(tolerance)} tolerance: they will still be {way}."
     )
     if catch_up is not None and not tail:  # an annealing LR is not meant to be waited out
         times = f" ({catch_up / tau:.2g} tau)" if tau else ""
         text += f" At this LR they need {catch_up:,.0f} more steps{times} to get within "
-        text += f"{tolerance:.0%}."
+        text += f"{percent(tolerance)}."
     if tail:
         text += " The schedule anneals (below 1% of its peak LR): this lag is what it intends."
     return text
