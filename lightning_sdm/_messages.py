@@ -583,13 +583,13 @@ def advice_bad_total_steps(value: object) -> str:
     """  # noqa: E501
     return (
         "`total_steps` must be a positive integer (the optimizer steps in the budget) or None "
-        f"when the budget is unknown, got {value!r:.40}: "
+        f"when the budget is unknown, got {value!r:.40}"
         + (
-            "a budget of no steps has nothing to advise on. "
+            ": a budget of no steps has nothing to advise on"
             if isinstance(value, int) and not isinstance(value, bool) and value == 0
             else ""
         )
-        + "Pass the steps the optimizer will take (Lightning: "
+        + ". Pass the steps the optimizer will take (Lightning: "
         "trainer.estimated_stepping_batches), or None."
     )
 
