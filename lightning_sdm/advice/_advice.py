@@ -38,15 +38,16 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm._checks import check_fraction, check_integer, check_number
-from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.advice._schedule import LRTrajectory, ScheduledLR, sample_learning_rates
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
@@ -131,7 +132,12 @@ class Phase:
 
 @dataclass(frozen=True)
 class GroupAdvice:
-    """The advice for one param group that holds monitored units."""
+    """The advice for one param group that holds monitored units, or for several alike.
+
+    Param groups with the same optimizer class, the same settings and the same sampled LR
+    schedule get the same advice: they share one (``places`` lists them all, ``optimizer_index``
+    and ``group_index`` name the first).
+    """
 
     optimizer_index: int
     group_index: int
@@ -146,13 +152,26 @@ class GroupAdvice:
     # stated factor), ``None`` without a prediction.
     end_ratio: float | None = None
     end_ratio_off: tuple[float, float] | None = None
+    # Every (optimizer index, group index) this advice covers (empty: the one named above).
+    places: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def where(self) -> str:
+        """``"optimizer 0 group 1"``, ``"optimizer 0 groups 0, 2 + optimizer 1 group 0"``."""
+        places = self.places or ((self.optimizer_index, self.group_index),)
+        by_optimizer: dict[int, list[int]] = {}
+        for optimizer, group in places:
+            by_optimizer.setdefault(optimizer, []).append(group)
+        return " + ".join(
+            f"optimizer {o} group{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}"
+            for o, g in by_optimizer.items()
+        )
 
     @property
     def label(self) -> str:
         """``"SGD, optimizer 0 group 1 (net.0.weight, ...)"``."""
         shown = ", ".join(self.units[:3]) + (", ..." if len(self.units) > 3 else "")
-        where = f"optimizer {self.optimizer_index} group {self.group_index}"
-        return f"{self.prediction.optimizer}, {where} ({shown})"
+        return f"{self.prediction.optimizer}, {self.where} ({shown})"
 
 
 @dataclass(frozen=True)
@@ -232,6 +251,7 @@ class Advice:
                 {
                     "optimizer_index": g.optimizer_index,
                     "group_index": g.group_index,
+                    "places": [list(place) for place in g.places],
                     "units": list(g.units),
                     "prediction": g.prediction.angular_update,
                     "rule": g.prediction.rule,
@@ -304,33 +324,70 @@ def advise(
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
         by_group.setdefault(where, []).append(name)
-    notes = []
-    groups = []
-    for (opt_index, group_index), names in sorted(by_group.items()):
+    notes: list[str] = []
+    trajectories: dict[int, LRTrajectory] = {}
+    # Groups alike (the same optimizer class, settings and sampled schedule) share one advice.
+    alike: dict[Hashable, list[tuple[int, int]]] = {}
+    for opt_index, group_index in sorted(by_group):
         optimizer = unwrap(optimizers[opt_index])
-        own = [
-            s for s in schedulers if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
-        ]
-        steps = total_steps if total_steps is not None else 1
-        trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
-        if trajectory.note and trajectory.note not in notes:
-            notes.append(trajectory.note)
-        group = optimizer.param_groups[group_index]
-        groups.append(
-            _group_advice(
-                optimizer,
-                opt_index,
-                group_index,
-                group,
-                tuple(names),
-                trajectory.changes[group_index],
-                trajectory.total_steps if total_steps is not None else None,
-                steps_per_epoch,
-                tolerance,
-                float(start_factor),
-            )
+        if opt_index not in trajectories:
+            own = [
+                s
+                for s in schedulers
+                if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
+            ]
+            steps = total_steps if total_steps is not None else 1
+            trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
+            trajectories[opt_index] = trajectory
+            if trajectory.note and trajectory.note not in notes:
+                notes.append(trajectory.note)
+        trajectory = trajectories[opt_index]
+        key = (
+            _settings(optimizer, optimizer.param_groups[group_index]),
+            trajectory.changes[group_index],
+            trajectory.total_steps,
         )
+        alike.setdefault(key, []).append((opt_index, group_index))
+    groups = []
+    for places in alike.values():
+        opt_index, group_index = places[0]
+        optimizer = unwrap(optimizers[opt_index])
+        advice = _group_advice(
+            optimizer,
+            opt_index,
+            group_index,
+            optimizer.param_groups[group_index],
+            tuple(name for place in places for name in by_group[place]),
+            trajectories[opt_index].changes[group_index],
+            trajectories[opt_index].total_steps if total_steps is not None else None,
+            steps_per_epoch,
+            tolerance,
+            float(start_factor),
+        )
+        groups.append(replace(advice, places=tuple(places)))
     return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
+
+
+def _settings(optimizer: Optimizer, group: Mapping[str, Any]) -> Hashable:
+    """What makes two param groups' advice the same: the optimizer class, every setting.
+
+    All of the group's values but its parameters and its name (a label, e.g. for a
+    LearningRateMonitor), in plain hashable form: a tensor LR by its values.
+    """
+
+    def plain(value: Any) -> Hashable:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.detach().flatten().tolist()))
+        if isinstance(value, (list, tuple)):
+            return tuple(plain(v) for v in value)
+        try:
+            hash(value)
+        except TypeError:
+            return ("unhashable", repr(value))
+        return value
+
+    items = sorted((k, plain(v)) for k, v in group.items() if k not in ("params", "name"))
+    return (type(optimizer), tuple(items))
 
 
 def _group_advice(

@@ -212,10 +212,9 @@ class Notices:
 
 def _prediction_line(group: GroupAdvice) -> tuple[str, float | None, float | None]:
     """A group's label, predicted angle and relaxation time at the peak LR, for the console."""
-    where = f"{group.prediction.optimizer} optimizer {group.optimizer_index} group "
     taus = [phase.relaxation_time for phase in group.phases if phase.relaxation_time]
     tau = min(taus) if taus else None  # at the peak LR, as the angle
-    return f"{where}{group.group_index}", group.prediction.angular_update, tau
+    return f"{group.prediction.optimizer} {group.where}", group.prediction.angular_update, tau
 
 
 @rank_zero_only

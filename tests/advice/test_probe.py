@@ -65,3 +65,60 @@ def test_a_lag_beyond_a_small_tolerance_is_not_printed_as_1x() -> None:
     (end,) = [line for line in advice.warnings() if "at the end of the budget" in line]
     shown = float(end.split("is expected at ")[1].split("x its equilibrium")[0])
     assert shown != 1 and abs(shown - ratio) <= 0.01 * (1 - ratio)  # "1x" before
+
+
+def _four_groups() -> tuple[torch.optim.SGD, dict[str, tuple[int, int]]]:
+    weights = [nn.Parameter(torch.ones(8, 8)) for _ in range(5)]
+    opt = torch.optim.SGD(
+        [
+            {"params": [weights[0]], "name": "blocks.0"},
+            {"params": [weights[1], weights[2]], "name": "blocks.1"},
+            {"params": [weights[3]], "weight_decay": 5e-3},  # a setting of its own
+            {"params": [weights[4]]},
+        ],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
+    units = {"a": (0, 0), "b": (0, 1), "c": (0, 1), "d": (0, 2), "e": (0, 3)}
+    return opt, units
+
+
+def test_groups_alike_share_one_row_that_names_them_all() -> None:
+    # Per-block param groups with the same settings were one block of the table each.
+    opt, units = _four_groups()
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, [900], gamma=0.5)
+    advice = advise([opt], units, 1000, None, [ScheduledLR(schedule, "step")])
+    assert [g.places for g in advice.groups] == [((0, 0), (0, 1), (0, 3)), ((0, 2),)]
+    assert sorted(u for g in advice.groups for u in g.units) == sorted(units)  # none lost
+    alike, own = advice.groups
+    assert alike.units == ("a", "b", "c", "e") and own.units == ("d",)
+    assert alike.label == "SGD, optimizer 0 groups 0, 1, 3 (a, b, c, ...)"
+    assert own.label == "SGD, optimizer 0 group 2 (d)"
+    assert advice.table().count("SGD, optimizer 0 group") == 2
+    # The shared advice is each group's own: what advising one of them alone gives.
+    (alone,) = advise([opt], {"e": (0, 3)}, 1000, None, [ScheduledLR(schedule, "step")]).groups
+    assert alike.prediction == alone.prediction and alike.phases == alone.phases
+    assert alike.end_ratio == alone.end_ratio
+    # Its notes name every unit it covers.
+    (end,) = [note for note in alike.notes if "at the end of the budget" in note]
+    assert "4 units (a, b, c, e)" in end
+    assert advice.as_dict()["groups"][0]["places"] == [[0, 0], [0, 1], [0, 3]]
+
+
+def test_groups_under_different_schedules_or_optimizers_stay_apart() -> None:
+    opt, units = _four_groups()
+    # A LambdaLR with one function per group: group 1's LR halves, the others' do not.
+    lambdas = [lambda s: 1.0, lambda s: 0.5 if s >= 900 else 1.0, lambda s: 1.0, lambda s: 1.0]
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    advice = advise([opt], units, 1000, None, [ScheduledLR(schedule, "step")])
+    assert [g.places for g in advice.groups] == [((0, 0), (0, 3)), ((0, 1),), ((0, 2),)]
+    # The same settings in two optimizers of one class (a GAN's): one row naming both.
+    first = torch.optim.SGD([nn.Parameter(torch.ones(4, 4))], lr=0.1, weight_decay=1e-3)
+    second = torch.optim.SGD([nn.Parameter(torch.ones(4, 4))], lr=0.1, weight_decay=1e-3)
+    adamw = torch.optim.AdamW([nn.Parameter(torch.ones(4, 4))], lr=0.1, weight_decay=1e-3)
+    advice = advise([first, second, adamw], {"g": (0, 0), "d": (1, 0), "x": (2, 0)}, 100)
+    assert [g.where for g in advice.groups] == [
+        "optimizer 0 group 0 + optimizer 1 group 0",
+        "optimizer 2 group 0",
+    ]
