@@ -594,6 +594,24 @@ def advice_bad_total_steps(value: object) -> str:
     )
 
 
+def advice_manual_optimization(budget: int | None) -> str:
+    """The advice's note under manual optimization: the step rates it assumes.
+
+    Example::
+
+        >>> print(advice_manual_optimization(400))
+        manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (400 steps each) and each scheduler as its configuration says; an optimizer that steps every k batches (a GAN's second network, accumulation by hand) takes 1/k of those steps and reaches each phase k times later.
+    """  # noqa: E501
+    each = f" ({budget:,} steps each)" if budget is not None else ""
+    return (
+        "manual optimization: training_step decides how often each optimizer and each scheduler "
+        "steps, unknown before step 1. This advice assumes that each optimizer steps once per "
+        f"batch{each} and each scheduler as its configuration says; an optimizer that steps "
+        "every k batches (a GAN's second network, accumulation by hand) takes 1/k of those "
+        "steps and reaches each phase k times later."
+    )
+
+
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
     return f"within {percent(tolerance)} (norm balance)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
@@ -111,8 +112,13 @@ class Notices:
         steps_per_epoch: int | None,
         schedules: Sequence[ScheduledLR],
         tolerance: float,
+        manual: bool = False,
     ) -> tuple[Advice, list[Finding]]:
-        """What the hyper-parameters and the schedule predict, shown once, and the audit."""
+        """What the hyper-parameters and the schedule predict, shown once, and the audit.
+
+        ``manual``: under manual optimization how often each optimizer and scheduler steps is
+        unknown before step 1: the advice assumes once per batch and says so in its note.
+        """
         optimizers = list(optimizers)
         units = {
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
@@ -121,6 +127,9 @@ class Notices:
         advice = advise(
             optimizers, units, budget, steps_per_epoch, list(schedules), tolerance=tolerance
         )
+        if manual:
+            assumed = _messages.advice_manual_optimization(budget)
+            advice = replace(advice, note="; ".join(n for n in (advice.note, assumed) if n))
         # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
         self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))
         self.detail(

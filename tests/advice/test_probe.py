@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.advice._advice import Advice, advise
-from lightning_sdm.advice._schedule import ScheduledLR
-from lightning_sdm.lightning._trainer import optimizer_budget
+from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.lightning._trainer import optimizer_budget, steps_per_epoch, trainer_schedules
+from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
 
 def _sgd() -> torch.optim.SGD:
@@ -122,3 +127,121 @@ def test_groups_under_different_schedules_or_optimizers_stay_apart() -> None:
         "optimizer 0 group 0 + optimizer 1 group 0",
         "optimizer 2 group 0",
     ]
+
+
+class _Recorder(pl.Callback):
+    """The LR of each optimizer step as Lightning runs it, and the sampling ahead at its start."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.sampled: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        budget = optimizer_budget(trainer)
+        assert budget is not None
+        trajectory = sample_learning_rates(
+            optimizer, trainer_schedules(trainer), budget, steps_per_epoch(trainer)
+        )
+        self.sampled = [trajectory.lr_at(0, step) for step in range(budget)]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+class _StepDecay(BNNet):
+    def __init__(self, frequency: int) -> None:
+        super().__init__()
+        self.frequency = frequency
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        decay = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+        schedule = {"scheduler": decay, "interval": "step", "frequency": self.frequency}
+        return {"optimizer": opt, "lr_scheduler": schedule}
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "frequency", "epochs"),
+    [(2, 2, 2), (3, 2, 2), (1, 3, 3)],
+    ids=["every_step_not_every_other", "two_per_epoch", "count_restarts_each_epoch"],
+)
+def test_a_step_scheduler_is_sampled_as_lightning_steps_it(
+    tmp_path, accumulate: int, frequency: int, epochs: int
+) -> None:
+    # Lightning counts a step frequency in batches of the epoch (batch_idx + 1): under
+    # accumulate_grad_batches=2, frequency=2 steps the scheduler after every optimizer step,
+    # and the count starts again each epoch. The advice sampled every 2nd optimizer step.
+    callback, recorder = SphericalDynamicsCallback(every_n_steps=4, window=2), _Recorder()
+    limits = {"max_epochs": epochs, "accumulate_grad_batches": accumulate}
+    run = trainer(tmp_path, callbacks=[callback, recorder], **limits)
+    run.fit(_StepDecay(frequency), loader(noisy_classification_data(samples=320)))  # 10 batches
+    assert len(recorder.lrs) == run.global_step == epochs * math.ceil(10 / accumulate)
+    assert recorder.sampled == pytest.approx(recorder.lrs, rel=1e-12)
+    assert callback.advice is not None and callback.advice.total_steps == run.global_step
+    (phase,) = callback.advice.groups[0].phases
+    assert phase.lr_end == pytest.approx(recorder.lrs[-1], rel=1e-12)
+
+
+class _SlowDiscriminator(BNNet):
+    """Manual optimization: the second network steps every other batch (a GAN's critic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4))
+        self.steps = [0, 0]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for index, (optimizer, net) in enumerate(zip(self.optimizers(), (self.net, self.other))):
+            if index == 1 and batch_idx % 2:
+                continue
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(net(x), y))
+            optimizer.step()
+            self.steps[index] += 1
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3),
+            torch.optim.SGD(self.other.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3),
+        )
+
+
+def test_manual_optimization_says_once_which_step_rate_the_advice_assumes(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=10)
+    module = _SlowDiscriminator()
+    run.fit(module, loader(noisy_classification_data(samples=128)))  # 4 batches per epoch
+    assert module.steps == [40, 20]  # unknowable before step 1: training_step decides
+    advice = callback.advice
+    assert advice is not None and advice.total_steps == 40
+    assert advice.note.count("manual optimization") == 1
+    assert "assumes that each optimizer steps once per batch (40 steps each)" in advice.note
+    assert advice.text().count("manual optimization") == 1
+    # Automatic optimization: the Trainer steps the optimizer and the schedulers, no such note.
+    automatic = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    trainer(tmp_path, callbacks=[automatic], max_epochs=1).fit(
+        BNNet(), loader(noisy_classification_data(samples=128))
+    )
+    assert automatic.advice is not None and "manual" not in automatic.advice.text()
+
+
+def test_max_steps_between_two_optimizers_steps_leaves_each_the_last_batch(tmp_path) -> None:
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=10, max_steps=61)
+    module = _SlowDiscriminator()
+    module.training_step = _both_every_batch.__get__(module)  # type: ignore[method-assign]
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    assert run.global_step == 62 and module.steps == [31, 31]  # the 31st batch steps both
+    assert callback.advice is not None and callback.advice.total_steps == 31  # was 61 // 2
+
+
+def _both_every_batch(self, batch, batch_idx):
+    x, y = batch
+    for index, (optimizer, net) in enumerate(zip(self.optimizers(), (self.net, self.other))):
+        optimizer.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(net(x), y))
+        optimizer.step()
+        self.steps[index] += 1
