@@ -547,6 +547,43 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def audit_split_unit(units: Sequence[str], undecayed: Sequence[str], shown: int = 4) -> str:
+    """Units whose parameters sit in different param groups; ``undecayed``: those without decay.
+
+    One message for both: a unit's bias in the usual no-decay group splits the unit, and the
+    unit is decayed in part (through its weight), not left without an equilibrium.
+
+    Example::
+
+        >>> print(audit_split_unit(["0.weight", "3.weight"], ["0.bias", "3.bias"]))
+        units whose weight and bias sit in different param groups: 0.weight, 3.weight. Their parts 0.bias, 3.bias sit in a group without weight decay (the usual 'no decay on biases' recipe): in front of a normalization a bias is part of the scale-invariant unit, which is then decayed through its weight only. They are monitored with the prediction of the weight's group (lr, weight decay): close when the bias is small or its gradient is 0 (a bias right before a BatchNorm), approximate otherwise. Put each unit in one group, or build its layer without a bias (bias=False: the normalization's shift does its work), for a prediction that holds as it is.
+    """  # noqa: E501
+
+    def listing(names: Sequence[str]) -> str:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    text = f"units whose weight and bias sit in different param groups: {listing(units)}."
+    if undecayed:
+        text += (
+            f" Their parts {listing(undecayed)} sit in a group without weight decay (the usual "
+            "'no decay on biases' recipe): in front of a normalization a bias is part of the "
+            "scale-invariant unit, which is then decayed through its weight only."
+        )
+    return text + (
+        " They are monitored with the prediction of the weight's group (lr, weight decay): "
+        "close when the bias is small or its gradient is 0 (a bias right before a BatchNorm), "
+        "approximate otherwise. Put each unit in one group"
+        + (
+            ", or build its layer without a bias (bias=False: the normalization's shift does its "
+            "work),"
+            if undecayed
+            else ""
+        )
+        + " for a prediction that holds as it is."
+    )
+
+
 def percent(fraction: float) -> str:
     """A fraction as a percentage with three significant digits: a tolerance of 1e-12 is not 0%.
 

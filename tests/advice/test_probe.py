@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm.advice import _audit as audit
 from lightning_sdm.advice._advice import Advice, advise
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.invariance import find_scale_invariant_units
 from lightning_sdm.lightning._trainer import optimizer_budget, steps_per_epoch, trainer_schedules
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
@@ -245,3 +247,39 @@ def _both_every_batch(self, batch, batch_idx):
         self.manual_backward(nn.functional.cross_entropy(net(x), y))
         optimizer.step()
         self.steps[index] += 1
+
+
+def _no_decay_on_biases(net: nn.Module) -> list[audit.Finding]:
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    decay = [p for p in net.parameters() if p.ndim >= 2]
+    rest = [p for p in net.parameters() if p.ndim < 2]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}], lr=0.1
+    )
+    return audit.audit_param_groups(net, [opt], report.units, report)
+
+
+def test_a_unit_bias_in_the_no_decay_group_is_one_message_not_two() -> None:
+    # The usual recipe (no decay on biases and norms) split each Linear -> norm unit and also
+    # reported its bias as an invariant weight without decay: "no equilibrium", which is wrong
+    # for a unit whose weight decays.
+    net = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8)
+    )
+    (finding,) = _no_decay_on_biases(net)
+    assert finding.kind == "split_unit" and finding.params == ("0.weight", "3.weight")
+    assert "0.bias, 3.bias sit in a group without weight decay" in finding.message
+    assert "bias=False" in finding.message and "no equilibrium" not in finding.message
+    # A unit without decay in all its parts keeps its own finding, beside the split one.
+    body = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8))
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), body)
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    decayed = [net[0].weight, net[1].weight, net[1].bias]
+    rest = [net[0].bias, *body.parameters()]
+    opt = torch.optim.SGD(
+        [{"params": decayed, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}], lr=0.1
+    )
+    found = {f.kind: f for f in audit.audit_param_groups(net, [opt], report.units, report)}
+    assert found["invariant_without_decay"].params == ("2.0.weight",)
+    assert found["split_unit"].params == ("0.weight",)
+    assert "0.bias sit in a group without weight decay" in found["split_unit"].message
