@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from lightning_sdm.keys import Keys
 from lightning_sdm.records import EquilibriumEvent
 
 if TYPE_CHECKING:
@@ -693,7 +694,7 @@ def advice_start_line(
     Example::
 
         >>> print(advice_start_line(3.0, 0.1, (1_640, 3_530), 1_000.0))
-          from initialisation: the update size is unknown before step 1, so the start is stated: a first angle 3x above its equilibrium at the first phase's peak LR gets within 10% from step 1,640 (1.6 tau), 3x below from step 3,530 (3.5 tau); table: from the initial norm at that equilibrium.
+          from initialisation: the update size is unknown before step 1, so the start is stated: a first angle 3x above its equilibrium at the first phase's peak LR gets within 10% from step 1,640 (1.6 tau), 3x below from step 3,530 (3.5 tau); table: from the initial norm at that equilibrium. From the first measured window on, each unit's predicted trajectory starts from its measured angle and norm (sdm/angular_update_trajectory/<unit>, what the detector's 'tracking' compares with): this stated start is for planning only.
     """  # noqa: E501
 
     def when(step: int | None) -> str:
@@ -706,7 +707,10 @@ def advice_start_line(
         "  from initialisation: the update size is unknown before step 1, so the start is "
         f"stated: a first angle {factor:g}x above its equilibrium at the first phase's peak LR "
         f"gets within {percent(tolerance)} {when(above)}, {factor:g}x below {when(below)}; table: "
-        "from the initial norm at that equilibrium."
+        "from the initial norm at that equilibrium. From the first measured window on, each "
+        "unit's predicted trajectory starts from its measured angle and norm "
+        f"({Keys.TRAJECTORY}<unit>, what the detector's 'tracking' compares with): this stated "
+        "start is for planning only."
     )
 
 

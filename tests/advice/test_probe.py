@@ -283,3 +283,12 @@ def test_a_unit_bias_in_the_no_decay_group_is_one_message_not_two() -> None:
     assert found["invariant_without_decay"].params == ("2.0.weight",)
     assert found["split_unit"].params == ("0.weight",)
     assert "0.bias sit in a group without weight decay" in found["split_unit"].message
+
+
+def test_the_stated_start_says_what_replaces_it_once_a_window_is_measured() -> None:
+    # Before step 1 the update size is unknown, so the start is stated (3x above and below);
+    # from the first window the monitor's per-unit trajectory starts from the measurement.
+    table = advise([_sgd()], {"w": (0, 0)}, 1000).table()
+    (line,) = [row for row in table.splitlines() if "from initialisation:" in row]
+    assert "the start is stated" in line
+    assert "sdm/angular_update_trajectory/<unit>" in line and "for planning only" in line
