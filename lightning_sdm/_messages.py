@@ -650,6 +650,37 @@ def advice_manual_optimization(budget: int | None) -> str:
     )
 
 
+def advice_bad_shapes(value: object) -> str:
+    """``advise(shapes=...)`` is not a map of unit names to shapes."""
+    return (
+        "`shapes` must map each unit's name to the shape of its weight (a tuple of integers, "
+        f"e.g. {{'blocks.0.attn.q_proj.weight': (64, 64)}}), got {value!r:.80}."
+    )
+
+
+def advice_by_shape(shapes: Sequence[tuple[tuple[int, int], float | None, Sequence[str]]]) -> str:
+    """The equilibrium per matrix shape, where it depends on the shape (Muon's, at the peak LR).
+
+    Example::
+
+        >>> print(advice_by_shape([((64, 64), 0.01279, ["q", "k"]), ((64, 256), 0.01103, ["up"])]))
+          per matrix shape (Muon's equilibrium depends on its aspect ratio): 64x64: 0.01279 rad/step (q, k); 64x256: 0.01103 rad/step (up)
+    """  # noqa: E501
+
+    def units(names: Sequence[str]) -> str:
+        return ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+
+    parts = [
+        f"{rows}x{cols}: "
+        + ("no prediction" if value is None else f"{value:.4g} rad/step")
+        + f" ({units(names)})"
+        for (rows, cols), value, names in shapes
+    ]
+    return "  per matrix shape (Muon's equilibrium depends on its aspect ratio): " + "; ".join(
+        parts
+    )
+
+
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
     return f"within {percent(tolerance)} (norm balance)"

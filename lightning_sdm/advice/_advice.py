@@ -52,6 +52,7 @@ from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
     Prediction,
+    for_shape,
     lr_change_relaxation_steps,
     predict_param_group,
 )
@@ -154,6 +155,9 @@ class GroupAdvice:
     end_ratio_off: tuple[float, float] | None = None
     # Every (optimizer index, group index) this advice covers (empty: the one named above).
     places: tuple[tuple[int, int], ...] = ()
+    # Where the equilibrium depends on the matrix's shape (Muon), per shape: the rows x columns
+    # it is predicted for, the angular update at the peak LR and its units; else empty.
+    by_shape: tuple[tuple[tuple[int, int], float | None, tuple[str, ...]], ...] = ()
 
     @property
     def where(self) -> str:
@@ -199,6 +203,8 @@ class Advice:
                     f"  at the peak LR: {group.prediction.reason}; EMA timescale 1/(lr*wd): "
                     f"{_steps(group.ema_timescale, epoch)}"
                 )
+            if group.by_shape:
+                lines.append(_messages.advice_by_shape(group.by_shape))
             modelled = any(p.expected_ratio is not None for p in group.phases)
             verdicts = [_verdict(phase, epoch) for phase in group.phases]
             width = max(len("re-equilibrates"), *(len(v) for v in verdicts)) if modelled else 0
@@ -252,6 +258,10 @@ class Advice:
                     "optimizer_index": g.optimizer_index,
                     "group_index": g.group_index,
                     "places": [list(place) for place in g.places],
+                    "by_shape": [
+                        {"shape": list(shape), "angular_update": value, "units": list(names)}
+                        for shape, value, names in g.by_shape
+                    ],
                     "units": list(g.units),
                     "prediction": g.prediction.angular_update,
                     "rule": g.prediction.rule,
@@ -276,6 +286,7 @@ def advise(
     *,
     tolerance: float = _DEFAULT_TOLERANCE,
     start_factor: float = _START_FACTOR,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Advice:
     """What each param group holding ``units`` will do over the budget.
 
@@ -292,6 +303,9 @@ def advise(
         start_factor: the stated offset of the first angle from its equilibrium, >= 1: the
             update size is unknown before step 1, so the catch-up from initialisation is given
             from a start this many times above and below (besides one at the equilibrium).
+        shapes: unit name -> the shape of the matrix its optimizer updates (its weight's), for
+            the optimizers whose equilibrium depends on it (Muon): the advice then gives the
+            angular update per shape beside the group's (``GroupAdvice.by_shape``).
 
     Example::
 
@@ -311,6 +325,7 @@ def advise(
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
+    _check_shapes(shapes)
     total_steps = None if total_steps is None else int(total_steps)  # a numpy integer too
     check_fraction("tolerance", tolerance)
     check_number("start_factor", start_factor, low=1.0, low_open=False)
@@ -364,8 +379,27 @@ def advise(
             tolerance,
             float(start_factor),
         )
-        groups.append(replace(advice, places=tuple(places)))
+        names = advice.units
+        by_shape = _by_shape(advice.prediction, names, shapes) if shapes else ()
+        groups.append(replace(advice, places=tuple(places), by_shape=by_shape))
     return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
+
+
+def _by_shape(
+    prediction: Prediction, names: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> tuple[tuple[tuple[int, int], float | None, tuple[str, ...]], ...]:
+    """Per matrix shape (rows x columns), the prediction and its units, where shapes matter."""
+    found: dict[tuple[tuple[int, int], float | None], list[str]] = {}
+    for name in names:
+        if name not in shapes:
+            continue
+        shape = tuple(int(n) for n in shapes[name])
+        value = for_shape(prediction, shape).angular_update
+        rows = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (math.prod(shape), 1)
+        found.setdefault((rows, value), []).append(name)
+    if all(value == prediction.angular_update for _, value in found):
+        return ()  # no optimizer but Muon's depends on the shape
+    return tuple((rows, value, tuple(units)) for (rows, value), units in found.items())
 
 
 def _settings(optimizer: Optimizer, group: Mapping[str, Any]) -> Hashable:
@@ -767,6 +801,18 @@ def _verdict(phase: Phase, epoch: int | None) -> str:
     if phase.fits:
         return f"yes, in {_steps(phase.needed, epoch)}"
     return f"NO: needs {_steps(phase.needed, epoch)}"
+
+
+def _check_shapes(shapes: Any) -> None:
+    if shapes is None:
+        return
+    ok = isinstance(shapes, Mapping) and all(
+        isinstance(shape, (tuple, list, torch.Size))
+        and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape)
+        for shape in shapes.values()
+    )
+    if not ok:
+        raise ValueError(_messages.advice_bad_shapes(shapes))
 
 
 def _check_advise_arguments(

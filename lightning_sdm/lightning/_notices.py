@@ -124,8 +124,16 @@ class Notices:
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
             for name, (opt, group) in monitor.parameter_groups().items()
         }
+        # Muon's equilibrium depends on the matrix's shape: the advice gives it per shape.
+        shapes = {name: tuple(p[0].shape) for name, p in monitor.unit_parameters().items() if p}
         advice = advise(
-            optimizers, units, budget, steps_per_epoch, list(schedules), tolerance=tolerance
+            optimizers,
+            units,
+            budget,
+            steps_per_epoch,
+            list(schedules),
+            tolerance=tolerance,
+            shapes=shapes,
         )
         if manual:
             assumed = _messages.advice_manual_optimization(budget)

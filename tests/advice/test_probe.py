@@ -16,6 +16,7 @@ from lightning_sdm.advice._advice import Advice, advise
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 from lightning_sdm.invariance import find_scale_invariant_units
 from lightning_sdm.lightning._trainer import optimizer_budget, steps_per_epoch, trainer_schedules
+from lightning_sdm.theory import for_shape, predict_param_group
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
 
@@ -292,3 +293,33 @@ def test_the_stated_start_says_what_replaces_it_once_a_window_is_measured() -> N
     (line,) = [row for row in table.splitlines() if "from initialisation:" in row]
     assert "the start is stated" in line
     assert "sdm/angular_update_trajectory/<unit>" in line and "for planning only" in line
+
+
+def test_muon_groups_alike_share_a_row_that_keeps_each_shapes_prediction() -> None:
+    # Muon's equilibrium depends on the matrix's aspect ratio: merging two groups alike must
+    # not lose it, and the advice gives it per shape as the monitor predicts it per unit.
+    q, k = nn.Parameter(torch.randn(64, 64)), nn.Parameter(torch.randn(64, 64))
+    up = nn.Parameter(torch.randn(256, 64))
+    opt = torch.optim.Muon(
+        [{"params": [q, k]}, {"params": [up]}], lr=0.02, weight_decay=0.1, momentum=0.95
+    )
+    units = {"q": (0, 0), "k": (0, 0), "up": (0, 1)}
+    shapes = {"q": (64, 64), "k": (64, 64), "up": (256, 64)}
+    advice = advise([opt], units, 1000, shapes=shapes)
+    (group,) = advice.groups
+    assert group.places == ((0, 0), (0, 1)) and group.units == ("q", "k", "up")
+    ((square, v_square, on_square), (tall, v_tall, on_tall)) = group.by_shape
+    assert (square, on_square, tall, on_tall) == ((64, 64), ("q", "k"), (256, 64), ("up",))
+    for name, value in (("q", v_square), ("up", v_tall)):
+        group_index = units[name][1]
+        unit = for_shape(predict_param_group(opt, opt.param_groups[group_index]), shapes[name])
+        assert value == pytest.approx(unit.angular_update, rel=1e-12)
+    assert v_square > v_tall  # a square matrix's equilibrium is the larger
+    line = "per matrix shape (Muon's equilibrium depends on its aspect ratio): 64x64: "
+    assert line in advice.table() and "256x64: " in advice.table()
+    assert advice.as_dict()["groups"][0]["by_shape"][1]["units"] == ["up"]
+    # SGD's does not depend on the shape: no such line.
+    plain = advise([_sgd()], {"w": (0, 0)}, 1000, shapes={"w": (8, 8)})
+    assert plain.groups[0].by_shape == () and "per matrix shape" not in plain.table()
+    with pytest.raises(ValueError, match="`shapes` must map each unit's name"):
+        advise([opt], units, 1000, shapes={"q": "64x64"})
