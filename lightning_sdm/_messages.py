@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from lightning_sdm.keys import Keys
 from lightning_sdm.records import EquilibriumEvent
 
 if TYPE_CHECKING:
@@ -547,9 +548,142 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def audit_split_unit(units: Sequence[str], undecayed: Sequence[str], shown: int = 4) -> str:
+    """Units whose parameters sit in different param groups; ``undecayed``: those without decay.
+
+    One message for both: a unit's bias in the usual no-decay group splits the unit, and the
+    unit is decayed in part (through its weight), not left without an equilibrium.
+
+    Example::
+
+        >>> print(audit_split_unit(["0.weight", "3.weight"], ["0.bias", "3.bias"]))
+        units whose weight and bias sit in different param groups: 0.weight, 3.weight. Their parts 0.bias, 3.bias sit in a group without weight decay (the usual 'no decay on biases' recipe): in front of a normalization a bias is part of the scale-invariant unit, which is then decayed through its weight only. They are monitored with the prediction of the weight's group (lr, weight decay): close when the bias is small or its gradient is 0 (a bias right before a BatchNorm), approximate otherwise. Put each unit in one group, or build its layer without a bias (bias=False: the normalization's shift does its work), for a prediction that holds as it is.
+    """  # noqa: E501
+
+    def listing(names: Sequence[str]) -> str:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    text = f"units whose weight and bias sit in different param groups: {listing(units)}."
+    if undecayed:
+        text += (
+            f" Their parts {listing(undecayed)} sit in a group without weight decay (the usual "
+            "'no decay on biases' recipe): in front of a normalization a bias is part of the "
+            "scale-invariant unit, which is then decayed through its weight only."
+        )
+    return text + (
+        " They are monitored with the prediction of the weight's group (lr, weight decay): "
+        "close when the bias is small or its gradient is 0 (a bias right before a BatchNorm), "
+        "approximate otherwise. Put each unit in one group"
+        + (
+            ", or build its layer without a bias (bias=False: the normalization's shift does its "
+            "work),"
+            if undecayed
+            else ""
+        )
+        + " for a prediction that holds as it is."
+    )
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with three significant digits: a tolerance of 1e-12 is not 0%.
+
+    Example::
+
+        >>> [percent(f) for f in (0.1, 0.05, 0.125, 1 / 3, 1e-12)]
+        ['10%', '5%', '12.5%', '33.3%', '1e-10%']
+    """
+    return f"{fraction * 100:.3g}%"
+
+
+def _near_one(ratio: float) -> str:
+    """A ratio with the digits that show its distance to 1.
+
+    Two significant digits, more where that would round it to 1 (beyond a small tolerance).
+
+    Example::
+
+        >>> _near_one(0.41), _near_one(0.9995), _near_one(1 + 3e-9)
+        ('0.41', '0.9995', '1.000000003')
+    """
+    gap = abs(ratio - 1)
+    digits = 2 if gap <= 0 or gap >= 0.05 else 2 + math.ceil(-math.log10(gap))
+    return f"{ratio:.{min(digits, 15)}g}"
+
+
+def advice_bad_total_steps(value: object) -> str:
+    """``advise(total_steps=...)`` is not a budget: what it must be, and the fix.
+
+    Example::
+
+        >>> print(advice_bad_total_steps(0))
+        `total_steps` must be a positive integer (the optimizer steps in the budget) or None when the budget is unknown, got 0: a budget of no steps has nothing to advise on. Pass the steps the optimizer will take (Lightning: trainer.estimated_stepping_batches), or None.
+    """  # noqa: E501
+    return (
+        "`total_steps` must be a positive integer (the optimizer steps in the budget) or None "
+        f"when the budget is unknown, got {value!r:.40}"
+        + (
+            ": a budget of no steps has nothing to advise on"
+            if isinstance(value, int) and not isinstance(value, bool) and value == 0
+            else ""
+        )
+        + ". Pass the steps the optimizer will take (Lightning: "
+        "trainer.estimated_stepping_batches), or None."
+    )
+
+
+def advice_manual_optimization(budget: int | None) -> str:
+    """The advice's note under manual optimization: the step rates it assumes.
+
+    Example::
+
+        >>> print(advice_manual_optimization(400))
+        manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (400 steps each) and each scheduler as its configuration says; an optimizer that steps every k batches (a GAN's second network, accumulation by hand) takes 1/k of those steps and reaches each phase k times later.
+    """  # noqa: E501
+    each = f" ({budget:,} steps each)" if budget is not None else ""
+    return (
+        "manual optimization: training_step decides how often each optimizer and each scheduler "
+        "steps, unknown before step 1. This advice assumes that each optimizer steps once per "
+        f"batch{each} and each scheduler as its configuration says; an optimizer that steps "
+        "every k batches (a GAN's second network, accumulation by hand) takes 1/k of those "
+        "steps and reaches each phase k times later."
+    )
+
+
+def advice_bad_shapes(value: object) -> str:
+    """``advise(shapes=...)`` is not a map of unit names to shapes."""
+    return (
+        "`shapes` must map each unit's name to the shape of its weight (a tuple of integers, "
+        f"e.g. {{'blocks.0.attn.q_proj.weight': (64, 64)}}), got {value!r:.80}."
+    )
+
+
+def advice_by_shape(shapes: Sequence[tuple[tuple[int, int], float | None, Sequence[str]]]) -> str:
+    """The equilibrium per matrix shape, where it depends on the shape (Muon's, at the peak LR).
+
+    Example::
+
+        >>> print(advice_by_shape([((64, 64), 0.01279, ["q", "k"]), ((64, 256), 0.01103, ["up"])]))
+          per matrix shape (Muon's equilibrium depends on its aspect ratio): 64x64: 0.01279 rad/step (q, k); 64x256: 0.01103 rad/step (up)
+    """  # noqa: E501
+
+    def units(names: Sequence[str]) -> str:
+        return ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+
+    parts = [
+        f"{rows}x{cols}: "
+        + ("no prediction" if value is None else f"{value:.4g} rad/step")
+        + f" ({units(names)})"
+        for (rows, cols), value, names in shapes
+    ]
+    return "  per matrix shape (Muon's equilibrium depends on its aspect ratio): " + "; ".join(
+        parts
+    )
+
+
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
-    return f"within {tolerance:.0%} (norm balance)"
+    return f"within {percent(tolerance)} (norm balance)"
 
 
 def advice_within_cell(
@@ -591,7 +725,7 @@ def advice_start_line(
     Example::
 
         >>> print(advice_start_line(3.0, 0.1, (1_640, 3_530), 1_000.0))
-          from initialisation: the update size is unknown before step 1, so the start is stated: a first angle 3x above its equilibrium at the first phase's peak LR gets within 10% from step 1,640 (1.6 tau), 3x below from step 3,530 (3.5 tau); table: from the initial norm at that equilibrium.
+          from initialisation: the update size is unknown before step 1, so the start is stated: a first angle 3x above its equilibrium at the first phase's peak LR gets within 10% from step 1,640 (1.6 tau), 3x below from step 3,530 (3.5 tau); table: from the initial norm at that equilibrium. From the first measured window on, each unit's predicted trajectory starts from its measured angle and norm (sdm/angular_update_trajectory/<unit>, what the detector's 'tracking' compares with): this stated start is for planning only.
     """  # noqa: E501
 
     def when(step: int | None) -> str:
@@ -603,8 +737,11 @@ def advice_start_line(
     return (
         "  from initialisation: the update size is unknown before step 1, so the start is "
         f"stated: a first angle {factor:g}x above its equilibrium at the first phase's peak LR "
-        f"gets within {tolerance:.0%} {when(above)}, {factor:g}x below {when(below)}; table: "
-        "from the initial norm at that equilibrium."
+        f"gets within {percent(tolerance)} {when(above)}, {factor:g}x below {when(below)}; table: "
+        "from the initial norm at that equilibrium. From the first measured window on, each "
+        "unit's predicted trajectory starts from its measured angle and norm "
+        f"({Keys.TRAJECTORY}<unit>, what the detector's 'tracking' compares with): this stated "
+        "start is for planning only."
     )
 
 
@@ -622,9 +759,10 @@ def advice_lag_model(within: int | None, leaves: int | None, tolerance: float) -
     if within is None:
         return ""
     if leaves is None:
-        return f" The norm balance along this schedule keeps the angle within {tolerance:.0%}."
+        band = percent(tolerance)
+        return f" The norm balance along this schedule keeps the angle within {band}."
     return (
-        f" The norm balance along this schedule puts the angle beyond {tolerance:.0%} of its "
+        f" The norm balance along this schedule puts the angle beyond {percent(tolerance)} of its "
         f"equilibrium from step {leaves:,}."
     )
 
@@ -660,22 +798,19 @@ def advice_lagging_at_end(
     """  # noqa: E501
     shown = ", ".join(units[:5]) + (f", ... ({len(units) - 5} more)" if len(units) > 5 else "")
     count = f"{len(units)} unit{'s' if len(units) != 1 else ''}"
-    low, high = spread
-    off = (
-        ""
-        if f"{low:.2g}" == f"{high:.2g}"
-        else (f" ({low:.2g}-{high:.2g} from a start {factor:g}x off)")
-    )
+    low, high = (_near_one(value) for value in spread)
+    off = "" if low == high else f" ({low}-{high} from a start {factor:g}x off)"
     way = "lagging" if ratio < 1 else "ahead of it (the LR rose faster than the norm follows)"
     text = (
         f"at the end of the budget (step {step:,}, lr {lr:.3g}) the angular update of {count} "
-        f"({shown}) is expected at {ratio:.2g}x its equilibrium at that LR{off}, beyond the "
-        f"{tolerance:.0%} tolerance: they will still be {way}."
+        f"({shown}) is expected at {_near_one(ratio)}x its equilibrium at that "
+        f"LR{off}, beyond the "
+        f"{percent(tolerance)} tolerance: they will still be {way}."
     )
     if catch_up is not None and not tail:  # an annealing LR is not meant to be waited out
         times = f" ({catch_up / tau:.2g} tau)" if tau else ""
         text += f" At this LR they need {catch_up:,.0f} more steps{times} to get within "
-        text += f"{tolerance:.0%}."
+        text += f"{percent(tolerance)}."
     if tail:
         text += " The schedule anneals (below 1% of its peak LR): this lag is what it intends."
     return text

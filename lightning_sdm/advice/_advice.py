@@ -37,19 +37,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm._checks import check_fraction, check_integer, check_number
-from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
+from lightning_sdm.advice._schedule import LRTrajectory, ScheduledLR, sample_learning_rates
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
     Prediction,
+    for_shape,
     lr_change_relaxation_steps,
     predict_param_group,
 )
@@ -130,7 +133,12 @@ class Phase:
 
 @dataclass(frozen=True)
 class GroupAdvice:
-    """The advice for one param group that holds monitored units."""
+    """The advice for one param group that holds monitored units, or for several alike.
+
+    Param groups with the same optimizer class, the same settings and the same sampled LR
+    schedule get the same advice: they share one (``places`` lists them all, ``optimizer_index``
+    and ``group_index`` name the first).
+    """
 
     optimizer_index: int
     group_index: int
@@ -145,13 +153,29 @@ class GroupAdvice:
     # stated factor), ``None`` without a prediction.
     end_ratio: float | None = None
     end_ratio_off: tuple[float, float] | None = None
+    # Every (optimizer index, group index) this advice covers (empty: the one named above).
+    places: tuple[tuple[int, int], ...] = ()
+    # Where the equilibrium depends on the matrix's shape (Muon), per shape: the rows x columns
+    # it is predicted for, the angular update at the peak LR and its units; else empty.
+    by_shape: tuple[tuple[tuple[int, int], float | None, tuple[str, ...]], ...] = ()
+
+    @property
+    def where(self) -> str:
+        """``"optimizer 0 group 1"``, ``"optimizer 0 groups 0, 2 + optimizer 1 group 0"``."""
+        places = self.places or ((self.optimizer_index, self.group_index),)
+        by_optimizer: dict[int, list[int]] = {}
+        for optimizer, group in places:
+            by_optimizer.setdefault(optimizer, []).append(group)
+        return " + ".join(
+            f"optimizer {o} group{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}"
+            for o, g in by_optimizer.items()
+        )
 
     @property
     def label(self) -> str:
         """``"SGD, optimizer 0 group 1 (net.0.weight, ...)"``."""
         shown = ", ".join(self.units[:3]) + (", ..." if len(self.units) > 3 else "")
-        where = f"optimizer {self.optimizer_index} group {self.group_index}"
-        return f"{self.prediction.optimizer}, {where} ({shown})"
+        return f"{self.prediction.optimizer}, {self.where} ({shown})"
 
 
 @dataclass(frozen=True)
@@ -179,6 +203,8 @@ class Advice:
                     f"  at the peak LR: {group.prediction.reason}; EMA timescale 1/(lr*wd): "
                     f"{_steps(group.ema_timescale, epoch)}"
                 )
+            if group.by_shape:
+                lines.append(_messages.advice_by_shape(group.by_shape))
             modelled = any(p.expected_ratio is not None for p in group.phases)
             verdicts = [_verdict(phase, epoch) for phase in group.phases]
             width = max(len("re-equilibrates"), *(len(v) for v in verdicts)) if modelled else 0
@@ -231,6 +257,11 @@ class Advice:
                 {
                     "optimizer_index": g.optimizer_index,
                     "group_index": g.group_index,
+                    "places": [list(place) for place in g.places],
+                    "by_shape": [
+                        {"shape": list(shape), "angular_update": value, "units": list(names)}
+                        for shape, value, names in g.by_shape
+                    ],
                     "units": list(g.units),
                     "prediction": g.prediction.angular_update,
                     "rule": g.prediction.rule,
@@ -255,14 +286,16 @@ def advise(
     *,
     tolerance: float = _DEFAULT_TOLERANCE,
     start_factor: float = _START_FACTOR,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Advice:
     """What each param group holding ``units`` will do over the budget.
 
     Args:
         optimizers: the optimizers (read only).
         units: unit name -> (optimizer index, param group index).
-        total_steps: optimizer steps in the budget (``None``: unknown; one phase, no budget
-            checks).
+        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; one phase, no
+            budget checks). 0 is refused, not read as unknown: a budget of no steps has
+            nothing to advise on.
         steps_per_epoch: optimizer steps per epoch, to show epochs and sample epoch schedulers.
         schedulers: the schedulers as the Trainer steps them; each is sampled on a copy.
         tolerance: how far (relative) the angle may be from its equilibrium to count as within
@@ -270,6 +303,9 @@ def advise(
         start_factor: the stated offset of the first angle from its equilibrium, >= 1: the
             update size is unknown before step 1, so the catch-up from initialisation is given
             from a start this many times above and below (besides one at the equilibrium).
+        shapes: unit name -> the shape of the matrix its optimizer updates (its weight's), for
+            the optimizers whose equilibrium depends on it (Muon): the advice then gives the
+            angular update per shape beside the group's (``GroupAdvice.by_shape``).
 
     Example::
 
@@ -289,6 +325,8 @@ def advise(
         weight decay 7.4x larger (0.00074), or a phase of 1,105,635 steps.
     """
     _check_advise_arguments(optimizers, units, total_steps, steps_per_epoch)
+    _check_shapes(shapes)
+    total_steps = None if total_steps is None else int(total_steps)  # a numpy integer too
     check_fraction("tolerance", tolerance)
     check_number("start_factor", start_factor, low=1.0, low_open=False)
     schedulers = list(schedulers) if isinstance(schedulers, (list, tuple)) else schedulers
@@ -301,33 +339,89 @@ def advise(
     by_group: dict[tuple[int, int], list[str]] = {}
     for name, where in units.items():
         by_group.setdefault(where, []).append(name)
-    notes = []
-    groups = []
-    for (opt_index, group_index), names in sorted(by_group.items()):
+    notes: list[str] = []
+    trajectories: dict[int, LRTrajectory] = {}
+    # Groups alike (the same optimizer class, settings and sampled schedule) share one advice.
+    alike: dict[Hashable, list[tuple[int, int]]] = {}
+    for opt_index, group_index in sorted(by_group):
         optimizer = unwrap(optimizers[opt_index])
-        own = [
-            s for s in schedulers if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
-        ]
-        steps = total_steps if total_steps else 1
-        trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
-        if trajectory.note and trajectory.note not in notes:
-            notes.append(trajectory.note)
-        group = optimizer.param_groups[group_index]
-        groups.append(
-            _group_advice(
-                optimizer,
-                opt_index,
-                group_index,
-                group,
-                tuple(names),
-                trajectory.changes[group_index],
-                trajectory.total_steps if total_steps else None,
-                steps_per_epoch,
-                tolerance,
-                float(start_factor),
-            )
+        if opt_index not in trajectories:
+            own = [
+                s
+                for s in schedulers
+                if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
+            ]
+            steps = total_steps if total_steps is not None else 1
+            trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
+            trajectories[opt_index] = trajectory
+            if trajectory.note and trajectory.note not in notes:
+                notes.append(trajectory.note)
+        trajectory = trajectories[opt_index]
+        key = (
+            _settings(optimizer, optimizer.param_groups[group_index]),
+            trajectory.changes[group_index],
+            trajectory.total_steps,
         )
+        alike.setdefault(key, []).append((opt_index, group_index))
+    groups = []
+    for places in alike.values():
+        opt_index, group_index = places[0]
+        optimizer = unwrap(optimizers[opt_index])
+        advice = _group_advice(
+            optimizer,
+            opt_index,
+            group_index,
+            optimizer.param_groups[group_index],
+            tuple(name for place in places for name in by_group[place]),
+            trajectories[opt_index].changes[group_index],
+            trajectories[opt_index].total_steps if total_steps is not None else None,
+            steps_per_epoch,
+            tolerance,
+            float(start_factor),
+        )
+        names = advice.units
+        by_shape = _by_shape(advice.prediction, names, shapes) if shapes else ()
+        groups.append(replace(advice, places=tuple(places), by_shape=by_shape))
     return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
+
+
+def _by_shape(
+    prediction: Prediction, names: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> tuple[tuple[tuple[int, int], float | None, tuple[str, ...]], ...]:
+    """Per matrix shape (rows x columns), the prediction and its units, where shapes matter."""
+    found: dict[tuple[tuple[int, int], float | None], list[str]] = {}
+    for name in names:
+        if name not in shapes:
+            continue
+        shape = tuple(int(n) for n in shapes[name])
+        value = for_shape(prediction, shape).angular_update
+        rows = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (math.prod(shape), 1)
+        found.setdefault((rows, value), []).append(name)
+    if all(value == prediction.angular_update for _, value in found):
+        return ()  # no optimizer but Muon's depends on the shape
+    return tuple((rows, value, tuple(units)) for (rows, value), units in found.items())
+
+
+def _settings(optimizer: Optimizer, group: Mapping[str, Any]) -> Hashable:
+    """What makes two param groups' advice the same: the optimizer class, every setting.
+
+    All of the group's values but its parameters and its name (a label, e.g. for a
+    LearningRateMonitor), in plain hashable form: a tensor LR by its values.
+    """
+
+    def plain(value: Any) -> Hashable:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.detach().flatten().tolist()))
+        if isinstance(value, (list, tuple)):
+            return tuple(plain(v) for v in value)
+        try:
+            hash(value)
+        except TypeError:
+            return ("unhashable", repr(value))
+        return value
+
+    items = sorted((k, plain(v)) for k, v in group.items() if k not in ("params", "name"))
+    return (type(optimizer), tuple(items))
 
 
 def _group_advice(
@@ -395,7 +489,7 @@ def _end_of_budget(
         return None, None, ""
     step, lr, ratio, _ = courses[0].final
     spread = (min(f[2] for f in finals), max(f[2] for f in finals))
-    if not total_steps or abs(ratio - 1) <= tolerance:
+    if total_steps is None or abs(ratio - 1) <= tolerance:
         return ratio, spread, ""
     tau = _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
     note = _messages.advice_lagging_at_end(
@@ -546,7 +640,7 @@ def _phases(
     total_steps: int | None,
 ) -> list[Phase]:
     """Split the trajectory at LR jumps; evaluate the theory in each phase."""
-    end_of_run = total_steps if total_steps else changes[-1][0] + 1
+    end_of_run = total_steps if total_steps is not None else changes[-1][0] + 1
     jumps = [changes[i][0] for i in range(1, len(changes)) if _is_jump(changes, i)]
     # Below 1% of the peak LR the schedule anneals: one tail phase, not one per step down.
     peak = max(lr for _, lr in changes)
@@ -644,7 +738,7 @@ def _timescale_notes(ema: float, total_steps: int | None, epoch: int | None) -> 
             f"EMA timescale 1/(lr*wd) = {_steps(ema, epoch)}, under one epoch: the weight decay "
             "is very strong (the weights forget everything older than a fraction of an epoch)."
         ]
-    if total_steps and ema > total_steps:
+    if total_steps is not None and ema > total_steps:
         return [
             f"EMA timescale 1/(lr*wd) = {_steps(ema, epoch)}, longer than the whole run "
             f"({_steps(total_steps, epoch)}): the weights never forget their initialisation; "
@@ -709,6 +803,18 @@ def _verdict(phase: Phase, epoch: int | None) -> str:
     return f"NO: needs {_steps(phase.needed, epoch)}"
 
 
+def _check_shapes(shapes: Any) -> None:
+    if shapes is None:
+        return
+    ok = isinstance(shapes, Mapping) and all(
+        isinstance(shape, (tuple, list, torch.Size))
+        and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape)
+        for shape in shapes.values()
+    )
+    if not ok:
+        raise ValueError(_messages.advice_bad_shapes(shapes))
+
+
 def _check_advise_arguments(
     optimizers: Any, units: Any, total_steps: Any, steps_per_epoch: Any
 ) -> None:
@@ -736,5 +842,7 @@ def _check_advise_arguments(
                 f"`units`: {name!r} names param group {where[1]} of optimizer {where[0]}, which "
                 f"has {len(groups)}."
             )
-    check_integer("total_steps", total_steps, 0, allow_none=True)
+    integral = isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool)
+    if total_steps is not None and not (integral and int(total_steps) >= 1):
+        raise ValueError(_messages.advice_bad_total_steps(total_steps))
     check_integer("steps_per_epoch", steps_per_epoch, 1, allow_none=True)

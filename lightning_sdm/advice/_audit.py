@@ -14,7 +14,9 @@ Checked once, before the first step, from the optimizers' param groups and the i
   decay of each weight depends on its gradient history and no prediction follows from the
   hyper-parameters alone; ``AdamW`` decouples it.
 * ``split_unit``: a unit's weight and the bias before its norm in groups with different
-  hyper-parameters: monitored with the weight's group prediction (approximate).
+  hyper-parameters: monitored with the weight's group prediction (approximate). A bias in the
+  usual no-decay group is said here, once: the unit is decayed through its weight, so it is
+  not also an ``invariant_without_decay`` (kept for units without decay in every part).
 
 :func:`audit_param_groups` returns :class:`Finding` records; the callback prints each once.
 """
@@ -28,6 +30,7 @@ from typing import Literal
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_sdm import _messages
 from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.units import Unit
@@ -114,14 +117,25 @@ def audit_param_groups(
                     found.setdefault(kind, []).append(name)
             if wd > 0 and _couples_l2(optimizer, group):
                 coupled.extend(names[id(p)] for p in group["params"] if id(p) in names)
+    split_units = [unit for unit in unit_list if _is_split(unit, group_of)]
+    # A unit split between a decayed group and one without decay (its bias in the usual
+    # no-decay group) is decayed in part: its split_unit finding says so, rather than an
+    # invariant_without_decay for the bias as well, which reads "no equilibrium at all".
+    in_split = {name for unit in split_units for name in unit.params}
+    without = found.pop("invariant_without_decay", [])
+    undecayed = [name for name in without if name in in_split]
+    whole = [name for name in without if name not in in_split]
+    if whole:
+        found["invariant_without_decay"] = whole
     findings = [
         Finding(kind, tuple(params), _MESSAGES[kind](params)) for kind, params in found.items()
     ]
     if coupled:
         findings.append(Finding("adam_coupled_l2", tuple(coupled), _coupled_message(coupled)))
-    split = [unit.name for unit in unit_list if _is_split(unit, group_of)]
-    if split:
-        findings.append(Finding("split_unit", tuple(split), _split_message(split)))
+    if split_units:
+        split = [unit.name for unit in split_units]
+        message = _messages.audit_split_unit(split, undecayed, _SHOWN)
+        findings.append(Finding("split_unit", tuple(split), message))
     order = [*_MESSAGES, "adam_coupled_l2", "split_unit"]
     return sorted(findings, key=lambda f: order.index(f.kind))
 
@@ -212,13 +226,4 @@ def _coupled_message(params: Sequence[str]) -> str:
         f"Adam-style optimizer with coupled L2 weight decay on {_listing(params)}: the decay is "
         "rescaled by each weight's gradient history, so no equilibrium follows from the "
         "hyper-parameters. Use torch.optim.AdamW (decoupled decay) to get a prediction."
-    )
-
-
-def _split_message(units: Sequence[str]) -> str:
-    return (
-        f"units whose weight and bias sit in different param groups: {_listing(units)}. They "
-        "are monitored with the prediction of the weight's group (lr, weight decay): close when "
-        "the bias is small or its gradient is 0 (a bias right before a BatchNorm), approximate "
-        "otherwise. Put each unit in one group for a prediction that holds as it is."
     )

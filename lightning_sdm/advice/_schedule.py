@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +26,21 @@ MAX_SCHEDULER_STEPS = 200_000
 
 @dataclass(frozen=True)
 class ScheduledLR:
-    """A scheduler as the Trainer steps it: every ``frequency`` steps or epochs."""
+    """A scheduler as the Trainer steps it: every ``frequency`` steps or epochs.
+
+    A step-interval ``frequency`` counts optimizer steps. Lightning counts it in batches of the
+    epoch instead: it steps the scheduler after an optimizer step whose batch index in the epoch
+    (plus one) is a multiple of ``frequency``. With ``accumulate`` batches per optimizer step
+    (the Trainer's ``accumulate_grad_batches``) and ``batches_per_epoch`` given, it is sampled
+    that way: ``frequency=2`` under ``accumulate=2`` steps it after every optimizer step, and the
+    count starts again at each epoch (the last batch of an epoch steps the optimizer too).
+    """
 
     scheduler: Any
     interval: str = "epoch"  # "step" | "epoch"
     frequency: int = 1
+    accumulate: int = 1  # batches per optimizer step, as Lightning counts a step frequency
+    batches_per_epoch: int | None = None  # where Lightning's batch count starts again
 
 
 @dataclass(frozen=True)
@@ -105,11 +115,9 @@ def sample_learning_rates(
             notes.append(f"{type(entry.scheduler).__name__}: epoch length unknown, not sampled")
             continue
         clone = copy.deepcopy(entry.scheduler, {id(optimizer): stand_in})
-        unit = steps_per_epoch if entry.interval == "epoch" and steps_per_epoch else 1
-        period = max(1, entry.frequency) * unit
-        copies.append((clone, period))
+        copies.append((clone, _due(entry, steps_per_epoch)))
     steps = total_steps
-    scheduler_steps = sum(math.ceil(total_steps / period) for _, period in copies)
+    scheduler_steps = sum(math.ceil(total_steps / period) for _, (_, period) in copies)
     if scheduler_steps > MAX_SCHEDULER_STEPS:
         steps = int(total_steps * MAX_SCHEDULER_STEPS / scheduler_steps)
         notes.append(f"sampled for the first {steps} of {total_steps} steps")
@@ -118,8 +126,8 @@ def sample_learning_rates(
         warnings.simplefilter("ignore")
         for step in range(1, steps):
             stepped = False
-            for clone, period in copies:
-                if step % period == 0:
+            for clone, (due, _) in copies:
+                if due(step):
                     try:
                         clone.step()
                     except Exception as error:  # e.g. OneCycleLR past its total_steps
@@ -135,6 +143,28 @@ def sample_learning_rates(
                     if lr != changes[index][-1][1]:
                         changes[index].append((step, lr))
     return _trajectory(changes, steps, notes)
+
+
+def _due(entry: ScheduledLR, steps_per_epoch: int | None) -> tuple[Callable[[int], bool], int]:
+    """Whether the scheduler steps before optimizer step ``step``; its mean period, in steps."""
+    frequency = max(1, int(entry.frequency))
+    if entry.interval == "epoch" and steps_per_epoch:
+        period = frequency * steps_per_epoch
+        return (lambda step: step % period == 0), period
+    accumulate = max(1, int(entry.accumulate))
+    batches = entry.batches_per_epoch
+    if accumulate == 1 and not batches:  # optimizer steps (and Lightning's count without both)
+        return (lambda step: step % frequency == 0), frequency
+
+    def lightning(step: int) -> bool:
+        # After optimizer step ``step - 1``: the batch that ended it, counted in its epoch.
+        done = step - 1
+        if batches:
+            per_epoch = math.ceil(batches / accumulate)
+            return min((done % per_epoch + 1) * accumulate, batches) % frequency == 0
+        return (done + 1) * accumulate % frequency == 0
+
+    return lightning, max(1, frequency // math.gcd(frequency, accumulate))
 
 
 def _trajectory(

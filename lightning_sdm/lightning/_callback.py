@@ -513,6 +513,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             steps_per_epoch=_trainer.steps_per_epoch(trainer),
             schedules=_trainer.trainer_schedules(trainer),
             tolerance=self.detector.tolerance,  # "within tolerance" as the detector judges it
+            manual=_trainer.manual_optimization(trainer),
         )
 
     def __getstate__(self) -> dict[str, Any]:

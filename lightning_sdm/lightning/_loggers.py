@@ -702,7 +702,7 @@ def wandb_chart_series(
     units: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     ratio: dict[str, tuple[list, list]] = {}
     steps: list[int] = []
-    band = f"{tolerance:.0%}" if tolerance is not None else ""
+    band = _messages.percent(tolerance) if tolerance is not None else ""
     for record in history:
         lines = units.setdefault(record.unit, {"measured": ([], []), "predicted": ([], [])})
         _add_point(lines["measured"], record.global_step, record.angular_update)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
@@ -111,16 +112,32 @@ class Notices:
         steps_per_epoch: int | None,
         schedules: Sequence[ScheduledLR],
         tolerance: float,
+        manual: bool = False,
     ) -> tuple[Advice, list[Finding]]:
-        """What the hyper-parameters and the schedule predict, shown once, and the audit."""
+        """What the hyper-parameters and the schedule predict, shown once, and the audit.
+
+        ``manual``: under manual optimization how often each optimizer and scheduler steps is
+        unknown before step 1: the advice assumes once per batch and says so in its note.
+        """
         optimizers = list(optimizers)
         units = {
             name: (next(i for i, o in enumerate(optimizers) if o is opt), group)
             for name, (opt, group) in monitor.parameter_groups().items()
         }
+        # Muon's equilibrium depends on the matrix's shape: the advice gives it per shape.
+        shapes = {name: tuple(p[0].shape) for name, p in monitor.unit_parameters().items() if p}
         advice = advise(
-            optimizers, units, budget, steps_per_epoch, list(schedules), tolerance=tolerance
+            optimizers,
+            units,
+            budget,
+            steps_per_epoch,
+            list(schedules),
+            tolerance=tolerance,
+            shapes=shapes,
         )
+        if manual:
+            assumed = _messages.advice_manual_optimization(budget)
+            advice = replace(advice, note="; ".join(n for n in (advice.note, assumed) if n))
         # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
         self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))
         self.detail(
@@ -212,10 +229,9 @@ class Notices:
 
 def _prediction_line(group: GroupAdvice) -> tuple[str, float | None, float | None]:
     """A group's label, predicted angle and relaxation time at the peak LR, for the console."""
-    where = f"{group.prediction.optimizer} optimizer {group.optimizer_index} group "
     taus = [phase.relaxation_time for phase in group.phases if phase.relaxation_time]
     tau = min(taus) if taus else None  # at the peak LR, as the angle
-    return f"{where}{group.group_index}", group.prediction.angular_update, tau
+    return f"{group.prediction.optimizer} {group.where}", group.prediction.angular_update, tau
 
 
 @rank_zero_only

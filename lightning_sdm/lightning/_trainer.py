@@ -11,6 +11,7 @@ from lightning_sdm.advice._schedule import ScheduledLR
 __all__ = [
     "budget_of",
     "logged_hparams",
+    "manual_optimization",
     "optimizer_budget",
     "stepping_optimizers",
     "lr_schedulers",
@@ -66,7 +67,7 @@ def budget_of(trainer: Any) -> int | None:
 
 
 def optimizer_budget(trainer: Any) -> int | None:
-    """The budget of each optimizer in its own steps, if known and finite.
+    """The budget of each optimizer in its own steps, if known, finite and not 0.
 
     ``estimated_stepping_batches`` counts batches (one optimizer step each), capped by
     ``max_steps``, which counts global steps: with ``n`` optimizers stepping once per batch,
@@ -90,8 +91,11 @@ def optimizer_budget(trainer: Any) -> int | None:
         return None
     count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
     if count > 1 and isinstance(max_steps, int) and max_steps >= 0:
-        return min(int(total), max_steps // count)
-    return int(total)
+        # Lightning stops after the batch at which the global step reaches max_steps: every
+        # optimizer has stepped in that batch (61 global steps of 2 optimizers: 31 batches).
+        total = min(int(total), math.ceil(max_steps / count))
+    # No step at all (max_steps=0, no batch): no budget to advise on, as when it is unknown.
+    return int(total) if total >= 1 else None
 
 
 def stepping_optimizers(trainer: Any) -> int:
@@ -100,16 +104,34 @@ def stepping_optimizers(trainer: Any) -> int:
     Lightning's automatic optimization takes one optimizer; a manual loop with several steps
     each of them once per batch in the usual case (a GAN), which is assumed here.
     """
-    module = getattr(trainer, "lightning_module", None)
     optimizers = list(getattr(trainer, "optimizers", None) or [])
-    manual = module is not None and not getattr(module, "automatic_optimization", True)
-    return len(optimizers) if manual and len(optimizers) > 1 else 1
+    return len(optimizers) if manual_optimization(trainer) and len(optimizers) > 1 else 1
+
+
+def manual_optimization(trainer: Any) -> bool:
+    """Whether ``training_step`` steps the optimizers and schedulers itself.
+
+    Then how often each steps is unknown before step 1 (Lightning steps no scheduler).
+    """
+    module = getattr(trainer, "lightning_module", None)
+    return module is not None and not getattr(module, "automatic_optimization", True)
 
 
 def trainer_schedules(trainer: Any) -> list[ScheduledLR]:
-    """The Trainer's schedulers as it steps them (``lr_scheduler_configs``)."""
+    """The Trainer's schedulers as it steps them (``lr_scheduler_configs``).
+
+    A step-interval frequency counts the batches of the epoch (Lightning's ``batch_idx + 1``),
+    not the optimizer steps: under gradient accumulation the two differ.
+    """
+    batches = getattr(trainer, "num_training_batches", None)
     return [
-        ScheduledLR(config.scheduler, config.interval, config.frequency)
+        ScheduledLR(
+            config.scheduler,
+            config.interval,
+            config.frequency,
+            accumulate=_accumulation(trainer),
+            batches_per_epoch=batches if isinstance(batches, int) and batches > 0 else None,
+        )
         for config in trainer.lr_scheduler_configs
     ]
 
@@ -121,10 +143,14 @@ def steps_per_epoch(trainer: Any) -> int | None:
     it: ``ceil``, not ``floor``.
     """
     batches = getattr(trainer, "num_training_batches", None)
-    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
     if not isinstance(batches, int) or batches <= 0:
         return None
-    return max(math.ceil(batches / accumulate), 1)
+    return max(math.ceil(batches / _accumulation(trainer)), 1)
+
+
+def _accumulation(trainer: Any) -> int:
+    """Batches per optimizer step (``accumulate_grad_batches``)."""
+    return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
 
 
 def step_scheduler_monitors(trainer: Any) -> list[tuple[str, int]]:
