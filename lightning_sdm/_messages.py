@@ -97,14 +97,31 @@ def window_too_long(error: Exception, every: int) -> str:
     )
 
 
-def scheduler_between_windows(key: str, frequency: int, every: int) -> str:
-    """A step-interval scheduler monitors a key that changes only when a window closes."""
+def scheduler_between_windows(key: str, frequency: int, every: int, accumulate: int = 1) -> str:
+    """A step-interval scheduler monitors a key that changes only when a window closes.
+
+    Lightning counts the frequency in batches; under ``accumulate_grad_batches`` a window of
+    ``every`` optimizer steps spans ``every * accumulate`` batches, which is the fix.
+
+    Example::
+
+        >>> text = scheduler_between_windows("sdm/angular_update_ratio", 4, 4, accumulate=2)
+        >>> text[text.index("Use"):text.index(", or")]
+        "Use 'frequency': 8 (or a multiple of it)"
+    """
+    fix = every * accumulate
+    spans = (
+        f" (accumulate_grad_batches={accumulate}: a window spans {fix} batches, and Lightning "
+        "counts the frequency in batches)"
+        if accumulate > 1
+        else ""
+    )
     return (
         f"An LR scheduler monitors {key!r} with 'interval': 'step' and 'frequency': {frequency}, "
-        f"but SphericalDynamicsCallback sets it only when a window closes (every_n_steps={every}):"
-        " the scheduler would find it missing before the first window (Lightning stops the run) "
-        "or read the same value again between windows (ReduceLROnPlateau counts each as a step "
-        f"without improvement). Use 'frequency': {every} (or a multiple of it), or "
+        f"but SphericalDynamicsCallback sets it only when a window closes (every_n_steps={every}"
+        f"{spans}): the scheduler would find it missing before the first window (Lightning stops "
+        "the run) or read the same value again between windows (ReduceLROnPlateau counts each as "
+        f"a step without improvement). Use 'frequency': {fix} (or a multiple of it), or "
         "'interval': 'epoch'."
     )
 

@@ -255,10 +255,15 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             )
         every = self.config.every_n_steps
         assert every is not None  # resolved in setup
+        # Lightning counts a step-interval scheduler's frequency in batches (batch_idx + 1) and
+        # steps it only on batches that step the optimizer: every lcm(frequency, accumulate)
+        # batches, i.e. lcm / accumulate optimizer steps; windows close every `every` of those.
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
-            if monitored.startswith(Keys.PREFIX) and frequency % every != 0:
+            steps = math.lcm(frequency, accumulate) // accumulate
+            if monitored.startswith(Keys.PREFIX) and steps % every != 0:
                 raise MisconfigurationException(
-                    _messages.scheduler_between_windows(monitored, frequency, every)
+                    _messages.scheduler_between_windows(monitored, frequency, every, accumulate)
                 )
 
     @override

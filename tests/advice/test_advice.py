@@ -359,6 +359,28 @@ def test_reduce_lr_on_plateau_between_windows_is_refused_with_the_fix(tmp_path) 
     assert run.global_step == 0  # refused before the first step, not at it
 
 
+def test_reduce_lr_on_plateau_under_accumulation_counts_batches(tmp_path) -> None:
+    """Lightning counts a step scheduler's frequency in batches; a window spans every * k."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    data = loader(noisy_classification_data())
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[sdm], max_steps=12, accumulate_grad_batches=2)
+    # frequency 4 batches = 2 optimizer steps: the old check (4 % 4 == 0) let it through.
+    with pytest.raises(MisconfigurationException, match=r"Use 'frequency': 8 \(or a multiple"):
+        run.fit(_plateau_per_step(frequency=4), data)
+    assert run.global_step == 0
+
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[sdm], max_steps=12, max_epochs=2, accumulate_grad_batches=2)
+    run.fit(_plateau_per_step(frequency=8), data)
+    assert run.global_step == 12  # 16 batches an epoch: 8 optimizer steps, then 4 more
+    # Windows close at optimizer steps 4, 8 and 12 (batches 8, 16 and the second epoch's 8:
+    # Lightning's batch count restarts each epoch), the scheduler reads
+    # each once: none improves by 1000%, halved after the 2nd and the 3rd.
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
 def test_a_scheduler_that_raises_ahead_is_sampled_up_to_there():
     """A resumed OneCycleLR sampled for the whole budget used to crash the resumed fit."""
     from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
