@@ -197,6 +197,56 @@ def test_adafactor_shrinking_weight_turns_by_rho_t_and_the_reason_names_the_floo
     assert "eps2" in prediction.reason and "sqrt(2*lr*wd)" in prediction.reason
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adafactor_rows_of_different_norms_turn_by_their_norm_against_the_matrix(weight_decay):
+    # One matrix-wide step, rows under BatchNorm with norms spread 4x: the matrix's value misses
+    # rows by 0.6x-2.1x; for_shape with each row's norm against the matrix's row RMS (read from
+    # the simulated norms at the window's middle, as a monitor reads its units' norms) holds each
+    # row within 3% (0.98-1.01 measured). With wd = 0.01 the large rows shrink and the small ones
+    # grow: both regimes in one matrix.
+    rows, dim, burn_in, steps = 16, 64, 300, 300
+    holder: dict[str, torch.optim.Optimizer] = {}
+
+    def keep(step: int, optimizer: torch.optim.Optimizer) -> None:
+        holder["opt"] = optimizer
+
+    result = simulate_scale_invariant(
+        lambda params: torch.optim.Adafactor(params, lr=0.01, weight_decay=weight_decay),
+        steps=steps,
+        burn_in=burn_in,
+        rows=rows,
+        dim=dim,
+        dtype=torch.float32,
+        initial_norm=[0.5 * 4 ** (i / (rows - 1)) for i in range(rows)],
+        before_step=keep,
+    )
+    opt = holder["opt"]
+    opt.state[opt.param_groups[0]["params"][0]]["step"] = torch.tensor(burn_in + steps / 2 - 1)
+    group = predict_param_group(opt, opt.param_groups[0])
+    norms = result.norms[burn_in + steps // 2]
+    relative = (norms / norms.square().mean().sqrt()).tolist()
+    measured = result.angular_updates.square().mean(0).sqrt().tolist()
+    per_row = [for_shape(group, (rows, dim), relative_norm=x) for x in relative]
+    assert group.angular_update is not None
+    plain = [m / group.angular_update for m in measured]
+    assert min(plain) < 0.7 and max(plain) > 1.9  # the matrix's value is no per-row prediction
+    for m, p in zip(measured, per_row, strict=True):
+        assert m == pytest.approx(p.angular_update, rel=0.03)
+    assert "times its matrix's row RMS" in per_row[0].reason
+
+
+def test_relative_norm_is_read_by_adafactor_only_and_checked():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    muon = torch.optim.Muon([w], lr=0.02, weight_decay=0.1)
+    group = predict_param_group(muon, muon.param_groups[0])
+    assert for_shape(group, (8, 8), relative_norm=2.0) == for_shape(group, (8, 8))
+    adafactor = torch.optim.Adafactor([w], lr=0.01)
+    group = predict_param_group(adafactor, adafactor.param_groups[0])
+    assert for_shape(group, (8, 8), relative_norm=1.0).angular_update == group.angular_update
+    with pytest.raises(ValueError, match="`relative_norm`"):
+        for_shape(group, (8, 8), relative_norm=0.0)
+
+
 @pytest.mark.slow
 def test_monitor_predicts_per_matrix_shape_on_a_real_network():
     # The generated teacher-student task of studies/muon/measure.py (LayerNorm and RMSNorm after
