@@ -20,10 +20,13 @@ measured / predicted into the product
 
 of successive root-mean-square ratios over steps and rows (each adds one factor to the one
 before; the residual is the exact angle against the first-order product). Networks: digits'
-BatchNorm MLP (64-256-256-10, per-row units) and a generated teacher-student regression with
-BatchNorm (32-128-192-1, per-row units, dense Gaussian inputs), each with and without weight decay::
+BatchNorm MLP (64-256-256-10, per-row units), a generated teacher-student regression with
+BatchNorm (32-128-192-1, per-row units, dense Gaussian inputs) and a BatchNorm convnet on noisy
+generated prototypes (``studies.muon.memory``'s task, per-channel units), each with and without
+weight decay. Each row's measured angle is also set against the package's per-row prediction
+(:func:`lightning_sdm.theory.for_shape` with the row's ``relative_norm = 1 / f_i``)::
 
-    python -m studies.muon.adafactor            # about 4 minutes on one core
+    python -m studies.muon.adafactor            # about 8 minutes on one core
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import nn
 
 from lightning_sdm.theory import for_shape, predict_param_group
 from studies.muon.measure import Batches, digits_task
+from studies.muon.memory import prototypes_task
 from studies.nets import normed_mlp
 
 FACTORS = ("update_rms", "clipping", "orthogonal", "row_norms", "residual")
@@ -60,7 +64,7 @@ def teacher_bn_task(seed: int) -> tuple[Batches, nn.Module, str]:
     return batch, normed_mlp([32, 128, 192], 1, activation=nn.GELU), "row"
 
 
-TASKS = {"digits": digits_task, "teacher_bn": teacher_bn_task}
+TASKS = {"digits": digits_task, "teacher_bn": teacher_bn_task, "prototypes": prototypes_task}
 
 
 def _normalised_update(grad: torch.Tensor, state: dict[str, Any], eps1: float) -> torch.Tensor:
@@ -73,11 +77,12 @@ def _normalised_update(grad: torch.Tensor, state: dict[str, Any], eps1: float) -
 def run(task: str, settings: dict[str, Any], steps: int, seed: int = 0) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     batch, model, invariance = TASKS[task](seed)
-    hidden = [m.weight for m in model if isinstance(m, nn.Linear)][:2]
+    # Every weight but the readout's: the two hidden matrices, or the three convolutions.
+    hidden = [m.weight for m in model if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
     rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
     main = torch.optim.Adafactor(hidden, **settings)
     other = torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.0)
-    loss_fn = nn.CrossEntropyLoss() if task == "digits" else nn.MSELoss()
+    loss_fn = nn.MSELoss() if task == "teacher_bn" else nn.CrossEntropyLoss()
     group = main.param_groups[0]
     lr, d, eps2 = group["lr"], group["d"], group["eps"][1]
     eps1 = torch.finfo(torch.float32).eps
@@ -120,8 +125,10 @@ def run(task: str, settings: dict[str, Any], steps: int, seed: int = 0) -> list[
         count += 1
         rho = min(lr, 1 / math.sqrt(float(main.state[hidden[0]]["step"])))
         for i, (b, g, h) in enumerate(zip(before, grads, hidden, strict=True)):
-            a = h.detach().double()
-            u = _normalised_update(g, main.state[h], eps1)
+            # A convolution is factored over its kernel's two dims, as torch does; its units are
+            # its output channels: the rows of the flattened weight.
+            u = _normalised_update(g, main.state[h], eps1).flatten(1)
+            a, b = h.detach().double().flatten(1), b.flatten(1)
             n = u.numel()
             rms_u = (u.square().sum() / n).sqrt().item()
             clip = max(1.0, rms_u / d)
@@ -167,7 +174,7 @@ def run(task: str, settings: dict[str, Any], steps: int, seed: int = 0) -> list[
         row: dict[str, Any] = {
             "task": task,
             "settings": {k: str(v) for k, v in settings.items()},
-            "matrix": f"{h.shape[0]}x{h.shape[1]}",
+            "matrix": "x".join(map(str, h.shape)),
             "measured": chain[-1],
             "predicted": chain[0],
             "ratio": chain[-1] / chain[0],
@@ -201,6 +208,8 @@ CASES = [
     ("digits", {"lr": 0.01, "weight_decay": 0.01}),
     ("teacher_bn", {"lr": 0.01, "weight_decay": 0.0}),
     ("teacher_bn", {"lr": 0.01, "weight_decay": 0.01}),
+    ("prototypes", {"lr": 0.01, "weight_decay": 0.0}),
+    ("prototypes", {"lr": 0.01, "weight_decay": 0.01}),
 ]
 
 
