@@ -299,3 +299,37 @@ def test_a_restored_muon_prediction_keeps_its_shape_correction():
     expected = for_shape(group, (64, 64)).angular_update
     assert for_shape(restored, (64, 64)).angular_update == expected
     assert expected is not None and expected > 1.1 * (group.angular_update or 0.0)
+
+
+def test_monitor_scales_adafactors_channel_ratios_by_each_channels_norm():
+    # Rows under BatchNorm with norms spread 4x and one Adafactor step for the whole matrix: the
+    # rows turn 0.6x-2.1x the matrix's value (simulation above); the monitor's per-channel ratios
+    # divide by each row's own prediction (for_shape's relative_norm from the rows' norms), so
+    # they agree across rows.
+    from lightning_sdm import SphericalMonitor, Unit
+    from lightning_sdm.config import MonitorConfig
+
+    rows, dim = 16, 64
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(rows, dim, generator=generator)
+    norms = torch.tensor([0.5 * 4 ** (i / (rows - 1)) for i in range(rows)])
+    weight = torch.nn.Parameter(start * (norms / start.norm(dim=1)).unsqueeze(1))
+    model = torch.nn.Module()
+    model.weight = weight
+    opt = torch.optim.Adafactor([weight], lr=0.01)
+    config = MonitorConfig(every_n_steps=100, window=100, granularity="channel")
+    monitor = SphericalMonitor(model, opt, [Unit("weight", ("weight",))], config).attach()
+    for _ in range(400):
+        with torch.no_grad():  # the gradient of a row-invariant loss: orthogonal, over |w|
+            w = weight.detach()
+            noise = torch.randn(rows, dim, generator=generator)
+            unit = w / w.norm(dim=1, keepdim=True)
+            noise -= (noise * unit).sum(1, keepdim=True) * unit
+            weight.grad = noise / w.norm(dim=1, keepdim=True)
+        opt.step()
+    window = monitor.pop_windows()[-1]
+    monitor.detach()
+    assert window.channels is not None and window.channel_ratios is not None
+    assert window.channels["max"] > 2.5 * window.channels["min"]  # the rows turn differently
+    assert window.channel_ratios["max"] < 1.1 * window.channel_ratios["min"]
+    assert window.channel_ratios["median"] == pytest.approx(1.0, abs=0.05)
