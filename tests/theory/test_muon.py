@@ -333,3 +333,17 @@ def test_monitor_scales_adafactors_channel_ratios_by_each_channels_norm():
     assert window.channels["max"] > 2.5 * window.channels["min"]  # the rows turn differently
     assert window.channel_ratios["max"] < 1.1 * window.channel_ratios["min"]
     assert window.channel_ratios["median"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("task", ["teacher_bn", "prototypes"])
+def test_adafactor_study_recomputes_torchs_step_from_the_state(task):
+    # studies/muon/adafactor.py, short: the first-order angle rebuilt from the optimizer's
+    # state (g / sqrt(v_hat), the clipping, the orthogonal share, the row norms) must match the
+    # angle measured from the weights, on a BN MLP and on a BN convnet (whose second moment torch
+    # factors over the 3x3 kernel), and the factors must multiply to measured / predicted.
+    from studies.muon.adafactor import FACTORS, run
+
+    for row in run(task, {"lr": 0.01, "weight_decay": 0.01}, steps=40):
+        assert row["residual"] == pytest.approx(1.0, abs=2e-3)
+        assert math.prod(row[k] for k in FACTORS) == pytest.approx(row["ratio"], rel=1e-9)
+        assert 0.9 < row["orthogonal"] <= 1.0 + 1e-9
