@@ -309,6 +309,20 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
         r"`initial_norm`",
     ),
     (
+        "simulate norms per row, wrong count",
+        lambda: simulate_scale_invariant(
+            lambda p: torch.optim.SGD(p, lr=0.1), steps=2, rows=3, initial_norm=[1.0, 2.0]
+        ),
+        r"`initial_norm` must be one number or one per row \(3\)",
+    ),
+    (
+        "simulate norms per row, one negative",
+        lambda: simulate_scale_invariant(
+            lambda p: torch.optim.SGD(p, lr=0.1), steps=2, rows=2, initial_norm=[1.0, -2.0]
+        ),
+        r"`initial_norm`",
+    ),
+    (
         "simulate factory None",
         lambda: simulate_scale_invariant(lambda p: None, steps=2),
         r"must return a torch\.optim\.Optimizer",

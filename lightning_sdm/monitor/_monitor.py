@@ -641,7 +641,9 @@ class SphericalMonitor:
             if "horizon_rms" in result:
                 horizon_angle = result["horizon_rms"][unit.rows].square().mean().sqrt().item()
             channels = _summarize(rms)
-            channel_ratios = _summarize(rms / theory) if theory else None
+            if theory:
+                norms = result["weight_norm"][unit.rows]
+                channel_ratios = _summarize(rms / _channel_theory(latest, unit, theory, norms))
         # Frozen: no gradient now and no rotation in the window. A unit frozen during the window
         # moved in part of it: its angle is logged, without a prediction to compare it with.
         frozen = frozen_now and angle == 0.0
@@ -748,6 +750,27 @@ def _check_distinct(units: Sequence[Unit]) -> None:
                     f"{unit.name!r}; a parameter belongs to one unit."
                 )
             owner[param] = unit.name
+
+
+def _channel_theory(
+    prediction: Prediction, unit: _Unit, theory: float, norms: Tensor
+) -> Tensor | float:
+    """Per channel: ``theory``, scaled for Adafactor by each channel's norm against its matrix's.
+
+    Adafactor's one step for the whole matrix turns a channel (a row under BatchNorm, a head)
+    by the matrix's row RMS over the channel's norm (:func:`for_shape`'s ``relative_norm``);
+    every other prediction, and a unit with more than its weight, keeps the unit's value.
+    """
+    if prediction.family != "adafactor" or len(unit.tensors) != 1 or norms.numel() < 2:
+        return theory
+    shape = unit.tensors[0].shape
+    whole = for_shape(prediction, shape).angular_update
+    relative = (norms / norms.square().mean().sqrt()).tolist()
+    if not whole or not all(math.isfinite(x) and x > 0 for x in relative):
+        return theory
+    # Per window on the host, once per channel (a few microseconds each).
+    values = [for_shape(prediction, shape, relative_norm=x).angular_update for x in relative]
+    return torch.tensor(values, dtype=norms.dtype) * (theory / whole)
 
 
 def _summarize(values: Tensor) -> dict[str, float]:

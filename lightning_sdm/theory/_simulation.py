@@ -8,7 +8,7 @@ a weight, with the real ``torch.optim`` classes; ``tests/test_theory.py`` compar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,7 +51,7 @@ def simulate_scale_invariant(
     burn_in: int = 0,
     rows: int = 8,
     dim: int = 1000,
-    initial_norm: float = 1.0,
+    initial_norm: float | Sequence[float] = 1.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
@@ -79,7 +79,8 @@ def simulate_scale_invariant(
         burn_in: steps run before measuring, >= 0.
         rows: independent invariant units.
         dim: elements per unit (the fan-in).
-        initial_norm: initial norm of every row (random directions).
+        initial_norm: initial norm of every row (random directions), or one per row: rows of
+            different norms under one matrix-wide step size (Adafactor's relative step).
         seed: seed of the noise and of the initial directions.
         dtype: dtype of the parameter; float64 keeps the simulation clean.
         before_step: called as ``before_step(step, optimizer)`` before every step (0-based,
@@ -122,7 +123,7 @@ def simulate_scale_invariant(
     check_integer("rows", rows, 1)
     check_integer("dim", dim, 2)  # a direction orthogonal to the weight
     check_integer("seed", seed, 0)
-    check_number("initial_norm", initial_norm, low=0.0)
+    norms_at_start = _initial_norms(initial_norm, rows)
     check_number("correlation", correlation, low=0.0, high=1.0, low_open=False)
     check_number("pull", pull, low=0.0, low_open=False)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -134,7 +135,9 @@ def simulate_scale_invariant(
 
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(rows, dim, generator=generator, dtype=dtype)
-    start *= initial_norm / start.norm(dim=1, keepdim=True)
+    start *= torch.tensor(norms_at_start, dtype=dtype).unsqueeze(1) / start.norm(
+        dim=1, keepdim=True
+    )
     weight = torch.nn.Parameter(start)
     # The persistent parts draw from their own generator: the plain noise stays the same stream.
     extra = torch.Generator().manual_seed(seed + 1)
@@ -167,6 +170,21 @@ def simulate_scale_invariant(
         if step >= burn_in:
             angles[step - burn_in] = angular_update(prev, curr, dim=0)
     return SimulationResult(angular_updates=angles, norms=norms, grad_sq_unit=float(dim - 1))
+
+
+def _initial_norms(initial_norm: float | Sequence[float], rows: int) -> list[float]:
+    """One positive, finite norm per row; ``ValueError`` naming ``initial_norm`` otherwise."""
+    if isinstance(initial_norm, Sequence) and not isinstance(initial_norm, str):
+        if len(initial_norm) != rows:
+            raise ValueError(
+                f"`initial_norm` must be one number or one per row ({rows}), got "
+                f"{len(initial_norm)} numbers."
+            )
+        for value in initial_norm:
+            check_number("initial_norm", value, low=0.0)
+        return [float(value) for value in initial_norm]
+    check_number("initial_norm", initial_norm, low=0.0)
+    return [float(initial_norm)] * rows
 
 
 def _orthogonal(weight: Tensor, noise: Tensor, whole: bool = False) -> Tensor:

@@ -197,6 +197,56 @@ def test_adafactor_shrinking_weight_turns_by_rho_t_and_the_reason_names_the_floo
     assert "eps2" in prediction.reason and "sqrt(2*lr*wd)" in prediction.reason
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adafactor_rows_of_different_norms_turn_by_their_norm_against_the_matrix(weight_decay):
+    # One matrix-wide step, rows under BatchNorm with norms spread 4x: the matrix's value misses
+    # rows by 0.6x-2.1x; for_shape with each row's norm against the matrix's row RMS (read from
+    # the simulated norms at the window's middle, as a monitor reads its units' norms) holds each
+    # row within 3% (0.98-1.01 measured). With wd = 0.01 the large rows shrink and the small ones
+    # grow: both regimes in one matrix.
+    rows, dim, burn_in, steps = 16, 64, 300, 300
+    holder: dict[str, torch.optim.Optimizer] = {}
+
+    def keep(step: int, optimizer: torch.optim.Optimizer) -> None:
+        holder["opt"] = optimizer
+
+    result = simulate_scale_invariant(
+        lambda params: torch.optim.Adafactor(params, lr=0.01, weight_decay=weight_decay),
+        steps=steps,
+        burn_in=burn_in,
+        rows=rows,
+        dim=dim,
+        dtype=torch.float32,
+        initial_norm=[0.5 * 4 ** (i / (rows - 1)) for i in range(rows)],
+        before_step=keep,
+    )
+    opt = holder["opt"]
+    opt.state[opt.param_groups[0]["params"][0]]["step"] = torch.tensor(burn_in + steps / 2 - 1)
+    group = predict_param_group(opt, opt.param_groups[0])
+    norms = result.norms[burn_in + steps // 2]
+    relative = (norms / norms.square().mean().sqrt()).tolist()
+    measured = result.angular_updates.square().mean(0).sqrt().tolist()
+    per_row = [for_shape(group, (rows, dim), relative_norm=x) for x in relative]
+    assert group.angular_update is not None
+    plain = [m / group.angular_update for m in measured]
+    assert min(plain) < 0.7 and max(plain) > 1.9  # the matrix's value is no per-row prediction
+    for m, p in zip(measured, per_row, strict=True):
+        assert m == pytest.approx(p.angular_update, rel=0.03)
+    assert "times its matrix's row RMS" in per_row[0].reason
+
+
+def test_relative_norm_is_read_by_adafactor_only_and_checked():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    muon = torch.optim.Muon([w], lr=0.02, weight_decay=0.1)
+    group = predict_param_group(muon, muon.param_groups[0])
+    assert for_shape(group, (8, 8), relative_norm=2.0) == for_shape(group, (8, 8))
+    adafactor = torch.optim.Adafactor([w], lr=0.01)
+    group = predict_param_group(adafactor, adafactor.param_groups[0])
+    assert for_shape(group, (8, 8), relative_norm=1.0).angular_update == group.angular_update
+    with pytest.raises(ValueError, match="`relative_norm`"):
+        for_shape(group, (8, 8), relative_norm=0.0)
+
+
 @pytest.mark.slow
 def test_monitor_predicts_per_matrix_shape_on_a_real_network():
     # The generated teacher-student task of studies/muon/measure.py (LayerNorm and RMSNorm after
@@ -249,3 +299,51 @@ def test_a_restored_muon_prediction_keeps_its_shape_correction():
     expected = for_shape(group, (64, 64)).angular_update
     assert for_shape(restored, (64, 64)).angular_update == expected
     assert expected is not None and expected > 1.1 * (group.angular_update or 0.0)
+
+
+def test_monitor_scales_adafactors_channel_ratios_by_each_channels_norm():
+    # Rows under BatchNorm with norms spread 4x and one Adafactor step for the whole matrix: the
+    # rows turn 0.6x-2.1x the matrix's value (simulation above); the monitor's per-channel ratios
+    # divide by each row's own prediction (for_shape's relative_norm from the rows' norms), so
+    # they agree across rows.
+    from lightning_sdm import SphericalMonitor, Unit
+    from lightning_sdm.config import MonitorConfig
+
+    rows, dim = 16, 64
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(rows, dim, generator=generator)
+    norms = torch.tensor([0.5 * 4 ** (i / (rows - 1)) for i in range(rows)])
+    weight = torch.nn.Parameter(start * (norms / start.norm(dim=1)).unsqueeze(1))
+    model = torch.nn.Module()
+    model.weight = weight
+    opt = torch.optim.Adafactor([weight], lr=0.01)
+    config = MonitorConfig(every_n_steps=100, window=100, granularity="channel")
+    monitor = SphericalMonitor(model, opt, [Unit("weight", ("weight",))], config).attach()
+    for _ in range(400):
+        with torch.no_grad():  # the gradient of a row-invariant loss: orthogonal, over |w|
+            w = weight.detach()
+            noise = torch.randn(rows, dim, generator=generator)
+            unit = w / w.norm(dim=1, keepdim=True)
+            noise -= (noise * unit).sum(1, keepdim=True) * unit
+            weight.grad = noise / w.norm(dim=1, keepdim=True)
+        opt.step()
+    window = monitor.pop_windows()[-1]
+    monitor.detach()
+    assert window.channels is not None and window.channel_ratios is not None
+    assert window.channels["max"] > 2.5 * window.channels["min"]  # the rows turn differently
+    assert window.channel_ratios["max"] < 1.1 * window.channel_ratios["min"]
+    assert window.channel_ratios["median"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("task", ["teacher_bn", "prototypes"])
+def test_adafactor_study_recomputes_torchs_step_from_the_state(task):
+    # studies/muon/adafactor.py, short: the first-order angle rebuilt from the optimizer's
+    # state (g / sqrt(v_hat), the clipping, the orthogonal share, the row norms) must match the
+    # angle measured from the weights, on a BN MLP and on a BN convnet (whose second moment torch
+    # factors over the 3x3 kernel), and the factors must multiply to measured / predicted.
+    from studies.muon.adafactor import FACTORS, run
+
+    for row in run(task, {"lr": 0.01, "weight_decay": 0.01}, steps=40):
+        assert row["residual"] == pytest.approx(1.0, abs=2e-3)
+        assert math.prod(row[k] for k in FACTORS) == pytest.approx(row["ratio"], rel=1e-9)
+        assert 0.9 < row["orthogonal"] <= 1.0 + 1e-9
