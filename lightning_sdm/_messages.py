@@ -543,6 +543,16 @@ def lag_note(how: str, every: float, tau: float, ratio: float, steady: float | N
     return text + f" (at this rate held steady, the lag model puts the ratio at {steady:.2f})"
 
 
+def lag_against_schedule(ratio: float, measured: float, motion: str) -> str:
+    """``tracking`` off the static prediction on the side the schedule does not lag to."""
+    side = "above" if measured > 1 else "below"
+    return (
+        f"at {ratio:.3f} of the predicted trajectory, {measured:.2f} of the static prediction: "
+        f"{side} it while {motion}, a lag the schedule does not give: not in equilibrium (the "
+        "update size moved the equilibrium norm; the weights relax along their trajectory)"
+    )
+
+
 def window_clamped(window: int, every_n_steps: int) -> str:
     """A window longer than the interval it closes: every step of the interval is measured."""
     return (

@@ -640,7 +640,22 @@ class EquilibriumDetector:
             reached = unit.reached_optimizer_step is not None and (
                 unit.reached_optimizer_step >= unit.segment_start
             )
-            if unit.in_equilibrium or reached or abs(measured - 1) <= tol:
+            # A lag is the schedule's only on the side the LR's motion leaves the weights behind
+            # (above the static prediction under a rising LR, below it under a falling one).
+            # Clearly beyond the tolerance on the other side, the weights relax along their
+            # trajectory from a norm something else set (the update size moved the equilibrium
+            # norm): not an equilibrium, however long the unit was in one (a probe: 1.22 under a
+            # slowly falling LR stayed in it). Hysteresis: in equilibrium, it leaves when clearly
+            # beyond _EXIT tolerances; out of it, it does not enter with its level beyond one.
+            beyond = abs(measured - 1) > tol
+            if unit.in_equilibrium:
+                margin = self.confidence * error * expected
+                beyond = abs(measured - 1) - margin > _EXIT * tol
+            against = beyond and (measured - 1) * lr_drift < 0
+            if (unit.in_equilibrium or reached) and against:
+                note = _messages.lag_against_schedule(ratio, measured, _lr_motion(lr_now))
+                self._set(unit, "tracking", False, note, math.nan)
+            elif unit.in_equilibrium or reached or abs(measured - 1) <= tol:
                 self._set(unit, "tracking", True, note, 0.0)
             else:
                 note += (
@@ -651,7 +666,7 @@ class EquilibriumDetector:
             return True
         # Off the trajectory towards more lag: on the side the trajectory already lags (or, with
         # the trajectory at the static value, on the side the LR's motion leaves behind).
-        side = expected - 1 if abs(expected - 1) > tol / 2 else -lr_drift
+        side = expected - 1 if abs(expected - 1) > tol / 2 else lr_drift
         if (ratio - 1) * side > 0:
             note = (
                 f"lags more than the schedule explains: measured {measured:.2f} of the static "

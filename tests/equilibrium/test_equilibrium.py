@@ -617,3 +617,49 @@ def test_the_tracking_note_gives_the_lr_motion_now_not_the_horizons() -> None:
     assert after_peak and not any("rises" in note for note in after_peak), notes
     # At a cosine's top the LR stands still; then it falls.
     assert "the LR stands still now" in after_peak[0] and "the LR falls" in after_peak[-1], notes
+
+
+def _slowly_falling(level: float, trajectory_level: float, seed: int) -> list:
+    """A unit in equilibrium under an LR falling by 30% over 1,200 steps (tau 200: 7% per
+    relaxation time), at ``level`` of the static prediction from window 21 on, with its
+    trajectory at ``trajectory_level`` of it (2 measured steps per window: 10% scatter)."""
+    rng = random.Random(seed)
+    detector, out = EquilibriumDetector(), []
+    for i in range(1, 61):
+        theory = 0.01 * math.sqrt(1 - 0.3 * 20 * i / 1200)
+        now, path = (1.0, 1.0) if i <= 20 else (level, trajectory_level)
+        value = now * theory * math.exp(rng.gauss(0, 0.1))
+        w = dataclasses.replace(
+            window(20 * i, value, theory=theory), trajectory=path * theory, steps=2
+        )
+        detector.update([w])
+        state = detector.state["w"]
+        out.append((state.regime, state.in_equilibrium, state.note))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_above_the_prediction_under_a_falling_lr_is_no_lag_of_the_schedule(seed) -> None:
+    """Found by a probe: a unit at 1.22 of its prediction under a slowly falling LR stayed in
+    equilibrium. Its trajectory (from the measured norm) follows it, so the ratio to it is ~1,
+    and a unit once in equilibrium kept the trajectory's lag as the schedule's. A falling LR
+    leaves the weights below the static prediction, never above: `tracking` (the weights follow
+    their trajectory back), not in equilibrium, and the note says why."""
+    out = _slowly_falling(1.22, 1.22, seed)
+    assert all(inside for _, inside, _ in out[10:20])
+    late = out[30:]
+    assert all(regime == "tracking" and not inside for regime, inside, _ in late), late
+    assert "a lag the schedule does not give" in late[-1][2]
+    # Below it, by as much: the lag a falling LR gives, which the trajectory expects: kept.
+    assert all(inside for _, inside, _ in _slowly_falling(0.85, 0.85, seed)[30:])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_off_the_trajectory_on_the_side_a_falling_lr_does_not_lag_to_is_not_lagging(seed):
+    """A falling LR leaves the weights below their static prediction. A unit 22% above its
+    trajectory (at the static value) was called `lagging` ("lags more than the schedule
+    explains"): the side was read from -lr_drift. It is `non_stationary`; 22% below, `lagging`."""
+    above = _slowly_falling(1.22, 1.0, seed)[35:]
+    assert all(regime == "non_stationary" for regime, _, _ in above), above
+    below = _slowly_falling(0.78, 1.0, seed)[35:]
+    assert all(regime == "lagging" for regime, _, _ in below), below
