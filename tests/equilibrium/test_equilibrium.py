@@ -663,3 +663,46 @@ def test_off_the_trajectory_on_the_side_a_falling_lr_does_not_lag_to_is_not_lagg
     assert all(regime == "non_stationary" for regime, _, _ in above), above
     below = _slowly_falling(0.78, 1.0, seed)[35:]
     assert all(regime == "lagging" for regime, _, _ in below), below
+
+
+def test_lions_norm_hump_is_relaxation_and_its_equilibrium_holds() -> None:
+    """A probe read Lion's equilibrium as called at the top of a norm hump. Lion's norm, from
+    below, overshoots (its sign steps stay correlated while the norm moves, see
+    ``theory/_lion.py``): here from 0.3x it rises to ~1.5x its equilibrium norm, then falls back.
+    At the hump's top the angle is ~0.65 of the prediction: relaxing, not equilibrium. The unit
+    enters on the way down, with the angle within 4% of the prediction and the norm still
+    falling by ~4%: the angle is where the detector promises, and stays within the tolerance
+    (measured on the real monitor and Lion; tau = 350 steps)."""
+    import torch
+
+    from lightning_sdm.monitor import SphericalMonitor
+    from lightning_sdm.theory.check_grid import Lion
+    from lightning_sdm.units import Unit
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 256, generator=generator, dtype=torch.float64)
+    # Rows at 0.3x the equilibrium norm sqrt(lr d / (2 wd)) (to the leading order).
+    weight *= 0.3 * math.sqrt(1e-3 * 256 / 4.0) / weight.norm(dim=1, keepdim=True)
+    module = synthetic.Holder(weight)
+    optimizer = Lion(module.parameters(), lr=1e-3, weight_decay=2.0, betas=(0.9, 0.99))
+    monitor = SphericalMonitor(
+        module, optimizer, [Unit("w", ("weight",))], every_n_steps=50, verify_steps=0
+    ).attach()
+    detector, out = EquilibriumDetector(), []
+    for _ in range(2500):
+        module.weight.grad = synthetic.orthogonal_noise(module.weight.detach(), generator)
+        optimizer.step()
+        for w in monitor.pop_windows():
+            detector.update([w])
+            state = detector.state["w"]
+            out.append((w.weight_norm, w.angular_update / w.theory, state.in_equilibrium))
+    monitor.detach()
+    norms = [norm for norm, _, _ in out]
+    top = norms.index(max(norms))
+    assert max(norms) > 1.3 * norms[-1] and 0 < top < len(out) // 2
+    assert not any(inside for _, _, inside in out[max(top - 2, 0) : top + 3]), out[top]
+    assert out[top][1] < 0.8
+    entered = next(i for i, (_, _, inside) in enumerate(out) if inside)
+    assert entered > top and norms[entered] > norms[-1] * 1.02  # the norm still falls there
+    assert all(abs(ratio - 1) <= 0.1 for _, ratio, _ in out[entered:])
+    assert all(inside for _, _, inside in out[entered:])
