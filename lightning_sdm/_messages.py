@@ -541,6 +541,36 @@ def patience_too_short(patience: int) -> str:
     )
 
 
+def lr_motion(how: str, percent: float | None, factor: float | None) -> str:
+    """How fast the prediction's LR moves now, per relaxation time (the detector's notes)."""
+    if how == "still":
+        return "the LR stands still now"
+    if factor is not None:
+        return f"the LR {how} by a factor of {factor:.3g} per relaxation time"
+    return f"the LR {how} by {percent:.0%} per relaxation time"
+
+
+def lag_note(how: str, every: float, tau: float, ratio: float, steady: float | None) -> str:
+    """``lagging``: the prediction moves faster than the weights follow (the detector's note)."""
+    text = (
+        f"the predicted angle {how} every {every:.0f} steps, the weights need {tau:.0f} to "
+        f"follow: ratio {ratio:.2f}"
+    )
+    if steady is None:
+        return text + " (faster than the weights can follow at all)"
+    return text + f" (at this rate held steady, the lag model puts the ratio at {steady:.2f})"
+
+
+def lag_against_schedule(ratio: float, measured: float, motion: str) -> str:
+    """``tracking`` off the static prediction on the side the schedule does not lag to."""
+    side = "above" if measured > 1 else "below"
+    return (
+        f"at {ratio:.3f} of the predicted trajectory, {measured:.2f} of the static prediction: "
+        f"{side} it while {motion}, a lag the schedule does not give: not in equilibrium (the "
+        "update size moved the equilibrium norm; the weights relax along their trajectory)"
+    )
+
+
 def window_clamped(window: int, every_n_steps: int) -> str:
     """A window longer than the interval it closes: every step of the interval is measured."""
     return (

@@ -6,11 +6,19 @@ independent float64 recorder, against the monitor's trajectory and the default d
 """
 
 import math
+import random
 
 import pytest
 import torch
 
-from studies.trajectory.run import run, schedule_factor, summarize
+from studies.trajectory.run import (
+    Row,
+    pooled_reference,
+    reference_noise,
+    run,
+    schedule_factor,
+    summarize,
+)
 
 # An end-to-end training run: the slow lane (`make test-fast` skips it).
 pytestmark = pytest.mark.slow
@@ -41,3 +49,38 @@ def test_schedules_have_their_shape():
     assert schedule_factor("linear_to_zero", 100)(99) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="unknown schedule"):
         schedule_factor("nope", 10)(0)
+
+
+def _rows(rng, windows, spread):
+    """Synthetic rows: every step's squared angle is the prediction times chi-square(1) noise
+    (mean 1: a perfect prediction), the prediction's update size off by ``exp(N(0, spread))``."""
+    rows = []
+    for i in range(windows):
+        off = math.exp(rng.gauss(0.0, spread))
+        dense = [rng.gauss(0.0, 1.0) ** 2 for _ in range(20)]
+        interval = math.sqrt(sum(dense) / 20)
+        rows.append(
+            Row("t", "o", "s", "u", 20 * (i + 1), 0.1, 1.0, interval, interval,
+                math.sqrt(off), 20, 1.0, 1.0, "tracking", True, float(i),
+                (sum(dense[:10]) / 10, sum(dense[10:]) / 10), (off, off))
+        )  # fmt: skip
+    return rows
+
+
+def test_reference_noise_reads_the_reference_error_not_the_predictions():
+    rng = random.Random(3)
+
+    def p90(values):
+        finite = sorted(abs(v) for v in values if math.isfinite(v))
+        return finite[int(0.9 * len(finite))]
+
+    exact = _rows(rng, 3000, 0.0)
+    # A perfect prediction: the reference's error is its own sampling noise, which the split
+    # halves read (chi-square(1) per step, 60 steps: ~15% on the RMS at the 90th percentile).
+    error = p90([x - 1 for x in pooled_reference(exact)])
+    noise = p90(reference_noise(exact))
+    assert 0.1 < error < 0.2 and noise == pytest.approx(error, rel=0.15)
+    # Update sizes off by 40% (1 sd) per window: the reference sees them, the halves do not.
+    off = _rows(rng, 3000, 0.4)
+    assert p90([x - 1 for x in pooled_reference(off)]) > 1.3 * error
+    assert p90(reference_noise(off)) == pytest.approx(error, rel=0.15)

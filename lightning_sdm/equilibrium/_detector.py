@@ -444,6 +444,13 @@ class EquilibriumDetector:
             trend, trend_margin = short_trend, short_margin  # the stronger evidence counts
         lr_drift = tau * lr_slope
         moving = abs(lr_drift) > _MOVING
+        # The notes say how the LR moves now: the horizon's slope still holds a warm-up's rise
+        # for a relaxation time after its peak. The prediction is exact, so its last step reads
+        # the rate without noise.
+        lr_now = lr_drift
+        if len(samples) > 1 and times[-1] > times[-2]:
+            rate = (samples[-1][_LOGTHEORY] - samples[-2][_LOGTHEORY]) / (times[-1] - times[-2])
+            lr_now = tau * rate
         # Under a moving prediction the level now, not over the horizon, is what is compared.
         now = ratio
         if moving:
@@ -454,7 +461,7 @@ class EquilibriumDetector:
         unit.ratio, unit.ratio_error = now, ratio_error
         unit.norm_drift, unit.norm_drift_error, unit.lr_drift = drift, drift_margin / z, lr_drift
         unit.period = math.nan
-        if moving and self._against_trajectory(unit, samples, now, lr_drift):
+        if moving and self._against_trajectory(unit, samples, now, lr_drift, lr_now):
             return
         # A constant LR with the norm's trend measured (a slope needs 3 windows of the segment):
         # where the witnesses see the target move, the trajectory may say the weights follow.
@@ -468,7 +475,7 @@ class EquilibriumDetector:
             )
             if not leaving:
                 regime: Regime = "tracking" if moving else "equilibrium"
-                self._set(unit, regime, True, self._level_note(now, moving, lr_drift), 0.0)
+                self._set(unit, regime, True, self._level_note(now, moving, lr_now), 0.0)
                 return
             if settled and self._follows(unit, now, level_margin, staying=True, horizon=horizon):
                 return
@@ -485,13 +492,15 @@ class EquilibriumDetector:
             )
             if stationary and (not moving or abs(now - 1) + level_margin <= tol):
                 entering: Regime = "tracking" if moving else "equilibrium"
-                self._set(unit, entering, True, self._level_note(now, moving, lr_drift), 0.0)
+                self._set(unit, entering, True, self._level_note(now, moving, lr_now), 0.0)
                 unit.relaxing_since = None
                 return
             if settled and self._follows(unit, now, level_margin, staying=False, horizon=horizon):
                 unit.relaxing_since = None
                 return
-        if moving and (now - 1) * lr_slope > 0:  # off to the side the lag predicts
+        # Off the prediction, to the side the lag predicts. Within the tolerance the ratio is not
+        # off, whatever the norm does (a warm-up's ratio crosses 1 on its way up).
+        if moving and (now - 1) * lr_slope > 0 and abs(now - 1) > tol:
             unit.relaxing_since = None
             self._set(unit, "lagging", False, _lag_note(lr_slope, tau, now), math.nan)
             return
@@ -573,7 +582,12 @@ class EquilibriumDetector:
         return True
 
     def _against_trajectory(
-        self, unit: UnitEquilibrium, samples: Sequence[list[float]], now: float, lr_drift: float
+        self,
+        unit: UnitEquilibrium,
+        samples: Sequence[list[float]],
+        now: float,
+        lr_drift: float,
+        lr_now: float,
     ) -> bool:
         """Under a moving LR: the verdict against the predicted trajectory, if there is one.
 
@@ -616,7 +630,7 @@ class EquilibriumDetector:
         if inside:
             note = (
                 f"at {ratio:.3f} of the predicted trajectory (expected lag: {expected:.2f} of the "
-                f"static prediction, measured {measured:.2f}; {_lr_motion(lr_drift)})"
+                f"static prediction, measured {measured:.2f}; {_lr_motion(lr_now)})"
             )
             # The trajectory starts each window from the measured norm, so a unit still relaxing
             # from its initialisation follows it too, with a lag the schedule does not explain.
@@ -626,7 +640,22 @@ class EquilibriumDetector:
             reached = unit.reached_optimizer_step is not None and (
                 unit.reached_optimizer_step >= unit.segment_start
             )
-            if unit.in_equilibrium or reached or abs(measured - 1) <= tol:
+            # A lag is the schedule's only on the side the LR's motion leaves the weights behind
+            # (above the static prediction under a rising LR, below it under a falling one).
+            # Clearly beyond the tolerance on the other side, the weights relax along their
+            # trajectory from a norm something else set (the update size moved the equilibrium
+            # norm): not an equilibrium, however long the unit was in one (a probe: 1.22 under a
+            # slowly falling LR stayed in it). Hysteresis: in equilibrium, it leaves when clearly
+            # beyond _EXIT tolerances; out of it, it does not enter with its level beyond one.
+            beyond = abs(measured - 1) > tol
+            if unit.in_equilibrium:
+                margin = self.confidence * error * expected
+                beyond = abs(measured - 1) - margin > _EXIT * tol
+            against = beyond and (measured - 1) * lr_drift < 0
+            if (unit.in_equilibrium or reached) and against:
+                note = _messages.lag_against_schedule(ratio, measured, _lr_motion(lr_now))
+                self._set(unit, "tracking", False, note, math.nan)
+            elif unit.in_equilibrium or reached or abs(measured - 1) <= tol:
                 self._set(unit, "tracking", True, note, 0.0)
             else:
                 note += (
@@ -637,7 +666,7 @@ class EquilibriumDetector:
             return True
         # Off the trajectory towards more lag: on the side the trajectory already lags (or, with
         # the trajectory at the static value, on the side the LR's motion leaves behind).
-        side = expected - 1 if abs(expected - 1) > tol / 2 else -lr_drift
+        side = expected - 1 if abs(expected - 1) > tol / 2 else lr_drift
         if (ratio - 1) * side > 0:
             note = (
                 f"lags more than the schedule explains: measured {measured:.2f} of the static "
@@ -837,8 +866,8 @@ def _placed_inside(ratio: float, error: float, tol: float, z: float) -> bool:
 def _lr_motion(lr_drift: float) -> str:
     """How fast the prediction's LR moves, with its direction, per relaxation time.
 
-    ``lr_drift`` is ``tau d ln(lr) / dt`` over the horizon: a percentage while small, a factor
-    once the LR changes by more than e per relaxation time (the end of a decay to zero).
+    ``lr_drift`` is ``tau d ln(lr) / dt`` (now: over the last window): a percentage while small,
+    a factor once the LR changes by more than e per relaxation time (the end of a decay to zero).
 
     Example::
 
@@ -848,26 +877,26 @@ def _lr_motion(lr_drift: float) -> str:
         'the LR rises by 30% per relaxation time'
         >>> _lr_motion(-11.95)
         'the LR falls by a factor of 1.55e+05 per relaxation time'
+        >>> _lr_motion(0.0)
+        'the LR stands still now'
     """
+    if abs(lr_drift) < 0.005:
+        return _messages.lr_motion("still", None, None)
     how = "falls" if lr_drift < 0 else "rises"
     if abs(lr_drift) <= 1:
-        return f"the LR {how} by {abs(lr_drift):.0%} per relaxation time"
+        return _messages.lr_motion(how, abs(lr_drift), None)
     factor = math.exp(min(abs(lr_drift), 700.0))  # at lr -> 0 the drift has no bound
-    return f"the LR {how} by a factor of {factor:.3g} per relaxation time"
+    return _messages.lr_motion(how, None, factor)
 
 
 def _lag_note(lr_slope: float, tau: float, ratio: float) -> str:
     # The slope is the prediction's (ln of its square), not the LR's: under Adafactor's relative
-    # steps the prediction falls as 1/sqrt(step) at a constant lr.
+    # steps the prediction falls as 1/sqrt(step) at a constant lr. Held at a steady rate g, the
+    # ratio settles at sqrt(1 + tau g) (first order), which exists only for 1 + tau g > 0.
     how = "halves" if lr_slope < 0 else "doubles"
     every = 2 * math.log(2) / abs(lr_slope)
-    text = (
-        f"the predicted angle {how} every {every:.0f} steps, the weights need {tau:.0f} to "
-        f"follow: ratio {ratio:.2f}"
-    )
-    if 1 + tau * lr_slope > 0:  # the steady lag u = 1 / (1 + tau g) exists
-        return text + f" (steady lag: {math.sqrt(1 + tau * lr_slope):.2f})"
-    return text + " (faster than the weights can follow at all)"
+    steady = math.sqrt(1 + tau * lr_slope) if 1 + tau * lr_slope > 0 else None
+    return _messages.lag_note(how, every, tau, ratio, steady)
 
 
 def _shrinking(history: Sequence[Sequence[float]], t: float, tau: float, tol: float) -> bool:
