@@ -40,6 +40,8 @@ class _Unit:
     max_abs_cosine: float = 0.0
     # Where the norm balance puts the unit on its trajectory (None before its first window).
     trajectory: TrajectoryState | None = None
+    # The radial part's sums over recent windows, per unit row (lightning_sdm.theory._balance).
+    radial: Tensor | None = None
 
 
 @dataclass
