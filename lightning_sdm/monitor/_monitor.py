@@ -312,6 +312,12 @@ class SphericalMonitor:
                 for unit in watch.units
                 if unit.trajectory is not None
             },
+            "radial": {
+                unit.spec.name: unit.radial.tolist()
+                for watch in self._watches
+                for unit in watch.units
+                if unit.radial is not None
+            },
             "verified_steps": self._measured_steps,
             "invariance": {
                 unit.spec.name: (unit.invariance, unit.max_abs_cosine)
@@ -365,10 +371,15 @@ class SphericalMonitor:
             self._restore_horizon(watch, state, index)
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
         trajectories = state.get("trajectories", {})
+        radial = state.get("radial", {})
         for watch in self._watches:
             for unit in watch.units:
                 saved_path = trajectories.get(unit.spec.name)
                 unit.trajectory = None if saved_path is None else TrajectoryState(*saved_path)
+                saved_sums = radial.get(unit.spec.name)
+                rows = unit.rows.stop - unit.rows.start
+                fits = saved_sums is not None and len(saved_sums) == rows  # same unit rows
+                unit.radial = torch.tensor(saved_sums, dtype=torch.float64) if fits else None
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
                     unit.invariance, unit.max_abs_cosine = status, float(cosine)

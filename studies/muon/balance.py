@@ -12,6 +12,7 @@ and the optimizer's state by the study::
 
     python -m studies.muon.balance             # about 6 minutes on one core
     python -m studies.muon.balance --only teacher
+    python -m studies.muon.balance --default-windows   # 2 of every 50 steps, as by default
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ CASES = [
 ]
 
 
-def run(task: str, optimizer: str, settings: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+def run(
+    task: str,
+    optimizer: str,
+    settings: dict[str, Any],
+    steps: int,
+    every: int = 10,
+    window: int = 10,
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     batch, model, invariance = TASKS[task](0)
     names = [
@@ -53,7 +61,7 @@ def run(task: str, optimizer: str, settings: dict[str, Any], steps: int) -> list
     units = [Unit(n, (n,), channel_invariant=invariance == "row") for n in names]
     granularity = "channel" if invariance == "row" else "layer"
     monitor = SphericalMonitor(
-        model, main, units, every_n_steps=10, window=10, granularity=granularity
+        model, main, units, every_n_steps=every, window=window, granularity=granularity
     ).attach()
     loss_fn = nn.CrossEntropyLoss() if task in ("digits", "prototypes") else nn.MSELoss()
     for step in range(steps):
@@ -80,6 +88,7 @@ def run(task: str, optimizer: str, settings: dict[str, Any], steps: int) -> list
             "task": task,
             "optimizer": optimizer,
             "steps": steps,
+            "measured": f"{window} of every {every} steps",
             "matrix": "x".join(map(str, weight.shape)),
             "measured_over_a_priori": measured / theory,
             "measured_over_balance": measured / balance,
@@ -93,11 +102,17 @@ def run(task: str, optimizer: str, settings: dict[str, Any], steps: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="run only this task")
+    parser.add_argument(
+        "--default-windows",
+        action="store_true",
+        help="measure as the callback does by default (2 of every 50 steps), not every step",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    every, window = (50, 2) if args.default_windows else (10, 10)
     for task, optimizer, settings, steps in CASES:
         if args.only is None or task == args.only:
-            run(task, optimizer, settings, steps)
+            run(task, optimizer, settings, steps, every, window)
 
 
 if __name__ == "__main__":
