@@ -709,8 +709,9 @@ def _balance_rows(watch: _OptimizerWatch, predictions: list[list[Prediction]]) -
 
     From the per-step statistics the window already holds and each step's weight decay per
     param group: no pass over the weights, and no host sync (the small decay table goes to the
-    device; the result comes back with the window's other results). ``None`` when no unit of
-    the watch has a measured balance, or the steps' predictions do not line up with them.
+    device without waiting for it; the result comes back with the window's other results).
+    ``None`` when no unit of the watch has a measured balance, or the steps' predictions do not
+    line up with them.
     """
     statistics = watch.metric.step_statistics
     if statistics.dim() != 3 or statistics.shape[0] == 0 or statistics.shape[0] != len(predictions):
@@ -728,8 +729,10 @@ def _balance_rows(watch: _OptimizerWatch, predictions: list[list[Prediction]]) -
     group_of_row = torch.zeros(statistics.shape[1], dtype=torch.long)
     for unit in watch.units:
         group_of_row[unit.rows] = unit.group_index
-    per_row = table[:, group_of_row].to(statistics.device)
-    return window_sums(statistics, per_row)
+    per_row = table[:, group_of_row]
+    if statistics.device.type == "cuda":  # from pinned memory: queued, the host does not wait
+        per_row = per_row.pin_memory().to(statistics.device, non_blocking=True)
+    return window_sums(statistics, per_row.to(statistics.device))
 
 
 # The radial part P is a property of the gradients that does not move with the norm, but one

@@ -60,6 +60,11 @@ What limits it is the weights' own dtype: the optimizer rounds ``(1 - lam)`` and
 float32 (``6e-8`` relative), against a radial part of ``~ 2 lam``; below ``lam ~ 1e-6`` (or with
 bfloat16 weights, whose rounding is ``4e-3`` of each element) the radial part is not resolved.
 
+The monitor (``UnitWindow.balance``) takes ``p`` and ``P`` from the sums of the recent windows,
+forgotten over 256 measured steps (:data:`lightning_sdm.monitor._monitor.RADIAL_MEMORY`): the
+radial part does not move with the norm, but one window estimates it poorly and the balance is
+convex in it. ``L`` and the decay are the window's own.
+
 SGD (weight decay coupled, through the momentum) has no such split, and needs none: the radial
 part is fixed a priori. With heavy-ball momentum ``mu`` and ``v_t = w_{t+1} - w_t = mu v_{t-1} -
 lr (g_t + wd w_t)``, a gradient orthogonal to the weight it was computed at gives exactly
