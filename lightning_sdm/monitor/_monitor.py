@@ -313,10 +313,10 @@ class SphericalMonitor:
                 if unit.trajectory is not None
             },
             "radial": {
-                unit.spec.name: unit.radial.tolist()
+                unit.spec.name: watch.radial[unit.rows].tolist()
                 for watch in self._watches
                 for unit in watch.units
-                if unit.radial is not None
+                if watch.radial is not None
             },
             "verified_steps": self._measured_steps,
             "invariance": {
@@ -373,16 +373,17 @@ class SphericalMonitor:
         trajectories = state.get("trajectories", {})
         radial = state.get("radial", {})
         for watch in self._watches:
+            pool = torch.full((watch.num_rows, 3), math.nan, dtype=torch.float64)
             for unit in watch.units:
                 saved_path = trajectories.get(unit.spec.name)
                 unit.trajectory = None if saved_path is None else TrajectoryState(*saved_path)
                 saved_sums = radial.get(unit.spec.name)
-                rows = unit.rows.stop - unit.rows.start
-                fits = saved_sums is not None and len(saved_sums) == rows  # same unit rows
-                unit.radial = torch.tensor(saved_sums, dtype=torch.float64) if fits else None
+                if saved_sums and len(saved_sums) == unit.rows.stop - unit.rows.start:
+                    pool[unit.rows] = torch.tensor(saved_sums, dtype=torch.float64)
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
                     unit.invariance, unit.max_abs_cosine = status, float(cosine)
+            watch.radial = pool if bool(torch.isfinite(pool).any()) else None
 
     def _restore_horizon(
         self, watch: _OptimizerWatch, state: Mapping[str, Any], index: int
@@ -608,6 +609,11 @@ class SphericalMonitor:
         if self.config.every_n_steps != self.config.window:
             watch.free_buffers()  # no extra memory between windows
         rows = {key: value.tolist() for key, value in result.items() if key != "balance"}
+        if "balance" in result:  # every row's balance at once (per unit: a slice of it)
+            result["balance"] = _pooled_balance(watch, result["balance"], int(rows["steps"][0]))
+            rows["balance"] = result["balance"].tolist()
+        else:
+            watch.radial = None
         global_step = sum(w.steps_done for w in self._watches)
         self._windows.extend(
             self._unit_window(watch, unit, result, rows, predictions, schedule, global_step)
@@ -671,9 +677,9 @@ class SphericalMonitor:
         frozen = frozen_now and angle == 0.0
         balance = None
         if theory is not None and not frozen:
-            balance = _unit_balance(unit, latest, theory, result, int(rows["steps"][0]))
-        else:
-            unit.radial = None
+            balance = _unit_balance(watch, unit, latest, theory, result, rows)
+        elif watch.radial is not None:
+            watch.radial[unit.rows] = math.nan  # its pool restarts with its balance
         trajectory = None
         if theory is not None and not frozen:
             trajectory = _follow_trajectory(unit, for_shape(latest, shape), schedule, angle, norm)
@@ -741,25 +747,39 @@ def _balance_rows(watch: _OptimizerWatch, predictions: list[list[Prediction]]) -
 RADIAL_MEMORY = 256
 
 
+def _pooled_balance(watch: _OptimizerWatch, sums: Tensor, steps: int) -> Tensor:
+    """Every row's balance angle from this window's sums pooled with the recent windows'."""
+    fresh = sums[:, :3] * steps  # the sums are per step: a window weighs its steps
+    pool = watch.radial
+    if pool is not None and pool.shape == fresh.shape:
+        kept = pool * math.exp(-steps / RADIAL_MEMORY) + fresh
+        fresh = torch.where(torch.isfinite(pool), kept, fresh)
+    watch.radial = fresh
+    return balance_angle(torch.cat([fresh, sums[:, 3:]], dim=1))
+
+
 def _unit_balance(
-    unit: _Unit, latest: Prediction, theory: float, result: Mapping[str, Tensor], steps: int
+    watch: _OptimizerWatch,
+    unit: _Unit,
+    latest: Prediction,
+    theory: float,
+    result: Mapping[str, Tensor],
+    rows: Mapping[str, list[Any]],
 ) -> float | None:
     """The unit's radial balance: its rows' RMS, the prediction for SGD, ``None`` without one."""
     kind = balance_kind(latest)
     if kind != "measured" or "balance" not in result:
-        unit.radial = None
+        if watch.radial is not None:
+            watch.radial[unit.rows] = math.nan
         return theory if kind == "a priori" else None  # SGD: fixed by momentum and decay
-    sums = result["balance"][unit.rows]
-    fresh = sums[:, :3] * steps
-    known = unit.radial is not None and unit.radial.shape == fresh.shape
-    if known and unit.radial is not None and bool(torch.isfinite(unit.radial).all()):
-        fresh = unit.radial * math.exp(-steps / RADIAL_MEMORY) + fresh
-    unit.radial = fresh if bool(torch.isfinite(fresh).all()) else None
-    rows = balance_angle(torch.cat([fresh, sums[:, 3:]], dim=1))
-    # A row whose update points inward by more than half its size (p >= 1/2) has no balance
-    # (its norm shrinks at any update size): the unit's RMS is over the others.
-    rows = rows[torch.isfinite(rows)]
-    value = rows.square().mean().sqrt().item() if rows.numel() else math.nan
+    if not unit.per_channel:
+        value = rows["balance"][unit.rows.start]
+    else:
+        # A row whose update points inward by more than half its size (p >= 1/2) has no
+        # balance (its norm shrinks at any update size): the unit's RMS is over the others.
+        angles = result["balance"][unit.rows]
+        angles = angles[torch.isfinite(angles)]
+        value = angles.square().mean().sqrt().item() if angles.numel() else math.nan
     return value if math.isfinite(value) else None
 
 
