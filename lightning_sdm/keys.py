@@ -53,6 +53,10 @@ class Keys:
     THEORY = "sdm/angular_update_theory/"
     #: Per unit: the angle the norm balance predicts for now under the real schedule.
     TRAJECTORY = "sdm/angular_update_trajectory/"
+    #: Per unit: the radial balance, the angle the norm balance gives with the update's measured
+    #: radial part (``UnitWindow.balance``); ``balance / theory`` is the gradients' share of the
+    #: ratio, ``angular_update / balance`` the share of a norm that has not settled.
+    BALANCE = "sdm/angular_update_balance/"
     RATIO = "sdm/angular_update_ratio/"
     WEIGHT_NORM = "sdm/weight_norm/"
     IN_EQUILIBRIUM = "sdm/in_equilibrium/"
@@ -118,7 +122,9 @@ def window_metrics(
 
         >>> window = UnitWindow("net.0.weight", 40, 40, 0.02, 0.02, 0.025, 0.8, 3.1, 8, 0.1)
         >>> sorted(window_metrics(window, in_equilibrium=False).items())  # doctest: +NORMALIZE_WHITESPACE
-        [('sdm/angular_update/net.0.weight', 0.02), ('sdm/angular_update_ratio/net.0.weight', 0.8),
+        [('sdm/angular_update/net.0.weight', 0.02),
+         ('sdm/angular_update_balance/net.0.weight', nan),
+         ('sdm/angular_update_ratio/net.0.weight', 0.8),
          ('sdm/angular_update_theory/net.0.weight', 0.025),
          ('sdm/angular_update_trajectory/net.0.weight', nan), ('sdm/in_equilibrium/net.0.weight', 0.0),
          ('sdm/weight_norm/net.0.weight', 3.1)]
@@ -138,6 +144,8 @@ def window_metrics(
     metrics[f"{Keys.THEORY}{name}"] = theory
     trajectory = window.trajectory
     metrics[f"{Keys.TRAJECTORY}{name}"] = trajectory if trajectory is not None else math.nan
+    balance = window.balance
+    metrics[f"{Keys.BALANCE}{name}"] = balance if balance is not None else math.nan
     if window.horizon_angular_update is not None:
         metrics[f"{Keys.HORIZON}{name}"] = window.horizon_angular_update
     metrics[f"{Keys.IN_EQUILIBRIUM}{name}"] = float(in_equilibrium)

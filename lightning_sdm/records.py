@@ -107,6 +107,13 @@ class UnitWindow:
             (:mod:`lightning_sdm.theory._trajectory`), made before the window was measured;
             ``None`` for the first window and without a prediction. Under a constant LR it
             tends to ``theory``; under a schedule it says where the weights should be now.
+        balance: the radial balance (:mod:`lightning_sdm.theory._balance`): the RMS angle the
+            norm balance gives with the update's radial part (its component along the weight)
+            as measured over the window, for decoupled weight decay (AdamW, Muon, Lion); for
+            SGD, whose radial part momentum and weight decay fix, the prediction itself;
+            ``None`` without a prediction and for Adafactor. ``balance / theory`` is the share
+            of ``ratio`` that the task's gradients make (1 on white noise), ``angular_update /
+            balance`` the share of a norm that has not settled (1 once it has).
     """
 
     unit: str
@@ -126,6 +133,7 @@ class UnitWindow:
     horizon_angular_update: float | None = None
     norm_exponent: float | None = None
     trajectory: float | None = None
+    balance: float | None = None
 
     def __post_init__(self) -> None:
         # Built by the monitor, or by hand (plain PyTorch loops, tests): a wrong field fails
@@ -166,6 +174,7 @@ class HistoryRecord:
     time_scale: float | None = None
     horizon_angular_update: float | None = None
     trajectory: float | None = None
+    balance: float | None = None
 
     @classmethod
     def from_window(

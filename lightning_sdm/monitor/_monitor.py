@@ -51,6 +51,12 @@ from lightning_sdm.monitor._watch import (
     unit_tensor_rows,
 )
 from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, UnitWindow
+from lightning_sdm.theory._balance import (
+    balance_angle,
+    balance_kind,
+    decoupled_decay,
+    window_sums,
+)
 from lightning_sdm.theory._predictions import (
     Prediction,
     equilibrium_norm_exponent,
@@ -306,6 +312,12 @@ class SphericalMonitor:
                 for unit in watch.units
                 if unit.trajectory is not None
             },
+            "radial": {
+                unit.spec.name: watch.radial[unit.rows].tolist()
+                for watch in self._watches
+                for unit in watch.units
+                if watch.radial is not None
+            },
             "verified_steps": self._measured_steps,
             "invariance": {
                 unit.spec.name: (unit.invariance, unit.max_abs_cosine)
@@ -359,13 +371,19 @@ class SphericalMonitor:
             self._restore_horizon(watch, state, index)
         self._measured_steps = int(state.get("verified_steps", self._measured_steps))
         trajectories = state.get("trajectories", {})
+        radial = state.get("radial", {})
         for watch in self._watches:
+            pool = torch.full((watch.num_rows, 3), math.nan, dtype=torch.float64)
             for unit in watch.units:
                 saved_path = trajectories.get(unit.spec.name)
                 unit.trajectory = None if saved_path is None else TrajectoryState(*saved_path)
+                saved_sums = radial.get(unit.spec.name)
+                if saved_sums and len(saved_sums) == unit.rows.stop - unit.rows.start:
+                    pool[unit.rows] = torch.tensor(saved_sums, dtype=torch.float64)
                 if unit.spec.name in state.get("invariance", {}):
                     status, cosine = state["invariance"][unit.spec.name]
                     unit.invariance, unit.max_abs_cosine = status, float(cosine)
+            watch.radial = pool if bool(torch.isfinite(pool).any()) else None
 
     def _restore_horizon(
         self, watch: _OptimizerWatch, state: Mapping[str, Any], index: int
@@ -574,7 +592,14 @@ class SphericalMonitor:
         self._reduce_window(watch, where)  # the metrics themselves never synchronise
         # torchmetrics squeezes one-element results to scalars: restore the unit axis. The
         # results go to the host once per window, not once per unit and value.
-        result = {key: value.reshape(-1).cpu() for key, value in watch.metric.compute().items()}
+        computed = watch.metric.compute()
+        sums = _balance_rows(watch, watch.predictions)
+        if sums is not None:  # [rows, NUM_SUMS], kept 2-D (the others are flattened)
+            computed["balance"] = sums
+        result = {
+            key: (value if key == "balance" else value.reshape(-1)).cpu()
+            for key, value in computed.items()
+        }
         watch.metric.reset()
         if watch.horizon_metric.step_statistics.shape[0] > 0:
             result["horizon_rms"] = watch.horizon_metric.compute()["rms"].reshape(-1).cpu()
@@ -583,7 +608,12 @@ class SphericalMonitor:
         schedule, watch.schedule = watch.schedule, []
         if self.config.every_n_steps != self.config.window:
             watch.free_buffers()  # no extra memory between windows
-        rows = {key: value.tolist() for key, value in result.items()}
+        rows = {key: value.tolist() for key, value in result.items() if key != "balance"}
+        if "balance" in result:  # every row's balance at once (per unit: a slice of it)
+            result["balance"] = _pooled_balance(watch, result["balance"], int(rows["steps"][0]))
+            rows["balance"] = result["balance"].tolist()
+        else:
+            watch.radial = None
         global_step = sum(w.steps_done for w in self._watches)
         self._windows.extend(
             self._unit_window(watch, unit, result, rows, predictions, schedule, global_step)
@@ -647,6 +677,11 @@ class SphericalMonitor:
         # Frozen: no gradient now and no rotation in the window. A unit frozen during the window
         # moved in part of it: its angle is logged, without a prediction to compare it with.
         frozen = frozen_now and angle == 0.0
+        balance = None
+        if theory is not None and not frozen:
+            balance = _unit_balance(watch, unit, latest, theory, result, rows)
+        elif watch.radial is not None:
+            watch.radial[unit.rows] = math.nan  # its pool restarts with its balance
         trajectory = None
         if theory is not None and not frozen:
             trajectory = _follow_trajectory(unit, for_shape(latest, shape), schedule, angle, norm)
@@ -670,7 +705,84 @@ class SphericalMonitor:
             horizon_angular_update=horizon_angle,
             norm_exponent=equilibrium_norm_exponent(latest),
             trajectory=trajectory,
+            balance=balance,
         )
+
+
+# -------------------------------------------------------------------- the radial balance
+
+
+def _balance_rows(watch: _OptimizerWatch, predictions: list[list[Prediction]]) -> Tensor | None:
+    """Per unit row: the sums of the radial balance (:mod:`lightning_sdm.theory._balance`).
+
+    From the per-step statistics the window already holds and each step's weight decay per
+    param group: no pass over the weights, and no host sync (the small decay table goes to the
+    device without waiting for it; the result comes back with the window's other results).
+    ``None`` when no unit of the watch has a measured balance, or the steps' predictions do not
+    line up with them.
+    """
+    statistics = watch.metric.step_statistics
+    if statistics.dim() != 3 or statistics.shape[0] == 0 or statistics.shape[0] != len(predictions):
+        return None
+    groups = len(watch.optimizer.param_groups)
+    decays = [
+        [decoupled_decay(step[g]) if g < len(step) else None for g in range(groups)]
+        for step in predictions
+    ]
+    if all(d is None for step in decays for d in step):
+        return None
+    table = torch.tensor(
+        [[math.nan if d is None else d for d in step] for step in decays], dtype=torch.float64
+    )
+    group_of_row = torch.zeros(statistics.shape[1], dtype=torch.long)
+    for unit in watch.units:
+        group_of_row[unit.rows] = unit.group_index
+    per_row = table[:, group_of_row]
+    if statistics.device.type == "cuda":  # from pinned memory: queued, the host does not wait
+        per_row = per_row.pin_memory().to(statistics.device, non_blocking=True)
+    return window_sums(statistics, per_row.to(statistics.device))
+
+
+# The radial part P is a property of the gradients that does not move with the norm, but one
+# window (2 steps by default) estimates it poorly, and the balance is convex in it: the sums are
+# pooled over the recent windows, forgotten over this many measured steps.
+RADIAL_MEMORY = 256
+
+
+def _pooled_balance(watch: _OptimizerWatch, sums: Tensor, steps: int) -> Tensor:
+    """Every row's balance angle from this window's sums pooled with the recent windows'."""
+    fresh = sums[:, :3] * steps  # the sums are per step: a window weighs its steps
+    pool = watch.radial
+    if pool is not None and pool.shape == fresh.shape:
+        kept = pool * math.exp(-steps / RADIAL_MEMORY) + fresh
+        fresh = torch.where(torch.isfinite(pool), kept, fresh)
+    watch.radial = fresh
+    return balance_angle(torch.cat([fresh, sums[:, 3:]], dim=1))
+
+
+def _unit_balance(
+    watch: _OptimizerWatch,
+    unit: _Unit,
+    latest: Prediction,
+    theory: float,
+    result: Mapping[str, Tensor],
+    rows: Mapping[str, list[Any]],
+) -> float | None:
+    """The unit's radial balance: its rows' RMS, the prediction for SGD, ``None`` without one."""
+    kind = balance_kind(latest)
+    if kind != "measured" or "balance" not in result:
+        if watch.radial is not None:
+            watch.radial[unit.rows] = math.nan
+        return theory if kind == "a priori" else None  # SGD: fixed by momentum and decay
+    if not unit.per_channel:
+        value = rows["balance"][unit.rows.start]
+    else:
+        # A row whose update points inward by more than half its size (p >= 1/2) has no
+        # balance (its norm shrinks at any update size): the unit's RMS is over the others.
+        angles = result["balance"][unit.rows]
+        angles = angles[torch.isfinite(angles)]
+        value = angles.square().mean().sqrt().item() if angles.numel() else math.nan
+    return value if math.isfinite(value) else None
 
 
 # -------------------------------------------------------------------- the trajectory

@@ -81,6 +81,20 @@ def check_monitor_state(state: Any) -> None:
             raise ValueError(
                 f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G, memory)."
             )
+    radial = state.get("radial", {})
+    if not isinstance(radial, Mapping):
+        raise ValueError(f"{where}: `radial` is a {type(radial).__name__}.")
+    for name, rows in radial.items():
+        if not (
+            isinstance(rows, (list, tuple))
+            and all(
+                isinstance(row, (list, tuple)) and len(row) == 3 and all(map(_number, row))
+                for row in rows
+            )
+        ):
+            raise ValueError(
+                f"{where}: `radial` of {name!r} is {rows!r:.60}, not rows of 3 radial sums."
+            )
     if "verified_steps" in state and not _count(state["verified_steps"]):
         raise ValueError(f"{where}: `verified_steps` is {state['verified_steps']!r}.")
     invariance = state.get("invariance", {})

@@ -61,6 +61,9 @@ class _OptimizerWatch:
     snapshot: list[Tensor] | None = None
     anchor: list[Tensor] | None = None  # start of the current multi-step (horizon) block
     horizon_metric: AngularUpdate = field(default_factory=AngularUpdate)  # (set by _make_watch)
+    # The radial part's sums over the recent windows, [unit rows, 3] on the host, NaN for rows
+    # without a measured balance (lightning_sdm.theory._balance; pooled by the monitor).
+    radial: Tensor | None = None
     predictions: list[list[Prediction]] = field(default_factory=list)
     # Every optimizer step since the last window: (measured, lr per group, weight decay per
     # group), host floats read from the param groups (the trajectory integrates them).

@@ -269,12 +269,24 @@ def format_summary(
         ]
         for s in rows
     ]
+    # The radial balance, where it says more than the prediction (SGD's is the prediction).
+    balanced = [s.balance is not None and s.balance != s.theory for s in rows]
+    if any(balanced):
+        header.insert(4, "balance")
+        for row, s in zip(table, rows, strict=True):
+            row.insert(4, _number(s.balance))
     fraction = data.equilibrium_fraction()
     footer = [
         f"Last window at step {last} (windows from step {first}). measured: RMS angular update "
         "over the window (rad/step); theory: predicted equilibrium; norm: weight norm; regime: "
         "the detector's verdict in the last window."
     ]
+    if any(balanced):
+        footer.append(
+            "balance: the angle a settled norm gives with the update's measured radial part; "
+            "balance / theory is the task's gradients' share of the ratio, measured / balance "
+            "the share of a norm that has not settled (docs/muon.md)."
+        )
     channel = [s.unit for s in rows if s.granularity == "channel"]
     if channel:
         footer.append(
@@ -286,7 +298,8 @@ def format_summary(
         source = _MARKDOWN_SPECIAL.sub(r"\\\1", printable(data.source))
         lines = [f"# Spherical Motion Dynamics: {source}", ""]
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * 4 + ["---", "---"]) + "|")
+        numbers = len(header) - 3
+        lines.append("|" + "|".join(["---"] + ["---:"] * numbers + ["---", "---"]) + "|")
         for row in table:
             lines.append("| " + " | ".join([_code_span(row[0]), *row[1:]]) + " |")
         lines += ["", *footer]
@@ -296,7 +309,7 @@ def format_summary(
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     aligned = [
         "  ".join(
-            cell.ljust(widths[i]) if i in (0, 5, 6) else cell.rjust(widths[i])
+            cell.ljust(widths[i]) if i == 0 or i >= len(header) - 2 else cell.rjust(widths[i])
             for i, cell in enumerate(row)
         ).rstrip()
         for row in [header, *table]

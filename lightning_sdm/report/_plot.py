@@ -288,6 +288,12 @@ def plot_unit(ax: Axes, run: RunData, unit: str) -> None:
         # Where the schedule should have the weights now (lag included); on the static value
         # under a constant LR.
         _line(ax, trajectory, color="gray", linestyle="-.", label="trajectory", marker=None)
+    balance = run.balance(unit)
+    if balance is not None and balance.finite() and not _same(balance, theory):
+        # Where a settled norm would put the angle with the update's measured radial part: the
+        # gap to the theory line is the task's gradients, the gap to the measured one the norm.
+        # (Not drawn where it is the theory line itself: SGD's radial part is fixed a priori.)
+        _line(ax, balance, color="gray", linestyle=":", label="radial balance", marker=None)
     codes = run.scalars.get(Keys.REGIME + unit)
     if codes is not None and len(codes):
         shaded: set[str] = set()
@@ -484,6 +490,14 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First and last index of each run of equal values."""
     change = np.flatnonzero(values[1:] != values[:-1]) + 1
     return np.r_[0, change], np.r_[change - 1, len(values) - 1]
+
+
+def _same(series: Series, other: Series | None) -> bool:
+    """Whether two series hold the same values at the same steps (NaN equal to NaN)."""
+    if other is None or len(series) != len(other):
+        return False
+    a, b = np.asarray(series.values, dtype=float), np.asarray(other.values, dtype=float)
+    return bool(np.array_equal(a, b, equal_nan=True)) and list(series.steps) == list(other.steps)
 
 
 def _regime_spans(codes: Series) -> list[tuple[int, int, str]]:

@@ -181,6 +181,8 @@ class UnitSummary:
     granularity: str
     equilibrium: EquilibriumInfo
     regime: str | None = None
+    #: The radial balance of the last window (``None`` where not logged or NaN).
+    balance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,10 @@ class RunData:
     def trajectory(self, unit: str) -> Series | None:
         """The angle the norm balance predicted per window under the real schedule, if logged."""
         return self.scalars.get(Keys.TRAJECTORY + unit)
+
+    def balance(self, unit: str) -> Series | None:
+        """The radial balance per window (the angle a settled norm gives), if logged."""
+        return self.scalars.get(Keys.BALANCE + unit)
 
     def ratio(self, unit: str) -> Series | None:
         """Measured / predicted per window, if logged."""
@@ -312,6 +318,7 @@ class RunData:
                     granularity=self.granularity(unit),
                     equilibrium=self.equilibrium(unit),
                     regime=_REGIME_NAMES.get(codes.last, "unknown") if codes else None,
+                    balance=_last(self.balance(unit)),
                 )
             )
         return result
@@ -320,6 +327,11 @@ class RunData:
         """First and last step with an SDM window."""
         steps = [np.asarray(s.steps) for u in self.units if len(s := self.angular_update(u))]
         return (int(min(map(np.min, steps))), int(max(map(np.max, steps)))) if steps else (0, 0)
+
+
+def _last(series: Series | None) -> float | None:
+    """The last value of a series, ``None`` where there is none or it is NaN."""
+    return None if series is None or not len(series) or math.isnan(series.last) else series.last
 
 
 # ------------------------------------------------------------------ sources
@@ -381,6 +393,7 @@ def run_from_history(
         add(ANGULAR_UPDATE + unit, step, entry.get("angular_update"))
         add(THEORY + unit, step, entry.get("theory"))
         add(Keys.TRAJECTORY + unit, step, entry.get("trajectory"))
+        add(Keys.BALANCE + unit, step, entry.get("balance"))
         add(RATIO + unit, step, entry.get("ratio"))
         add(WEIGHT_NORM + unit, step, entry.get("weight_norm"))
         for name, value in (entry.get("channels") or {}).items():

@@ -646,7 +646,8 @@ _ADAMW_SCOPE = (
     "; per neuron, when the Adam update has RMS ~1 per element (noise-dominated gradients); "
     "no beta2 dependence; where g/sqrt(v) is not orthogonal to the weight (a gradient whose size "
     "differs across the unit's elements, as in a small-fan-in first layer) the norm settles "
-    "larger and the angle reads lower (0.91 on a fan-in-9 first convolution, docs/muon.md)"
+    "larger and the angle reads lower (0.91 on a fan-in-9 first convolution, docs/muon.md); "
+    "the monitor's radial balance (sdm/angular_update_balance) measures that share per unit"
 )
 
 

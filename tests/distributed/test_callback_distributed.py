@@ -247,7 +247,7 @@ def test_ddp_logger_writes_each_window_once_on_rank_zero(ddp):
     }
     for unit in UNITS:  # log_level="summary": no regime counts
         prefixes = ("angular_update", "angular_update_theory", "angular_update_ratio")
-        for prefix in (*prefixes, "angular_update_trajectory"):
+        for prefix in (*prefixes, "angular_update_trajectory", "angular_update_balance"):
             window_keys.add(f"sdm/{prefix}/{unit}")
         window_keys.add(f"sdm/weight_norm/{unit}")
         window_keys.add(f"sdm/in_equilibrium/{unit}")

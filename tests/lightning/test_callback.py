@@ -56,6 +56,7 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
             "angular_update_theory",
             "angular_update_ratio",
             "angular_update_trajectory",  # NaN at the first window
+            "angular_update_balance",
         ]:
             expected_keys.add(f"sdm/{prefix}/{unit}")
         expected_keys.add(f"sdm/weight_norm/{unit}")
@@ -69,6 +70,8 @@ def test_auto_detection_logs_exact_keys_and_values(tmp_path):
     for row in logged:
         for unit in UNITS:
             assert row[f"sdm/angular_update_theory/{unit}"] == pytest.approx(theory, rel=1e-12)
+            # SGD's radial part is fixed by momentum and weight decay: its balance is theory's.
+            assert row[f"sdm/angular_update_balance/{unit}"] == pytest.approx(theory, rel=1e-12)
             ratio = row[f"sdm/angular_update/{unit}"] / theory
             assert row[f"sdm/angular_update_ratio/{unit}"] == pytest.approx(ratio, rel=1e-9)
         ratios = [row[f"sdm/angular_update_ratio/{u}"] for u in UNITS]

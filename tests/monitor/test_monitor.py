@@ -150,3 +150,55 @@ def test_the_trajectory_follows_a_per_step_lr_between_windows():
     assert windows[3].trajectory == constant[3].trajectory
     assert after.trajectory / constant[4].trajectory == pytest.approx(0.5, rel=0.05)
     assert after.angular_update / after.trajectory == pytest.approx(1.0, abs=0.3)
+
+
+def _adamw_run(steps, state=None, seed=1):
+    """An invariant weight (gradient projected orthogonal) under AdamW, windows of 5 steps,
+    started at its equilibrium norm ``sqrt(lr * 256 / (2 wd))``."""
+    torch.manual_seed(0)
+    model = Rotor(dim=256)
+    model.weight.data = torch.randn(256)
+    model.weight.data *= 1.6 / model.weight.data.norm()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        model.weight.data = state["weight"].clone()
+        generator.set_state(state["generator"])
+    monitor = SphericalMonitor(
+        model, optimizer, [Unit("weight", ("weight",))], every_n_steps=5, window=5
+    )
+    if state is not None:
+        monitor.load_state_dict(state["monitor"])
+    monitor.attach()
+    for _ in range(steps):
+        w = model.weight.detach()
+        noise = torch.randn(256, generator=generator)
+        model.weight.grad = (noise - (noise @ w) / (w @ w) * w) / w.norm()
+        optimizer.step()
+    monitor.detach()
+    saved = {
+        "monitor": monitor.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "weight": model.weight.detach().clone(),
+        "generator": generator.get_state(),
+    }
+    return saved, monitor.pop_windows()
+
+
+def test_the_radial_balance_pools_over_windows_and_is_checkpointed():
+    """The radial part is pooled over the recent windows: a resumed run continues the pool, so
+    its windows read the same balance as the uninterrupted run's; a damaged pool is refused."""
+    _, straight = _adamw_run(20)
+    assert all(w.balance is not None and w.balance > 0 for w in straight)
+    state, first = _adamw_run(10)
+    assert list(state["monitor"]["radial"]) == ["weight"]
+    _, resumed = _adamw_run(10, state=state)
+    got = [w.balance for w in first + resumed]
+    assert got == pytest.approx([w.balance for w in straight], rel=1e-9)
+    # Without the pool the third window reads its own two windows' worth: another value.
+    fresh = {**state, "monitor": {**state["monitor"], "radial": {}}}
+    _, restarted = _adamw_run(10, state=fresh)
+    assert restarted[0].balance != pytest.approx(straight[2].balance, rel=1e-9)
+    with pytest.raises(ValueError, match="radial"):
+        _adamw_run(0, state={**state, "monitor": {**state["monitor"], "radial": {"weight": [1]}}})

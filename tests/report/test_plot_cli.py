@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_sdm import SphericalDynamicsCallback
 from lightning_sdm.records import REGIMES, HistoryRecord
-from lightning_sdm.report._cli import main
+from lightning_sdm.report._cli import format_summary, main
 from lightning_sdm.report._plot import (
     EQUILIBRIUM_TITLE,
     LEARNING_RATE_TITLE,
@@ -416,3 +416,39 @@ def test_plot_run_accepts_the_callback_its_history_and_paths(layer_fit: Fit, tmp
     plot_run(layer_fit.history, path=path, ncols=3)
     assert_valid_png(path, min_width=1200, min_height=300)
     assert math.isfinite(load_run(layer_fit.csv).summary()[0].measured)
+
+
+def test_the_radial_balance_is_drawn_and_tabulated_where_it_is_not_the_prediction():
+    """An AdamW unit whose update points less outward than white noise's (balance 1.1x theory)
+    while its norm is still settling (measured 0.8x the balance): the figure draws the balance
+    and the summary has its column; an SGD run's balance is the prediction and adds neither."""
+
+    def history(balance_of):
+        return [
+            HistoryRecord(
+                unit="net.0.weight",
+                optimizer_step=step,
+                global_step=step,
+                angular_update=0.88 * 0.01,
+                theory=0.01,
+                ratio=0.88,
+                weight_norm=3.0,
+                lr=1e-3,
+                in_equilibrium=False,
+                balance=balance_of(0.01),
+            )
+            for step in (10, 20, 30)
+        ]
+
+    run = run_from_history(history(lambda theory: 1.1 * theory))
+    ax = plot_run(run).axes[0]
+    assert "radial balance" in [line.get_label() for line in _lines(ax)]
+    summary = format_summary(run)
+    assert summary.splitlines()[0].split()[:5] == ["unit", "measured", "theory", "ratio", "balance"]
+    assert "1.1000e-02" in summary.splitlines()[1]
+    markdown = format_summary(run, markdown=True)
+    assert "| unit | measured | theory | ratio | balance | norm |" in markdown
+    assert "|---|---:|---:|---:|---:|---:|---|---|" in markdown
+    sgd = run_from_history(history(lambda theory: theory))
+    assert "radial balance" not in [line.get_label() for line in _lines(plot_run(sgd).axes[0])]
+    assert "balance" not in format_summary(sgd)
