@@ -12,7 +12,8 @@ callbacks' ``history`` to JSON at the end of fit and the tests compare in this p
 * FSDP2 (``fully_shard`` over the data-parallel mesh, 33 rows shard as 17 + 16): the parameters
   are DTensors with smaller local shards, the unchanged callback (auto-detected units) logs on
   both ranks the same angular updates as one process training the same model from the same
-  initial state on the same global batches, per layer and per channel, within 1e-5 rad.
+  initial state on the same global batches, per layer and per channel, within 1e-5 rad; with
+  AdamW, the radial balance too (from the update's radial part, summed over the shards).
 
 The two launches run concurrently (each spends much of its time starting up and waiting for its
 peer), and the single-process reference runs in this process meanwhile.
@@ -68,7 +69,7 @@ ROOT_UNSHARDED_BUG = "not updated by any optimizer"
 # The runs: one module-scoped fixture starts both launches and the reference
 
 
-def _single_process_reference(init: Path, out: Path) -> dict[str, Any]:
+def _single_process_reference(init: Path, out: Path, optimizer: str = "sgd") -> dict[str, Any]:
     """The FSDP2 model, unsharded, in one process, on the concatenated per-rank batches."""
     out.mkdir()
     callbacks = sdm_callbacks()
@@ -82,19 +83,20 @@ def _single_process_reference(init: Path, out: Path) -> dict[str, Any]:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(LNNet(initial_state=str(init)), full_loader())
+    trainer.fit(LNNet(initial_state=str(init), optimizer=optimizer), full_loader())
     return read_record(out / "single_rank0.json")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("sdm_callback_distributed")
-    ddp_out, fsdp_out = root / "ddp", root / "fsdp"
+    ddp_out, fsdp_out, adamw_out = root / "ddp", root / "fsdp", root / "fsdp_adamw"
     ddp_out.mkdir()
     fsdp_out.mkdir()
+    adamw_out.mkdir()
     init = root / "init.pt"
     initial_lnnet_state(init)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         launches: dict[str, Future] = {
             "ddp": pool.submit(
                 run_script,
@@ -114,11 +116,26 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
                 timeout=TIMEOUT_S,
                 cwd=REPO_ROOT,
             ),
+            "fsdp_adamw": pool.submit(
+                run_script,
+                SCRIPTS / "fsdp_callback.py",
+                2,
+                ["--out", str(adamw_out), "--init", str(init), "--optimizer", "adamw"],
+                per_rank=False,
+                timeout=TIMEOUT_S,
+                cwd=REPO_ROOT,
+            ),
         }
         try:
             reference: Any = _single_process_reference(init, root / "single")
         except Exception as error:  # reported by the FSDP tests, not by the DDP ones
             reference = error
+        try:
+            adamw_reference: Any = _single_process_reference(
+                init, root / "single_adamw", optimizer="adamw"
+            )
+        except Exception as error:
+            adamw_reference = error
         for future in launches.values():
             future.exception()  # wait; the error (if any) is raised by the fixture that needs it
     yield {
@@ -126,6 +143,8 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
         "reference": reference,
         "ddp_out": ddp_out,
         "fsdp_out": fsdp_out,
+        "adamw_reference": adamw_reference,
+        "adamw_out": adamw_out,
     }
 
 
@@ -151,6 +170,15 @@ def fsdp(runs) -> dict[str, Any]:
             # Units of the root FSDP2 module must be measured too (none may be skipped).
             assert not callback["skipped"], f"{name}: {callback['skipped']}"
     reference = runs["reference"]
+    if isinstance(reference, BaseException):
+        raise reference
+    return {"records": records, "reference": reference}
+
+
+@pytest.fixture(scope="module")
+def fsdp_adamw(runs) -> dict[str, Any]:
+    records = _records(runs["launches"]["fsdp_adamw"], runs["adamw_out"], "fsdp_adamw")
+    reference = runs["adamw_reference"]
     if isinstance(reference, BaseException):
         raise reference
     return {"records": records, "reference": reference}
@@ -336,3 +364,26 @@ def test_fsdp_matches_single_process_on_the_same_global_batches(fsdp, granularit
                 worst, where = error, f"step {expected['global_step']} {expected['unit']} {key}"
     print(f"FSDP2 vs one process, {granularity}: max |difference| = {worst:.3e} rad at {where}")
     assert worst <= ANGLE_ATOL, f"max difference {worst:.3e} rad > {ANGLE_ATOL:g} at {where}"
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_fsdp_radial_balance_matches_single_process_under_adamw(fsdp_adamw, granularity):
+    """The radial balance sums ``<w, d>``, ``|d|^2``, ``|w|^2`` over each unit's rows: the shards'
+    partial sums must add up to one process's (17 + 16 rows of 33)."""
+    reference = fsdp_adamw["reference"]["callbacks"][granularity]["history"]
+    ranks = [record["callbacks"][granularity]["history"] for record in fsdp_adamw["records"]]
+    assert exact(ranks[0]) == exact(ranks[1]), "the FSDP2 ranks logged different values"
+    assert len(reference) == len(UNITS) * (FSDP_STEPS // FSDP_EVERY)
+    worst = 0.0
+    for expected, actual in zip(reference, ranks[0], strict=True):
+        assert (actual["global_step"], actual["unit"]) == (
+            expected["global_step"],
+            expected["unit"],
+        )
+        # Measured from the update, not a priori: AdamW's balance differs from its prediction.
+        assert math.isfinite(expected["balance"]) and expected["balance"] > 1e-4, expected
+        assert abs(expected["balance"] / expected["theory"] - 1) > 1e-6, expected
+        for key in ("angular_update", "balance"):
+            worst = max(worst, abs(actual[key] - expected[key]))
+    print(f"FSDP2 + AdamW vs one process, {granularity}: max |difference| = {worst:.3e} rad")
+    assert worst <= ANGLE_ATOL, f"max difference {worst:.3e} rad > {ANGLE_ATOL:g}"

@@ -28,6 +28,7 @@ def script_arguments(*paths: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     for name in ("out", *paths):
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     args = parser.parse_args()
     torch.set_num_threads(1)  # 2 ranks on a 2-core machine
     return args
@@ -49,6 +50,8 @@ WORLD_SIZE = 2
 FSDP_STEPS = 12
 FSDP_EVERY, FSDP_WINDOW = 4, 3
 FSDP_LR, FSDP_WD, FSDP_MOMENTUM = 0.2, 0.05, 0.9
+# The AdamW run (the radial balance is measured from the update's radial part, not a priori).
+FSDP_ADAMW_LR, FSDP_ADAMW_WD = 0.02, 0.5
 
 
 class LNNet(pl.LightningModule):
@@ -59,9 +62,12 @@ class LNNet(pl.LightningModule):
     ``shard=True`` applies FSDP2 in :meth:`configure_model`: the first Linear, then the root.
     """
 
-    def __init__(self, initial_state: str | None = None, shard: bool = False) -> None:
+    def __init__(
+        self, initial_state: str | None = None, shard: bool = False, optimizer: str = "sgd"
+    ) -> None:
         super().__init__()
         self.shard = shard
+        self.optimizer = optimizer
         self.net = nn.Sequential(
             nn.Linear(FEATURES, HIDDEN),
             nn.LayerNorm(HIDDEN),
@@ -93,6 +99,10 @@ class LNNet(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)  # mean over the (local) batch
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(
+                self.parameters(), lr=FSDP_ADAMW_LR, weight_decay=FSDP_ADAMW_WD
+            )
         return torch.optim.SGD(
             self.parameters(), lr=FSDP_LR, momentum=FSDP_MOMENTUM, weight_decay=FSDP_WD
         )

@@ -2,8 +2,9 @@
 
 Run: ``python tests/distributed/scripts/fsdp_callback.py --out DIR --init STATE.pt`` (Lightning
 starts rank 1 by re-executing this command). Two callbacks (layer and channel granularity) watch
-the same run; each rank writes ``DIR/fsdp_rank{0,1}.json``. The script itself asserts that the
-parameters really are sharded DTensors.
+the same run; each rank writes ``DIR/fsdp_rank{0,1}.json`` (``--optimizer adamw``:
+``DIR/fsdp_adamw_rank{0,1}.json``). The script itself asserts that the parameters really are
+sharded DTensors.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main() -> None:
     args = script_arguments("init")
 
     sdm = sdm_callbacks()
-    dump = HistoryDump(args.out, "fsdp", sdm)
+    tag = "fsdp" if args.optimizer == "sgd" else f"fsdp_{args.optimizer}"
+    dump = HistoryDump(args.out, tag, sdm)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=WORLD_SIZE,
@@ -73,7 +75,7 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    module = LNNet(initial_state=str(args.init), shard=True)
+    module = LNNet(initial_state=str(args.init), shard=True, optimizer=args.optimizer)
     # The rank is only known once Lightning has set up the processes; the loader is built per rank.
     module.train_dataloader = lambda: rank_loader(trainer.global_rank)  # type: ignore[method-assign]
     trainer.fit(module)
