@@ -391,6 +391,19 @@ def relaxation_time(prediction: Prediction) -> float | None:
     ``_lion``). ``None`` where there is no prediction, no weight decay or a zero learning rate
     (nothing relaxes).
 
+    Adafactor (both rules, with or without weight decay): the second moment's memory
+    ``M = step^0.8`` (``1 - beta2_t = step^beta2_decay``), read at the prediction's step. Its
+    steps are relative to the weight, so the angle is ``rho_t`` times the update's RMS from the
+    first step, whatever the norm: no norm relaxes towards it, and an LR change moves ``rho_t``
+    at once. What lags is the update's RMS ``g / sqrt(v)``: after the gradient scale changes
+    (the norm moves, an action rescales the weight) ``v`` forgets its old level as
+    ``exp(-t / M)``. In the simulation (weights doubled at step 1000, ``lr = 0.01``) the excess
+    ``v / v* - 1`` fell to ``1/e`` after 243 steps (``wd = 0.01``) and 275 (``wd = 0``) against
+    ``M = 251``; AdamW's ``1 / (2 lr wd)`` would say 5,000. Where weight decay wins
+    (``adafactor_shrinking``) the norm shrinks towards ``eps2`` for ``ln(RMS / eps2) / |a|``
+    steps, but the angle the prediction names holds along the way: that is how long the
+    prediction lasts (its reason), not how long it takes to reach.
+
     Example::
 
         >>> import torch
@@ -402,6 +415,8 @@ def relaxation_time(prediction: Prediction) -> float | None:
     exponent = equilibrium_norm_exponent(prediction)
     hyper = prediction.hyperparameters
     lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
+    if prediction.family == "adafactor" and prediction.angular_update and lr > 0:
+        return _adafactor_memory(hyper)
     if exponent is None or not lr > 0 or not weight_decay > 0:
         return None
     if prediction.family == "sgd":
@@ -845,6 +860,11 @@ def for_shape(
         f"momentum {_fmt(mu)}){'; ' + note if note else ''}; adjust_lr_fn cancels"
     )
     return replace(prediction, angular_update=value, reason=reason)
+
+
+def _adafactor_memory(hyper: Mapping[str, float]) -> float:
+    """Adafactor's second-moment memory ``M = step^0.8`` at the prediction's step (>= 1)."""
+    return max(hyper.get("step", 1.0), 1.0) ** hyper.get("memory_exponent", 0.8)
 
 
 def _adafactor_for_unit(prediction: Prediction, relative_norm: float) -> Prediction:

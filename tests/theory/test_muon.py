@@ -198,6 +198,50 @@ def test_adafactor_shrinking_weight_turns_by_rho_t_and_the_reason_names_the_floo
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adafactor_relaxes_in_its_second_moments_memory_not_adamws_time(weight_decay):
+    # Found by a probe: Adafactor's relaxation time was AdamW's 1 / (2 lr wd) (5,000 steps at
+    # lr = wd = 0.01): the console promised thousands of steps for units at their prediction from
+    # the first window. Its relative step turns the weight by rho_t from step 1 (measured here
+    # over the first 20 steps); what lags is the update's RMS, whose second moment forgets a
+    # change of the gradient scale in M = step^0.8 steps. The weights are doubled at step T (the
+    # gradient halves at once): the excess v / v* - 1 = 3 must fall to 3/e after about M(T).
+    lr, start, after = 0.01, 400, 700
+    holder: dict[str, torch.optim.Optimizer] = {}
+
+    def double_at_start(step: int, optimizer: torch.optim.Optimizer) -> None:
+        holder["opt"] = optimizer
+        if step == start:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].mul_(2.0)
+        if step == 0:
+            holder["first"] = predict_param_group(optimizer, optimizer.param_groups[0])
+        if step == start:
+            holder["at_start"] = predict_param_group(optimizer, optimizer.param_groups[0])
+
+    result = simulate_scale_invariant(
+        lambda params: torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay),
+        steps=start + after,
+        rows=64,
+        dim=128,
+        dtype=torch.float32,
+        before_step=double_at_start,
+    )
+    squares = result.angular_updates.square().mean(1)
+    first = holder["first"]
+    assert first.angular_update is not None
+    assert squares[:20].mean().sqrt().item() == pytest.approx(first.angular_update, rel=0.05)
+    level = squares[start - 150 : start].mean().item()
+    excess = [level / squares[start + k : start + k + 10].mean().item() - 1 for k in range(after)]
+    assert excess[0] == pytest.approx(3.0, rel=0.15)
+    measured = next(k for k, x in enumerate(excess) if x <= 3 / math.e)
+    tau = relaxation_time(holder["at_start"])
+    assert tau == pytest.approx(start**0.8, rel=0.01)
+    assert measured == pytest.approx(tau, rel=0.25)
+    # Where weight decay is set, AdamW's formula is 20x longer; without it there was none.
+    assert relaxation_time(first) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_adafactor_rows_of_different_norms_turn_by_their_norm_against_the_matrix(weight_decay):
     # One matrix-wide step, rows under BatchNorm with norms spread 4x: the matrix's value misses
     # rows by 0.6x-2.1x; for_shape with each row's norm against the matrix's row RMS (read from
