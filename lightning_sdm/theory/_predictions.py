@@ -374,8 +374,11 @@ def equilibrium_norm_exponent(prediction: Prediction) -> float | None:
     _check_prediction(prediction)
     if prediction.angular_update is None or prediction.family is None:
         return None
-    if prediction.rule == "adafactor_relative":
-        return None  # steps relative to the weight: the angle needs no norm equilibrium
+    if prediction.family == "adafactor":
+        # Steps relative to the weight (both rules, by family: a restored prediction keeps only
+        # that): the angle does not depend on the norm, so no norm equilibrium sets it and
+        # rescaling the norm moves nothing.
+        return None
     return 0.25 if prediction.family == "sgd" else 0.5
 
 

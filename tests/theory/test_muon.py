@@ -195,6 +195,12 @@ def test_adafactor_shrinking_weight_turns_by_rho_t_and_the_reason_names_the_floo
     assert prediction.rule == "adafactor_shrinking"
     assert prediction.angular_update == pytest.approx(1e-2)
     assert "eps2" in prediction.reason and "sqrt(2*lr*wd)" in prediction.reason
+    # Relative steps: no norm sets the angle, so no norm balance to integrate (its trajectory
+    # only echoed the last window) and no norm to rescale.
+    from lightning_sdm.theory._trajectory import trajectory_constants
+
+    assert trajectory_constants(prediction) is None
+    assert equilibrium_norm_exponent(prediction) is None
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -391,3 +397,75 @@ def test_adafactor_study_recomputes_torchs_step_from_the_state(task):
         assert row["residual"] == pytest.approx(1.0, abs=2e-3)
         assert math.prod(row[k] for k in FACTORS) == pytest.approx(row["ratio"], rel=1e-9)
         assert 0.9 < row["orthogonal"] <= 1.0 + 1e-9
+
+
+def _adafactor_convnet_regimes(weight_decay: float) -> list[tuple[int, str, float, str, bool]]:
+    """The probe's run: a BatchNorm convnet on digits, Adafactor lr 0.01, constant LR, 203 steps.
+
+    ``(optimizer step, unit, ratio, regime, in equilibrium)`` per unit and window.
+    """
+    from lightning_sdm import SphericalMonitor, Unit
+    from lightning_sdm.config import MonitorConfig
+    from lightning_sdm.equilibrium import EquilibriumDetector
+    from studies.nets import digits
+
+    torch.manual_seed(0)
+    x, y = digits()
+    nn = torch.nn
+
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+    model = nn.Sequential(
+        *block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    names = ("0.weight", "3.weight", "7.weight")
+    hidden = [model.get_parameter(n) for n in names]
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    opt = torch.optim.Adafactor(
+        [{"params": hidden, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=0.01,
+    )
+    config = MonitorConfig(every_n_steps=20, window=10, granularity="channel")
+    units = [Unit(n, (n,)) for n in names]
+    monitor = SphericalMonitor(model, opt, units, config).attach()
+    detector, out = EquilibriumDetector(), []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        for batch in torch.randperm(len(x), generator=generator).split(64):
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            windows = monitor.pop_windows()
+            detector.update(windows)
+            for w in windows:
+                state = detector.state[w.unit]
+                out.append((w.optimizer_step, w.unit, w.ratio, state.regime, state.in_equilibrium))
+    monitor.detach()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
+def test_an_adafactor_unit_drifting_off_its_prediction_is_not_in_equilibrium(weight_decay):
+    # Found by a probe: with wd = 0.01 the norm-balance trajectory, fitted to each last window,
+    # only echoed it (Adafactor's angle does not depend on the norm): a unit whose ratio fell
+    # from 0.99 to 0.65 at a constant LR and a constant prediction (the digits loss goes to 0,
+    # docs/muon.md) stayed "tracking", in equilibrium, to the end. Now no trajectory: at the
+    # prediction in the first windows the units are in equilibrium; one more than 2.5
+    # tolerances below it at the end is not, and none is ever "tracking" (nothing moves the
+    # prediction). wd = 0 (which had no trajectory) gives the same verdicts. (Units 20% below
+    # stay "stationary, the prediction is off": the detector's own rule, up to 2 tolerances.)
+    rows = _adafactor_convnet_regimes(weight_decay)
+    tolerance = 0.1
+    early = [r for r in rows if r[0] in (60, 80)]
+    assert len(early) == 6
+    for step, unit, ratio, regime, inside in early:
+        assert abs(ratio - 1) < tolerance and inside and regime == "equilibrium", (step, unit)
+    assert all(regime != "tracking" for _, _, _, regime, _ in rows), rows
+    last = {unit: (ratio, inside) for _, unit, ratio, _, inside in rows}
+    drifted = [unit for unit, (ratio, _) in last.items() if ratio < 1 - 2.5 * tolerance]
+    assert drifted, last  # the run drifts (as the probe's did)
+    assert not any(last[unit][1] for unit in drifted), last
