@@ -226,6 +226,20 @@ def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
     assert _audit(adam, torch.optim.AdamW) == {}
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor")
+def test_audit_does_not_call_adafactor_without_decay_unsettled() -> None:
+    # Found by a probe: Adafactor without weight decay was told "no equilibrium: the effective
+    # learning rate lr/|w|^2 decays like 1/t", while its relative step turns the weight by
+    # rho_t per step whatever the norm (the package predicts 0.01 rad/step and the run settled).
+    groups = [
+        {"params": ["conv.weight", "conv.bias"], "weight_decay": 0.0},
+        {"params": ["emb.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"],
+         "weight_decay": 0.0},
+    ]  # fmt: skip
+    assert _audit(groups, torch.optim.Adafactor) == {}
+    assert "invariant_without_decay" in _audit(groups, torch.optim.AdamW)
+
+
 def test_audit_flags_a_unit_split_across_groups() -> None:
     groups = [
         {"params": ["conv.weight"], "weight_decay": 1e-4},
