@@ -933,9 +933,10 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
 # Measured by studies/muon/adafactor.py (docs/muon.md, "Adafactor"): the update's RMS after
 # clipping, the one factor of measured / predicted that was not 1 within 1.1%.
 _ADAFACTOR_REAL_NETWORKS = (
-    "on real networks (studies/muon/adafactor.py) measured / predicted was 0.90-0.96 with dense "
-    "or noisy inputs (a teacher-student regression under BatchNorm or LayerNorm, a BatchNorm "
-    "convnet on noisy generated images) and 0.44-0.67 on digits, whose loss reaches 0, with or "
+    "on real networks (studies/muon/measure.py and adafactor.py) measured / predicted was "
+    "0.90-0.96 with dense or noisy inputs (a teacher-student regression under BatchNorm or "
+    "LayerNorm, a BatchNorm convnet on noisy generated images) and 0.44-0.68 on digits, whose "
+    "loss reaches 0, with or "
     "without weight decay; the whole gap is the update's RMS after clipping at d, set by how "
     "intermittent the gradients are (on digits the RMS per step spans 0.03-62 and is clipped on "
     "9-25% of steps), which neither the hyper-parameters nor the optimizer's state hold: an "
