@@ -403,7 +403,7 @@ def relaxation_time(prediction: Prediction) -> float | None:
     ``exp(-t / M)``. In the simulation (weights doubled at step 1000, ``lr = 0.01``) the excess
     ``v / v* - 1`` fell to ``1/e`` after 243 steps (``wd = 0.01``) and 275 (``wd = 0``) against
     ``M = 251``; AdamW's ``1 / (2 lr wd)`` would say 5,000. Where weight decay wins
-    (``adafactor_shrinking``) the norm shrinks towards ``eps2`` for ``ln(RMS / eps2) / |a|``
+    (``adafactor_shrinking``) the norm shrinks towards ``eps2`` for ``2 ln(RMS / eps2) / |a|``
     steps, but the angle the prediction names holds along the way: that is how long the
     prediction lasts (its reason), not how long it takes to reach.
 
@@ -796,7 +796,11 @@ def _predict_muon(name: str, group: Mapping[str, Any], hyper: dict[str, float]) 
 
 
 def for_shape(
-    prediction: Prediction, shape: Sequence[int], *, relative_norm: float | None = None
+    prediction: Prediction,
+    shape: Sequence[int],
+    *,
+    relative_norm: float | None = None,
+    weight_rms: float | None = None,
 ) -> Prediction:
     """The prediction for one matrix of ``shape`` updated under ``prediction``'s param group.
 
@@ -818,6 +822,9 @@ def for_shape(
         relative_norm: for a unit that is part of a matrix, its norm over the root mean square
             of the norms of the matrix's units (``|w_i| / (sqrt(cols) RMS(W))``, 1 for a whole
             matrix or equal rows); only Adafactor reads it.
+        weight_rms: the unit's RMS (its norm over the square root of its size), where known:
+            a shrinking Adafactor weight's reason then says in how many steps it reaches the
+            ``eps2`` floor (``2 ln(RMS / eps2) / |a|``) instead of the formula alone.
 
     Returns:
         The prediction, with Muon's memory factor for this aspect ratio, or Adafactor's value
@@ -834,6 +841,14 @@ def for_shape(
         (0.01103, 0.01279)
     """
     _check_prediction(prediction)
+    if weight_rms is not None:
+        check_number("weight_rms", weight_rms, low=0.0)
+        if prediction.rule == "adafactor_shrinking":
+            hyper = prediction.hyperparameters
+            reason = prediction.reason.replace(
+                _floor_text(hyper, None), _floor_text(hyper, weight_rms)
+            )
+            prediction = replace(prediction, reason=reason)
     if relative_norm is not None:
         check_number("relative_norm", relative_norm, low=0.0)
         if prediction.family == "adafactor" and prediction.angular_update:
@@ -863,6 +878,38 @@ def for_shape(
         f"momentum {_fmt(mu)}){'; ' + note if note else ''}; adjust_lr_fn cancels"
     )
     return replace(prediction, angular_update=value, reason=reason)
+
+
+def _adafactor_floor_steps(hyper: Mapping[str, float], weight_rms: float) -> float:
+    """Steps until a shrinking Adafactor weight of RMS ``weight_rms`` reaches the ``eps2`` floor.
+
+    ``log |W|^2`` changes by ``a = rho_t^2 - 2 lr wd`` per step, so ``log RMS`` by ``a / 2``:
+    ``2 ln(RMS / eps2) / |a|`` (0 at or below the floor; ``inf`` where ``a >= 0``). In the
+    simulation (``lr = 0.01``, ``wd = 0.5``, RMS 0.1) the floor was reached at step 929 against
+    930 (``tests/theory/test_muon.py``).
+    """
+    lr, wd, step = hyper["lr"], hyper["weight_decay"], hyper.get("step", 1.0)
+    rho = min(lr, 1.0 / math.sqrt(max(step, 1.0)))
+    growth = rho**2 - 2 * lr * wd
+    if growth >= 0:
+        return math.inf
+    return 2 * max(math.log(weight_rms / hyper["eps2"]), 0.0) / -growth
+
+
+def _floor_text(hyper: Mapping[str, float], weight_rms: float | None) -> str:
+    """How far the ``eps2`` floor is: the formula, evaluated where the weight's RMS is known."""
+    lr, wd, step = hyper["lr"], hyper["weight_decay"], hyper.get("step", 1.0)
+    rho = min(lr, 1.0 / math.sqrt(max(step, 1.0)))
+    rate = _fmt(2 * lr * wd - rho**2)
+    if weight_rms is None:
+        return f"2*ln(RMS/eps2)/{rate} steps"
+    steps = _adafactor_floor_steps(hyper, weight_rms)
+    if steps == 0:
+        return f"this unit's RMS {_fmt(weight_rms)} is there already"
+    return (
+        f"2*ln(RMS/eps2)/{rate} = 2*ln({_fmt(weight_rms)}/{_fmt(hyper['eps2'])})/{rate} = "
+        f"{steps:,.0f} steps at this unit's RMS"
+    )
 
 
 def _adafactor_memory(hyper: Mapping[str, float]) -> float:
@@ -915,7 +962,8 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         return Prediction(value, name, "adafactor_relative", reason, _ADAFACTOR_SOURCE, hyper)
     # Weight decay wins: the weight shrinks (its gradients grow, the second moment lags, the
     # update is clipped at RMS d) and turns by rho_t * min(1, d) per step until its RMS reaches
-    # eps2, ln(RMS / eps2) / |a| steps away (tens of thousands from a usual init); there the step
+    # eps2, 2 ln(RMS / eps2) / |a| steps away (log RMS falls by |a|/2 per step; tens of thousands
+    # from a usual init); there the step
     # size is fixed and the AdamW balance without momentum gives sqrt(2 lr wd).
     value = rho * min(1.0, d)
     floor = math.sqrt(2 * lr * wd)
@@ -923,7 +971,7 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         f"rho_t*min(1, d) = {_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)): weight "
         f"decay (2*lr*wd = {_fmt(2 * lr * wd)} > rho_t^2 = {_fmt(rho**2)}) shrinks the weight, "
         "whose relative steps turn it by rho_t; once its RMS is down to eps2 = "
-        f"{_fmt(hyper['eps2'])} (ln(RMS/eps2)/{_fmt(-growth)} steps) the steps stop shrinking "
+        f"{_fmt(hyper['eps2'])} ({_floor_text(hyper, None)}) the steps stop shrinking "
         f"and the angle rises to sqrt(2*lr*wd) = {_fmt(floor)}, which this value does not "
         f"follow; {_ADAFACTOR_REAL_NETWORKS}"
     )

@@ -471,6 +471,69 @@ def test_an_adafactor_unit_drifting_off_its_prediction_is_not_in_equilibrium(wei
     assert not any(last[unit][1] for unit in drifted), last
 
 
+def test_a_shrinking_adafactor_weight_reaches_the_floor_when_its_reason_says():
+    # log |W|^2 changes by a = rho_t^2 - 2 lr wd per step, so log RMS by a/2: the floor is
+    # 2 ln(RMS/eps2)/|a| steps away (the docs and the reason said ln(RMS/eps2)/|a|, half of it).
+    # Simulation: lr 0.01, wd 0.5 (a = -0.0099), RMS 0.1: the first step at RMS <= eps2 against
+    # the reason's number for this RMS; the angle holds at rho_t until then and rises after.
+    from lightning_sdm.theory._predictions import _adafactor_floor_steps
+
+    lr, wd, dim, start = 0.01, 0.5, 128, 0.1
+    result = simulate_scale_invariant(
+        lambda params: torch.optim.Adafactor(params, lr=lr, weight_decay=wd),
+        steps=1100,
+        rows=16,
+        dim=dim,
+        initial_norm=start * math.sqrt(dim),
+    )
+    rms = (result.norms.square().mean(1) / dim).sqrt().tolist()
+    reached = next(step for step, value in enumerate(rms) if value <= 1e-3)
+    w = torch.nn.Parameter(torch.zeros(16, dim))
+    opt = torch.optim.Adafactor([w], lr=lr, weight_decay=wd)
+    group = predict_param_group(opt, opt.param_groups[0])
+    assert group.rule == "adafactor_shrinking"
+    steps = _adafactor_floor_steps(group.hyperparameters, start)
+    assert reached == pytest.approx(steps, rel=0.02)
+    unit = for_shape(group, (16, dim), weight_rms=start)
+    assert f"= {steps:,.0f} steps at this unit's RMS" in unit.reason, unit.reason
+    assert "2*ln(RMS/eps2)/0.0099 steps" in group.reason  # the formula where the RMS is unknown
+    angles = result.angular_updates.square().mean(1).sqrt()
+    assert angles[: reached - 50].max().item() == pytest.approx(group.angular_update, rel=0.01)
+    assert angles[-20:].mean().item() > 1.3 * group.angular_update
+    at_floor = for_shape(group, (16, dim), weight_rms=5e-4)
+    assert "is there already" in at_floor.reason
+    with pytest.raises(ValueError, match="`weight_rms`"):
+        for_shape(group, (16, dim), weight_rms=-1.0)
+
+
+def test_the_monitor_evaluates_the_floor_from_the_units_measured_rms():
+    from lightning_sdm import SphericalMonitor, Unit
+    from lightning_sdm.config import MonitorConfig
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(0.05 * torch.randn(8, 32, generator=generator))
+    model = torch.nn.Module()
+    model.weight = weight
+    opt = torch.optim.Adafactor([weight], lr=0.01, weight_decay=0.1)
+    monitor = SphericalMonitor(model, opt, [Unit("weight", ("weight",))], MonitorConfig())
+    monitor.attach()
+    before = monitor.predictions()["weight"]
+    assert "2*ln(RMS/eps2)/" in before.reason and "this unit's RMS" not in before.reason
+    for _ in range(monitor.config.every_n_steps):
+        with torch.no_grad():
+            w = weight.detach()
+            noise = torch.randn(w.shape, generator=generator)
+            noise -= (noise * w).sum() * w / w.square().sum()
+            weight.grad = noise / w.norm()
+        opt.step()
+    assert monitor.pop_windows()
+    reason = monitor.predictions()["weight"].reason
+    monitor.detach()
+    rms = weight.detach().square().mean().sqrt().item()
+    assert f"2*ln({rms:.6g}/0.001)" in reason or f"2*ln({rms:.5g}" in reason, (rms, reason)
+    assert "steps at this unit's RMS" in reason
+
+
 def test_adafactors_stated_ranges_are_those_of_the_docs_tables():
     # The reason and the docs' summary said 0.90-0.96 / 0.44-0.67 and 0.90-0.95 / 0.45-0.68 for
     # the same runs. Both must state the union of the two tables of docs/muon.md (the real
