@@ -465,11 +465,15 @@ def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
 
         >>> print(predicted([("SGD group 0", 0.0229416, 52.6)]))
         [lightning_sdm] predicted equilibrium: SGD group 0: 0.02294 rad/step, reached in a few times 53 steps; callback.advice.table() has every phase of the schedule.
+        >>> print(predicted([("Adafactor group 0", 0.01, 1.0)]))  # relative steps, at step 1
+        [lightning_sdm] predicted equilibrium: Adafactor group 0: 0.01 rad/step, reached within a few steps; callback.advice.table() has every phase of the schedule.
     """  # noqa: E501
     parts = []
     for label, angle, tau in groups:
         value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
         within = "" if tau is None else f", reached in a few times {tau:,.0f} steps"
+        if tau is not None and tau < 2:  # Adafactor's relative steps at step 1: M = 1
+            within = ", reached within a few steps"
         parts.append(f"{label}: {value}{within}")
     return (
         f"{PREFIX} predicted equilibrium: {'; '.join(parts)}; callback.advice.table() has every "

@@ -661,21 +661,25 @@ def _phase(
     previous: Phase | None,
 ) -> Phase:
     def tau_at(lr: float) -> float | None:
-        return _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
+        return _relaxation_time(
+            _at_step(predict_param_group(optimizer, {**group, "lr": lr}), start)
+        )
 
     lr_start, lr_end = _lr_at(changes, start), _lr_at(changes, end - 1)
     lr_peak = max([lr for step, lr in changes if start <= step < end] + [lr_start])
     prediction = predict_param_group(optimizer, {**group, "lr": lr_peak})
+    relative = prediction.family == "adafactor"
     needed = smd = None
     tau_start = tau_at(lr_start)
     if previous is not None and tau_start is not None and previous.lr_end > 0 and lr_start > 0:
         ratio = lr_start / previous.lr_end
-        needed = lr_change_relaxation_steps(ratio, tau_start, _NEAR)
+        # Adafactor's relative step follows the LR at once: no norm has to relax.
+        needed = 0.0 if relative else lr_change_relaxation_steps(ratio, tau_start, _NEAR)
         if prediction.family == "sgd" and ratio < 1:
             smd = 2.0 * tau_start * math.log(1.0 / ratio)  # SMD Cor. 3.1: ln(k) (1-a)/(2 wd lr)
-    tau_peak = _relaxation_time(prediction)
+    tau_peak = _relaxation_time(_at_step(prediction, start))
     onset = None
-    if tau_peak is not None:  # tau is proportional to 1/lr (SGD and decoupled decay alike)
+    if tau_peak is not None and not relative:  # tau ~ 1/lr (SGD and decoupled decay alike)
         inside = [(step, lr) for step, lr in changes if start <= step < end]
         onset = _lag_onset(inside, tau_peak * lr_peak)
     fits = None if needed is None else needed <= end - start
@@ -684,6 +688,14 @@ def _phase(
         start, end, lr_start, lr_end, lr_peak, prediction.angular_update, tau_peak, needed, smd,
         fits, onset, tail,
     )  # fmt: skip
+
+
+def _at_step(prediction: Prediction, start: int) -> Prediction:
+    """Adafactor's prediction read at a phase's first step: its memory ``M = step^0.8`` grows."""
+    hyper = prediction.hyperparameters
+    if prediction.family != "adafactor" or hyper.get("step", 1.0) >= start + 1:
+        return prediction
+    return replace(prediction, hyperparameters={**hyper, "step": float(start + 1)})
 
 
 def peak_of(changes: Sequence[tuple[int, float]]) -> float:

@@ -5,6 +5,8 @@ Checked once, before the first step, from the optimizers' param groups and the i
 * ``invariant_without_decay``: scale-invariant weights in a group without weight decay. They
   have no equilibrium: their norm grows like ``sqrt(t)``, so their effective learning rate
   ``lr / |w|^2`` decays like ``1/t`` (Arora et al. 2019; SMD section 3) instead of settling.
+  Not for Adafactor: its steps are relative to the weight, so it turns by ``rho_t`` per step
+  whatever the norm (an equilibrium angle without decay, which the package predicts).
 * ``decay_on_norm_affine``, ``decay_on_embedding``, ``decay_on_bias``: weight decay on
   normalisation gains and shifts, embedding tables or biases. Not an error, but these are not
   scale-invariant: decay only pulls them towards 0 (a frequent grouping bug, e.g. decaying
@@ -32,7 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
-from lightning_sdm.theory._optimizers import check_optimizers, unwrap
+from lightning_sdm.theory._optimizers import check_optimizers, family_of, recognise, unwrap
 from lightning_sdm.units import Unit
 
 __all__ = ["Finding", "FindingKind", "audit_param_groups"]
@@ -105,6 +107,8 @@ def audit_param_groups(
     group_of: dict[str, tuple[int, int, float]] = {}
     for opt_index, optimizer in enumerate(optimizers):
         optimizer = unwrap(optimizer)
+        # Adafactor's steps are relative to the weight: without decay its angle still settles.
+        relative = family_of(recognise(optimizer)[0]) == "adafactor"
         for group_index, group in enumerate(optimizer.param_groups):
             wd = float(group.get("weight_decay", 0.0) or 0.0)
             for param in group["params"]:
@@ -113,6 +117,8 @@ def audit_param_groups(
                     continue
                 group_of[name] = (opt_index, group_index, wd)
                 kind = _kind(name, wd, in_units, roles)
+                if kind == "invariant_without_decay" and relative:
+                    kind = None
                 if kind is not None:
                     found.setdefault(kind, []).append(name)
             if wd > 0 and _couples_l2(optimizer, group):

@@ -213,7 +213,12 @@ class SphericalMonitor:
         for watch in self._watches:
             groups = explain_equilibrium(watch.optimizer)
             for unit in watch.units:
-                result[unit.spec.name] = for_shape(groups[unit.group_index], unit.tensors[0].shape)
+                # The last window's RMS, where there was one: Adafactor's shrinking weight then
+                # says in how many steps it reaches the eps2 floor.
+                rms = unit.weight_rms if math.isfinite(unit.weight_rms) else None
+                result[unit.spec.name] = for_shape(
+                    groups[unit.group_index], unit.tensors[0].shape, weight_rms=rms
+                )
         return result
 
     def parameter_groups(self) -> dict[str, tuple[Optimizer, int]]:
@@ -674,6 +679,7 @@ class SphericalMonitor:
             if theory:
                 norms = result["weight_norm"][unit.rows]
                 channel_ratios = _summarize(rms / _channel_theory(latest, unit, theory, norms))
+        unit.weight_rms = norm / math.sqrt(max(sum(t.numel() for t in unit.tensors), 1))
         # Frozen: no gradient now and no rotation in the window. A unit frozen during the window
         # moved in part of it: its angle is logged, without a prediction to compare it with.
         frozen = frozen_now and angle == 0.0

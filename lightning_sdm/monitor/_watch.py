@@ -8,6 +8,7 @@ only changes its ``group_index``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ class _Unit:
     max_abs_cosine: float = 0.0
     # Where the norm balance puts the unit on its trajectory (None before its first window).
     trajectory: TrajectoryState | None = None
+    # The unit's RMS at its last window (from the measured norm: no extra sync; NaN before one).
+    weight_rms: float = math.nan
 
 
 @dataclass

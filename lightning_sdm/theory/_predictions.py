@@ -374,8 +374,11 @@ def equilibrium_norm_exponent(prediction: Prediction) -> float | None:
     _check_prediction(prediction)
     if prediction.angular_update is None or prediction.family is None:
         return None
-    if prediction.rule == "adafactor_relative":
-        return None  # steps relative to the weight: the angle needs no norm equilibrium
+    if prediction.family == "adafactor":
+        # Steps relative to the weight (both rules, by family: a restored prediction keeps only
+        # that): the angle does not depend on the norm, so no norm equilibrium sets it and
+        # rescaling the norm moves nothing.
+        return None
     return 0.25 if prediction.family == "sgd" else 0.5
 
 
@@ -391,6 +394,19 @@ def relaxation_time(prediction: Prediction) -> float | None:
     ``_lion``). ``None`` where there is no prediction, no weight decay or a zero learning rate
     (nothing relaxes).
 
+    Adafactor (both rules, with or without weight decay): the second moment's memory
+    ``M = step^0.8`` (``1 - beta2_t = step^beta2_decay``), read at the prediction's step. Its
+    steps are relative to the weight, so the angle is ``rho_t`` times the update's RMS from the
+    first step, whatever the norm: no norm relaxes towards it, and an LR change moves ``rho_t``
+    at once. What lags is the update's RMS ``g / sqrt(v)``: after the gradient scale changes
+    (the norm moves, an action rescales the weight) ``v`` forgets its old level as
+    ``exp(-t / M)``. In the simulation (weights doubled at step 1000, ``lr = 0.01``) the excess
+    ``v / v* - 1`` fell to ``1/e`` after 243 steps (``wd = 0.01``) and 275 (``wd = 0``) against
+    ``M = 251``; AdamW's ``1 / (2 lr wd)`` would say 5,000. Where weight decay wins
+    (``adafactor_shrinking``) the norm shrinks towards ``eps2`` for ``2 ln(RMS / eps2) / |a|``
+    steps, but the angle the prediction names holds along the way: that is how long the
+    prediction lasts (its reason), not how long it takes to reach.
+
     Example::
 
         >>> import torch
@@ -402,6 +418,8 @@ def relaxation_time(prediction: Prediction) -> float | None:
     exponent = equilibrium_norm_exponent(prediction)
     hyper = prediction.hyperparameters
     lr, weight_decay = hyper.get("lr", 0.0), hyper.get("weight_decay", 0.0)
+    if prediction.family == "adafactor" and prediction.angular_update and lr > 0:
+        return _adafactor_memory(hyper)
     if exponent is None or not lr > 0 or not weight_decay > 0:
         return None
     if prediction.family == "sgd":
@@ -779,7 +797,11 @@ def _predict_muon(name: str, group: Mapping[str, Any], hyper: dict[str, float]) 
 
 
 def for_shape(
-    prediction: Prediction, shape: Sequence[int], *, relative_norm: float | None = None
+    prediction: Prediction,
+    shape: Sequence[int],
+    *,
+    relative_norm: float | None = None,
+    weight_rms: float | None = None,
 ) -> Prediction:
     """The prediction for one matrix of ``shape`` updated under ``prediction``'s param group.
 
@@ -801,6 +823,9 @@ def for_shape(
         relative_norm: for a unit that is part of a matrix, its norm over the root mean square
             of the norms of the matrix's units (``|w_i| / (sqrt(cols) RMS(W))``, 1 for a whole
             matrix or equal rows); only Adafactor reads it.
+        weight_rms: the unit's RMS (its norm over the square root of its size), where known:
+            a shrinking Adafactor weight's reason then says in how many steps it reaches the
+            ``eps2`` floor (``2 ln(RMS / eps2) / |a|``) instead of the formula alone.
 
     Returns:
         The prediction, with Muon's memory factor for this aspect ratio, or Adafactor's value
@@ -817,6 +842,14 @@ def for_shape(
         (0.01103, 0.01279)
     """
     _check_prediction(prediction)
+    if weight_rms is not None:
+        check_number("weight_rms", weight_rms, low=0.0)
+        if prediction.rule == "adafactor_shrinking":
+            hyper = prediction.hyperparameters
+            reason = prediction.reason.replace(
+                _floor_text(hyper, None), _floor_text(hyper, weight_rms)
+            )
+            prediction = replace(prediction, reason=reason)
     if relative_norm is not None:
         check_number("relative_norm", relative_norm, low=0.0)
         if prediction.family == "adafactor" and prediction.angular_update:
@@ -846,6 +879,43 @@ def for_shape(
         f"momentum {_fmt(mu)}){'; ' + note if note else ''}; adjust_lr_fn cancels"
     )
     return replace(prediction, angular_update=value, reason=reason)
+
+
+def _adafactor_floor_steps(hyper: Mapping[str, float], weight_rms: float) -> float:
+    """Steps until a shrinking Adafactor weight of RMS ``weight_rms`` reaches the ``eps2`` floor.
+
+    ``log |W|^2`` changes by ``a = rho_t^2 - 2 lr wd`` per step, so ``log RMS`` by ``a / 2``:
+    ``2 ln(RMS / eps2) / |a|`` (0 at or below the floor; ``inf`` where ``a >= 0``). In the
+    simulation (``lr = 0.01``, ``wd = 0.5``, RMS 0.1) the floor was reached at step 929 against
+    930 (``tests/theory/test_muon.py``).
+    """
+    lr, wd, step = hyper["lr"], hyper["weight_decay"], hyper.get("step", 1.0)
+    rho = min(lr, 1.0 / math.sqrt(max(step, 1.0)))
+    growth = rho**2 - 2 * lr * wd
+    if growth >= 0:
+        return math.inf
+    return 2 * max(math.log(weight_rms / hyper["eps2"]), 0.0) / -growth
+
+
+def _floor_text(hyper: Mapping[str, float], weight_rms: float | None) -> str:
+    """How far the ``eps2`` floor is: the formula, evaluated where the weight's RMS is known."""
+    lr, wd, step = hyper["lr"], hyper["weight_decay"], hyper.get("step", 1.0)
+    rho = min(lr, 1.0 / math.sqrt(max(step, 1.0)))
+    rate = _fmt(2 * lr * wd - rho**2)
+    if weight_rms is None:
+        return f"2*ln(RMS/eps2)/{rate} steps"
+    steps = _adafactor_floor_steps(hyper, weight_rms)
+    if steps == 0:
+        return f"this unit's RMS {_fmt(weight_rms)} is there already"
+    return (
+        f"2*ln(RMS/eps2)/{rate} = 2*ln({_fmt(weight_rms)}/{_fmt(hyper['eps2'])})/{rate} = "
+        f"{steps:,.0f} steps at this unit's RMS"
+    )
+
+
+def _adafactor_memory(hyper: Mapping[str, float]) -> float:
+    """Adafactor's second-moment memory ``M = step^0.8`` at the prediction's step (>= 1)."""
+    return max(hyper.get("step", 1.0), 1.0) ** hyper.get("memory_exponent", 0.8)
 
 
 def _adafactor_for_unit(prediction: Prediction, relative_norm: float) -> Prediction:
@@ -893,7 +963,8 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         return Prediction(value, name, "adafactor_relative", reason, _ADAFACTOR_SOURCE, hyper)
     # Weight decay wins: the weight shrinks (its gradients grow, the second moment lags, the
     # update is clipped at RMS d) and turns by rho_t * min(1, d) per step until its RMS reaches
-    # eps2, ln(RMS / eps2) / |a| steps away (tens of thousands from a usual init); there the step
+    # eps2, 2 ln(RMS / eps2) / |a| steps away (log RMS falls by |a|/2 per step; tens of thousands
+    # from a usual init); there the step
     # size is fixed and the AdamW balance without momentum gives sqrt(2 lr wd).
     value = rho * min(1.0, d)
     floor = math.sqrt(2 * lr * wd)
@@ -901,7 +972,7 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         f"rho_t*min(1, d) = {_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)): weight "
         f"decay (2*lr*wd = {_fmt(2 * lr * wd)} > rho_t^2 = {_fmt(rho**2)}) shrinks the weight, "
         "whose relative steps turn it by rho_t; once its RMS is down to eps2 = "
-        f"{_fmt(hyper['eps2'])} (ln(RMS/eps2)/{_fmt(-growth)} steps) the steps stop shrinking "
+        f"{_fmt(hyper['eps2'])} ({_floor_text(hyper, None)}) the steps stop shrinking "
         f"and the angle rises to sqrt(2*lr*wd) = {_fmt(floor)}, which this value does not "
         f"follow; {_ADAFACTOR_REAL_NETWORKS}"
     )
@@ -911,9 +982,10 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
 # Measured by studies/muon/adafactor.py (docs/muon.md, "Adafactor"): the update's RMS after
 # clipping, the one factor of measured / predicted that was not 1 within 1.1%.
 _ADAFACTOR_REAL_NETWORKS = (
-    "on real networks (studies/muon/adafactor.py) measured / predicted was 0.90-0.96 with dense "
-    "or noisy inputs (a teacher-student regression under BatchNorm or LayerNorm, a BatchNorm "
-    "convnet on noisy generated images) and 0.44-0.67 on digits, whose loss reaches 0, with or "
+    "on real networks (studies/muon/measure.py and adafactor.py) measured / predicted was "
+    "0.90-0.96 with dense or noisy inputs (a teacher-student regression under BatchNorm or "
+    "LayerNorm, a BatchNorm convnet on noisy generated images) and 0.44-0.68 on digits, whose "
+    "loss reaches 0, with or "
     "without weight decay; the whole gap is the update's RMS after clipping at d, set by how "
     "intermittent the gradients are (on digits the RMS per step spans 0.03-62 and is clipped on "
     "9-25% of steps), which neither the hyper-parameters nor the optimizer's state hold: an "

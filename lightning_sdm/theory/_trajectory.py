@@ -97,7 +97,13 @@ class TrajectoryState:
 
 
 def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
-    """``K``, ``B`` and ``p`` of a prediction's family; ``None`` without an equilibrium.
+    """``K``, ``B`` and ``p`` of a prediction's family; ``None`` without a norm balance.
+
+    ``None`` for Adafactor (both rules): its relative step turns the weight by ``rho_t`` times
+    the update's RMS whatever the norm, so ``angle = lr sqrt(G / q)`` does not hold; fitted to
+    its last window, the balance only echoed that window and the detector took a unit whose
+    angle drifted away from the prediction for one that follows a moving equilibrium. The
+    static prediction (per step, ``rho_t / sqrt(1 + a M)``) is what its angle is judged against.
 
     Read off the static prediction at the prediction's own hyper-parameters: ``K = 1 / (tau lr
     wd)`` and ``B = 1 / (tau Delta*^2)`` (``tau``: :func:`relaxation_time`), which hold at every
@@ -113,6 +119,8 @@ def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
         >>> round(c.decay, 6), c.power
         (40.0, 4.0)
     """
+    if prediction.family == "adafactor":
+        return None
     tau = relaxation_time(prediction)
     exponent = equilibrium_norm_exponent(prediction)
     value = prediction.angular_update

@@ -226,6 +226,36 @@ def test_audit_flags_invariant_weights_without_decay_and_coupled_adam() -> None:
     assert _audit(adam, torch.optim.AdamW) == {}
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor")
+def test_audit_does_not_call_adafactor_without_decay_unsettled() -> None:
+    # Found by a probe: Adafactor without weight decay was told "no equilibrium: the effective
+    # learning rate lr/|w|^2 decays like 1/t", while its relative step turns the weight by
+    # rho_t per step whatever the norm (the package predicts 0.01 rad/step and the run settled).
+    groups = [
+        {"params": ["conv.weight", "conv.bias"], "weight_decay": 0.0},
+        {"params": ["emb.weight", "bn.weight", "bn.bias", "head.weight", "head.bias"],
+         "weight_decay": 0.0},
+    ]  # fmt: skip
+    assert _audit(groups, torch.optim.Adafactor) == {}
+    assert "invariant_without_decay" in _audit(groups, torch.optim.AdamW)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor")
+def test_adafactors_phases_follow_the_lr_at_once_with_the_memory_of_their_step() -> None:
+    # Adafactor's relative step follows an LR drop at once (rho_t = min(lr, 1/sqrt(step))); what
+    # lags is the second moment, whose memory M = step^0.8 grows with the step (simulated in
+    # tests/theory/test_muon.py). The table said "tau 5,000 steps, re-equilibrates in ~22,000"
+    # for every phase (AdamW's formula at the advice's step).
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    opt = torch.optim.Adafactor([w], lr=0.01, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1000, 1500], 0.1)
+    advice = advise([opt], {"w": (0, 0)}, 2000, None, [ScheduledLR(sched, "step")])
+    phases = advice.groups[0].phases
+    assert [p.relaxation_time for p in phases] == pytest.approx([1.0, 1001**0.8, 1501**0.8])
+    assert [p.needed for p in phases[1:]] == [0.0, 0.0]
+    assert all(p.lag_onset is None for p in phases)
+
+
 def test_audit_flags_a_unit_split_across_groups() -> None:
     groups = [
         {"params": ["conv.weight"], "weight_decay": 1e-4},
