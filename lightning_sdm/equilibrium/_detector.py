@@ -112,6 +112,9 @@ class UnitEquilibrium:
         segment_start: optimizer step of the last LR jump (older windows are another regime).
         relax_until: no decision before this optimizer step (an LR jump or an action).
         last_optimizer_step: optimizer step of the last window seen.
+        relative_steps: the prediction follows the LR at once (steps relative to the weight,
+            Adafactor: a relaxation time but no norm equilibrium), so an LR change needs no
+            wait and the angle does not lag a moving LR.
         samples: the windows of the horizon, ``[t, rho, mean square, steps, ln|w|,
             ln(theory^2), tau, p, rho to the trajectory]`` each.
         trail: ``[t, rho to the trajectory, steps]`` of the windows with a trajectory, across LR
@@ -138,6 +141,7 @@ class UnitEquilibrium:
     segment_start: int = 0
     relax_until: int = 0
     last_optimizer_step: int = 0
+    relative_steps: bool = False
     samples: list[list[float]] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)
     trail: list[list[float]] = field(default_factory=list)
@@ -327,6 +331,9 @@ class EquilibriumDetector:
             unit.history = [*unit.history, [float(t), math.nan, math.nan]][-_HISTORY_WINDOWS:]
             self._set(unit, "no_prediction", False, "lr = 0: the weights do not move", math.nan)
             return
+        # A time scale without a norm exponent: the angle does not depend on the norm
+        # (Adafactor's relative steps), so it follows an LR change at once.
+        unit.relative_steps = window.norm_exponent is None and window.time_scale is not None
         sample = _sample(window, theory)
         jump = self._jump(unit, sample) if theory is not None else None
         ratio = math.sqrt(sample[_RHO]) if theory is not None else math.nan
@@ -383,7 +390,7 @@ class EquilibriumDetector:
             return None
         tau = sample[_TAU]
         wait = 0.0
-        if math.isfinite(tau):
+        if math.isfinite(tau) and not unit.relative_steps:
             wait = lr_change_relaxation_steps(math.exp(change), tau, self.tolerance)
         if wait == 0:  # the weights are still within tolerance of the new equilibrium
             return None
@@ -433,7 +440,10 @@ class EquilibriumDetector:
             [h[0] for h in short], [h[1] for h in short]
         )
         # Ratio deviation implied by the norm (first order), after the moving equilibrium's drift.
-        drift = (power / 2) * tau * (norm_slope - lr_slope / power)
+        # The norm's drift against the equilibrium it moves to (|w*| ~ lr^(1/p)); with relative
+        # steps the angle does not depend on the norm and no equilibrium norm follows the LR.
+        follow = 0.0 if unit.relative_steps else lr_slope / power
+        drift = (power / 2) * tau * (norm_slope - follow)
         drift_margin = t_quantile(z, norm_dof) * (power / 2) * tau * norm_error
         trend = tau * ratio_slope  # tau dR/dt
         trend_margin = t_quantile(z, trend_dof) * tau * ratio_slope_error
@@ -500,7 +510,8 @@ class EquilibriumDetector:
                 return
         # Off the prediction, to the side the lag predicts. Within the tolerance the ratio is not
         # off, whatever the norm does (a warm-up's ratio crosses 1 on its way up).
-        if moving and (now - 1) * lr_slope > 0 and abs(now - 1) > tol:
+        lags = moving and not unit.relative_steps  # relative steps follow the LR at once
+        if lags and (now - 1) * lr_slope > 0 and abs(now - 1) > tol:
             unit.relaxing_since = None
             self._set(unit, "lagging", False, _lag_note(lr_slope, tau, now), math.nan)
             return

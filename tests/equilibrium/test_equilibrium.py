@@ -706,3 +706,45 @@ def test_lions_norm_hump_is_relaxation_and_its_equilibrium_holds() -> None:
     assert entered > top and norms[entered] > norms[-1] * 1.02  # the norm still falls there
     assert all(abs(ratio - 1) <= 0.1 for _, ratio, _ in out[entered:])
     assert all(inside for _, _, inside in out[entered:])
+
+
+def _relative_windows(steps, lr_at, level=lambda t: 1.0, time_scale=60.0, seed=0):
+    """Adafactor-like windows: the angle is ``rho_t`` (times a level) whatever the norm, and
+    follows the LR at once; a relaxation time (the second moment's memory) but no norm exponent."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(20, steps + 1, 20):
+        theory = 0.01 * lr_at(t) / lr_at(0)
+        value = theory * level(t) * (1 + 0.02 * rng.gauss(0, 1))
+        out.append(
+            dataclasses.replace(
+                window(t, value, theory=theory, time_scale=time_scale, norm=2.0 + 1e-4 * t),
+                norm_exponent=None,
+            )
+        )
+    return out
+
+
+def test_relative_steps_follow_an_lr_jump_at_once():
+    """Adafactor's step turns the weight by rho_t whatever its norm: after a 10x LR step a unit
+    already at its new prediction is in equilibrium again within the detector's patience, where
+    a norm-balance family (the same windows with a norm exponent) waits theory's relaxation."""
+    windows = _relative_windows(2000, lambda t: 1.0 if t < 1000 else 0.1)
+    _, out = _regimes(windows)
+    after = [(w.optimizer_step, regime) for w, regime, _ in out if w.optimizer_step > 1000]
+    assert all(regime == "equilibrium" for step, regime in after if step >= 1100), after
+    assert not any(regime == "relaxing" for _, regime in after), after
+    norm_balance = [dataclasses.replace(w, norm_exponent=0.5) for w in windows]
+    _, out = _regimes(norm_balance)
+    waited = [regime for w, regime, _ in out if 1000 < w.optimizer_step <= 1400]
+    assert "relaxing" in waited  # the same stream under AdamW's physics waits
+
+
+def test_relative_steps_below_a_falling_prediction_are_not_lagging():
+    """No lag model for relative steps: 20% below a slowly falling prediction is off it, not
+    the lag a norm-balance family would show."""
+    windows = _relative_windows(3000, lambda t: math.exp(-t / 1500), level=lambda t: 0.8)
+    _, out = _regimes(windows)
+    late = [(regime, state.in_equilibrium) for w, regime, state in out if w.optimizer_step > 600]
+    assert not any(regime == "lagging" for regime, _ in late), late
+    assert not any(inside for _, inside in late), late
