@@ -47,7 +47,12 @@ from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm._checks import check_fraction, check_integer, check_number
-from lightning_sdm.advice._schedule import LRTrajectory, ScheduledLR, sample_learning_rates
+from lightning_sdm.advice._schedule import (
+    LRTrajectory,
+    ScheduledLR,
+    _value_at,
+    sample_learning_rates,
+)
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
@@ -57,7 +62,7 @@ from lightning_sdm.theory._predictions import (
     predict_param_group,
 )
 from lightning_sdm.theory._predictions import relaxation_time as _relaxation_time
-from lightning_sdm.theory._trajectory import TrajectoryConstants, trajectory_constants
+from lightning_sdm.theory._trajectory import trajectory_constants
 
 __all__ = ["Advice", "GroupAdvice", "Phase", "advise"]
 
@@ -360,6 +365,7 @@ def advise(
         key = (
             _settings(optimizer, optimizer.param_groups[group_index]),
             trajectory.changes[group_index],
+            trajectory.settings[group_index] if trajectory.settings else (),
             trajectory.total_steps,
         )
         alike.setdefault(key, []).append((opt_index, group_index))
@@ -367,13 +373,17 @@ def advise(
     for places in alike.values():
         opt_index, group_index = places[0]
         optimizer = unwrap(optimizers[opt_index])
+        sampled = trajectories[opt_index]
         advice = _group_advice(
             optimizer,
             opt_index,
             group_index,
-            optimizer.param_groups[group_index],
+            _Scheduled(
+                optimizer.param_groups[group_index],
+                sampled.settings[group_index] if sampled.settings else (),
+            ),
             tuple(name for place in places for name in by_group[place]),
-            trajectories[opt_index].changes[group_index],
+            sampled.changes[group_index],
             trajectories[opt_index].total_steps if total_steps is not None else None,
             steps_per_epoch,
             tolerance,
@@ -424,11 +434,32 @@ def _settings(optimizer: Optimizer, group: Mapping[str, Any]) -> Hashable:
     return (type(optimizer), tuple(items))
 
 
+@dataclass(frozen=True)
+class _Scheduled:
+    """A param group and the other values its schedulers change (momentum, betas, decay).
+
+    OneCycleLR cycles the momentum (SGD) or Adam's beta1 against the LR: at the peak LR the
+    momentum is its lowest, and the equilibrium and relaxation time there are those of that
+    momentum, not of the value the live group holds before step 1.
+    """
+
+    group: Mapping[str, Any]
+    settings: tuple[tuple[int, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def at(self, step: int, lr: float) -> dict[str, Any]:
+        """The group's values at optimizer step ``step``, with the LR ``lr``."""
+        return {**self.group, **dict(_value_at(self.settings, step, ())), "lr": lr}
+
+    def changes(self) -> list[int]:
+        """The steps where one of the other values changes."""
+        return [step for step, _ in self.settings]
+
+
 def _group_advice(
     optimizer: Optimizer,
     opt_index: int,
     group_index: int,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     names: tuple[str, ...],
     changes: Sequence[tuple[int, float]],
     total_steps: int | None,
@@ -437,11 +468,13 @@ def _group_advice(
     start_factor: float,
 ) -> GroupAdvice:
     peak_lr = max(lr for _, lr in changes)
-    prediction = predict_param_group(optimizer, {**group, "lr": peak_lr})
+    peak_step = next(step for step, lr in changes if lr == peak_lr)
+    prediction = predict_param_group(optimizer, group.at(peak_step, peak_lr))
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
     ema = 1.0 / (peak_lr * wd) if peak_lr > 0 and wd > 0 and prediction.available else None
     phases = _phases(optimizer, group, changes, total_steps)
-    phases, ends = _with_trajectories(prediction, phases, changes, tolerance, start_factor)
+    runs = _runs(optimizer, group, changes, peak_lr)
+    phases, ends = _with_trajectories(runs, phases, tolerance, start_factor)
     notes = [
         _phase_note(phase, previous, wd, steps_per_epoch)
         for previous, phase in itertools.pairwise(phases)
@@ -471,7 +504,7 @@ def _group_advice(
 
 def _end_of_budget(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     names: Sequence[str],
     courses: Sequence[_Course],
     total_steps: int | None,
@@ -491,7 +524,7 @@ def _end_of_budget(
     spread = (min(f[2] for f in finals), max(f[2] for f in finals))
     if total_steps is None or abs(ratio - 1) <= tolerance:
         return ratio, spread, ""
-    tau = _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
+    tau = _relaxation_time(predict_param_group(optimizer, group.at(step, lr)))
     note = _messages.advice_lagging_at_end(
         names, step, lr, ratio, spread, tolerance, courses[0].catch_up, tau,
         lr < _TAIL * peak_lr, factor,
@@ -499,10 +532,80 @@ def _end_of_budget(
     return ratio, spread, note
 
 
-def _with_trajectories(
-    prediction: Prediction,
-    phases: Sequence[Phase],
+def _runs(
+    optimizer: Optimizer,
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
+    peak_lr: float,
+) -> list[tuple[int, float, float, float]] | None:
+    """The schedule as runs of one LR and one set of values: ``(first step, lr, x / lr, q* / lr)``.
+
+    ``x / lr = K wd`` and ``q* / lr = G B / (K wd)`` of the norm balance, from the run's own
+    momentum, betas and weight decay: a scheduler that cycles the momentum changes all three.
+    ``G`` is in units of the gradient's noise, the same in every run (:func:`_update_variance`).
+    ``None`` where a run has no equilibrium (no weight decay, a family without one).
+    """
+    if not peak_lr > 0:
+        return None
+    known: dict[Hashable, tuple[float, float] | None] = {}
+    runs = []
+    settings = list(group.settings) or [(0, ())]
+    steps = sorted({step for step, _ in changes} | {step for step, _ in settings})
+    lr_index = set_index = 0  # both lists are sorted by step: walk them alongside
+    for step in steps:
+        while lr_index + 1 < len(changes) and changes[lr_index + 1][0] <= step:
+            lr_index += 1
+        while set_index + 1 < len(settings) and settings[set_index + 1][0] <= step:
+            set_index += 1
+        key = settings[set_index][1]
+        if key not in known:
+            values = {**group.group, **dict(key), "lr": peak_lr}
+            prediction = predict_param_group(optimizer, values)
+            constants = trajectory_constants(prediction)
+            wd = prediction.hyperparameters.get("weight_decay", 0.0)
+            known[key] = (
+                None
+                if constants is None or not wd > 0
+                else (
+                    constants.decay * wd,
+                    _update_variance(prediction) * constants.growth / (constants.decay * wd),
+                )
+            )
+        known_values = known[key]
+        if known_values is None:
+            return None
+        runs.append((step, changes[lr_index][1], *known_values))
+    return runs
+
+
+def _update_variance(prediction: Prediction) -> float:
+    """The update's squared size per unit of gradient noise, from the momentum's weights.
+
+    ``G`` of the norm balance is the mean square of one step's update; a gradient enters the
+    steps after it with weights ``c_k`` (heavy ball: ``(1 - dampening) m^k``; Nesterov:
+    ``1 + m`` then ``m^(k+1)``; Adam's first moment: ``(1 - beta1) beta1^k``), so white gradient
+    noise gives one step ``sum(c_k^2)`` of it. The growth ``G B`` does not depend on it (every
+    gradient is added once in full): only under a schedule that changes the momentum between
+    runs does it matter, and there it does, by 2.8x between OneCycleLR's 0.95 and 0.85. Other
+    families: 1 (their update's size does not follow the momentum).
+    """
+    hyper = prediction.hyperparameters
+    if prediction.family == "sgd":
+        m, dampening = hyper.get("momentum", 0.0), hyper.get("dampening", 0.0)
+        if not 0 <= m < 1:
+            return 1.0
+        if hyper.get("nesterov", 0.0) > 0:
+            return (1 + m) ** 2 + m**4 / (1 - m * m)
+        return (1 - dampening) ** 2 / (1 - m * m)
+    if prediction.family == "adam":
+        beta1 = hyper.get("beta1", 0.0)
+        return (1 - beta1) / (1 + beta1) if 0 <= beta1 < 1 else 1.0
+    return 1.0
+
+
+def _with_trajectories(
+    runs: Sequence[tuple[int, float, float, float]] | None,
+    phases: Sequence[Phase],
     tolerance: float,
     factor: float,
 ) -> tuple[list[Phase], list[_Course]]:
@@ -511,14 +614,9 @@ def _with_trajectories(
     Three starts: the initial norm at the equilibrium of the first phase's peak LR, and the
     first angle ``factor`` x above and below it.
     """
-    constants = trajectory_constants(prediction)
-    wd = prediction.hyperparameters.get("weight_decay", 0.0)
-    if constants is None or not wd > 0 or not phases or not phases[0].lr_peak > 0:
+    if runs is None or not phases or not phases[0].lr_peak > 0:
         return list(phases), []
-    courses = [
-        _follow(constants, wd, phases, changes, start, tolerance)
-        for start in (1.0, factor, 1.0 / factor)
-    ]
+    courses = [_follow(phases, runs, start, tolerance) for start in (1.0, factor, 1.0 / factor)]
     reference, above, below = courses
     out = [
         replace(
@@ -545,10 +643,8 @@ class _Course:
 
 
 def _follow(
-    constants: TrajectoryConstants,
-    wd: float,
     phases: Sequence[Phase],
-    changes: Sequence[tuple[int, float]],
+    runs: Sequence[tuple[int, float, float, float]],
     start: float,
     tolerance: float,
 ) -> _Course:
@@ -561,16 +657,22 @@ def _follow(
     form, ``q* + (q0 - q*) exp(-n K lr wd)``, the exact sum of
     :func:`~lightning_sdm.theory._trajectory.advance`'s steps; its distance to ``q*`` only
     shrinks, so the steps within tolerance of a run are a suffix of it, found in closed form
-    too: a step schedule of a million steps costs one term per change.
+    too: a step schedule of a million steps costs one term per change. ``K``, ``B`` and the
+    weight decay are each run's own (:func:`_runs`).
     """
     low = 1.0 / (1.0 + tolerance) ** 2  # q / q* where the angle is (1 + tol) x the equilibrium
     high = 1.0 / (1.0 - tolerance) ** 2 if tolerance < 1 else math.inf
-    per_lr = constants.growth / (constants.decay * wd)  # q* = lr * per_lr
-    rate = constants.decay * wd  # x = lr * rate
-    q = phases[0].lr_peak * per_lr / (start * start)
-    bounds = [step for step, _ in changes] + [phases[-1].end]
+    first = phases[0]
+    # The reference start: the equilibrium of the first phase's peak LR, with that step's values.
+    per_lr = next(
+        (r[3] for r in runs if first.start <= r[0] < first.end and r[1] == first.lr_peak),
+        runs[0][3],
+    )
+    q = first.lr_peak * per_lr / (start * start)
+    bounds = [run[0] for run in runs] + [phases[-1].end]
     end_ratios, within, leaves = [], [], []
-    last_run = None  # (q at its start, its start, its last step, lr) of the last run with lr > 0
+    # (q at its start, its start, its last step, lr, q*/lr, x/lr) of the last run with lr > 0
+    last_run: tuple[float, int, int, float, float, float] | None = None
     index = 0
     for phase in phases:
         entered = left = None
@@ -579,7 +681,7 @@ def _follow(
         while position < phase.end:
             while bounds[index + 1] <= position:
                 index += 1
-            lr = changes[index][1]
+            _, lr, rate, per_lr = runs[index]
             stop = min(bounds[index + 1], phase.end)
             if lr > 0:
                 x = lr * rate
@@ -591,21 +693,21 @@ def _follow(
                         entered = position + need
                 elif left is None and not low <= relative <= high:
                     left = position  # within tolerance before this run, not at its start
-                last_run = (q, position, stop - 1, lr)
+                last_run = (q, position, stop - 1, lr, per_lr, rate)
                 q = _relaxed(q, target, stop - position, x)
                 ratio = -1.0  # computed below, once per phase
             elif stop == phase.end:
                 ratio = None  # no LR at the phase's end: no angle to compare
             position = stop
         if ratio is not None and last_run is not None:
-            ratio = _ratio_at(last_run, per_lr, rate)
+            ratio = _ratio_at(last_run)
         end_ratios.append(ratio)
         within.append(entered)
         leaves.append(left)
     final = catch_up = None
     if last_run is not None:
-        ratio = _ratio_at(last_run, per_lr, rate)
-        _, _, step, lr = last_run
+        ratio = _ratio_at(last_run)
+        _, _, step, lr, _, rate = last_run
         relative = 1.0 / (ratio * ratio)
         final = (step, lr, ratio, relative)
         if not low <= relative <= high:
@@ -613,9 +715,9 @@ def _follow(
     return _Course(tuple(end_ratios), tuple(within), tuple(leaves), final, catch_up)
 
 
-def _ratio_at(run: tuple[float, int, int, float], per_lr: float, rate: float) -> float:
+def _ratio_at(run: tuple[float, int, int, float, float, float]) -> float:
     """The angle over the equilibrium at a run's last step: ``sqrt(q* / q)`` there."""
-    q, start, last, lr = run
+    q, start, last, lr, per_lr, rate = run
     target = lr * per_lr
     return math.sqrt(target / _relaxed(q, target, last - start, lr * rate))
 
@@ -635,7 +737,7 @@ def _steps_to_band(relative: float, x: float, low: float, high: float) -> float:
 
 def _phases(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
     total_steps: int | None,
 ) -> list[Phase]:
@@ -654,20 +756,19 @@ def _phases(
 
 def _phase(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
     start: int,
     end: int,
     previous: Phase | None,
 ) -> Phase:
-    def tau_at(lr: float) -> float | None:
-        return _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
-
     lr_start, lr_end = _lr_at(changes, start), _lr_at(changes, end - 1)
     lr_peak = max([lr for step, lr in changes if start <= step < end] + [lr_start])
-    prediction = predict_param_group(optimizer, {**group, "lr": lr_peak})
+    peak_step = next((step for step, lr in changes if start <= step < end and lr == lr_peak), start)
+    # At the peak's own momentum and betas (OneCycleLR's lowest), not the group's at step 0.
+    prediction = predict_param_group(optimizer, group.at(peak_step, lr_peak))
     needed = smd = None
-    tau_start = tau_at(lr_start)
+    tau_start = _relaxation_time(predict_param_group(optimizer, group.at(start, lr_start)))
     if previous is not None and tau_start is not None and previous.lr_end > 0 and lr_start > 0:
         ratio = lr_start / previous.lr_end
         needed = lr_change_relaxation_steps(ratio, tau_start, _NEAR)
@@ -770,12 +871,7 @@ def _is_jump(changes: Sequence[tuple[int, float]], index: int) -> bool:
 
 
 def _lr_at(changes: Sequence[tuple[int, float]], step: int) -> float:
-    value = changes[0][1]
-    for start, lr in changes:
-        if start > step:
-            break
-        value = lr
-    return value
+    return float(_value_at(changes, step, changes[0][1]))
 
 
 def _steps(steps: float, epoch: int | None) -> str:
