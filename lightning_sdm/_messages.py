@@ -458,17 +458,26 @@ def units_found(units: Sequence[str], method: str, rejected: Mapping[str, int]) 
     return line + "."
 
 
-def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
+def predicted(
+    groups: Sequence[tuple[str, float | tuple[float, float] | None, float | None]],
+) -> str:
     """What theory predicts, one line: per param group ``(label, angle, relaxation steps)``.
+
+    ``angle``: a value, or ``(lowest, highest)`` over the group's matrix shapes (Muon).
 
     Example::
 
         >>> print(predicted([("SGD group 0", 0.0229416, 52.6)]))
         [lightning_sdm] predicted equilibrium: SGD group 0: 0.02294 rad/step, reached in a few times 53 steps; callback.advice.table() has every phase of the schedule.
+        >>> print(predicted([("Muon group 0", (0.0115, 0.01231), None)]))
+        [lightning_sdm] predicted equilibrium: Muon group 0: 0.0115-0.01231 rad/step (by matrix shape); callback.advice.table() has every phase of the schedule.
     """  # noqa: E501
     parts = []
     for label, angle, tau in groups:
-        value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
+        if isinstance(angle, tuple):
+            value = f"{angle[0]:.4g}-{angle[1]:.4g} rad/step (by matrix shape)"
+        else:
+            value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
         within = "" if tau is None else f", reached in a few times {tau:,.0f} steps"
         parts.append(f"{label}: {value}{within}")
     return (

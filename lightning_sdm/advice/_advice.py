@@ -212,19 +212,22 @@ class Advice:
                 lines.append(_messages.advice_by_shape(group.by_shape))
             modelled = any(p.expected_ratio is not None for p in group.phases)
             verdicts = [_verdict(phase, epoch) for phase in group.phases]
+            angles = [_angle_cell(phase.angular_update, group) for phase in group.phases]
+            angle_width = max(len("angle/step"), *(len(a) for a in angles))
             width = max(len("re-equilibrates"), *(len(v) for v in verdicts)) if modelled else 0
             header = (
-                f"  {'phase':<5}  {'steps':<17} {'lr':<21} {'angle/step':<11} "
+                f"  {'phase':<5}  {'steps':<17} {'lr':<21} {'angle/step':<{angle_width}} "
                 f"{'tau (at peak lr)':<29} {'re-equilibrates':<{width}}"
             )
             if modelled:
                 header += "  " + _messages.advice_within_header(self.tolerance)
             lines.append(header.rstrip())
-            for number, (phase, verdict) in enumerate(zip(group.phases, verdicts, strict=True), 1):
+            rows = zip(group.phases, verdicts, angles, strict=True)
+            for number, (phase, verdict, angle) in enumerate(rows, 1):
                 tau = phase.relaxation_time
                 line = (
                     f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {_lr_range(phase):<21} "
-                    f"{_value(phase.angular_update):<11} "
+                    f"{angle:<{angle_width}} "
                     f"{_steps(tau, epoch) if tau else 'n/a':<29} {verdict:<{width}}"
                 )
                 if modelled:
@@ -883,6 +886,20 @@ def _lr_range(phase: Phase) -> str:
         return f"{phase.lr_start:.4g}"
     peak = "" if phase.lr_peak in (phase.lr_start, phase.lr_end) else f" > {phase.lr_peak:.3g}"
     return f"{phase.lr_start:.3g}{peak} > {phase.lr_end:.3g}"
+
+
+def _angle_cell(value: float | None, group: GroupAdvice) -> str:
+    """A phase's predicted angle; over the group's matrix shapes where it depends on them.
+
+    Muon's value scales with the shape's memory factor ``sqrt(R)`` at every LR, so each shape's
+    angle in a phase is the phase's wide-matrix value times the shape's ratio at the peak.
+    """
+    base = group.prediction.angular_update
+    shaped = [v for _, v, _ in group.by_shape if v is not None]
+    if value is None or not shaped or not base:
+        return _value(value)
+    low, high = value * min(shaped) / base, value * max(shaped) / base
+    return _value(low) if f"{low:.4g}" == f"{high:.4g}" else f"{low:.4g}-{high:.4g}"
 
 
 def _value(value: float | None) -> str:

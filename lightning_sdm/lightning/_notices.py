@@ -227,11 +227,22 @@ class Notices:
             )
 
 
-def _prediction_line(group: GroupAdvice) -> tuple[str, float | None, float | None]:
-    """A group's label, predicted angle and relaxation time at the peak LR, for the console."""
+def _prediction_line(
+    group: GroupAdvice,
+) -> tuple[str, float | tuple[float, float] | None, float | None]:
+    """A group's label, predicted angle and relaxation time at the peak LR, for the console.
+
+    Where the equilibrium depends on the matrix's shape (Muon) and the shapes are known, the
+    angle is the range of the group's shapes: the group's own value is a wide matrix's, which
+    none of its units may be.
+    """
     taus = [phase.relaxation_time for phase in group.phases if phase.relaxation_time]
     tau = min(taus) if taus else None  # at the peak LR, as the angle
-    return f"{group.prediction.optimizer} {group.where}", group.prediction.angular_update, tau
+    angle: float | tuple[float, float] | None = group.prediction.angular_update
+    shaped = [value for _, value, _ in group.by_shape if value is not None]
+    if shaped:
+        angle = (min(shaped), max(shaped)) if min(shaped) != max(shaped) else shaped[0]
+    return f"{group.prediction.optimizer} {group.where}", angle, tau
 
 
 @rank_zero_only

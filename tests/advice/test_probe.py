@@ -323,3 +323,34 @@ def test_muon_groups_alike_share_a_row_that_keeps_each_shapes_prediction() -> No
     assert plain.groups[0].by_shape == () and "per matrix shape" not in plain.table()
     with pytest.raises(ValueError, match="`shapes` must map each unit's name"):
         advise([opt], units, 1000, shapes={"q": "64x64"})
+
+
+def test_muon_angle_column_and_console_line_give_the_shapes_not_the_wide_matrix() -> None:
+    # The group's own Muon value is a wide matrix's, which no unit here is: the table's angle
+    # per phase and the console's one line give what the monitor predicts per unit.
+    from lightning_sdm.lightning._notices import _prediction_line
+
+    a, b = nn.Parameter(torch.randn(96, 64)), nn.Parameter(torch.randn(24, 96))
+    c = nn.Parameter(torch.randn(24, 24))
+    opt = torch.optim.Muon(
+        [{"params": [a, b]}, {"params": [c], "lr": 0.01}], lr=0.02, weight_decay=0.1
+    )
+    drop = torch.optim.lr_scheduler.MultiStepLR(opt, [3], 0.3)
+    units = {"a": (0, 0), "b": (0, 0), "c": (0, 1)}
+    shapes = {"a": (96, 64), "b": (24, 96), "c": (24, 24)}
+    advice = advise([opt], units, 100, 20, [ScheduledLR(drop)], shapes=shapes)
+    pair, single = advice.groups
+
+    def unit(name: str, lr: float) -> float:
+        group = opt.param_groups[units[name][1]]
+        value = for_shape(predict_param_group(opt, {**group, "lr": lr}), shapes[name])
+        assert value.angular_update is not None
+        return value.angular_update
+
+    rows = [r.split() for r in advice.table().splitlines() if r.strip().startswith(("1 ", "2 "))]
+    low, high = sorted((unit("a", 0.02), unit("b", 0.02)))
+    assert rows[0][3] == f"{low:.4g}-{high:.4g}"  # 0.0115-0.01231, not the wide 0.01103
+    assert rows[1][3] == f"{unit('b', 0.006):.4g}-{unit('a', 0.006):.4g}"
+    assert rows[2][3] == f"{unit('c', 0.01):.4g}" and rows[3][3] == f"{unit('c', 0.003):.4g}"
+    assert _prediction_line(pair)[1] == pytest.approx((low, high))
+    assert _prediction_line(single)[1] == pytest.approx(unit("c", 0.01))  # 0.009047, not 0.0078
