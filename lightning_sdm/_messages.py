@@ -135,6 +135,15 @@ def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
     )
 
 
+#: Why a unit whose parts sit in different optimizers (Muon on the weight, AdamW on its bias) is
+#: not monitored, and the fix.
+SPLIT_ACROSS_OPTIMIZERS = (
+    "its weight and bias are updated by different optimizers, so the unit has no one update "
+    "to measure: build the layer with bias=False (the normalization's shift does the bias's "
+    "work), or give the whole unit to one optimizer"
+)
+
+
 def skipped_units(skipped: Mapping[str, str]) -> str:
     """Units no optimizer updates."""
     listing = ", ".join(f"{name} ({why})" for name, why in skipped.items())

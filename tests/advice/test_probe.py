@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm import SphericalDynamicsCallback, _messages
 from lightning_sdm.advice import _audit as audit
 from lightning_sdm.advice._advice import Advice, advise
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 from lightning_sdm.invariance import find_scale_invariant_units
 from lightning_sdm.lightning._trainer import optimizer_budget, steps_per_epoch, trainer_schedules
+from lightning_sdm.monitor import SphericalMonitor
 from lightning_sdm.theory import for_shape, predict_param_group
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
@@ -284,6 +285,22 @@ def test_a_unit_bias_in_the_no_decay_group_is_one_message_not_two() -> None:
     assert found["invariant_without_decay"].params == ("2.0.weight",)
     assert found["split_unit"].params == ("0.weight",)
     assert "0.bias sit in a group without weight decay" in found["split_unit"].message
+
+
+def test_a_unit_split_across_optimizers_gets_one_finding_with_the_fix() -> None:
+    # Muon on a matrix, AdamW on its bias: the monitor skips the unit. The audit said besides
+    # it "monitored with the prediction of the weight's group", which contradicts the skip.
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    muon = torch.optim.Muon([net[0].weight], lr=0.02, weight_decay=0.1)
+    adamw = torch.optim.AdamW(
+        [{"params": [net[0].bias], "weight_decay": 0.0}, {"params": list(net[1].parameters())}]
+    )
+    findings = audit.audit_param_groups(net, [muon, adamw], report.units, report)
+    assert not any("0.weight" in f.params or "0.bias" in f.params for f in findings)
+    monitor = SphericalMonitor(net, [muon, adamw], report.units)
+    assert monitor.skipped == {"0.weight": _messages.SPLIT_ACROSS_OPTIMIZERS}
+    assert "bias=False" in _messages.skipped_units(monitor.skipped)
 
 
 def test_the_stated_start_says_what_replaces_it_once_a_window_is_measured() -> None:
