@@ -129,7 +129,11 @@ def audit_param_groups(
     # holds approximately when the weight is decayed. A weight without decay has no
     # prediction, whatever its bias's group: the unit is one without decay.
     split_units = [
-        unit for unit in unit_list if _is_split(unit, group_of) and unit.params[0] not in apart
+        unit
+        for unit in unit_list
+        if _is_split(unit, group_of)
+        and unit.params[0] not in apart
+        and group_of.get(unit.params[0], (0, 0, 1.0))[2] > 0
     ]
     # A unit split between a decayed group and one without decay (its bias in the usual
     # no-decay group) is decayed in part: its split_unit finding says so, rather than an

@@ -287,6 +287,25 @@ def test_a_unit_bias_in_the_no_decay_group_is_one_message_not_two() -> None:
     assert "0.bias sit in a group without weight decay" in found["split_unit"].message
 
 
+def test_a_weight_without_decay_beside_a_decayed_bias_is_a_unit_without_decay() -> None:
+    # The reverse split (weight in the no-decay group, bias decayed): the monitor takes the
+    # weight's group, which has no weight decay, so the unit has no prediction; the no-decay-bias
+    # text ("decayed through its weight ... the prediction of the weight's group") was wrong.
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.LayerNorm(8))
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    decayed = [net[0].weight, net[2].bias]
+    rest = [net[0].bias, net[2].weight, *net[1].parameters(), *net[3].parameters()]
+    opt = torch.optim.SGD(
+        [{"params": decayed, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}], lr=0.1
+    )
+    found = {f.kind: f for f in audit.audit_param_groups(net, [opt], report.units, report)}
+    assert found["invariant_without_decay"].params == ("2.weight",)
+    assert found["split_unit"].params == ("0.weight",)  # its weight is decayed: monitored
+    assert "2.weight" not in found["split_unit"].message
+    monitor = SphericalMonitor(net, opt, report.units)
+    assert monitor.predictions()["2.weight"].angular_update is None  # as the finding says
+
+
 def test_a_unit_split_across_optimizers_gets_one_finding_with_the_fix() -> None:
     # Muon on a matrix, AdamW on its bias: the monitor skips the unit. The audit said besides
     # it "monitored with the prediction of the weight's group", which contradicts the skip.
