@@ -667,21 +667,45 @@ def advice_bad_total_steps(value: object) -> str:
     )
 
 
-def advice_manual_optimization(budget: int | None) -> str:
+def advice_manual_optimization(
+    budget: int | None, shared_max_steps: int | None = None, optimizers: int = 1
+) -> str:
     """The advice's note under manual optimization: the step rates it assumes.
+
+    ``shared_max_steps``: Lightning's ``max_steps`` where it ends the run and counts the steps
+    of all ``optimizers`` together (the global step): one that steps less often leaves the
+    others more of it.
 
     Example::
 
         >>> print(advice_manual_optimization(400))
         manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (400 steps each) and each scheduler as its configuration says; an optimizer that steps every k batches (a GAN's second network, accumulation by hand) takes 1/k of those steps and reaches each phase k times later.
+        >>> print(advice_manual_optimization(31, 61, 2))
+        manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (31 steps each) and each scheduler as its configuration says. max_steps=61 counts the steps of all 2 optimizers together (Lightning's global step): an optimizer that steps every k batches leaves the others more of it. With r_i steps per batch, optimizer i takes about 61 * r_i / sum(r) steps: one every batch and one every 2nd batch take 41 and 21.
     """  # noqa: E501
     each = f" ({budget:,} steps each)" if budget is not None else ""
-    return (
+    text = (
         "manual optimization: training_step decides how often each optimizer and each scheduler "
         "steps, unknown before step 1. This advice assumes that each optimizer steps once per "
-        f"batch{each} and each scheduler as its configuration says; an optimizer that steps "
-        "every k batches (a GAN's second network, accumulation by hand) takes 1/k of those "
-        "steps and reaches each phase k times later."
+        f"batch{each} and each scheduler as its configuration says"
+    )
+    if shared_max_steps is None or optimizers < 2:
+        return text + (
+            "; an optimizer that steps every k batches (a GAN's second network, accumulation by "
+            "hand) takes 1/k of those steps and reaches each phase k times later."
+        )
+    m = shared_max_steps
+    example = (
+        f": one every batch and one every 2nd batch take {math.ceil(m * 2 / 3):,} and "
+        f"{math.ceil(m / 3):,}"
+        if optimizers == 2
+        else ""
+    )
+    return text + (
+        f". max_steps={m:,} counts the steps of all {optimizers} optimizers together "
+        "(Lightning's global step): an optimizer that steps every k batches leaves the others "
+        f"more of it. With r_i steps per batch, optimizer i takes about {m:,} * r_i / sum(r) "
+        f"steps{example}."
     )
 
 

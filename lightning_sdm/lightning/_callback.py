@@ -519,6 +519,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             schedules=_trainer.trainer_schedules(trainer),
             tolerance=self.detector.tolerance,  # "within tolerance" as the detector judges it
             manual=_trainer.manual_optimization(trainer),
+            shared_max_steps=_trainer.shared_max_steps(trainer),
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -113,11 +113,14 @@ class Notices:
         schedules: Sequence[ScheduledLR],
         tolerance: float,
         manual: bool = False,
+        shared_max_steps: int | None = None,
     ) -> tuple[Advice, list[Finding]]:
         """What the hyper-parameters and the schedule predict, shown once, and the audit.
 
         ``manual``: under manual optimization how often each optimizer and scheduler steps is
         unknown before step 1: the advice assumes once per batch and says so in its note.
+        ``shared_max_steps``: the Trainer's ``max_steps`` where it ends the run and counts the
+        steps of several optimizers together (the note then says how it is shared).
         """
         optimizers = list(optimizers)
         units = {
@@ -136,7 +139,8 @@ class Notices:
             shapes=shapes,
         )
         if manual:
-            assumed = _messages.advice_manual_optimization(budget)
+            count = len(optimizers)
+            assumed = _messages.advice_manual_optimization(budget, shared_max_steps, count)
             advice = replace(advice, note="; ".join(n for n in (advice.note, assumed) if n))
         # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
         self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))

@@ -242,6 +242,31 @@ def test_max_steps_between_two_optimizers_steps_leaves_each_the_last_batch(tmp_p
     assert callback.advice is not None and callback.advice.total_steps == 31  # was 61 // 2
 
 
+def test_max_steps_shared_by_a_slow_discriminator_is_said_with_its_real_split(tmp_path) -> None:
+    # max_steps counts the global step, all optimizers' steps together: a discriminator that
+    # steps every other batch leaves the generator more of it. The note said "1/k of those
+    # steps" (31 and 16 here); the run takes 41 and 21, what the note now states.
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=100, max_steps=61)
+    module = _SlowDiscriminator()
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    generator, discriminator = module.steps
+    assert callback.advice is not None
+    assert "max_steps=61 counts the steps of all 2 optimizers together" in callback.advice.note
+    assert f"take {generator} and {discriminator}." in callback.advice.note
+    assert "1/k of those steps" not in callback.advice.note
+    # Bound by the epochs instead, every batch counts for each: the 1/k reading holds.
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=10, max_steps=1000)
+    module = _SlowDiscriminator()
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    assert module.steps == [40, 20] and callback.advice is not None
+    assert (
+        "takes 1/k of those steps" in callback.advice.note
+        and "max_steps" not in callback.advice.note
+    )
+
+
 def _both_every_batch(self, batch, batch_idx):
     x, y = batch
     for index, (optimizer, net) in enumerate(zip(self.optimizers(), (self.net, self.other))):
