@@ -126,6 +126,24 @@ def scheduler_between_windows(key: str, frequency: int, every: int, accumulate: 
     )
 
 
+def scheduler_never_steps(key: str, frequency: int, batches: int) -> str:
+    """A step-interval scheduler on an ``sdm/`` key whose frequency exceeds the epoch's batches.
+
+    Example::
+
+        >>> print(scheduler_never_steps("sdm/angular_update_ratio", 8, 6))
+        An LR scheduler monitors 'sdm/angular_update_ratio' with 'interval': 'step' and 'frequency': 8, but an epoch has 6 batches: Lightning steps it when the batch index in the epoch (plus one) is a multiple of 8, which never comes, so the scheduler would never step. Use a frequency of at most 6 that is a multiple of a window's batches (every_n_steps x accumulate_grad_batches; a smaller every_n_steps if none fits), or 'interval': 'epoch'.
+    """  # noqa: E501
+    return (
+        f"An LR scheduler monitors {key!r} with 'interval': 'step' and 'frequency': {frequency}, "
+        f"but an epoch has {batches} batches: Lightning steps it when the batch index in the "
+        f"epoch (plus one) is a multiple of {frequency}, which never comes, so the scheduler "
+        f"would never step. Use a frequency of at most {batches} that is a multiple of a "
+        "window's batches (every_n_steps x accumulate_grad_batches; a smaller every_n_steps if "
+        "none fits), or 'interval': 'epoch'."
+    )
+
+
 def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
     """The trace failed: the units are a registration-order guess."""
     return (

@@ -359,6 +359,21 @@ def test_reduce_lr_on_plateau_between_windows_is_refused_with_the_fix(tmp_path) 
     assert run.global_step == 0  # refused before the first step, not at it
 
 
+def test_reduce_lr_on_plateau_whose_frequency_exceeds_the_epoch_is_refused(tmp_path) -> None:
+    """Lightning's batch count restarts each epoch: a frequency above it never comes."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    data = loader(noisy_classification_data())  # 16 batches an epoch
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(
+        tmp_path, callbacks=[sdm], max_epochs=3, limit_train_batches=6, accumulate_grad_batches=2
+    )
+    # 8 batches = one window; an epoch of 6 has no batch index 8: the scheduler never stepped.
+    with pytest.raises(MisconfigurationException, match=r"an epoch has 6 batches.*never step"):
+        run.fit(_plateau_per_step(frequency=8), data)
+    assert run.global_step == 0
+
+
 def test_reduce_lr_on_plateau_under_accumulation_counts_batches(tmp_path) -> None:
     """Lightning counts a step scheduler's frequency in batches; a window spans every * k."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
