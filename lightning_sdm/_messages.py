@@ -685,6 +685,22 @@ def advice_bad_total_steps(value: object) -> str:
     )
 
 
+def advice_unknown_budget(shown: int, steps_per_epoch: int | None = None) -> str:
+    """The advice's note when the budget (``max_steps``, epochs) is unknown.
+
+    Example::
+
+        >>> print(advice_unknown_budget(20_000, 100))
+        the budget is unknown (no max_steps, no epoch limit, or batches of unknown number): the schedule is shown over its first 20,000 steps (200.0 epochs) as sampled ahead, the last phase may go on past them, and nothing is said about the end of the run.
+    """  # noqa: E501
+    epochs = f" ({shown / steps_per_epoch:.1f} epochs)" if steps_per_epoch else ""
+    return (
+        "the budget is unknown (no max_steps, no epoch limit, or batches of unknown number): the "
+        f"schedule is shown over its first {shown:,} steps{epochs} as sampled ahead, the last "
+        "phase may go on past them, and nothing is said about the end of the run."
+    )
+
+
 def advice_manual_optimization(
     budget: int | None, shared_max_steps: int | None = None, optimizers: int = 1
 ) -> str:

@@ -81,6 +81,8 @@ _DEFAULT_TOLERANCE = EquilibriumDetector.DEFAULT_TOLERANCE
 # equilibrium: the advice states a start this many times above and below (a typical He/Xavier
 # initialisation against a weight decay of 1e-4 to 1e-1 lands within about that, either way).
 _START_FACTOR = 3.0
+# Without a budget, the schedule is sampled (and shown) over this many optimizer steps.
+_UNKNOWN_HORIZON = 20_000
 
 
 @dataclass(frozen=True)
@@ -301,9 +303,9 @@ def advise(
     Args:
         optimizers: the optimizers (read only).
         units: unit name -> (optimizer index, param group index).
-        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; one phase, no
-            budget checks). 0 is refused, not read as unknown: a budget of no steps has
-            nothing to advise on.
+        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; the schedule is
+            shown over its first 20,000 steps, without the checks at the budget's end). 0 is
+            refused, not read as unknown: a budget of no steps has nothing to advise on.
         steps_per_epoch: optimizer steps per epoch, to show epochs and sample epoch schedulers.
         schedulers: the schedulers as the Trainer steps them; each is sampled on a copy.
         tolerance: how far (relative) the angle may be from its equilibrium to count as within
@@ -359,7 +361,7 @@ def advise(
                 for s in schedulers
                 if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
             ]
-            steps = total_steps if total_steps is not None else 1
+            steps = total_steps if total_steps is not None else _UNKNOWN_HORIZON
             trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
             trajectories[opt_index] = trajectory
             if trajectory.note and trajectory.note not in notes:
@@ -388,6 +390,7 @@ def advise(
             tuple(name for place in places for name in by_group[place]),
             sampled.changes[group_index],
             trajectories[opt_index].total_steps if total_steps is not None else None,
+            trajectories[opt_index].total_steps,
             steps_per_epoch,
             tolerance,
             float(start_factor),
@@ -395,6 +398,9 @@ def advise(
         names = advice.units
         by_shape = _by_shape(advice.prediction, names, shapes) if shapes else ()
         groups.append(replace(advice, places=tuple(places), by_shape=by_shape))
+    if total_steps is None:
+        shown = max(t.total_steps for t in trajectories.values()) if trajectories else 0
+        notes.append(_messages.advice_unknown_budget(shown, steps_per_epoch))
     return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
 
 
@@ -466,6 +472,7 @@ def _group_advice(
     names: tuple[str, ...],
     changes: Sequence[tuple[int, float]],
     total_steps: int | None,
+    sampled: int,
     steps_per_epoch: int | None,
     tolerance: float,
     start_factor: float,
@@ -475,7 +482,9 @@ def _group_advice(
     prediction = predict_param_group(optimizer, group.at(peak_step, peak_lr))
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
     ema = 1.0 / (peak_lr * wd) if peak_lr > 0 and wd > 0 and prediction.available else None
-    phases = _phases(optimizer, group, changes, total_steps)
+    phases = _phases(optimizer, group, changes, sampled)
+    if total_steps is None and phases:  # the last phase goes on past what was sampled
+        phases[-1] = replace(phases[-1], fits=None)
     runs = _runs(optimizer, group, changes, peak_lr)
     phases, ends = _with_trajectories(runs, phases, tolerance, start_factor)
     notes = [
@@ -742,10 +751,9 @@ def _phases(
     optimizer: Optimizer,
     group: _Scheduled,
     changes: Sequence[tuple[int, float]],
-    total_steps: int | None,
+    end_of_run: int,
 ) -> list[Phase]:
     """Split the trajectory at LR jumps; evaluate the theory in each phase."""
-    end_of_run = total_steps if total_steps is not None else changes[-1][0] + 1
     jumps = [changes[i][0] for i in range(1, len(changes)) if _is_jump(changes, i)]
     # Below 1% of the peak LR the schedule anneals: one tail phase, not one per step down.
     peak = max(lr for _, lr in changes)

@@ -42,6 +42,26 @@ def test_zero_says_why_and_a_numpy_budget_is_a_budget() -> None:
     assert advise([_sgd()], {"w": (0, 0)}, None).total_steps is None
 
 
+def test_an_unknown_budget_shows_the_known_schedule_and_says_so_once() -> None:
+    # It showed one phase "0-1" and no note; the StepLR drops were known all the same.
+    opt = _sgd()
+    drops = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)
+    advice = advise([opt], {"w": (0, 0)}, None, 100, [ScheduledLR(drops)])
+    live = _sgd()
+    stepped = torch.optim.lr_scheduler.StepLR(live, 10, 0.1)
+    real = []
+    for _ in range(40):
+        real.append(live.param_groups[0]["lr"])
+        live.step()
+        stepped.step()
+    starts = [phase.start for phase in advice.groups[0].phases]
+    jumps = [100 * e for e in range(1, 40) if real[e] != real[e - 1]]
+    assert starts[1:4] == jumps[:3]  # 1,000, 2,000, 3,000: then below 1% of the peak, the tail
+    assert advice.total_steps is None and advice.note.count("the budget is unknown") == 1
+    assert advice.text().count("the budget is unknown") == 1
+    assert not any("at the end of the budget" in w for w in advice.warnings())
+
+
 def test_a_trainer_without_a_step_has_no_budget_rather_than_a_refused_one() -> None:
     class NoStep:  # Trainer(max_steps=0): the callback must not hand advise() a 0
         estimated_stepping_batches, max_steps = 0, 0
