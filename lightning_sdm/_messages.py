@@ -774,6 +774,17 @@ def advice_by_shape(shapes: Sequence[tuple[tuple[int, int], float | None, Sequen
     )
 
 
+def advice_settles_header(near: float) -> str:
+    """The advice table's column: whether the angle gets within ``near`` after a jump, in time.
+
+    Example::
+
+        >>> advice_settles_header(0.05)
+        're-equilibrates (within 5%)'
+    """
+    return f"re-equilibrates (within {percent(near)})"
+
+
 def advice_within_header(tolerance: float) -> str:
     """The advice table's column: when the norm balance puts the angle within tolerance."""
     return f"within {percent(tolerance)} (norm balance)"

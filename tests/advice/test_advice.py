@@ -432,3 +432,15 @@ def test_expected_ratio_at_each_phase_end_follows_the_relaxation_after_each_deca
     assert third.expected_ratio == pytest.approx((1 + x3) ** -0.5, rel=1e-3)
     assert third.expected_ratio < 0.5  # still lagging at the end of the budget
     assert "expected angle / equilibrium at each phase's end" in advice.table()
+
+
+def test_the_catch_up_column_names_its_threshold_beside_the_tolerance_column() -> None:
+    # "re-equilibrates: NO: needs 22,113 steps" is a catch-up to within 5% (the warning says
+    # so); beside "within 20% (norm balance)" the header read as if it were the same 20%.
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    drops = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)
+    advice = advise([opt], {"u": (0, 0)}, 3000, 100, [ScheduledLR(drops)], tolerance=0.2)
+    (header,) = [line for line in advice.table().splitlines() if line.startswith("  phase")]
+    assert "re-equilibrates (within 5%)" in header and "within 20% (norm balance)" in header
+    assert "to get within 5% of its new equilibrium" in advice.warnings()[0]
