@@ -898,12 +898,12 @@ def advice_lagging_at_end(
 
         >>> print(advice_lagging_at_end(["a", "b"], 449_999, 1e-3, 0.41, (0.40, 0.42), 0.1,
         ...                             2.4e6, 2.5e5, False, 3.0))
-        at the end of the budget (step 449,999, lr 0.001) the angular update of 2 units (a, b) is expected at 0.41x its equilibrium at that LR (0.4-0.42 from a start 3x off), beyond the 10% tolerance: they will still be lagging. At this LR they need 2,400,000 more steps (9.6 tau) to get within 10%.
+        at the end of the budget (step 449,999, lr 0.001) the angular update of 2 units (a, b) is expected at 0.41x its equilibrium at that LR (0.4 to 0.42 from a start 3x off), beyond the 10% tolerance: they will still be lagging. At this LR they need 2,400,000 more steps (9.6 tau) to get within 10%.
     """  # noqa: E501
     shown = ", ".join(units[:5]) + (f", ... ({len(units) - 5} more)" if len(units) > 5 else "")
     count = f"{len(units)} unit{'s' if len(units) != 1 else ''}"
     low, high = (_near_one(value) for value in spread)
-    off = "" if low == high else f" ({low}-{high} from a start {factor:g}x off)"
+    off = "" if low == high else f" ({low} to {high} from a start {factor:g}x off)"
     way = "lagging" if ratio < 1 else "ahead of it (the LR rose faster than the norm follows)"
     text = (
         f"at the end of the budget (step {step:,}, lr {lr:.3g}) the angular update of {count} "

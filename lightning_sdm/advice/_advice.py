@@ -216,24 +216,31 @@ class Advice:
             verdicts = [_verdict(phase, epoch) for phase in group.phases]
             angles = [_angle_cell(phase.angular_update, group) for phase in group.phases]
             angle_width = max(len("angle/step"), *(len(a) for a in angles))
+            # Columns as wide as their widest cell: a three-point LR range or a relaxation time
+            # of millions of steps ran into the next column.
+            lrs = [_lr_range(phase) for phase in group.phases]
+            lr_width = max(21, *(len(cell) for cell in lrs))
+            taus = [
+                _steps(p.relaxation_time, epoch) if p.relaxation_time else "n/a"
+                for p in group.phases
+            ]
+            tau_width = max(29, *(len(cell) for cell in taus))
             # The jump's catch-up is to within 5% (SMD Cor. 3.1's reading), whatever the
             # detector's tolerance in the next column: the header says which.
             settles = _messages.advice_settles_header(_NEAR)
             width = max(len(settles), *(len(v) for v in verdicts)) if modelled else 0
             header = (
-                f"  {'phase':<5}  {'steps':<17} {'lr':<21} {'angle/step':<{angle_width}} "
-                f"{'tau (at peak lr)':<29} {settles:<{width}}"
+                f"  {'phase':<5}  {'steps':<17} {'lr':<{lr_width}} {'angle/step':<{angle_width}} "
+                f"{'tau (at peak lr)':<{tau_width}} {settles:<{width}}"
             )
             if modelled:
                 header += "  " + _messages.advice_within_header(self.tolerance)
             lines.append(header.rstrip())
-            rows = zip(group.phases, verdicts, angles, strict=True)
-            for number, (phase, verdict, angle) in enumerate(rows, 1):
-                tau = phase.relaxation_time
+            rows = zip(group.phases, lrs, angles, taus, verdicts, strict=True)
+            for number, (phase, lr, angle, tau, verdict) in enumerate(rows, 1):
                 line = (
-                    f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {_lr_range(phase):<21} "
-                    f"{angle:<{angle_width}} "
-                    f"{_steps(tau, epoch) if tau else 'n/a':<29} {verdict:<{width}}"
+                    f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {lr:<{lr_width}} "
+                    f"{angle:<{angle_width}} {tau:<{tau_width}} {verdict:<{width}}"
                 )
                 if modelled:
                     line += "  " + _messages.advice_within_cell(
@@ -757,7 +764,13 @@ def _phases(
     end_of_run: int,
 ) -> list[Phase]:
     """Split the trajectory at LR jumps; evaluate the theory in each phase."""
-    jumps = [changes[i][0] for i in range(1, len(changes)) if _is_jump(changes, i)]
+    # A jump at the run's last step (OneCycleLR's final drop to its floor) would make a phase
+    # of one step, which says nothing: that step stays in the phase before it.
+    jumps = [
+        changes[i][0]
+        for i in range(1, len(changes))
+        if _is_jump(changes, i) and changes[i][0] < end_of_run - 1
+    ]
     # Below 1% of the peak LR the schedule anneals: one tail phase, not one per step down.
     peak = max(lr for _, lr in changes)
     tail = [step for step in jumps if _lr_at(changes, step) < _TAIL * peak]
@@ -889,7 +902,7 @@ def _lr_at(changes: Sequence[tuple[int, float]], step: int) -> float:
 
 
 def _steps(steps: float, epoch: int | None) -> str:
-    return f"{steps:,.0f} steps" + (f" ({steps / epoch:.1f} epochs)" if epoch else "")
+    return f"{steps:,.0f} steps" + (f" ({steps / epoch:,.1f} epochs)" if epoch else "")
 
 
 def _lr_range(phase: Phase) -> str:

@@ -444,3 +444,26 @@ def test_the_catch_up_column_names_its_threshold_beside_the_tolerance_column() -
     (header,) = [line for line in advice.table().splitlines() if line.startswith("  phase")]
     assert "re-equilibrates (within 5%)" in header and "within 20% (norm balance)" in header
     assert "to get within 5% of its new equilibrium" in advice.warnings()[0]
+
+
+def test_the_table_columns_fit_their_cells_and_one_cycle_has_no_one_step_tail() -> None:
+    opt = torch.optim.SGD([_weight()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=28)
+    advice = advise([opt], {"u": (0, 0)}, 28, 7, [ScheduledLR(cycle, "step")])
+    # OneCycleLR's last step drops to its floor: that was a phase "27-28" of its own.
+    assert [(p.start, p.end) for p in advice.groups[0].phases] == [(0, 28)]
+
+    adam = torch.optim.AdamW([_weight()], lr=1e-3, weight_decay=0.05)
+    warm_cos = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=1e-3, total_steps=3000)
+    slow = torch.optim.SGD([_weight()], lr=8e-7, momentum=0.9, weight_decay=5e-4)
+    for advice in (
+        advise([adam], {"u": (0, 0)}, 3000, 10, [ScheduledLR(warm_cos, "step")]),
+        advise([slow], {"u": (0, 0)}, 70, 7),
+    ):
+        lines = advice.table().splitlines()
+        (header,) = [line for line in lines if line.startswith("  phase")]
+        rows = [line for line in lines if line.startswith("  1 ")]
+        columns = [header.index(name) for name in ("lr", "angle/step", "tau (at peak lr)")]
+        for row in rows:  # every cell starts under its header, after a space
+            assert all(row[column - 1] == " " and row[column] != " " for column in columns)
+    assert "62,500,000 steps (8,928,571.4 epochs)" in advice.table()  # tau at lr 8e-7
