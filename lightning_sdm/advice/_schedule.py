@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,12 @@ def sample_learning_rates(
     settings: list[list[tuple[int, dict[str, Any]]]] = [
         [(0, _others(group))] for group in stand_in.param_groups
     ]
+    # Per step only the raw values are compared (a tuple, no conversion): most steps change none.
+    keys = [
+        operator.itemgetter(*[k for k in group if k not in _BOOKKEEPING], "params")
+        for group in stand_in.param_groups
+    ]
+    raws = [read(group) for group, read in zip(stand_in.param_groups, keys, strict=True)]
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a copy
         warnings.simplefilter("ignore")
         for step in range(1, steps):
@@ -164,9 +171,12 @@ def sample_learning_rates(
                     lr = _lr(group)
                     if lr != changes[index][-1][1]:
                         changes[index].append((step, lr))
-                    others = _others(group)
-                    if others != settings[index][-1][1]:
-                        settings[index].append((step, others))
+                    raw = keys[index](group)
+                    if _differ(raw, raws[index]):
+                        raws[index] = raw
+                        others = _others(group)
+                        if others != settings[index][-1][1]:
+                            settings[index].append((step, others))
     return _trajectory(changes, settings, steps, notes)
 
 
@@ -226,6 +236,13 @@ def _lr(group: dict[str, Any]) -> float:
 _BOOKKEEPING = frozenset(
     {"params", "lr", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "name"}
 )
+
+
+def _differ(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a != b)
+    except RuntimeError:  # a tensor value: compared as plain values instead
+        return True
 
 
 def _others(group: dict[str, Any]) -> dict[str, Any]:
