@@ -1,7 +1,9 @@
 """What the hyper-parameters and the LR schedule will do to the scale-invariant weights, in advance.
 
 From the optimizer's param groups and the schedule alone (no data, no step taken), per param
-group holding monitored units:
+group holding monitored units (every value at each step as the schedulers set it: the LR, and
+the momentum, Adam's betas or the weight decay where a scheduler changes them, as OneCycleLR
+cycles the momentum against the LR):
 
 * the predicted equilibrium angular update (:mod:`lightning_sdm.theory`) and the relaxation time
   ``tau`` (e-folding time of ``|w|^p``; SGD: ``(1 - momentum) / (4 lr wd)``, AdamW:
