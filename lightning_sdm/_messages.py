@@ -126,6 +126,24 @@ def scheduler_between_windows(key: str, frequency: int, every: int, accumulate: 
     )
 
 
+def scheduler_never_steps(key: str, frequency: int, batches: int) -> str:
+    """A step-interval scheduler on an ``sdm/`` key whose frequency exceeds the epoch's batches.
+
+    Example::
+
+        >>> print(scheduler_never_steps("sdm/angular_update_ratio", 8, 6))
+        An LR scheduler monitors 'sdm/angular_update_ratio' with 'interval': 'step' and 'frequency': 8, but an epoch has 6 batches: Lightning steps it when the batch index in the epoch (plus one) is a multiple of 8, which never comes, so the scheduler would never step. Use a frequency of at most 6 that is a multiple of a window's batches (every_n_steps x accumulate_grad_batches; a smaller every_n_steps if none fits), or 'interval': 'epoch'.
+    """  # noqa: E501
+    return (
+        f"An LR scheduler monitors {key!r} with 'interval': 'step' and 'frequency': {frequency}, "
+        f"but an epoch has {batches} batches: Lightning steps it when the batch index in the "
+        f"epoch (plus one) is a multiple of {frequency}, which never comes, so the scheduler "
+        f"would never step. Use a frequency of at most {batches} that is a multiple of a "
+        "window's batches (every_n_steps x accumulate_grad_batches; a smaller every_n_steps if "
+        "none fits), or 'interval': 'epoch'."
+    )
+
+
 def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
     """The trace failed: the units are a registration-order guess."""
     return (
@@ -133,6 +151,15 @@ def trace_failed(notes: Sequence[str], units: Sequence[str]) -> str:
         f"{len(units)} unit(s) from registration order ({', '.join(units[:6])}"
         f"{', ...' if len(units) > 6 else ''}) and checks each by gradient orthogonality."
     )
+
+
+#: Why a unit whose parts sit in different optimizers (Muon on the weight, AdamW on its bias) is
+#: not monitored, and the fix.
+SPLIT_ACROSS_OPTIMIZERS = (
+    "its weight and bias are updated by different optimizers, so the unit has no one update "
+    "to measure: build the layer with bias=False (the normalization's shift does the bias's "
+    "work), or give the whole unit to one optimizer"
+)
 
 
 def skipped_units(skipped: Mapping[str, str]) -> str:
@@ -458,8 +485,12 @@ def units_found(units: Sequence[str], method: str, rejected: Mapping[str, int]) 
     return line + "."
 
 
-def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
+def predicted(
+    groups: Sequence[tuple[str, float | tuple[float, float] | None, float | None]],
+) -> str:
     """What theory predicts, one line: per param group ``(label, angle, relaxation steps)``.
+
+    ``angle``: a value, or ``(lowest, highest)`` over the group's matrix shapes (Muon).
 
     Example::
 
@@ -467,10 +498,15 @@ def predicted(groups: Sequence[tuple[str, float | None, float | None]]) -> str:
         [lightning_sdm] predicted equilibrium: SGD group 0: 0.02294 rad/step, reached in a few times 53 steps; callback.advice.table() has every phase of the schedule.
         >>> print(predicted([("Adafactor group 0", 0.01, 1.0)]))  # relative steps, at step 1
         [lightning_sdm] predicted equilibrium: Adafactor group 0: 0.01 rad/step, reached within a few steps; callback.advice.table() has every phase of the schedule.
+        >>> print(predicted([("Muon group 0", (0.0115, 0.01231), None)]))
+        [lightning_sdm] predicted equilibrium: Muon group 0: 0.0115-0.01231 rad/step (by matrix shape); callback.advice.table() has every phase of the schedule.
     """  # noqa: E501
     parts = []
     for label, angle, tau in groups:
-        value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
+        if isinstance(angle, tuple):
+            value = f"{angle[0]:.4g}-{angle[1]:.4g} rad/step (by matrix shape)"
+        else:
+            value = "no prediction" if angle is None else f"{angle:.4g} rad/step"
         within = "" if tau is None else f", reached in a few times {tau:,.0f} steps"
         if tau is not None and tau < 2:  # Adafactor's relative steps at step 1: M = 1
             within = ", reached within a few steps"
@@ -683,21 +719,61 @@ def advice_bad_total_steps(value: object) -> str:
     )
 
 
-def advice_manual_optimization(budget: int | None) -> str:
+def advice_unknown_budget(shown: int, steps_per_epoch: int | None = None) -> str:
+    """The advice's note when the budget (``max_steps``, epochs) is unknown.
+
+    Example::
+
+        >>> print(advice_unknown_budget(20_000, 100))
+        the budget is unknown (no max_steps, no epoch limit, or batches of unknown number): the schedule is shown over its first 20,000 steps (200.0 epochs) as sampled ahead, the last phase may go on past them, and nothing is said about the end of the run.
+    """  # noqa: E501
+    epochs = f" ({shown / steps_per_epoch:.1f} epochs)" if steps_per_epoch else ""
+    return (
+        "the budget is unknown (no max_steps, no epoch limit, or batches of unknown number): the "
+        f"schedule is shown over its first {shown:,} steps{epochs} as sampled ahead, the last "
+        "phase may go on past them, and nothing is said about the end of the run."
+    )
+
+
+def advice_manual_optimization(
+    budget: int | None, shared_max_steps: int | None = None, optimizers: int = 1
+) -> str:
     """The advice's note under manual optimization: the step rates it assumes.
+
+    ``shared_max_steps``: Lightning's ``max_steps`` where it ends the run and counts the steps
+    of all ``optimizers`` together (the global step): one that steps less often leaves the
+    others more of it.
 
     Example::
 
         >>> print(advice_manual_optimization(400))
         manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (400 steps each) and each scheduler as its configuration says; an optimizer that steps every k batches (a GAN's second network, accumulation by hand) takes 1/k of those steps and reaches each phase k times later.
+        >>> print(advice_manual_optimization(31, 61, 2))
+        manual optimization: training_step decides how often each optimizer and each scheduler steps, unknown before step 1. This advice assumes that each optimizer steps once per batch (31 steps each) and each scheduler as its configuration says. max_steps=61 counts the steps of all 2 optimizers together (Lightning's global step): an optimizer that steps every k batches leaves the others more of it. With r_i steps per batch, optimizer i takes about 61 * r_i / sum(r) steps: one every batch and one every 2nd batch take 41 and 21.
     """  # noqa: E501
     each = f" ({budget:,} steps each)" if budget is not None else ""
-    return (
+    text = (
         "manual optimization: training_step decides how often each optimizer and each scheduler "
         "steps, unknown before step 1. This advice assumes that each optimizer steps once per "
-        f"batch{each} and each scheduler as its configuration says; an optimizer that steps "
-        "every k batches (a GAN's second network, accumulation by hand) takes 1/k of those "
-        "steps and reaches each phase k times later."
+        f"batch{each} and each scheduler as its configuration says"
+    )
+    if shared_max_steps is None or optimizers < 2:
+        return text + (
+            "; an optimizer that steps every k batches (a GAN's second network, accumulation by "
+            "hand) takes 1/k of those steps and reaches each phase k times later."
+        )
+    m = shared_max_steps
+    example = (
+        f": one every batch and one every 2nd batch take {math.ceil(m * 2 / 3):,} and "
+        f"{math.ceil(m / 3):,}"
+        if optimizers == 2
+        else ""
+    )
+    return text + (
+        f". max_steps={m:,} counts the steps of all {optimizers} optimizers together "
+        "(Lightning's global step): an optimizer that steps every k batches leaves the others "
+        f"more of it. With r_i steps per batch, optimizer i takes about {m:,} * r_i / sum(r) "
+        f"steps{example}."
     )
 
 
@@ -730,6 +806,17 @@ def advice_by_shape(shapes: Sequence[tuple[tuple[int, int], float | None, Sequen
     return "  per matrix shape (Muon's equilibrium depends on its aspect ratio): " + "; ".join(
         parts
     )
+
+
+def advice_settles_header(near: float) -> str:
+    """The advice table's column: whether the angle gets within ``near`` after a jump, in time.
+
+    Example::
+
+        >>> advice_settles_header(0.05)
+        're-equilibrates (within 5%)'
+    """
+    return f"re-equilibrates (within {percent(near)})"
 
 
 def advice_within_header(tolerance: float) -> str:
@@ -845,12 +932,12 @@ def advice_lagging_at_end(
 
         >>> print(advice_lagging_at_end(["a", "b"], 449_999, 1e-3, 0.41, (0.40, 0.42), 0.1,
         ...                             2.4e6, 2.5e5, False, 3.0))
-        at the end of the budget (step 449,999, lr 0.001) the angular update of 2 units (a, b) is expected at 0.41x its equilibrium at that LR (0.4-0.42 from a start 3x off), beyond the 10% tolerance: they will still be lagging. At this LR they need 2,400,000 more steps (9.6 tau) to get within 10%.
+        at the end of the budget (step 449,999, lr 0.001) the angular update of 2 units (a, b) is expected at 0.41x its equilibrium at that LR (0.4 to 0.42 from a start 3x off), beyond the 10% tolerance: they will still be lagging. At this LR they need 2,400,000 more steps (9.6 tau) to get within 10%.
     """  # noqa: E501
     shown = ", ".join(units[:5]) + (f", ... ({len(units) - 5} more)" if len(units) > 5 else "")
     count = f"{len(units)} unit{'s' if len(units) != 1 else ''}"
     low, high = (_near_one(value) for value in spread)
-    off = "" if low == high else f" ({low}-{high} from a start {factor:g}x off)"
+    off = "" if low == high else f" ({low} to {high} from a start {factor:g}x off)"
     way = "lagging" if ratio < 1 else "ahead of it (the LR rose faster than the norm follows)"
     text = (
         f"at the end of the budget (step {step:,}, lr {lr:.3g}) the angular update of {count} "

@@ -1,7 +1,9 @@
 """What the hyper-parameters and the LR schedule will do to the scale-invariant weights, in advance.
 
 From the optimizer's param groups and the schedule alone (no data, no step taken), per param
-group holding monitored units:
+group holding monitored units (every value at each step as the schedulers set it: the LR, and
+the momentum, Adam's betas or the weight decay where a scheduler changes them, as OneCycleLR
+cycles the momentum against the LR):
 
 * the predicted equilibrium angular update (:mod:`lightning_sdm.theory`) and the relaxation time
   ``tau`` (e-folding time of ``|w|^p``; SGD: ``(1 - momentum) / (4 lr wd)``, AdamW:
@@ -47,7 +49,12 @@ from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm._checks import check_fraction, check_integer, check_number
-from lightning_sdm.advice._schedule import LRTrajectory, ScheduledLR, sample_learning_rates
+from lightning_sdm.advice._schedule import (
+    LRTrajectory,
+    ScheduledLR,
+    _value_at,
+    sample_learning_rates,
+)
 from lightning_sdm.equilibrium._detector import EquilibriumDetector
 from lightning_sdm.theory._optimizers import check_optimizers, unwrap
 from lightning_sdm.theory._predictions import (
@@ -57,7 +64,7 @@ from lightning_sdm.theory._predictions import (
     predict_param_group,
 )
 from lightning_sdm.theory._predictions import relaxation_time as _relaxation_time
-from lightning_sdm.theory._trajectory import TrajectoryConstants, trajectory_constants
+from lightning_sdm.theory._trajectory import trajectory_constants
 
 __all__ = ["Advice", "GroupAdvice", "Phase", "advise"]
 
@@ -76,6 +83,8 @@ _DEFAULT_TOLERANCE = EquilibriumDetector.DEFAULT_TOLERANCE
 # equilibrium: the advice states a start this many times above and below (a typical He/Xavier
 # initialisation against a weight decay of 1e-4 to 1e-1 lands within about that, either way).
 _START_FACTOR = 3.0
+# Without a budget, the schedule is sampled (and shown) over this many optimizer steps.
+_UNKNOWN_HORIZON = 20_000
 
 
 @dataclass(frozen=True)
@@ -207,20 +216,33 @@ class Advice:
                 lines.append(_messages.advice_by_shape(group.by_shape))
             modelled = any(p.expected_ratio is not None for p in group.phases)
             verdicts = [_verdict(phase, epoch) for phase in group.phases]
-            width = max(len("re-equilibrates"), *(len(v) for v in verdicts)) if modelled else 0
+            angles = [_angle_cell(phase.angular_update, group) for phase in group.phases]
+            angle_width = max(len("angle/step"), *(len(a) for a in angles))
+            # Columns as wide as their widest cell: a three-point LR range or a relaxation time
+            # of millions of steps ran into the next column.
+            lrs = [_lr_range(phase) for phase in group.phases]
+            lr_width = max(21, *(len(cell) for cell in lrs))
+            taus = [
+                _steps(p.relaxation_time, epoch) if p.relaxation_time else "n/a"
+                for p in group.phases
+            ]
+            tau_width = max(29, *(len(cell) for cell in taus))
+            # The jump's catch-up is to within 5% (SMD Cor. 3.1's reading), whatever the
+            # detector's tolerance in the next column: the header says which.
+            settles = _messages.advice_settles_header(_NEAR)
+            width = max(len(settles), *(len(v) for v in verdicts)) if modelled else 0
             header = (
-                f"  {'phase':<5}  {'steps':<17} {'lr':<21} {'angle/step':<11} "
-                f"{'tau (at peak lr)':<29} {'re-equilibrates':<{width}}"
+                f"  {'phase':<5}  {'steps':<17} {'lr':<{lr_width}} {'angle/step':<{angle_width}} "
+                f"{'tau (at peak lr)':<{tau_width}} {settles:<{width}}"
             )
             if modelled:
                 header += "  " + _messages.advice_within_header(self.tolerance)
             lines.append(header.rstrip())
-            for number, (phase, verdict) in enumerate(zip(group.phases, verdicts, strict=True), 1):
-                tau = phase.relaxation_time
+            rows = zip(group.phases, lrs, angles, taus, verdicts, strict=True)
+            for number, (phase, lr, angle, tau, verdict) in enumerate(rows, 1):
                 line = (
-                    f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {_lr_range(phase):<21} "
-                    f"{_value(phase.angular_update):<11} "
-                    f"{_steps(tau, epoch) if tau else 'n/a':<29} {verdict:<{width}}"
+                    f"  {number:<5}  {phase.start:>7,}-{phase.end:<9,} {lr:<{lr_width}} "
+                    f"{angle:<{angle_width}} {tau:<{tau_width}} {verdict:<{width}}"
                 )
                 if modelled:
                     line += "  " + _messages.advice_within_cell(
@@ -293,9 +315,9 @@ def advise(
     Args:
         optimizers: the optimizers (read only).
         units: unit name -> (optimizer index, param group index).
-        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; one phase, no
-            budget checks). 0 is refused, not read as unknown: a budget of no steps has
-            nothing to advise on.
+        total_steps: optimizer steps in the budget, >= 1 (``None``: unknown; the schedule is
+            shown over its first 20,000 steps, without the checks at the budget's end). 0 is
+            refused, not read as unknown: a budget of no steps has nothing to advise on.
         steps_per_epoch: optimizer steps per epoch, to show epochs and sample epoch schedulers.
         schedulers: the schedulers as the Trainer steps them; each is sampled on a copy.
         tolerance: how far (relative) the angle may be from its equilibrium to count as within
@@ -351,7 +373,7 @@ def advise(
                 for s in schedulers
                 if unwrap(getattr(s.scheduler, "optimizer", None)) is optimizer
             ]
-            steps = total_steps if total_steps is not None else 1
+            steps = total_steps if total_steps is not None else _UNKNOWN_HORIZON
             trajectory = sample_learning_rates(optimizer, own, steps, steps_per_epoch)
             trajectories[opt_index] = trajectory
             if trajectory.note and trajectory.note not in notes:
@@ -360,6 +382,7 @@ def advise(
         key = (
             _settings(optimizer, optimizer.param_groups[group_index]),
             trajectory.changes[group_index],
+            trajectory.settings[group_index] if trajectory.settings else (),
             trajectory.total_steps,
         )
         alike.setdefault(key, []).append((opt_index, group_index))
@@ -367,14 +390,19 @@ def advise(
     for places in alike.values():
         opt_index, group_index = places[0]
         optimizer = unwrap(optimizers[opt_index])
+        sampled = trajectories[opt_index]
         advice = _group_advice(
             optimizer,
             opt_index,
             group_index,
-            optimizer.param_groups[group_index],
+            _Scheduled(
+                optimizer.param_groups[group_index],
+                sampled.settings[group_index] if sampled.settings else (),
+            ),
             tuple(name for place in places for name in by_group[place]),
-            trajectories[opt_index].changes[group_index],
+            sampled.changes[group_index],
             trajectories[opt_index].total_steps if total_steps is not None else None,
+            trajectories[opt_index].total_steps,
             steps_per_epoch,
             tolerance,
             float(start_factor),
@@ -382,6 +410,9 @@ def advise(
         names = advice.units
         by_shape = _by_shape(advice.prediction, names, shapes) if shapes else ()
         groups.append(replace(advice, places=tuple(places), by_shape=by_shape))
+    if total_steps is None:
+        shown = max(t.total_steps for t in trajectories.values()) if trajectories else 0
+        notes.append(_messages.advice_unknown_budget(shown, steps_per_epoch))
     return Advice(tuple(groups), total_steps, "; ".join(notes), tolerance, float(start_factor))
 
 
@@ -424,24 +455,50 @@ def _settings(optimizer: Optimizer, group: Mapping[str, Any]) -> Hashable:
     return (type(optimizer), tuple(items))
 
 
+@dataclass(frozen=True)
+class _Scheduled:
+    """A param group and the other values its schedulers change (momentum, betas, decay).
+
+    OneCycleLR cycles the momentum (SGD) or Adam's beta1 against the LR: at the peak LR the
+    momentum is its lowest, and the equilibrium and relaxation time there are those of that
+    momentum, not of the value the live group holds before step 1.
+    """
+
+    group: Mapping[str, Any]
+    settings: tuple[tuple[int, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def at(self, step: int, lr: float) -> dict[str, Any]:
+        """The group's values at optimizer step ``step``, with the LR ``lr``."""
+        return {**self.group, **dict(_value_at(self.settings, step, ())), "lr": lr}
+
+    def changes(self) -> list[int]:
+        """The steps where one of the other values changes."""
+        return [step for step, _ in self.settings]
+
+
 def _group_advice(
     optimizer: Optimizer,
     opt_index: int,
     group_index: int,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     names: tuple[str, ...],
     changes: Sequence[tuple[int, float]],
     total_steps: int | None,
+    sampled: int,
     steps_per_epoch: int | None,
     tolerance: float,
     start_factor: float,
 ) -> GroupAdvice:
     peak_lr = max(lr for _, lr in changes)
-    prediction = predict_param_group(optimizer, {**group, "lr": peak_lr})
+    peak_step = next(step for step, lr in changes if lr == peak_lr)
+    prediction = predict_param_group(optimizer, group.at(peak_step, peak_lr))
     wd = prediction.hyperparameters.get("weight_decay", 0.0)
     ema = 1.0 / (peak_lr * wd) if peak_lr > 0 and wd > 0 and prediction.available else None
-    phases = _phases(optimizer, group, changes, total_steps)
-    phases, ends = _with_trajectories(prediction, phases, changes, tolerance, start_factor)
+    phases = _phases(optimizer, group, changes, sampled)
+    if total_steps is None and phases:  # the last phase goes on past what was sampled
+        phases[-1] = replace(phases[-1], fits=None)
+    runs = _runs(optimizer, group, changes, peak_lr)
+    phases, ends = _with_trajectories(runs, phases, tolerance, start_factor)
     notes = [
         _phase_note(phase, previous, wd, steps_per_epoch)
         for previous, phase in itertools.pairwise(phases)
@@ -471,7 +528,7 @@ def _group_advice(
 
 def _end_of_budget(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     names: Sequence[str],
     courses: Sequence[_Course],
     total_steps: int | None,
@@ -491,7 +548,7 @@ def _end_of_budget(
     spread = (min(f[2] for f in finals), max(f[2] for f in finals))
     if total_steps is None or abs(ratio - 1) <= tolerance:
         return ratio, spread, ""
-    tau = _relaxation_time(predict_param_group(optimizer, {**group, "lr": lr}))
+    tau = _relaxation_time(predict_param_group(optimizer, group.at(step, lr)))
     note = _messages.advice_lagging_at_end(
         names, step, lr, ratio, spread, tolerance, courses[0].catch_up, tau,
         lr < _TAIL * peak_lr, factor,
@@ -499,10 +556,80 @@ def _end_of_budget(
     return ratio, spread, note
 
 
-def _with_trajectories(
-    prediction: Prediction,
-    phases: Sequence[Phase],
+def _runs(
+    optimizer: Optimizer,
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
+    peak_lr: float,
+) -> list[tuple[int, float, float, float]] | None:
+    """The schedule as runs of one LR and one set of values: ``(first step, lr, x / lr, q* / lr)``.
+
+    ``x / lr = K wd`` and ``q* / lr = G B / (K wd)`` of the norm balance, from the run's own
+    momentum, betas and weight decay: a scheduler that cycles the momentum changes all three.
+    ``G`` is in units of the gradient's noise, the same in every run (:func:`_update_variance`).
+    ``None`` where a run has no equilibrium (no weight decay, a family without one).
+    """
+    if not peak_lr > 0:
+        return None
+    known: dict[Hashable, tuple[float, float] | None] = {}
+    runs = []
+    settings = list(group.settings) or [(0, ())]
+    steps = sorted({step for step, _ in changes} | {step for step, _ in settings})
+    lr_index = set_index = 0  # both lists are sorted by step: walk them alongside
+    for step in steps:
+        while lr_index + 1 < len(changes) and changes[lr_index + 1][0] <= step:
+            lr_index += 1
+        while set_index + 1 < len(settings) and settings[set_index + 1][0] <= step:
+            set_index += 1
+        key = settings[set_index][1]
+        if key not in known:
+            values = {**group.group, **dict(key), "lr": peak_lr}
+            prediction = predict_param_group(optimizer, values)
+            constants = trajectory_constants(prediction)
+            wd = prediction.hyperparameters.get("weight_decay", 0.0)
+            known[key] = (
+                None
+                if constants is None or not wd > 0
+                else (
+                    constants.decay * wd,
+                    _update_variance(prediction) * constants.growth / (constants.decay * wd),
+                )
+            )
+        known_values = known[key]
+        if known_values is None:
+            return None
+        runs.append((step, changes[lr_index][1], *known_values))
+    return runs
+
+
+def _update_variance(prediction: Prediction) -> float:
+    """The update's squared size per unit of gradient noise, from the momentum's weights.
+
+    ``G`` of the norm balance is the mean square of one step's update; a gradient enters the
+    steps after it with weights ``c_k`` (heavy ball: ``(1 - dampening) m^k``; Nesterov:
+    ``1 + m`` then ``m^(k+1)``; Adam's first moment: ``(1 - beta1) beta1^k``), so white gradient
+    noise gives one step ``sum(c_k^2)`` of it. The growth ``G B`` does not depend on it (every
+    gradient is added once in full): only under a schedule that changes the momentum between
+    runs does it matter, and there it does, by 2.8x between OneCycleLR's 0.95 and 0.85. Other
+    families: 1 (their update's size does not follow the momentum).
+    """
+    hyper = prediction.hyperparameters
+    if prediction.family == "sgd":
+        m, dampening = hyper.get("momentum", 0.0), hyper.get("dampening", 0.0)
+        if not 0 <= m < 1:
+            return 1.0
+        if hyper.get("nesterov", 0.0) > 0:
+            return (1 + m) ** 2 + m**4 / (1 - m * m)
+        return (1 - dampening) ** 2 / (1 - m * m)
+    if prediction.family == "adam":
+        beta1 = hyper.get("beta1", 0.0)
+        return (1 - beta1) / (1 + beta1) if 0 <= beta1 < 1 else 1.0
+    return 1.0
+
+
+def _with_trajectories(
+    runs: Sequence[tuple[int, float, float, float]] | None,
+    phases: Sequence[Phase],
     tolerance: float,
     factor: float,
 ) -> tuple[list[Phase], list[_Course]]:
@@ -511,14 +638,9 @@ def _with_trajectories(
     Three starts: the initial norm at the equilibrium of the first phase's peak LR, and the
     first angle ``factor`` x above and below it.
     """
-    constants = trajectory_constants(prediction)
-    wd = prediction.hyperparameters.get("weight_decay", 0.0)
-    if constants is None or not wd > 0 or not phases or not phases[0].lr_peak > 0:
+    if runs is None or not phases or not phases[0].lr_peak > 0:
         return list(phases), []
-    courses = [
-        _follow(constants, wd, phases, changes, start, tolerance)
-        for start in (1.0, factor, 1.0 / factor)
-    ]
+    courses = [_follow(phases, runs, start, tolerance) for start in (1.0, factor, 1.0 / factor)]
     reference, above, below = courses
     out = [
         replace(
@@ -545,10 +667,8 @@ class _Course:
 
 
 def _follow(
-    constants: TrajectoryConstants,
-    wd: float,
     phases: Sequence[Phase],
-    changes: Sequence[tuple[int, float]],
+    runs: Sequence[tuple[int, float, float, float]],
     start: float,
     tolerance: float,
 ) -> _Course:
@@ -561,16 +681,22 @@ def _follow(
     form, ``q* + (q0 - q*) exp(-n K lr wd)``, the exact sum of
     :func:`~lightning_sdm.theory._trajectory.advance`'s steps; its distance to ``q*`` only
     shrinks, so the steps within tolerance of a run are a suffix of it, found in closed form
-    too: a step schedule of a million steps costs one term per change.
+    too: a step schedule of a million steps costs one term per change. ``K``, ``B`` and the
+    weight decay are each run's own (:func:`_runs`).
     """
     low = 1.0 / (1.0 + tolerance) ** 2  # q / q* where the angle is (1 + tol) x the equilibrium
     high = 1.0 / (1.0 - tolerance) ** 2 if tolerance < 1 else math.inf
-    per_lr = constants.growth / (constants.decay * wd)  # q* = lr * per_lr
-    rate = constants.decay * wd  # x = lr * rate
-    q = phases[0].lr_peak * per_lr / (start * start)
-    bounds = [step for step, _ in changes] + [phases[-1].end]
+    first = phases[0]
+    # The reference start: the equilibrium of the first phase's peak LR, with that step's values.
+    per_lr = next(
+        (r[3] for r in runs if first.start <= r[0] < first.end and r[1] == first.lr_peak),
+        runs[0][3],
+    )
+    q = first.lr_peak * per_lr / (start * start)
+    bounds = [run[0] for run in runs] + [phases[-1].end]
     end_ratios, within, leaves = [], [], []
-    last_run = None  # (q at its start, its start, its last step, lr) of the last run with lr > 0
+    # (q at its start, its start, its last step, lr, q*/lr, x/lr) of the last run with lr > 0
+    last_run: tuple[float, int, int, float, float, float] | None = None
     index = 0
     for phase in phases:
         entered = left = None
@@ -579,7 +705,7 @@ def _follow(
         while position < phase.end:
             while bounds[index + 1] <= position:
                 index += 1
-            lr = changes[index][1]
+            _, lr, rate, per_lr = runs[index]
             stop = min(bounds[index + 1], phase.end)
             if lr > 0:
                 x = lr * rate
@@ -591,21 +717,21 @@ def _follow(
                         entered = position + need
                 elif left is None and not low <= relative <= high:
                     left = position  # within tolerance before this run, not at its start
-                last_run = (q, position, stop - 1, lr)
+                last_run = (q, position, stop - 1, lr, per_lr, rate)
                 q = _relaxed(q, target, stop - position, x)
                 ratio = -1.0  # computed below, once per phase
             elif stop == phase.end:
                 ratio = None  # no LR at the phase's end: no angle to compare
             position = stop
         if ratio is not None and last_run is not None:
-            ratio = _ratio_at(last_run, per_lr, rate)
+            ratio = _ratio_at(last_run)
         end_ratios.append(ratio)
         within.append(entered)
         leaves.append(left)
     final = catch_up = None
     if last_run is not None:
-        ratio = _ratio_at(last_run, per_lr, rate)
-        _, _, step, lr = last_run
+        ratio = _ratio_at(last_run)
+        _, _, step, lr, _, rate = last_run
         relative = 1.0 / (ratio * ratio)
         final = (step, lr, ratio, relative)
         if not low <= relative <= high:
@@ -613,9 +739,9 @@ def _follow(
     return _Course(tuple(end_ratios), tuple(within), tuple(leaves), final, catch_up)
 
 
-def _ratio_at(run: tuple[float, int, int, float], per_lr: float, rate: float) -> float:
+def _ratio_at(run: tuple[float, int, int, float, float, float]) -> float:
     """The angle over the equilibrium at a run's last step: ``sqrt(q* / q)`` there."""
-    q, start, last, lr = run
+    q, start, last, lr, per_lr, rate = run
     target = lr * per_lr
     return math.sqrt(target / _relaxed(q, target, last - start, lr * rate))
 
@@ -635,13 +761,18 @@ def _steps_to_band(relative: float, x: float, low: float, high: float) -> float:
 
 def _phases(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
-    total_steps: int | None,
+    end_of_run: int,
 ) -> list[Phase]:
     """Split the trajectory at LR jumps; evaluate the theory in each phase."""
-    end_of_run = total_steps if total_steps is not None else changes[-1][0] + 1
-    jumps = [changes[i][0] for i in range(1, len(changes)) if _is_jump(changes, i)]
+    # A jump at the run's last step (OneCycleLR's final drop to its floor) would make a phase
+    # of one step, which says nothing: that step stays in the phase before it.
+    jumps = [
+        changes[i][0]
+        for i in range(1, len(changes))
+        if _is_jump(changes, i) and changes[i][0] < end_of_run - 1
+    ]
     # Below 1% of the peak LR the schedule anneals: one tail phase, not one per step down.
     peak = max(lr for _, lr in changes)
     tail = [step for step in jumps if _lr_at(changes, step) < _TAIL * peak]
@@ -654,23 +785,22 @@ def _phases(
 
 def _phase(
     optimizer: Optimizer,
-    group: Mapping[str, Any],
+    group: _Scheduled,
     changes: Sequence[tuple[int, float]],
     start: int,
     end: int,
     previous: Phase | None,
 ) -> Phase:
-    def tau_at(lr: float) -> float | None:
-        return _relaxation_time(
-            _at_step(predict_param_group(optimizer, {**group, "lr": lr}), start)
-        )
-
     lr_start, lr_end = _lr_at(changes, start), _lr_at(changes, end - 1)
     lr_peak = max([lr for step, lr in changes if start <= step < end] + [lr_start])
-    prediction = predict_param_group(optimizer, {**group, "lr": lr_peak})
+    peak_step = next((step for step, lr in changes if start <= step < end and lr == lr_peak), start)
+    # At the peak's own momentum and betas (OneCycleLR's lowest), not the group's at step 0.
+    prediction = predict_param_group(optimizer, group.at(peak_step, lr_peak))
     relative = prediction.family == "adafactor"
     needed = smd = None
-    tau_start = tau_at(lr_start)
+    tau_start = _relaxation_time(
+        _at_step(predict_param_group(optimizer, group.at(start, lr_start)), start)
+    )
     if previous is not None and tau_start is not None and previous.lr_end > 0 and lr_start > 0:
         ratio = lr_start / previous.lr_end
         # Adafactor's relative step follows the LR at once: no norm has to relax.
@@ -782,16 +912,11 @@ def _is_jump(changes: Sequence[tuple[int, float]], index: int) -> bool:
 
 
 def _lr_at(changes: Sequence[tuple[int, float]], step: int) -> float:
-    value = changes[0][1]
-    for start, lr in changes:
-        if start > step:
-            break
-        value = lr
-    return value
+    return float(_value_at(changes, step, changes[0][1]))
 
 
 def _steps(steps: float, epoch: int | None) -> str:
-    return f"{steps:,.0f} steps" + (f" ({steps / epoch:.1f} epochs)" if epoch else "")
+    return f"{steps:,.0f} steps" + (f" ({steps / epoch:,.1f} epochs)" if epoch else "")
 
 
 def _lr_range(phase: Phase) -> str:
@@ -799,6 +924,20 @@ def _lr_range(phase: Phase) -> str:
         return f"{phase.lr_start:.4g}"
     peak = "" if phase.lr_peak in (phase.lr_start, phase.lr_end) else f" > {phase.lr_peak:.3g}"
     return f"{phase.lr_start:.3g}{peak} > {phase.lr_end:.3g}"
+
+
+def _angle_cell(value: float | None, group: GroupAdvice) -> str:
+    """A phase's predicted angle; over the group's matrix shapes where it depends on them.
+
+    Muon's value scales with the shape's memory factor ``sqrt(R)`` at every LR, so each shape's
+    angle in a phase is the phase's wide-matrix value times the shape's ratio at the peak.
+    """
+    base = group.prediction.angular_update
+    shaped = [v for _, v, _ in group.by_shape if v is not None]
+    if value is None or not shaped or not base:
+        return _value(value)
+    low, high = value * min(shaped) / base, value * max(shaped) / base
+    return _value(low) if f"{low:.4g}" == f"{high:.4g}" else f"{low:.4g}-{high:.4g}"
 
 
 def _value(value: float | None) -> str:

@@ -15,10 +15,12 @@ Checked once, before the first step, from the optimizers' param groups and the i
   ``weight_decay > 0`` adds ``wd * w`` to the gradient before the adaptive scaling, so the
   decay of each weight depends on its gradient history and no prediction follows from the
   hyper-parameters alone; ``AdamW`` decouples it.
-* ``split_unit``: a unit's weight and the bias before its norm in groups with different
-  hyper-parameters: monitored with the weight's group prediction (approximate). A bias in the
-  usual no-decay group is said here, once: the unit is decayed through its weight, so it is
-  not also an ``invariant_without_decay`` (kept for units without decay in every part).
+* ``split_unit``: a unit's weight and the bias before its norm in groups of one optimizer with
+  different hyper-parameters, the weight's decayed: monitored with the weight's group
+  prediction (approximate). A bias in the usual no-decay group is said here, once: the unit is
+  decayed through its weight, so it is not also an ``invariant_without_decay`` (kept for units
+  whose weight has no decay, whatever their bias's group: they have no prediction). A unit
+  split across optimizers is not monitored; the monitor says so with the fix, not the audit.
 
 :func:`audit_param_groups` returns :class:`Finding` records; the callback prints each once.
 """
@@ -123,12 +125,27 @@ def audit_param_groups(
                     found.setdefault(kind, []).append(name)
             if wd > 0 and _couples_l2(optimizer, group):
                 coupled.extend(names[id(p)] for p in group["params"] if id(p) in names)
-    split_units = [unit for unit in unit_list if _is_split(unit, group_of)]
+    # A unit whose parts sit in different optimizers is not monitored at all: the monitor
+    # says so with the fix (SPLIT_ACROSS_OPTIMIZERS); a split_unit or no-decay finding about
+    # the same unit would contradict it.
+    apart = {
+        name for unit in unit_list if _optimizers_of(unit, group_of) > 1 for name in unit.params
+    }
+    # Split within one optimizer, it is monitored with its weight's group's prediction: that
+    # holds approximately when the weight is decayed. A weight without decay has no
+    # prediction, whatever its bias's group: the unit is one without decay.
+    split_units = [
+        unit
+        for unit in unit_list
+        if _is_split(unit, group_of)
+        and unit.params[0] not in apart
+        and group_of.get(unit.params[0], (0, 0, 1.0))[2] > 0
+    ]
     # A unit split between a decayed group and one without decay (its bias in the usual
     # no-decay group) is decayed in part: its split_unit finding says so, rather than an
     # invariant_without_decay for the bias as well, which reads "no equilibrium at all".
     in_split = {name for unit in split_units for name in unit.params}
-    without = found.pop("invariant_without_decay", [])
+    without = [name for name in found.pop("invariant_without_decay", []) if name not in apart]
     undecayed = [name for name in without if name in in_split]
     whole = [name for name in without if name not in in_split]
     if whole:
@@ -197,6 +214,10 @@ def _couples_l2(optimizer: Optimizer, group: dict) -> bool:
 def _is_split(unit: Unit, group_of: dict[str, tuple[int, int, float]]) -> bool:
     places = {group_of[name][:2] for name in unit.params if name in group_of}
     return len(places) > 1
+
+
+def _optimizers_of(unit: Unit, group_of: dict[str, tuple[int, int, float]]) -> int:
+    return len({group_of[name][0] for name in unit.params if name in group_of})
 
 
 def _listing(params: Sequence[str]) -> str:

@@ -7,8 +7,10 @@ parameter per group), so sampling costs neither memory nor a change of the user'
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,20 +54,32 @@ class LRTrajectory:
             entry is step 0).
         total_steps: the optimizer steps covered.
         note: what could not be sampled (a ReduceLROnPlateau, a cap), else ``""``.
+        settings: per group, ``(first step, ((key, value), ...))`` for every step where one of
+            the other hyper-parameters a scheduler changes (OneCycleLR's ``momentum`` or
+            ``betas``, a ``weight_decay``) changes, with the values of those keys from that step
+            on (the first entry is step 0); empty when no scheduler changes any but the LR.
     """
 
     changes: tuple[tuple[tuple[int, float], ...], ...]
     total_steps: int
     note: str = ""
+    settings: tuple[tuple[tuple[int, tuple[tuple[str, Any], ...]], ...], ...] = ()
+
+    def settings_at(self, group: int, step: int) -> dict[str, Any]:
+        """The scheduled values other than the LR of ``group`` at optimizer step ``step``."""
+        if not self.settings:
+            return {}
+        return dict(_value_at(self.settings[group], step, ()))
 
     def lr_at(self, group: int, step: int) -> float:
         """The LR of ``group`` at optimizer step ``step``."""
-        value = self.changes[group][0][1]
-        for start, lr in self.changes[group]:
-            if start > step:
-                break
-            value = lr
-        return value
+        return float(_value_at(self.changes[group], step, self.changes[group][0][1]))
+
+
+def _value_at(runs: Sequence[tuple[int, Any]], step: int, default: Any) -> Any:
+    """The value of the run that covers ``step`` (runs sorted by their first step)."""
+    index = bisect.bisect_right([start for start, _ in runs], step) - 1
+    return runs[index][1] if index >= 0 else default
 
 
 class _StandIn(Optimizer):
@@ -104,6 +118,11 @@ def sample_learning_rates(
         [(0, 0.1), (20, 0.01), (40, 0.001)]
         >>> opt.param_groups[0]["lr"], sched.last_epoch  # the live ones did not move
         (0.1, 0)
+        >>> cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=20)
+        >>> trajectory = sample_learning_rates(opt, [ScheduledLR(cycle, "step")], 20, None)
+        >>> peak = max(trajectory.changes[0], key=lambda change: change[1])[0]
+        >>> trajectory.settings_at(0, 0), trajectory.settings_at(0, peak)  # momentum cycles too
+        ({'momentum': 0.95}, {'momentum': 0.85})
     """
     stand_in = _StandIn(optimizer)
     copies, notes = [], []
@@ -122,6 +141,16 @@ def sample_learning_rates(
         steps = int(total_steps * MAX_SCHEDULER_STEPS / scheduler_steps)
         notes.append(f"sampled for the first {steps} of {total_steps} steps")
     changes: list[list[tuple[int, float]]] = [[(0, _lr(group))] for group in stand_in.param_groups]
+    # The other values as they stand at step 0 and at every step a scheduler changes one.
+    settings: list[list[tuple[int, dict[str, Any]]]] = [
+        [(0, _others(group))] for group in stand_in.param_groups
+    ]
+    # Per step only the raw values are compared (a tuple, no conversion): most steps change none.
+    keys = [
+        operator.itemgetter(*[k for k in group if k not in _BOOKKEEPING], "params")
+        for group in stand_in.param_groups
+    ]
+    raws = [read(group) for group, read in zip(stand_in.param_groups, keys, strict=True)]
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a copy
         warnings.simplefilter("ignore")
         for step in range(1, steps):
@@ -135,14 +164,20 @@ def sample_learning_rates(
                             f"{type(clone).__name__} raised at step {step} ({error}): "
                             "sampled up to there"
                         )
-                        return _trajectory(changes, step, notes)
+                        return _trajectory(changes, settings, step, notes)
                     stepped = True
             if stepped:
                 for index, group in enumerate(stand_in.param_groups):
                     lr = _lr(group)
                     if lr != changes[index][-1][1]:
                         changes[index].append((step, lr))
-    return _trajectory(changes, steps, notes)
+                    raw = keys[index](group)
+                    if _differ(raw, raws[index]):
+                        raws[index] = raw
+                        others = _others(group)
+                        if others != settings[index][-1][1]:
+                            settings[index].append((step, others))
+    return _trajectory(changes, settings, steps, notes)
 
 
 def _due(entry: ScheduledLR, steps_per_epoch: int | None) -> tuple[Callable[[int], bool], int]:
@@ -168,14 +203,59 @@ def _due(entry: ScheduledLR, steps_per_epoch: int | None) -> tuple[Callable[[int
 
 
 def _trajectory(
-    changes: list[list[tuple[int, float]]], steps: int, notes: list[str]
+    changes: list[list[tuple[int, float]]],
+    settings: list[list[tuple[int, dict[str, Any]]]],
+    steps: int,
+    notes: list[str],
 ) -> LRTrajectory:
-    return LRTrajectory(tuple(tuple(c) for c in changes), steps, "; ".join(notes))
+    """Keeps, of the other values, only the keys that change: the rest is the live group's."""
+    kept = []
+    for runs in settings:
+        moving = sorted(
+            {key for _, values in runs for key in values if values[key] != runs[0][1][key]}
+        )
+        kept.append(
+            tuple((step, tuple((key, values[key]) for key in moving)) for step, values in runs)
+            if moving
+            else ()
+        )
+    return LRTrajectory(
+        tuple(tuple(c) for c in changes),
+        steps,
+        "; ".join(notes),
+        tuple(kept) if any(kept) else (),
+    )
 
 
 def _lr(group: dict[str, Any]) -> float:
     value = group["lr"]
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+# Kept by the schedulers for their own use, not read by any optimizer step.
+_BOOKKEEPING = frozenset(
+    {"params", "lr", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "name"}
+)
+
+
+def _differ(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a != b)
+    except RuntimeError:  # a tensor value: compared as plain values instead
+        return True
+
+
+def _others(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's plain values besides the LR (tensors as floats, tuples kept)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return float(value.item()) if value.numel() == 1 else tuple(value.flatten().tolist())
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(v) for v in value)
+        return value
+
+    return {key: plain(value) for key, value in group.items() if key not in _BOOKKEEPING}
 
 
 def _needs_a_metric(scheduler: Any) -> bool:

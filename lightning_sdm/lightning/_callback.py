@@ -267,6 +267,23 @@ class SphericalDynamicsCallback(SessionViews, Callback):
                 )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a step scheduler on an ``sdm/`` key that can never step in an epoch.
+
+        Lightning steps it when ``batch_idx + 1`` is a multiple of its frequency, and
+        ``batch_idx`` starts again every epoch: a frequency above the epoch's batches never
+        comes. The batches are known from here on (not yet at ``on_fit_start``).
+        """
+        batches = getattr(trainer, "num_training_batches", math.inf)
+        if not isinstance(batches, (int, float)) or not math.isfinite(batches) or batches < 1:
+            return
+        for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
+            if monitored.startswith(Keys.PREFIX) and frequency > batches:
+                raise MisconfigurationException(
+                    _messages.scheduler_never_steps(monitored, frequency, int(batches))
+                )
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -519,6 +536,7 @@ class SphericalDynamicsCallback(SessionViews, Callback):
             schedules=_trainer.trainer_schedules(trainer),
             tolerance=self.detector.tolerance,  # "within tolerance" as the detector judges it
             manual=_trainer.manual_optimization(trainer),
+            shared_max_steps=_trainer.shared_max_steps(trainer),
         )
 
     def __getstate__(self) -> dict[str, Any]:

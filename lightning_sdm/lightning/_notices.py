@@ -113,11 +113,14 @@ class Notices:
         schedules: Sequence[ScheduledLR],
         tolerance: float,
         manual: bool = False,
+        shared_max_steps: int | None = None,
     ) -> tuple[Advice, list[Finding]]:
         """What the hyper-parameters and the schedule predict, shown once, and the audit.
 
         ``manual``: under manual optimization how often each optimizer and scheduler steps is
         unknown before step 1: the advice assumes once per batch and says so in its note.
+        ``shared_max_steps``: the Trainer's ``max_steps`` where it ends the run and counts the
+        steps of several optimizers together (the note then says how it is shared).
         """
         optimizers = list(optimizers)
         units = {
@@ -136,7 +139,8 @@ class Notices:
             shapes=shapes,
         )
         if manual:
-            assumed = _messages.advice_manual_optimization(budget)
+            count = len(optimizers)
+            assumed = _messages.advice_manual_optimization(budget, shared_max_steps, count)
             advice = replace(advice, note="; ".join(n for n in (advice.note, assumed) if n))
         # The table is in the loggers' texts (sdm/advice) and in `callback.advice`; one line here.
         self.info(_messages.predicted([_prediction_line(group) for group in advice.groups]))
@@ -227,11 +231,22 @@ class Notices:
             )
 
 
-def _prediction_line(group: GroupAdvice) -> tuple[str, float | None, float | None]:
-    """A group's label, predicted angle and relaxation time at the peak LR, for the console."""
+def _prediction_line(
+    group: GroupAdvice,
+) -> tuple[str, float | tuple[float, float] | None, float | None]:
+    """A group's label, predicted angle and relaxation time at the peak LR, for the console.
+
+    Where the equilibrium depends on the matrix's shape (Muon) and the shapes are known, the
+    angle is the range of the group's shapes: the group's own value is a wide matrix's, which
+    none of its units may be.
+    """
     taus = [phase.relaxation_time for phase in group.phases if phase.relaxation_time]
     tau = min(taus) if taus else None  # at the peak LR, as the angle
-    return f"{group.prediction.optimizer} {group.where}", group.prediction.angular_update, tau
+    angle: float | tuple[float, float] | None = group.prediction.angular_update
+    shaped = [value for _, value, _ in group.by_shape if value is not None]
+    if shaped:
+        angle = (min(shaped), max(shaped)) if min(shaped) != max(shaped) else shaped[0]
+    return f"{group.prediction.optimizer} {group.where}", angle, tau
 
 
 @rank_zero_only

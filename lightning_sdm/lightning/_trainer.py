@@ -98,6 +98,35 @@ def optimizer_budget(trainer: Any) -> int | None:
     return int(total) if total >= 1 else None
 
 
+def shared_max_steps(trainer: Any) -> int | None:
+    """``max_steps`` where it ends the run and several optimizers share it, else ``None``.
+
+    Under manual optimization with several optimizers Lightning's ``max_steps`` counts the
+    global step, the steps of all optimizers together: an optimizer that steps less often
+    leaves the others more of it, so each one's budget depends on how often each steps.
+
+    Example::
+
+        >>> class Gan:  # 10 epochs of 10 batches, max_steps=61, two optimizers (manual)
+        ...     estimated_stepping_batches, max_steps = 100, 61
+        ...     optimizers = ["generator", "discriminator"]
+        ...     class lightning_module:
+        ...         automatic_optimization = False
+        >>> shared_max_steps(Gan())
+        61
+    """
+    count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
+    if count < 2 or not isinstance(max_steps, int) or max_steps < 0:
+        return None
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # no Trainer, an iterable dataset without a length, ...
+        return max_steps
+    if isinstance(total, (int, float)) and math.isfinite(total) and total <= max_steps / count:
+        return None  # the epochs end the run first: every batch counts for each optimizer
+    return max_steps
+
+
 def stepping_optimizers(trainer: Any) -> int:
     """Optimizer steps per batch: every optimizer under manual optimization, else one.
 

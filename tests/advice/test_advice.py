@@ -389,6 +389,21 @@ def test_reduce_lr_on_plateau_between_windows_is_refused_with_the_fix(tmp_path) 
     assert run.global_step == 0  # refused before the first step, not at it
 
 
+def test_reduce_lr_on_plateau_whose_frequency_exceeds_the_epoch_is_refused(tmp_path) -> None:
+    """Lightning's batch count restarts each epoch: a frequency above it never comes."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    data = loader(noisy_classification_data())  # 16 batches an epoch
+    sdm = SphericalDynamicsCallback(every_n_steps=4, window=4)
+    run = trainer(
+        tmp_path, callbacks=[sdm], max_epochs=3, limit_train_batches=6, accumulate_grad_batches=2
+    )
+    # 8 batches = one window; an epoch of 6 has no batch index 8: the scheduler never stepped.
+    with pytest.raises(MisconfigurationException, match=r"an epoch has 6 batches.*never step"):
+        run.fit(_plateau_per_step(frequency=8), data)
+    assert run.global_step == 0
+
+
 def test_reduce_lr_on_plateau_under_accumulation_counts_batches(tmp_path) -> None:
     """Lightning counts a step scheduler's frequency in batches; a window spans every * k."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -447,3 +462,38 @@ def test_expected_ratio_at_each_phase_end_follows_the_relaxation_after_each_deca
     assert third.expected_ratio == pytest.approx((1 + x3) ** -0.5, rel=1e-3)
     assert third.expected_ratio < 0.5  # still lagging at the end of the budget
     assert "expected angle / equilibrium at each phase's end" in advice.table()
+
+
+def test_the_catch_up_column_names_its_threshold_beside_the_tolerance_column() -> None:
+    # "re-equilibrates: NO: needs 22,113 steps" is a catch-up to within 5% (the warning says
+    # so); beside "within 20% (norm balance)" the header read as if it were the same 20%.
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    drops = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)
+    advice = advise([opt], {"u": (0, 0)}, 3000, 100, [ScheduledLR(drops)], tolerance=0.2)
+    (header,) = [line for line in advice.table().splitlines() if line.startswith("  phase")]
+    assert "re-equilibrates (within 5%)" in header and "within 20% (norm balance)" in header
+    assert "to get within 5% of its new equilibrium" in advice.warnings()[0]
+
+
+def test_the_table_columns_fit_their_cells_and_one_cycle_has_no_one_step_tail() -> None:
+    opt = torch.optim.SGD([_weight()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=28)
+    advice = advise([opt], {"u": (0, 0)}, 28, 7, [ScheduledLR(cycle, "step")])
+    # OneCycleLR's last step drops to its floor: that was a phase "27-28" of its own.
+    assert [(p.start, p.end) for p in advice.groups[0].phases] == [(0, 28)]
+
+    adam = torch.optim.AdamW([_weight()], lr=1e-3, weight_decay=0.05)
+    warm_cos = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=1e-3, total_steps=3000)
+    slow = torch.optim.SGD([_weight()], lr=8e-7, momentum=0.9, weight_decay=5e-4)
+    for advice in (
+        advise([adam], {"u": (0, 0)}, 3000, 10, [ScheduledLR(warm_cos, "step")]),
+        advise([slow], {"u": (0, 0)}, 70, 7),
+    ):
+        lines = advice.table().splitlines()
+        (header,) = [line for line in lines if line.startswith("  phase")]
+        rows = [line for line in lines if line.startswith("  1 ")]
+        columns = [header.index(name) for name in ("lr", "angle/step", "tau (at peak lr)")]
+        for row in rows:  # every cell starts under its header, after a space
+            assert all(row[column - 1] == " " and row[column] != " " for column in columns)
+    assert "62,500,000 steps (8,928,571.4 epochs)" in advice.table()  # tau at lr 8e-7

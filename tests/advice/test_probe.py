@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sdm import SphericalDynamicsCallback
+from lightning_sdm import SphericalDynamicsCallback, _messages
 from lightning_sdm.advice import _audit as audit
 from lightning_sdm.advice._advice import Advice, advise
 from lightning_sdm.advice._schedule import ScheduledLR, sample_learning_rates
 from lightning_sdm.invariance import find_scale_invariant_units
 from lightning_sdm.lightning._trainer import optimizer_budget, steps_per_epoch, trainer_schedules
+from lightning_sdm.monitor import SphericalMonitor
 from lightning_sdm.theory import for_shape, predict_param_group
 from tests.helpers import BNNet, loader, noisy_classification_data, trainer
 
@@ -39,6 +40,26 @@ def test_zero_says_why_and_a_numpy_budget_is_a_budget() -> None:
     assert advice.total_steps == 1000 and type(advice.total_steps) is int
     assert advice.groups[0].phases[-1].end == 1000
     assert advise([_sgd()], {"w": (0, 0)}, None).total_steps is None
+
+
+def test_an_unknown_budget_shows_the_known_schedule_and_says_so_once() -> None:
+    # It showed one phase "0-1" and no note; the StepLR drops were known all the same.
+    opt = _sgd()
+    drops = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)
+    advice = advise([opt], {"w": (0, 0)}, None, 100, [ScheduledLR(drops)])
+    live = _sgd()
+    stepped = torch.optim.lr_scheduler.StepLR(live, 10, 0.1)
+    real = []
+    for _ in range(40):
+        real.append(live.param_groups[0]["lr"])
+        live.step()
+        stepped.step()
+    starts = [phase.start for phase in advice.groups[0].phases]
+    jumps = [100 * e for e in range(1, 40) if real[e] != real[e - 1]]
+    assert starts[1:4] == jumps[:3]  # 1,000, 2,000, 3,000: then below 1% of the peak, the tail
+    assert advice.total_steps is None and advice.note.count("the budget is unknown") == 1
+    assert advice.text().count("the budget is unknown") == 1
+    assert not any("at the end of the budget" in w for w in advice.warnings())
 
 
 def test_a_trainer_without_a_step_has_no_budget_rather_than_a_refused_one() -> None:
@@ -241,6 +262,31 @@ def test_max_steps_between_two_optimizers_steps_leaves_each_the_last_batch(tmp_p
     assert callback.advice is not None and callback.advice.total_steps == 31  # was 61 // 2
 
 
+def test_max_steps_shared_by_a_slow_discriminator_is_said_with_its_real_split(tmp_path) -> None:
+    # max_steps counts the global step, all optimizers' steps together: a discriminator that
+    # steps every other batch leaves the generator more of it. The note said "1/k of those
+    # steps" (31 and 16 here); the run takes 41 and 21, what the note now states.
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=100, max_steps=61)
+    module = _SlowDiscriminator()
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    generator, discriminator = module.steps
+    assert callback.advice is not None
+    assert "max_steps=61 counts the steps of all 2 optimizers together" in callback.advice.note
+    assert f"take {generator} and {discriminator}." in callback.advice.note
+    assert "1/k of those steps" not in callback.advice.note
+    # Bound by the epochs instead, every batch counts for each: the 1/k reading holds.
+    callback = SphericalDynamicsCallback(every_n_steps=4, window=2)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=10, max_steps=1000)
+    module = _SlowDiscriminator()
+    run.fit(module, loader(noisy_classification_data(samples=128)))
+    assert module.steps == [40, 20] and callback.advice is not None
+    assert (
+        "takes 1/k of those steps" in callback.advice.note
+        and "max_steps" not in callback.advice.note
+    )
+
+
 def _both_every_batch(self, batch, batch_idx):
     x, y = batch
     for index, (optimizer, net) in enumerate(zip(self.optimizers(), (self.net, self.other))):
@@ -286,6 +332,41 @@ def test_a_unit_bias_in_the_no_decay_group_is_one_message_not_two() -> None:
     assert "0.bias sit in a group without weight decay" in found["split_unit"].message
 
 
+def test_a_weight_without_decay_beside_a_decayed_bias_is_a_unit_without_decay() -> None:
+    # The reverse split (weight in the no-decay group, bias decayed): the monitor takes the
+    # weight's group, which has no weight decay, so the unit has no prediction; the no-decay-bias
+    # text ("decayed through its weight ... the prediction of the weight's group") was wrong.
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.LayerNorm(8))
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    decayed = [net[0].weight, net[2].bias]
+    rest = [net[0].bias, net[2].weight, *net[1].parameters(), *net[3].parameters()]
+    opt = torch.optim.SGD(
+        [{"params": decayed, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}], lr=0.1
+    )
+    found = {f.kind: f for f in audit.audit_param_groups(net, [opt], report.units, report)}
+    assert found["invariant_without_decay"].params == ("2.weight",)
+    assert found["split_unit"].params == ("0.weight",)  # its weight is decayed: monitored
+    assert "2.weight" not in found["split_unit"].message
+    monitor = SphericalMonitor(net, opt, report.units)
+    assert monitor.predictions()["2.weight"].angular_update is None  # as the finding says
+
+
+def test_a_unit_split_across_optimizers_gets_one_finding_with_the_fix() -> None:
+    # Muon on a matrix, AdamW on its bias: the monitor skips the unit. The audit said besides
+    # it "monitored with the prediction of the weight's group", which contradicts the skip.
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    report = find_scale_invariant_units(net, torch.randn(16, 4))
+    muon = torch.optim.Muon([net[0].weight], lr=0.02, weight_decay=0.1)
+    adamw = torch.optim.AdamW(
+        [{"params": [net[0].bias], "weight_decay": 0.0}, {"params": list(net[1].parameters())}]
+    )
+    findings = audit.audit_param_groups(net, [muon, adamw], report.units, report)
+    assert not any("0.weight" in f.params or "0.bias" in f.params for f in findings)
+    monitor = SphericalMonitor(net, [muon, adamw], report.units)
+    assert monitor.skipped == {"0.weight": _messages.SPLIT_ACROSS_OPTIMIZERS}
+    assert "bias=False" in _messages.skipped_units(monitor.skipped)
+
+
 def test_the_stated_start_says_what_replaces_it_once_a_window_is_measured() -> None:
     # Before step 1 the update size is unknown, so the start is stated (3x above and below);
     # from the first window the monitor's per-unit trajectory starts from the measurement.
@@ -323,3 +404,34 @@ def test_muon_groups_alike_share_a_row_that_keeps_each_shapes_prediction() -> No
     assert plain.groups[0].by_shape == () and "per matrix shape" not in plain.table()
     with pytest.raises(ValueError, match="`shapes` must map each unit's name"):
         advise([opt], units, 1000, shapes={"q": "64x64"})
+
+
+def test_muon_angle_column_and_console_line_give_the_shapes_not_the_wide_matrix() -> None:
+    # The group's own Muon value is a wide matrix's, which no unit here is: the table's angle
+    # per phase and the console's one line give what the monitor predicts per unit.
+    from lightning_sdm.lightning._notices import _prediction_line
+
+    a, b = nn.Parameter(torch.randn(96, 64)), nn.Parameter(torch.randn(24, 96))
+    c = nn.Parameter(torch.randn(24, 24))
+    opt = torch.optim.Muon(
+        [{"params": [a, b]}, {"params": [c], "lr": 0.01}], lr=0.02, weight_decay=0.1
+    )
+    drop = torch.optim.lr_scheduler.MultiStepLR(opt, [3], 0.3)
+    units = {"a": (0, 0), "b": (0, 0), "c": (0, 1)}
+    shapes = {"a": (96, 64), "b": (24, 96), "c": (24, 24)}
+    advice = advise([opt], units, 100, 20, [ScheduledLR(drop)], shapes=shapes)
+    pair, single = advice.groups
+
+    def unit(name: str, lr: float) -> float:
+        group = opt.param_groups[units[name][1]]
+        value = for_shape(predict_param_group(opt, {**group, "lr": lr}), shapes[name])
+        assert value.angular_update is not None
+        return value.angular_update
+
+    rows = [r.split() for r in advice.table().splitlines() if r.strip().startswith(("1 ", "2 "))]
+    low, high = sorted((unit("a", 0.02), unit("b", 0.02)))
+    assert rows[0][3] == f"{low:.4g}-{high:.4g}"  # 0.0115-0.01231, not the wide 0.01103
+    assert rows[1][3] == f"{unit('b', 0.006):.4g}-{unit('a', 0.006):.4g}"
+    assert rows[2][3] == f"{unit('c', 0.01):.4g}" and rows[3][3] == f"{unit('c', 0.003):.4g}"
+    assert _prediction_line(pair)[1] == pytest.approx((low, high))
+    assert _prediction_line(single)[1] == pytest.approx(unit("c", 0.01))  # 0.009047, not 0.0078
