@@ -469,7 +469,9 @@ def _relaxation(context: ActionContext, decay: float) -> int:
     for optimizer, index in context.unit_groups.values():
         after = predict_param_group(optimizer, optimizer.param_groups[index])
         tau = relaxation_time(after)
-        if tau is not None:
+        # Without a norm exponent no norm relaxes to the new LR: relative steps (Adafactor)
+        # turn the weight by the new rho_t at once.
+        if tau is not None and equilibrium_norm_exponent(after) is not None:
             longest = max(longest, lr_change_relaxation_steps(1 / decay, tau, COOLDOWN_TOLERANCE))
     return math.ceil(longest)
 

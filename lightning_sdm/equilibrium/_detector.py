@@ -453,7 +453,9 @@ class EquilibriumDetector:
         if enough and abs(short_trend) - short_margin > abs(trend) - trend_margin:
             trend, trend_margin = short_trend, short_margin  # the stronger evidence counts
         lr_drift = tau * lr_slope
-        moving = abs(lr_drift) > _MOVING
+        # Relative steps follow the prediction at once: a moving LR moves nothing the angle
+        # lags behind (and a jump inside the horizon is no rate per relaxation time).
+        moving = abs(lr_drift) > _MOVING and not unit.relative_steps
         # The notes say how the LR moves now: the horizon's slope still holds a warm-up's rise
         # for a relaxation time after its peak. The prediction is exact, so its last step reads
         # the rate without noise.
@@ -510,8 +512,7 @@ class EquilibriumDetector:
                 return
         # Off the prediction, to the side the lag predicts. Within the tolerance the ratio is not
         # off, whatever the norm does (a warm-up's ratio crosses 1 on its way up).
-        lags = moving and not unit.relative_steps  # relative steps follow the LR at once
-        if lags and (now - 1) * lr_slope > 0 and abs(now - 1) > tol:
+        if moving and (now - 1) * lr_slope > 0 and abs(now - 1) > tol:
             unit.relaxing_since = None
             self._set(unit, "lagging", False, _lag_note(lr_slope, tau, now), math.nan)
             return

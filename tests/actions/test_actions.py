@@ -42,3 +42,25 @@ def test_the_final_decay_cools_down_for_the_rest_of_the_run_in_optimizer_steps()
     context.global_step = 1500
     done = DecayLR(factor=0.1, final_phase=0.25, cooldown=10)(event, context)
     assert done.cooldown == 250  # 500 global steps left, two per optimizer step
+
+
+def test_a_decay_under_relative_steps_needs_no_cooldown_for_a_norm_to_relax():
+    """Adafactor turns the weight by the new rho_t at once: after DecayLR no norm relaxes, so
+    the cooldown is 0 (it was the second moment's memory fed to the norm-relaxation formula,
+    35-191 steps of 'relaxing' at ratios 0.96-1.00 in a probe); SGD keeps its wait."""
+    adafactor = pytest.importorskip("torch.optim").__dict__.get("Adafactor")
+    if adafactor is None:
+        pytest.skip("torch.optim.Adafactor needs torch >= 2.5")
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    optimizer = adafactor([weight], lr=0.01, weight_decay=0.01)
+    for _ in range(50):  # a step count for the memory M = step^0.8
+        weight.grad = torch.randn(8, 8)
+        optimizer.step()
+    context = ActionContext(50, {"w": (optimizer, 0)}, unit_parameters={"w": [weight]})
+    event = EquilibriumEvent(50, ("w",), 1.0, {"w": 0.01}, {"w": 0.01}, "theory")
+    done = DecayLR(factor=0.5, final_phase=None)(event, context)
+    assert done.action == "decay_lr" and optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert done.cooldown == 0
+    sgd_context, sgd = _context(1)
+    done = DecayLR(factor=0.5, final_phase=None)(event, sgd_context)
+    assert done.cooldown > 0 and sgd.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -734,6 +734,9 @@ def test_relative_steps_follow_an_lr_jump_at_once():
     after = [(w.optimizer_step, regime) for w, regime, _ in out if w.optimizer_step > 1000]
     assert all(regime == "equilibrium" for step, regime in after if step >= 1100), after
     assert not any(regime == "relaxing" for _, regime in after), after
+    # Nor is the jump inside the horizon read as a rate (a probe saw "the LR falls by a factor
+    # of 3.95e+11 per relaxation time").
+    assert not any("per relaxation time" in state.note for _, _, state in out), out[-1][2].note
     norm_balance = [dataclasses.replace(w, norm_exponent=0.5) for w in windows]
     _, out = _regimes(norm_balance)
     waited = [regime for w, regime, _ in out if 1000 < w.optimizer_step <= 1400]
@@ -741,9 +744,9 @@ def test_relative_steps_follow_an_lr_jump_at_once():
 
 
 def test_relative_steps_below_a_falling_prediction_are_not_lagging():
-    """No lag model for relative steps: 20% below a slowly falling prediction is off it, not
-    the lag a norm-balance family would show."""
-    windows = _relative_windows(3000, lambda t: math.exp(-t / 1500), level=lambda t: 0.8)
+    """No lag model for relative steps: 30% below a slowly falling prediction is off it (beyond
+    the two tolerances a steady level may be off by), not the lag a norm-balance family shows."""
+    windows = _relative_windows(3000, lambda t: math.exp(-t / 1500), level=lambda t: 0.7)
     _, out = _regimes(windows)
     late = [(regime, state.in_equilibrium) for w, regime, state in out if w.optimizer_step > 600]
     assert not any(regime == "lagging" for regime, _ in late), late
