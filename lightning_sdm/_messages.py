@@ -635,6 +635,35 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def audit_decay_lost_to_rounding(
+    lost: Sequence[tuple[str, float, str, float]], shown: int = 4
+) -> str:
+    """Decoupled weight decay below the resolution of the weights' dtype.
+
+    ``lost``: ``(weight, lr * wd, dtype name, the dtype's half epsilon)`` per weight.
+
+    Example::
+
+        >>> print(audit_decay_lost_to_rounding([("net.0.weight", 1e-3, "bfloat16", 0.00390625)]))
+        weight decay lost to rounding: net.0.weight (lr*wd = 0.001 per step, bfloat16 weights, which resolve relative changes down to 0.0039). w * (1 - lr*wd) rounds back to w for some or all of their elements, so they are not decayed as set: their norm is not held where the prediction and the radial balance assume it. Keep the weights in float32 (Lightning: precision="bf16-mixed", not "bf16-true"), or raise lr*wd to at least 0.0039.
+    """  # noqa: E501
+    names = [name for name, _, _, _ in lost]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    decays = sorted({decay for _, decay, _, _ in lost})
+    dtypes = sorted({dtype for _, _, dtype, _ in lost})
+    floor = max(half_eps for _, _, _, half_eps in lost)
+    decay_text = f"{decays[0]:.3g}" if len(decays) == 1 else f"{decays[0]:.3g} to {decays[-1]:.3g}"
+    return (
+        f"weight decay lost to rounding: {', '.join(names[:shown])}{more} (lr*wd = {decay_text} "
+        f"per step, {'/'.join(dtypes)} weights, which resolve relative changes down to "
+        f"{floor:.2g}). w * (1 - lr*wd) rounds back to w for some or all of their elements, so "
+        "they are not decayed as set: their norm is not held where the prediction and the "
+        "radial balance assume it. "
+        'Keep the weights in float32 (Lightning: precision="bf16-mixed", not "bf16-true"), or '
+        f"raise lr*wd to at least {floor:.2g}."
+    )
+
+
 def audit_split_unit(units: Sequence[str], undecayed: Sequence[str], shown: int = 4) -> str:
     """Units whose parameters sit in different param groups; ``undecayed``: those without decay.
 

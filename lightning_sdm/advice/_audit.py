@@ -15,6 +15,9 @@ Checked once, before the first step, from the optimizers' param groups and the i
   ``weight_decay > 0`` adds ``wd * w`` to the gradient before the adaptive scaling, so the
   decay of each weight depends on its gradient history and no prediction follows from the
   hyper-parameters alone; ``AdamW`` decouples it.
+* ``decay_lost_to_rounding``: decoupled weight decay per step (``lr * wd``) under half the
+  machine epsilon of the weights' dtype (bfloat16 weights, ``bf16-true``): ``w * (1 - lr wd)``
+  rounds back to ``w``, so the decay does not happen and no equilibrium holds the norm.
 * ``split_unit``: a unit's weight and the bias before its norm in groups of one optimizer with
   different hyper-parameters, the weight's decayed: monitored with the weight's group
   prediction (approximate). A bias in the usual no-decay group is said here, once: the unit is
@@ -31,12 +34,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_sdm import _messages
 from lightning_sdm.invariance import EMBEDDING_REASON, NORM_AFFINE_REASON, InvarianceReport
+from lightning_sdm.theory._balance import decay_lost_to_rounding
 from lightning_sdm.theory._optimizers import check_optimizers, family_of, recognise, unwrap
+from lightning_sdm.theory._predictions import predict_param_group
 from lightning_sdm.units import Unit
 
 __all__ = ["Finding", "FindingKind", "audit_param_groups"]
@@ -48,6 +54,7 @@ FindingKind = Literal[
     "decay_on_bias",
     "adam_coupled_l2",
     "split_unit",
+    "decay_lost_to_rounding",
 ]
 
 # Names shown per finding before "and N more".
@@ -107,6 +114,7 @@ def audit_param_groups(
     found: dict[FindingKind, list[str]] = {}
     coupled: list[str] = []
     group_of: dict[str, tuple[int, int, float]] = {}
+    lost: list[tuple[str, float, str, float]] = []  # (weight, lr * wd, dtype, half its eps)
     for opt_index, optimizer in enumerate(optimizers):
         optimizer = unwrap(optimizer)
         # Adafactor's steps are relative to the weight: without decay its angle still settles.
@@ -123,6 +131,8 @@ def audit_param_groups(
                     kind = None
                 if kind is not None:
                     found.setdefault(kind, []).append(name)
+            if wd > 0:
+                lost.extend(_lost_decay(optimizer, group, names, in_units))
             if wd > 0 and _couples_l2(optimizer, group):
                 coupled.extend(names[id(p)] for p in group["params"] if id(p) in names)
     # A unit whose parts sit in different optimizers is not monitored at all: the monitor
@@ -159,7 +169,11 @@ def audit_param_groups(
         split = [unit.name for unit in split_units]
         message = _messages.audit_split_unit(split, undecayed, _SHOWN)
         findings.append(Finding("split_unit", tuple(split), message))
-    order = [*_MESSAGES, "adam_coupled_l2", "split_unit"]
+    if lost:
+        message = _messages.audit_decay_lost_to_rounding(lost, _SHOWN)
+        names_lost = tuple(name for name, _, _, _ in lost)
+        findings.append(Finding("decay_lost_to_rounding", names_lost, message))
+    order = [*_MESSAGES, "adam_coupled_l2", "split_unit", "decay_lost_to_rounding"]
     return sorted(findings, key=lambda f: order.index(f.kind))
 
 
@@ -200,6 +214,25 @@ def _kind(name: str, wd: float, in_units: set[str], roles: dict[str, str]) -> Fi
     if name.rsplit(".", 1)[-1] == "bias":
         return "decay_on_bias"
     return None
+
+
+def _lost_decay(
+    optimizer: Optimizer, group: dict, names: dict[int, str], in_units: set[str]
+) -> list[tuple[str, float, str, float]]:
+    """The group's unit weights whose dtype cannot hold its decoupled decay per step."""
+    try:
+        prediction = predict_param_group(optimizer, group)
+    except (TypeError, ValueError):  # an optimizer the theory does not read: nothing to say
+        return []
+    out = []
+    for param in group["params"]:
+        name = names.get(id(param))
+        if name in in_units:
+            decay = decay_lost_to_rounding(prediction, param.dtype)
+            if decay is not None:
+                dtype = str(param.dtype).removeprefix("torch.")
+                out.append((name, decay, dtype, torch.finfo(param.dtype).eps / 2))
+    return out
 
 
 def _couples_l2(optimizer: Optimizer, group: dict) -> bool:

@@ -46,7 +46,7 @@ if not logging.getLogger().hasHandlers() and not log.handlers:
     log.propagate = False
 
 # Audit findings that break the predictions: warnings; the others are notes.
-_SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit")
+_SERIOUS = ("invariant_without_decay", "adam_coupled_l2", "split_unit", "decay_lost_to_rounding")
 
 
 def texts_for_loggers(advice: Advice | None, report: InvarianceReport | None) -> dict[str, str]:

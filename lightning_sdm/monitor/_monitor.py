@@ -54,6 +54,7 @@ from lightning_sdm.records import CHANNEL_SUMMARIES, Granularity, Invariance, Un
 from lightning_sdm.theory._balance import (
     balance_angle,
     balance_kind,
+    decay_lost_to_rounding,
     decoupled_decay,
     window_sums,
 )
@@ -776,7 +777,10 @@ def _unit_balance(
 ) -> float | None:
     """The unit's radial balance: its rows' RMS, the prediction for SGD, ``None`` without one."""
     kind = balance_kind(latest)
-    if kind != "measured" or "balance" not in result:
+    # Weights whose dtype cannot hold the decay per step (bfloat16 and lr * wd = 1e-3) are not
+    # decayed: the balance would describe a decay that does not happen (the audit says so).
+    lost = any(decay_lost_to_rounding(latest, t.dtype) is not None for t in unit.tensors)
+    if kind != "measured" or "balance" not in result or lost:
         if watch.radial is not None:
             watch.radial[unit.rows] = math.nan
         return theory if kind == "a priori" else None  # SGD: fixed by momentum and decay

@@ -85,7 +85,14 @@ from torch import Tensor
 from lightning_sdm.functional import DELTA_DOT, DELTA_SQ, PREV_SQ
 from lightning_sdm.theory._predictions import Prediction
 
-__all__ = ["NUM_SUMS", "balance_angle", "balance_kind", "decoupled_decay", "window_sums"]
+__all__ = [
+    "NUM_SUMS",
+    "balance_angle",
+    "balance_kind",
+    "decay_lost_to_rounding",
+    "decoupled_decay",
+    "window_sums",
+]
 
 
 def balance_kind(prediction: Prediction) -> str | None:
@@ -111,6 +118,32 @@ def balance_kind(prediction: Prediction) -> str | None:
     if prediction.family == "sgd":
         return "a priori"
     return "measured" if decoupled_decay(prediction) is not None else None
+
+
+def decay_lost_to_rounding(prediction: Prediction, dtype: torch.dtype) -> float | None:
+    """The decoupled decay per step if weights of ``dtype`` cannot hold it, else ``None``.
+
+    ``w * (1 - lam)`` rounds back to ``w`` wherever ``lam |w|`` is under half the spacing of
+    ``dtype`` at ``w``, i.e. for ``lam`` under ``eps/4`` to ``eps/2`` depending on where ``w``
+    lies in its binade: below ``eps/2`` some or all elements are not decayed (bfloat16:
+    ``eps/2 = 0.0039``; ``lr * wd = 1e-3`` leaves every element unchanged), the norm is not held
+    and neither the prediction nor the radial balance describes the weight.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_sdm.theory import predict_param_group
+        >>> w = torch.nn.Parameter(torch.ones(4, 4))
+        >>> opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=1.0)
+        >>> prediction = predict_param_group(opt, opt.param_groups[0])
+        >>> decay_lost_to_rounding(prediction, torch.bfloat16), decay_lost_to_rounding(
+        ...     prediction, torch.float32)
+        (0.001, None)
+    """
+    decay = decoupled_decay(prediction)
+    if decay is None or not dtype.is_floating_point:
+        return None
+    return decay if decay < torch.finfo(dtype).eps / 2 else None
 
 
 def decoupled_decay(prediction: Prediction) -> float | None:

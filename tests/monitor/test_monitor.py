@@ -202,3 +202,27 @@ def test_the_radial_balance_pools_over_windows_and_is_checkpointed():
     assert restarted[0].balance != pytest.approx(straight[2].balance, rel=1e-9)
     with pytest.raises(ValueError, match="radial"):
         _adamw_run(0, state={**state, "monitor": {**state["monitor"], "radial": {"weight": [1]}}})
+
+
+def test_no_radial_balance_where_the_weights_dtype_cannot_hold_the_decay():
+    """bfloat16 weights under AdamW with lr * wd = 5e-3 decay (above half bfloat16's epsilon,
+    0.0039); with lr * wd = 1e-3 ``w * (1 - lr wd)`` rounds back to ``w``: no decay happens, and
+    the balance, which assumes it, is not given (a probe saw a finite one)."""
+    for lr, expected in ((0.01, True), (0.002, False)):
+        torch.manual_seed(0)
+        model = Rotor(dim=256).to(torch.bfloat16)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.5)
+        monitor = SphericalMonitor(
+            model, optimizer, [Unit("weight", ("weight",))], every_n_steps=5, window=5
+        ).attach()
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            w = model.weight.detach().float()
+            noise = torch.randn(256, generator=generator)
+            grad = (noise - (noise @ w) / (w @ w) * w) / w.norm()
+            model.weight.grad = grad.to(torch.bfloat16)
+            optimizer.step()
+        monitor.detach()
+        windows = monitor.pop_windows()
+        assert windows and all(w.theory is not None for w in windows)
+        assert all((w.balance is not None) == expected for w in windows), (lr, windows)
