@@ -506,7 +506,9 @@ def _group_advice(
     ]
     notes = [n for n in notes if n]
     notes += _lag_notes(phases, steps_per_epoch, tolerance)
-    if ema is not None:
+    # Adafactor's relative steps scale with the weight: 1/(lr wd) is not how long it remembers
+    # its initialisation (its time scale is the second moment's memory), so no advice on it.
+    if ema is not None and prediction.family != "adafactor":
         notes += _timescale_notes(ema, total_steps, steps_per_epoch)
     end_ratio, spread, note = _end_of_budget(
         optimizer, group, names, ends, total_steps, tolerance, start_factor, peak_lr

@@ -254,6 +254,12 @@ def test_adafactors_phases_follow_the_lr_at_once_with_the_memory_of_their_step()
     assert [p.relaxation_time for p in phases] == pytest.approx([1.0, 1001**0.8, 1501**0.8])
     assert [p.needed for p in phases[1:]] == [0.0, 0.0]
     assert all(p.lag_onset is None for p in phases)
+    # 1/(lr wd) = 10,000 steps, longer than the run: not the weight's memory under relative
+    # steps, so no "never forget their initialisation; a larger weight decay shortens it".
+    assert not any("EMA timescale" in note for note in advice.groups[0].notes)
+    sgd = torch.optim.SGD([w], lr=0.01, weight_decay=0.01)  # the same numbers under SGD
+    advice = advise([sgd], {"w": (0, 0)}, 2000, None, [])
+    assert any("EMA timescale" in note for note in advice.groups[0].notes)
 
 
 def test_audit_flags_a_unit_split_across_groups() -> None:
