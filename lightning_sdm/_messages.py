@@ -635,6 +635,22 @@ STEP_COUNTS_DIFFER = "the ranks held the statistics of different numbers of step
 # -------------------------------------------------------------------------- advice (before step 1)
 
 
+def whole_units_under_channel(units: Sequence[str], shown: int = 4) -> str:
+    """``granularity="channel"``: units invariant only as a whole are measured as a whole.
+
+    Example::
+
+        >>> print(whole_units_under_channel(["net.0.weight"]))
+        [lightning_sdm] granularity="channel": net.0.weight are invariant only as a whole (a LayerNorm or RMSNorm normalizes across their channels; a QK-norm per head): measured per unit, without the /mean, /std, ... channel summaries.
+    """  # noqa: E501
+    more = f" and {len(units) - shown} more" if len(units) > shown else ""
+    return (
+        f'{PREFIX} granularity="channel": {", ".join(units[:shown])}{more} are invariant only '
+        "as a whole (a LayerNorm or RMSNorm normalizes across their channels; a QK-norm per "
+        "head): measured per unit, without the /mean, /std, ... channel summaries."
+    )
+
+
 def audit_decay_lost_to_rounding(
     lost: Sequence[tuple[str, float, str, float]], shown: int = 4
 ) -> str:

@@ -164,6 +164,10 @@ class Notices:
             self.warn_once("skipped", _messages.skipped_units(monitor.skipped))
         for key, message in _messages.missing_predictions(monitor.predictions()).items():
             self.warn_once(key, message)
+        if monitor.granularity == "channel":
+            whole = sorted(set(monitor.units) - set(monitor.channel_units))
+            if whole:  # said once: their per-channel keys would otherwise just be missing
+                self.info_once("whole_units", _messages.whole_units_under_channel(whole))
 
     def window_closed(self, monitor: SphericalMonitor, tolerance: float, global_step: int) -> None:
         """What changed under the monitor: failed checks, moved units, lost predictions."""

@@ -110,3 +110,22 @@ def test_a_window_longer_than_the_interval_is_said_once(tmp_path, sdm_log):
 def test_patience_below_two_is_refused_with_the_reason(patience):
     with pytest.raises(ValueError, match=r"`patience` must be an integer >= 2.*not EarlyStopping"):
         SphericalDynamicsCallback(patience=patience)
+
+
+class _LNNet(BNNet):
+    """BNNet with its second norm a LayerNorm: that unit is invariant only as a whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[5] = torch.nn.LayerNorm(self.hparams.hidden)
+
+
+def test_channel_granularity_says_once_which_units_are_measured_whole(tmp_path, sdm_log):
+    torch.manual_seed(0)
+    callback = SphericalDynamicsCallback(granularity="channel", every_n_steps=4, window=4)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=1, log_every_n_steps=4)
+    run.fit(_LNNet(), loader(noisy_classification_data()))
+    assert callback.monitor.channel_units == ["net.0.weight"]  # BatchNorm: per channel
+    said = [r.getMessage() for r in sdm_log.records if 'granularity="channel"' in r.getMessage()]
+    assert len(said) == 1 and "net.3.weight are invariant only as a whole" in said[0], said
+    assert "net.0.weight" not in said[0]
