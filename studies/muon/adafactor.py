@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lightning_sdm.theory import for_shape, predict_param_group
-from studies.muon.measure import Batches, digits_task
+from studies.muon.measure import Batches, backward, digits_task, teacher_batches
 from studies.muon.memory import prototypes_task
 from studies.nets import normed_mlp
 
@@ -50,17 +50,7 @@ FACTORS = ("update_rms", "clipping", "orthogonal", "row_norms", "residual")
 
 def teacher_bn_task(seed: int) -> tuple[Batches, nn.Module, str]:
     """The teacher task of ``studies.muon.measure`` with BatchNorm: per-row units, dense inputs."""
-    generator = torch.Generator().manual_seed(seed)
-    teacher = [
-        torch.randn(32, 64, generator=generator) / 32**0.5,
-        torch.randn(64, 1, generator=generator) / 8.0,
-    ]
-
-    def batch(_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(64, 32, generator=generator)
-        noise = 0.1 * torch.randn(64, 1, generator=generator)
-        return x, torch.tanh(x @ teacher[0]) @ teacher[1] + noise
-
+    batch = teacher_batches(seed)
     return batch, normed_mlp([32, 128, 192], 1, activation=nn.GELU), "row"
 
 
@@ -100,11 +90,7 @@ def run(task: str, settings: dict[str, Any], steps: int, seed: int = 0) -> list[
     rows_pred = [torch.zeros(h.shape[0], dtype=torch.float64) for h in hidden]
     count, late_loss = 0, 0.0
     for step in range(steps):
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        main.zero_grad(set_to_none=True)
-        other.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward(model, loss_fn, batch(step), main, other)
         if step >= steps - 100:
             late_loss += loss.item() / 100
         measuring = step >= steps // 2

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_sdm import SphericalMonitor, Unit
+from studies.muon.measure import backward
 from studies.muon.memory import TASKS
 
 MUON = {"lr": 0.02, "weight_decay": 0.1}
@@ -65,11 +66,7 @@ def run(
     ).attach()
     loss_fn = nn.CrossEntropyLoss() if task in ("digits", "prototypes") else nn.MSELoss()
     for step in range(steps):
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        main.zero_grad(set_to_none=True)
-        other.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, loss_fn, batch(step), main, other)
         main.step()
         other.step()
     monitor.detach()

@@ -41,7 +41,8 @@ def digits_task(seed: int) -> tuple[Batches, nn.Module, str]:
     return batch, normed_mlp([64, 256, 256], 10), "row"
 
 
-def teacher_task(seed: int) -> tuple[Batches, nn.Module, str]:
+def teacher_batches(seed: int) -> Batches:
+    """A random tanh teacher (32 -> 64 -> 1) plus noise: dense Gaussian inputs, 64 per batch."""
     generator = torch.Generator().manual_seed(seed)
     teacher = [
         torch.randn(32, 64, generator=generator) / 32**0.5,
@@ -53,6 +54,26 @@ def teacher_task(seed: int) -> tuple[Batches, nn.Module, str]:
         noise = 0.1 * torch.randn(64, 1, generator=generator)
         return x, torch.tanh(x @ teacher[0]) @ teacher[1] + noise
 
+    return batch
+
+
+def backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *optimizers: torch.optim.Optimizer,
+) -> torch.Tensor:
+    """The loss of one batch, its gradients in place of the last ones (the optimizers' params)."""
+    x, y = batch
+    loss = loss_fn(model(x), y)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+
+def teacher_task(seed: int) -> tuple[Batches, nn.Module, str]:
+    batch = teacher_batches(seed)
     model = normed_mlp([32, 128, 192], 1, norm=[nn.LayerNorm, nn.RMSNorm], activation=nn.GELU)
     return batch, model, "matrix"
 
@@ -70,11 +91,7 @@ def run(
     sums = [0.0 for _ in hidden]
     count = 0
     for step in range(steps):
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        main.zero_grad(set_to_none=True)
-        other.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, loss_fn, batch(step), main, other)
         before = [h.detach().double().clone() for h in hidden]
         main.step()
         other.step()

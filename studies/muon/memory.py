@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lightning_sdm.theory import Prediction, for_shape, predict_param_group
-from studies.muon.measure import Batches, digits_task, teacher_task
+from studies.muon.measure import Batches, backward, digits_task, teacher_task
 from studies.nets import bn_convnet, normed_mlp, smooth_prototypes
 
 
@@ -187,11 +187,7 @@ def run(
     radial: list[torch.Tensor | None] = [None for _ in hidden]
     snapshots: list[list[torch.Tensor]] = [[] for _ in hidden]  # every HORIZONS[0] steps
     for step in range(steps):
-        x, y = batch(step)
-        loss = loss_fn(model(x), y)
-        main.zero_grad(set_to_none=True)
-        other.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, loss_fn, batch(step), main, other)
         before = [h.detach().double().clone() for h in hidden]
         grads = [h.grad.detach().double().clone() for h in hidden if h.grad is not None]
         if step >= start and (step - start) % HORIZONS[0] == 0:
