@@ -22,13 +22,7 @@ from lightning_sdm.records import UnitWindow
 from lightning_sdm.theory import predict_param_group, simulate_scale_invariant
 from lightning_sdm.theory._balance import balance_kind, decoupled_decay
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _monitored(make, *, burn_in, steps, layer=False, **kwargs) -> list[UnitWindow]:

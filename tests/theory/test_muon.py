@@ -27,19 +27,13 @@ from lightning_sdm.theory._muon import (
     muon_memory_ratio,
 )
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(torch.optim, "Muon") or not hasattr(torch.optim, "Adafactor"),
-    reason="torch.optim.Muon and Adafactor need torch >= 2.9",
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The simulated matrices are small: one thread is faster than several on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        not hasattr(torch.optim, "Muon") or not hasattr(torch.optim, "Adafactor"),
+        reason="torch.optim.Muon and Adafactor need torch >= 2.9",
+    ),
+]
 
 
 def _prediction(optimizer: torch.optim.Optimizer, shape: tuple[int, int]) -> float:

@@ -32,13 +32,7 @@ from lightning_sdm.theory import (
     simulate_scale_invariant,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(make, horizon: int = 50, **kwargs) -> tuple[float, float, float]:
