@@ -954,7 +954,8 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         value = rho * size
         reason = (
             f"rho_t/sqrt(1+a*M) = {_fmt(rho)}/sqrt(1+{_fmt(growth)}*{_fmt(memory)}) = "
-            f"{_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)), a = rho_t^2 - 2*lr*wd "
+            f"{_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)){_rho_course(lr, step)}, "
+            "a = rho_t^2 - 2*lr*wd "
             "the growth of log|W|^2 per step, M = step^0.8 the second moment's memory: steps "
             "relative to the weight's RMS turn it by rho_t times the update's RMS, which the "
             "second moment of a growing weight's shrinking gradients keeps under 1; for "
@@ -969,7 +970,8 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
     value = rho * min(1.0, d)
     floor = math.sqrt(2 * lr * wd)
     reason = (
-        f"rho_t*min(1, d) = {_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step)): weight "
+        f"rho_t*min(1, d) = {_fmt(value)} rad per step, rho_t = min(lr, 1/sqrt(step))"
+        f"{_rho_course(lr, step)}: weight "
         f"decay (2*lr*wd = {_fmt(2 * lr * wd)} > rho_t^2 = {_fmt(rho**2)}) shrinks the weight, "
         "whose relative steps turn it by rho_t; once its RMS is down to eps2 = "
         f"{_fmt(hyper['eps2'])} ({_floor_text(hyper, None)}) the steps stop shrinking "
@@ -977,6 +979,28 @@ def _predict_adafactor(name: str, group: Mapping[str, Any], hyper: dict[str, flo
         f"follow; {_ADAFACTOR_REAL_NETWORKS}"
     )
     return Prediction(value, name, "adafactor_shrinking", reason, _ADAFACTOR_SOURCE, hyper)
+
+
+def _rho_course(lr: float, step: float) -> str:
+    """Where ``rho_t = min(lr, 1/sqrt(step))`` goes from here: the prediction moves with it.
+
+    Example::
+
+        >>> _rho_course(0.1, 1.0), _rho_course(0.1, 400.0)
+        (' (lr until step 100, then falling as 1/sqrt(step): half of it by step 400)', ' (falling as 1/sqrt(step) since step 100: half of it by step 1,600)')
+    """  # noqa: E501
+    if not lr > 0:
+        return ""
+    crossover = 1.0 / (lr * lr)
+    if step < crossover:
+        return (
+            f" (lr until step {crossover:,.0f}, then falling as 1/sqrt(step): half of it by "
+            f"step {4 * crossover:,.0f})"
+        )
+    return (
+        f" (falling as 1/sqrt(step) since step {crossover:,.0f}: half of it by step "
+        f"{4 * step:,.0f})"
+    )
 
 
 # Measured by studies/muon/adafactor.py (docs/muon.md, "Adafactor"): the update's RMS after

@@ -145,6 +145,21 @@ def test_muon_with_its_own_newton_schulz_keeps_the_wide_value_and_says_so():
     assert "default Newton-Schulz" in square.reason
 
 
+def test_adafactors_reason_says_when_rho_t_leaves_lr():
+    """Before step 1 the advice holds one value, rho_t = lr; a probe with lr = 0.1 saw it stay
+    there while the monitor's prediction fell as 1/sqrt(step) from step 100: the reason says."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = torch.optim.Adafactor([w], lr=0.1, weight_decay=0.001)
+    assert "lr until step 100, then falling as 1/sqrt(step)" in (
+        predict_param_group(opt, opt.param_groups[0]).reason
+    )
+    for _ in range(399):  # the next step is 400: rho_t = 1/20 = lr/2
+        w.grad = torch.randn(8, 8)
+        opt.step()
+    later = predict_param_group(opt, opt.param_groups[0])
+    assert "since step 100: half of it by step 1,600" in later.reason
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("invariance", ["matrix", "row"])
 def test_adafactor_relative_steps_turn_by_rho_t(invariance):
