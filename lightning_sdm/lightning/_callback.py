@@ -258,10 +258,10 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         # Lightning counts a step-interval scheduler's frequency in batches (batch_idx + 1) and
         # steps it only on batches that step the optimizer: every lcm(frequency, accumulate)
         # batches, i.e. lcm / accumulate optimizer steps; windows close every `every` of those.
-        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
+        accumulate = _trainer.accumulation(trainer)
+        for monitored, frequency in _trainer.step_scheduler_monitors(trainer, Keys.PREFIX):
             steps = math.lcm(frequency, accumulate) // accumulate
-            if monitored.startswith(Keys.PREFIX) and steps % every != 0:
+            if steps % every != 0:
                 raise MisconfigurationException(
                     _messages.scheduler_between_windows(monitored, frequency, every, accumulate)
                 )
@@ -274,13 +274,13 @@ class SphericalDynamicsCallback(SessionViews, Callback):
         ``batch_idx`` starts again every epoch: a frequency above the epoch's batches never
         comes. The batches are known from here on (not yet at ``on_fit_start``).
         """
-        batches = getattr(trainer, "num_training_batches", math.inf)
-        if not isinstance(batches, (int, float)) or not math.isfinite(batches) or batches < 1:
+        batches = _trainer.batches_per_epoch(trainer)
+        if batches is None:
             return
-        for monitored, frequency in _trainer.step_scheduler_monitors(trainer):
-            if monitored.startswith(Keys.PREFIX) and frequency > batches:
+        for monitored, frequency in _trainer.step_scheduler_monitors(trainer, Keys.PREFIX):
+            if frequency > batches:
                 raise MisconfigurationException(
-                    _messages.scheduler_never_steps(monitored, frequency, int(batches))
+                    _messages.scheduler_never_steps(monitored, frequency, batches)
                 )
 
     @override

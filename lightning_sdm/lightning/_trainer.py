@@ -9,6 +9,8 @@ from typing import Any
 from lightning_sdm.advice._schedule import ScheduledLR
 
 __all__ = [
+    "accumulation",
+    "batches_per_epoch",
     "budget_of",
     "logged_hparams",
     "manual_optimization",
@@ -83,16 +85,14 @@ def optimizer_budget(trainer: Any) -> int | None:
         >>> optimizer_budget(Gan()), budget_of(Gan())
         (30, 60)
     """
-    try:
-        total = trainer.estimated_stepping_batches
-    except Exception:  # no Trainer, an iterable dataset without a length, ...
+    total = _stepping_batches(trainer)
+    if total is None:
         return None
-    if not isinstance(total, (int, float)) or not math.isfinite(total):
-        return None
-    count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
-    if count > 1 and isinstance(max_steps, int) and max_steps >= 0:
+    shared = _max_steps_shared(trainer)
+    if shared is not None:
         # Lightning stops after the batch at which the global step reaches max_steps: every
         # optimizer has stepped in that batch (61 global steps of 2 optimizers: 31 batches).
+        max_steps, count = shared
         total = min(int(total), math.ceil(max_steps / count))
     # No step at all (max_steps=0, no batch): no budget to advise on, as when it is unknown.
     return int(total) if total >= 1 else None
@@ -115,16 +115,31 @@ def shared_max_steps(trainer: Any) -> int | None:
         >>> shared_max_steps(Gan())
         61
     """
-    count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
-    if count < 2 or not isinstance(max_steps, int) or max_steps < 0:
+    shared = _max_steps_shared(trainer)
+    if shared is None:
         return None
+    max_steps, count = shared
+    total = _stepping_batches(trainer)
+    if total is not None and total <= max_steps / count:
+        return None  # the epochs end the run first: every batch counts for each optimizer
+    return max_steps
+
+
+def _stepping_batches(trainer: Any) -> float | None:
+    """``estimated_stepping_batches`` where known and finite, else ``None``."""
     try:
         total = trainer.estimated_stepping_batches
     except Exception:  # no Trainer, an iterable dataset without a length, ...
-        return max_steps
-    if isinstance(total, (int, float)) and math.isfinite(total) and total <= max_steps / count:
-        return None  # the epochs end the run first: every batch counts for each optimizer
-    return max_steps
+        return None
+    return total if isinstance(total, (int, float)) and math.isfinite(total) else None
+
+
+def _max_steps_shared(trainer: Any) -> tuple[int, int] | None:
+    """``(max_steps, optimizers)`` where a ``max_steps`` is set and several optimizers share it."""
+    count, max_steps = stepping_optimizers(trainer), getattr(trainer, "max_steps", -1)
+    if count < 2 or not isinstance(max_steps, int) or max_steps < 0:
+        return None
+    return max_steps, count
 
 
 def stepping_optimizers(trainer: Any) -> int:
@@ -152,14 +167,13 @@ def trainer_schedules(trainer: Any) -> list[ScheduledLR]:
     A step-interval frequency counts the batches of the epoch (Lightning's ``batch_idx + 1``),
     not the optimizer steps: under gradient accumulation the two differ.
     """
-    batches = getattr(trainer, "num_training_batches", None)
     return [
         ScheduledLR(
             config.scheduler,
             config.interval,
             config.frequency,
-            accumulate=_accumulation(trainer),
-            batches_per_epoch=batches if isinstance(batches, int) and batches > 0 else None,
+            accumulate=accumulation(trainer),
+            batches_per_epoch=batches_per_epoch(trainer),
         )
         for config in trainer.lr_scheduler_configs
     ]
@@ -171,23 +185,29 @@ def steps_per_epoch(trainer: Any) -> int | None:
     Lightning also steps at the last batch of an epoch when the accumulation does not divide
     it: ``ceil``, not ``floor``.
     """
-    batches = getattr(trainer, "num_training_batches", None)
-    if not isinstance(batches, int) or batches <= 0:
+    batches = batches_per_epoch(trainer)
+    if batches is None:
         return None
-    return max(math.ceil(batches / _accumulation(trainer)), 1)
+    return max(math.ceil(batches / accumulation(trainer)), 1)
 
 
-def _accumulation(trainer: Any) -> int:
+def batches_per_epoch(trainer: Any) -> int | None:
+    """``num_training_batches`` where known and finite (an int >= 1), else ``None``."""
+    batches = getattr(trainer, "num_training_batches", None)
+    return batches if isinstance(batches, int) and batches > 0 else None
+
+
+def accumulation(trainer: Any) -> int:
     """Batches per optimizer step (``accumulate_grad_batches``)."""
     return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
 
 
-def step_scheduler_monitors(trainer: Any) -> list[tuple[str, int]]:
-    """``(monitored key, frequency)`` of the step-interval schedulers that follow a metric."""
+def step_scheduler_monitors(trainer: Any, prefix: str = "") -> list[tuple[str, int]]:
+    """``(monitored key, frequency)`` of the step schedulers following a key from ``prefix``."""
     return [
         (config.monitor, config.frequency)
         for config in trainer.lr_scheduler_configs
-        if config.interval == "step" and config.monitor
+        if config.interval == "step" and config.monitor and config.monitor.startswith(prefix)
     ]
 
 
