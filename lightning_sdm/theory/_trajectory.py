@@ -99,7 +99,8 @@ class TrajectoryState:
 def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
     """``K``, ``B`` and ``p`` of a prediction's family; ``None`` without a norm balance.
 
-    ``None`` for Adafactor (both rules): its relative step turns the weight by ``rho_t`` times
+    ``None`` for Adafactor (both rules, through :func:`equilibrium_norm_exponent`, which has
+    none for it): its relative step turns the weight by ``rho_t`` times
     the update's RMS whatever the norm, so ``angle = lr sqrt(G / q)`` does not hold; fitted to
     its last window, the balance only echoed that window and the detector took a unit whose
     angle drifted away from the prediction for one that follows a moving equilibrium. The
@@ -119,8 +120,6 @@ def trajectory_constants(prediction: Prediction) -> TrajectoryConstants | None:
         >>> round(c.decay, 6), c.power
         (40.0, 4.0)
     """
-    if prediction.family == "adafactor":
-        return None
     tau = relaxation_time(prediction)
     exponent = equilibrium_norm_exponent(prediction)
     value = prediction.angular_update
