@@ -69,38 +69,19 @@ def check_monitor_state(state: Any) -> None:
                     f"{where}: `window_schedules` holds {entry!r:.60}, not "
                     "(measured, lrs, weight decays)."
                 )
-    trajectories = state.get("trajectories", {})
-    if not isinstance(trajectories, Mapping):
-        raise ValueError(f"{where}: `trajectories` is a {type(trajectories).__name__}.")
-    for name, value in trajectories.items():
-        if not (
-            isinstance(value, (list, tuple))
-            and len(value) in (2, 3)  # (q, G) before Adam's memory was carried
-            and all(_number(v) for v in value)
-        ):
+    for name, value in _mapping(state, "trajectories", where).items():
+        if not _numbers(value, (2, 3)):  # (q, G) before Adam's memory was carried
             raise ValueError(
                 f"{where}: `trajectories` of {name!r} is {value!r:.60}, not (q, G, memory)."
             )
-    radial = state.get("radial", {})
-    if not isinstance(radial, Mapping):
-        raise ValueError(f"{where}: `radial` is a {type(radial).__name__}.")
-    for name, rows in radial.items():
-        if not (
-            isinstance(rows, (list, tuple))
-            and all(
-                isinstance(row, (list, tuple)) and len(row) == 3 and all(map(_number, row))
-                for row in rows
-            )
-        ):
+    for name, rows in _mapping(state, "radial", where).items():
+        if not (isinstance(rows, (list, tuple)) and all(_numbers(row, (3,)) for row in rows)):
             raise ValueError(
                 f"{where}: `radial` of {name!r} is {rows!r:.60}, not rows of 3 radial sums."
             )
     if "verified_steps" in state and not _count(state["verified_steps"]):
         raise ValueError(f"{where}: `verified_steps` is {state['verified_steps']!r}.")
-    invariance = state.get("invariance", {})
-    if not isinstance(invariance, Mapping):
-        raise ValueError(f"{where}: `invariance` is a {type(invariance).__name__}.")
-    for name, value in invariance.items():
+    for name, value in _mapping(state, "invariance", where).items():
         ok = isinstance(value, (list, tuple)) and len(value) == 2 and value[0] in _STATUSES
         if not ok or not _real(value[1]):
             raise ValueError(
@@ -113,6 +94,18 @@ def _sequence(state: Mapping[str, Any], key: str, where: str) -> Sequence[Any]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{where}: `{key}` is a {type(value).__name__}, not a list.")
     return value
+
+
+def _mapping(state: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = state.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: `{key}` is a {type(value).__name__}.")
+    return value
+
+
+def _numbers(value: Any, sizes: tuple[int, ...]) -> bool:
+    """A list or tuple of one of ``sizes`` real numbers (NaN included)."""
+    return isinstance(value, (list, tuple)) and len(value) in sizes and all(map(_number, value))
 
 
 def _count(value: Any) -> bool:
