@@ -282,18 +282,13 @@ def pooled_reference(rows: Sequence[Row]) -> list[float]:
     a centred 100-step RMS at a constant LR, 60 steps by 9-12%; the update size itself moves
     from window to window, which no prediction made before the window can know.
     """
-    by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
-    for row in rows:
-        by_unit.setdefault((row.task, row.optimizer, row.schedule, row.unit), []).append(row)
-    index = {id(row): i for i, row in enumerate(rows)}
-    values = [math.nan] * len(rows)
-    for series in by_unit.values():
-        for i, row in enumerate(series):
-            span = _span(series, i)
-            if not all(math.isfinite(r.trajectory_interval) for r in span):
-                continue
-            values[index[id(row)]] = _mean_ratio(span, [r.trajectory_interval for r in span])
-    return values
+    return _per_span(rows, _pooled)
+
+
+def _pooled(span: Sequence[Row]) -> float:
+    if not all(math.isfinite(r.trajectory_interval) for r in span):
+        return math.nan
+    return _mean_ratio(span, [r.trajectory_interval for r in span])
 
 
 def reference_noise(rows: Sequence[Row]) -> list[float]:
@@ -309,6 +304,22 @@ def reference_noise(rows: Sequence[Row]) -> list[float]:
     autocorrelation at lag 10 is 0.1-0.2 on the study's SGD-M runs, so this reads the floor
     slightly low.
     """
+    return _per_span(rows, _halves_noise)
+
+
+def _halves_noise(span: Sequence[Row]) -> float:
+    first = second = 0.0
+    for r in span:
+        (dense_a, dense_b), (pred_a, pred_b) = r.dense_halves, r.trajectory_halves
+        if not (pred_a > 0 and pred_b > 0 and math.isfinite(dense_a + dense_b)):
+            return math.nan
+        first += r.steps_in_interval * dense_a / pred_a
+        second += r.steps_in_interval * dense_b / pred_b
+    return (first / second) ** 0.25 - 1 if first > 0 and second > 0 else math.nan
+
+
+def _per_span(rows: Sequence[Row], value: Callable[[Sequence[Row]], float]) -> list[float]:
+    """Per row, ``value`` of its span (:func:`_span`) within its own unit's series of a run."""
     by_unit: dict[tuple[str, str, str, str], list[Row]] = {}
     for row in rows:
         by_unit.setdefault((row.task, row.optimizer, row.schedule, row.unit), []).append(row)
@@ -316,16 +327,7 @@ def reference_noise(rows: Sequence[Row]) -> list[float]:
     values = [math.nan] * len(rows)
     for series in by_unit.values():
         for i, row in enumerate(series):
-            first = second = 0.0
-            for r in _span(series, i):
-                (dense_a, dense_b), (pred_a, pred_b) = r.dense_halves, r.trajectory_halves
-                if not (pred_a > 0 and pred_b > 0 and math.isfinite(dense_a + dense_b)):
-                    break
-                first += r.steps_in_interval * dense_a / pred_a
-                second += r.steps_in_interval * dense_b / pred_b
-            else:
-                if first > 0 and second > 0:
-                    values[index[id(row)]] = (first / second) ** 0.25 - 1
+            values[index[id(row)]] = value(_span(series, i))
     return values
 
 
