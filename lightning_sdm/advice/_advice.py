@@ -471,10 +471,6 @@ class _Scheduled:
         """The group's values at optimizer step ``step``, with the LR ``lr``."""
         return {**self.group, **dict(_value_at(self.settings, step, ())), "lr": lr}
 
-    def changes(self) -> list[int]:
-        """The steps where one of the other values changes."""
-        return [step for step, _ in self.settings]
-
 
 def _group_advice(
     optimizer: Optimizer,
