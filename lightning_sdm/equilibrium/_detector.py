@@ -112,9 +112,6 @@ class UnitEquilibrium:
         segment_start: optimizer step of the last LR jump (older windows are another regime).
         relax_until: no decision before this optimizer step (an LR jump or an action).
         last_optimizer_step: optimizer step of the last window seen.
-        relative_steps: the prediction follows the LR at once (steps relative to the weight,
-            Adafactor: a relaxation time but no norm equilibrium), so an LR change needs no
-            wait and the angle does not lag a moving LR.
         samples: the windows of the horizon, ``[t, rho, mean square, steps, ln|w|,
             ln(theory^2), tau, p, rho to the trajectory]`` each.
         trail: ``[t, rho to the trajectory, steps]`` of the windows with a trajectory, across LR
@@ -141,7 +138,6 @@ class UnitEquilibrium:
     segment_start: int = 0
     relax_until: int = 0
     last_optimizer_step: int = 0
-    relative_steps: bool = False
     samples: list[list[float]] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)
     trail: list[list[float]] = field(default_factory=list)
@@ -333,9 +329,9 @@ class EquilibriumDetector:
             return
         # A time scale without a norm exponent: the angle does not depend on the norm
         # (Adafactor's relative steps), so it follows an LR change at once.
-        unit.relative_steps = window.norm_exponent is None and window.time_scale is not None
+        relative = window.norm_exponent is None and window.time_scale is not None
         sample = _sample(window, theory)
-        jump = self._jump(unit, sample) if theory is not None else None
+        jump = self._jump(unit, sample, relative) if theory is not None else None
         ratio = math.sqrt(sample[_RHO]) if theory is not None else math.nan
         unit.history = [*unit.history, [float(t), ratio, sample[_LOGTHEORY]]][-_HISTORY_WINDOWS:]
         if jump is not None:
@@ -369,15 +365,20 @@ class EquilibriumDetector:
         if theory is None:
             self._without_prediction(unit, window)
         else:
-            self._with_prediction(unit, horizon)
+            self._with_prediction(unit, horizon, relative)
         # An LR jump or an action: not in equilibrium before theory's wait; whether the weights
         # are on their way as predicted, the trajectory says.
         if t < unit.relax_until and not self._in_transit(unit, sample, tracking, horizon):
             note = "the weights relax after an LR change (theory's relaxation time)"
             self._set(unit, "relaxing", False, note, float(unit.relax_until - t))
 
-    def _jump(self, unit: UnitEquilibrium, sample: list[float]) -> tuple[float, float] | None:
-        """``(factor, wait)`` if the prediction jumped since the last window (a step schedule)."""
+    def _jump(
+        self, unit: UnitEquilibrium, sample: list[float], relative: bool = False
+    ) -> tuple[float, float] | None:
+        """``(factor, wait)`` if the prediction jumped since the last window (a step schedule).
+
+        ``relative``: the angle follows the prediction at once (no norm relaxes): no wait.
+        """
         logs = [h[2] for h in unit.history if len(h) > 2 and math.isfinite(h[2])]
         if len(logs) < 3:  # too little history to tell a step from the start of a ramp (warm-up)
             return None
@@ -390,7 +391,7 @@ class EquilibriumDetector:
             return None
         tau = sample[_TAU]
         wait = 0.0
-        if math.isfinite(tau) and not unit.relative_steps:
+        if math.isfinite(tau) and not relative:
             wait = lr_change_relaxation_steps(math.exp(change), tau, self.tolerance)
         if wait == 0:  # the weights are still within tolerance of the new equilibrium
             return None
@@ -409,7 +410,10 @@ class EquilibriumDetector:
             return _DEFAULT_HORIZON_WINDOWS * interval + 0.5
         return min(max(tau, low), _MAX_HORIZON_WINDOWS * interval) + 0.5
 
-    def _with_prediction(self, unit: UnitEquilibrium, horizon: float) -> None:
+    def _with_prediction(
+        self, unit: UnitEquilibrium, horizon: float, relative: bool = False
+    ) -> None:
+        """Judge the unit against its prediction; ``relative``: it follows the LR at once."""
         samples = unit.samples
         tol, z = self.tolerance, self.confidence
         t = samples[-1][_T]
@@ -442,7 +446,7 @@ class EquilibriumDetector:
         # Ratio deviation implied by the norm (first order), after the moving equilibrium's drift.
         # The norm's drift against the equilibrium it moves to (|w*| ~ lr^(1/p)); with relative
         # steps the angle does not depend on the norm and no equilibrium norm follows the LR.
-        follow = 0.0 if unit.relative_steps else lr_slope / power
+        follow = 0.0 if relative else lr_slope / power
         drift = (power / 2) * tau * (norm_slope - follow)
         drift_margin = t_quantile(z, norm_dof) * (power / 2) * tau * norm_error
         trend = tau * ratio_slope  # tau dR/dt
@@ -455,7 +459,7 @@ class EquilibriumDetector:
         lr_drift = tau * lr_slope
         # Relative steps follow the prediction at once: a moving LR moves nothing the angle
         # lags behind (and a jump inside the horizon is no rate per relaxation time).
-        moving = abs(lr_drift) > _MOVING and not unit.relative_steps
+        moving = abs(lr_drift) > _MOVING and not relative
         # The notes say how the LR moves now: the horizon's slope still holds a warm-up's rise
         # for a relaxation time after its peak. The prediction is exact, so its last step reads
         # the rate without noise.
