@@ -73,7 +73,8 @@ def optimizer_budget(trainer: Any) -> int | None:
 
     ``estimated_stepping_batches`` counts batches (one optimizer step each), capped by
     ``max_steps``, which counts global steps: with ``n`` optimizers stepping once per batch,
-    ``max_steps`` allows ``max_steps // n`` steps of each.
+    ``max_steps`` allows ``ceil(max_steps / n)`` steps of each (Lightning ends after the batch
+    that reaches it).
 
     Example::
 
